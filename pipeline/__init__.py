@@ -1,0 +1,27 @@
+"""pca-pipeline's framework: compose, validate, run, trace and cache graphs of stages.
+
+It never imports `stages/` and never names a stage: the graph and its stages come from the Hydra config.
+"""
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+if not OmegaConf.has_resolver("project_root"):
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def generate_answer(*args, **kwargs):
+    """See `pipeline.api.generate_answer` (imported lazily: importing the framework stays cheap)."""
+    from .api import generate_answer as impl
+
+    return impl(*args, **kwargs)
+
+
+def retrieve(*args, **kwargs):
+    """See `pipeline.api.retrieve`."""
+    from .api import retrieve as impl
+
+    return impl(*args, **kwargs)

@@ -1,0 +1,56 @@
+"""Process-wide handles reused across the jobs of a multirun (a loaded model, a parsed program, ...).
+
+Hydra's basic launcher runs the jobs of ``-m`` one after the other in this process, so anything kept here
+is loaded once per process. Entries are keyed by the caller; each namespace keeps its ``keep`` most recent.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, TypeVar
+
+T = TypeVar("T")
+_SHARED: dict[str, "OrderedDict[Hashable, Any]"] = {}
+_STATS: dict[str, dict[str, int]] = {}
+
+
+def shared(namespace: str, key: Hashable, factory: Callable[[], T], keep: int = 1) -> T:
+    """Return the cached value for ``(namespace, key)``, creating it with ``factory`` on a miss."""
+    entries = _SHARED.setdefault(namespace, OrderedDict())
+    stats = _STATS.setdefault(namespace, {"hits": 0, "misses": 0})
+    if key in entries:
+        entries.move_to_end(key)
+        stats["hits"] += 1
+        return entries[key]
+    stats["misses"] += 1
+    value = factory()
+    entries[key] = value
+    while len(entries) > keep:
+        entries.popitem(last=False)
+    return value
+
+
+def get(namespace: str, key: Hashable) -> Any | None:
+    """The cached value or None, without creating anything."""
+    entries = _SHARED.get(namespace)
+    if entries is None or key not in entries:
+        return None
+    entries.move_to_end(key)
+    return entries[key]
+
+
+def put(namespace: str, key: Hashable, value: Any, keep: int = 1) -> None:
+    entries = _SHARED.setdefault(namespace, OrderedDict())
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > keep:
+        entries.popitem(last=False)
+
+
+def stats(namespace: str) -> dict[str, int]:
+    return dict(_STATS.get(namespace, {"hits": 0, "misses": 0}))
+
+
+def clear(namespace: str | None = None) -> None:
+    for name in [namespace] if namespace else list(_SHARED):
+        _SHARED.pop(name, None)
+        _STATS.pop(name, None)

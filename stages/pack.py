@@ -1,0 +1,150 @@
+"""Stage `pack` (SPEC §5): the evidence the model sees (`pack=windows|heads|function_first`).
+
+Every block is the header `[ctx] path: <path>:<A>-<B>` followed by the exact source lines A..B. Blocks are
+added best first while the total stays within `context_tokens` (counted with the model's tokenizer).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from pipeline.errors import ConfigError
+from pipeline.stage import Range, Stage
+from stages.common.text import token_set
+from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
+
+log = logging.getLogger(__name__)
+
+
+def cut(index: ProgramIndex, window: Window, score: float = 0.0) -> PackedWindow:
+    lines = index.lines(window.path)
+    end = min(window.end, len(lines))
+    return PackedWindow(window.path, window.start, end, "\n".join(lines[window.start - 1 : end]), score)
+
+
+def fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evidence:
+    """Add blocks in order while they fit; a block that does not fit is left out, smaller later ones may."""
+    packed, used, smallest = [], 0, None
+    for window in candidates:
+        cost = len(tokenizer(window.block() + "\n\n", add_special_tokens=False)["input_ids"])
+        smallest = cost if smallest is None else min(smallest, cost)
+        if used + cost > context_tokens:
+            continue
+        packed.append(window)
+        used += cost
+    if candidates and not packed:
+        raise ConfigError(
+            f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate needs {smallest} tokens)"
+        )
+    return Evidence(packed, used)
+
+
+def rank_windows(index: ProgramIndex, path: str, query: set[str]) -> list[tuple[float, Window]]:
+    """The file's windows scored by the share of question tokens they contain (ties: earlier first)."""
+    scored = []
+    lines = index.lines(path)
+    for window in index.windows_of(path):
+        text = "\n".join(lines[window.start - 1 : window.end])
+        overlap = len(query & token_set(text)) / len(query) if query else 0.0
+        anchor_bonus = 0.5 if query & token_set(window.anchor) and window.kind != "head" else 0.0
+        scored.append((overlap + anchor_bonus, window))
+    scored.sort(key=lambda item: (-item[0], item[1].start))
+    return scored
+
+
+class PackWindows(Stage):
+    """1-2 windows per selected file from the windows index, best-scoring first."""
+
+    outputs = {"evidence": Evidence}
+
+    def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000,
+                 windows_per_file: Annotated[int, Range(ge=1, le=2)] = 2):
+        self.context_tokens, self.windows_per_file = context_tokens, windows_per_file
+
+    def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
+        query = token_set(prompt)
+        firsts, seconds = [], []
+        for path in selection.files:
+            ranked = rank_windows(index, path, query)
+            if ranked:
+                firsts.append(cut(index, ranked[0][1], ranked[0][0]))
+            if self.windows_per_file > 1 and len(ranked) > 1 and ranked[1][0] > 0:
+                seconds.append(cut(index, ranked[1][1], ranked[1][0]))
+        # every selected file gets its best window before any file gets a second one
+        return {"evidence": fit(firsts + seconds, lm.tokenizer, self.context_tokens)}
+
+
+class PackHeads(Stage):
+    """The first lines (head window) of each selected file."""
+
+    outputs = {"evidence": Evidence}
+
+    def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000):
+        self.context_tokens = context_tokens
+
+    def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
+        heads = {w.path: w for w in index.windows if w.kind == "head"}
+        candidates = [cut(index, heads[p]) for p in selection.files if p in heads]
+        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens)}
+
+
+class PackFunctionFirst(Stage):
+    """Windows scored by the model's probability of "yes" to "Is this code relevant to the question?"."""
+
+    outputs = {"evidence": Evidence}
+
+    def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000,
+                 ff_max_candidates: Annotated[int, Range(ge=1)] = 24,
+                 ff_window_lines: Annotated[int, Range(ge=1)] = 80,
+                 ff_noise_penalty: Annotated[float, Range(ge=0)] = 0.30,
+                 ff_threshold: Annotated[float, Range(ge=0, le=1)] = 0.55,
+                 ff_max_code_tokens: Annotated[int, Range(ge=16)] = 384):
+        self.context_tokens, self.max_candidates, self.window_lines = context_tokens, ff_max_candidates, ff_window_lines
+        self.noise_penalty, self.threshold, self.max_code_tokens = ff_noise_penalty, ff_threshold, ff_max_code_tokens
+
+    def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
+        query = token_set(prompt)
+        candidates: list[Window] = []
+        for path in selection.files:
+            for _, window in rank_windows(index, path, query):
+                end = min(window.end, window.start + self.window_lines - 1)
+                candidates.append(Window(window.path, window.start, end, window.anchor, window.kind))
+        candidates = candidates[: self.max_candidates]
+        scored = []
+        for window in candidates:
+            packed = cut(index, window)
+            p_yes = yes_probability(lm, prompt, packed, self.max_code_tokens)
+            score = p_yes - self.noise_penalty * noise(packed.text)
+            scored.append(PackedWindow(packed.path, packed.start, packed.end, packed.text, round(score, 4)))
+        keep = sorted((w for w in scored if w.score >= self.threshold), key=lambda w: -w.score)
+        rest = sorted((w for w in scored if w.score < self.threshold), key=lambda w: -w.score)
+        return {"evidence": fit(keep + rest, lm.tokenizer, self.context_tokens)}
+
+
+def noise(text: str) -> float:
+    lines = text.splitlines() or [""]
+    noisy = sum(1 for line in lines if not line.strip() or line.lstrip().startswith("#"))
+    return noisy / len(lines)
+
+
+def yes_probability(lm: LanguageModel, question: str, window: PackedWindow, max_code_tokens: int) -> float:
+    import torch
+
+    tok = lm.tokenizer
+    code_ids = tok(window.text, add_special_tokens=False)["input_ids"][:max_code_tokens]
+    code = tok.decode(code_ids)
+    content = (f"Question: {question}\n\nCode from {window.path}:{window.start}-{window.end}:\n{code}\n\n"
+               "Is this code relevant to the question? Answer yes or no.")
+    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True) \
+        if tok.chat_template else content + "\nAnswer:"
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(lm.model.device)
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits[0, -1].float()
+    yes = _first_ids(tok, ["yes", "Yes", " yes", " Yes"])
+    no = _first_ids(tok, ["no", "No", " no", " No"])
+    pair = torch.stack([logits[yes].max(), logits[no].max()])
+    return float(torch.softmax(pair, dim=0)[0])
+
+
+def _first_ids(tokenizer, words: list[str]) -> list[int]:
+    return sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})

@@ -1,0 +1,126 @@
+"""Stage `select` (SPEC §5): which region of the program the question is about.
+
+`select=question` scores files by the overlap of prompt tokens with symbol names, qualnames, docstrings and
+paths (rarer tokens weigh more). `select=zoom` starts from a named symbol and walks the program graph.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from collections import Counter
+from typing import Annotated
+
+import networkx as nx
+
+from pipeline.errors import InputError
+from pipeline.stage import Range, Stage
+from stages.common.text import token_set, tokens
+from stages.common.types import ProgramIndex, Selection, Symbol
+
+
+def _file_fields(index: ProgramIndex) -> dict[str, dict[str, set[str]]]:
+    """Per file, the token sets the question is matched against."""
+    fields: dict[str, dict[str, set[str]]] = {
+        path: {"name": set(), "doc": set(), "path": token_set(path.rsplit(".", 1)[0])} for path in index.files
+    }
+    for sym in index.symbols:
+        f = fields[sym.path]
+        f["name"] |= token_set(sym.qualname)
+        f["doc"] |= token_set(sym.doc)
+    for path, text in index.texts.items():
+        fields[path]["text"] = token_set(text)
+    return fields
+
+
+class QuestionSelect(Stage):
+    outputs = {"selection": Selection}
+
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8, name_weight: float = 1.0, doc_weight: float = 0.6,
+                 path_weight: float = 0.8, text_weight: float = 0.3):
+        self.top_k = top_k
+        self.weights = {"name": name_weight, "doc": doc_weight, "path": path_weight, "text": text_weight}
+
+    def run(self, index: ProgramIndex, prompt: str) -> dict:
+        query = Counter(tokens(prompt))
+        fields = index.derived("select.fields", lambda: _file_fields(index))
+        n = len(fields)
+        df: Counter[str] = Counter()
+        for f in fields.values():
+            df.update(set().union(*f.values()) & set(query))
+        scores: dict[str, float] = {}
+        for path, f in fields.items():
+            score = 0.0
+            for tok in query:
+                idf = math.log1p(n / (1 + df[tok]))
+                score += idf * sum(w for name, w in self.weights.items() if tok in f.get(name, ()))
+            scores[path] = score
+        matched = [p for p, s in scores.items() if s > 0]
+        ranked = sorted(matched, key=lambda p: (-scores[p], p))
+        if not ranked:
+            # nothing in the program matches the words of the question: fall back to its most central files
+            central = nx.in_degree_centrality(index.graph)
+            ranked = sorted(index.files, key=lambda p: (-central.get(f"file:{p}", 0) - _module_centrality(index, p, central), p))
+        files = ranked[: self.top_k]
+        names = {t for t in query}
+        symbols = [s.qualname for s in index.symbols if s.path in files and token_set(s.name) & names]
+        return {"selection": _selection(index, files, scores, symbols, len(matched))}
+
+
+def _module_centrality(index: ProgramIndex, path: str, central: dict) -> float:
+    module = index.files[path].module
+    return central.get(f"mod:{module}", 0.0) if module else 0.0
+
+
+def _selection(index: ProgramIndex, files: list[str], scores: dict[str, float], symbols: list[str],
+               matched: int, nodes: list[str] | None = None) -> Selection:
+    modules = [index.files[p].module for p in files if index.files[p].module]
+    if nodes is None:
+        wanted = set(files)
+        nodes = [n for n, d in index.graph.nodes(data=True) if d.get("path") in wanted]
+    return Selection(files, modules, {p: round(scores.get(p, 0.0), 4) for p in files}, symbols, matched, nodes)
+
+
+class ZoomSelect(Stage):
+    """Seeds = symbols matching `zoom_symbol`; region = graph nodes within `zoom_radius` hops."""
+
+    outputs = {"selection": Selection}
+
+    def __init__(self, zoom_symbol: str, zoom_radius: Annotated[int, Range(ge=0)] = 1,
+                 top_k: Annotated[int, Range(ge=1)] = 8):
+        self.zoom_symbol, self.zoom_radius, self.top_k = zoom_symbol, zoom_radius, top_k
+
+    def run(self, index: ProgramIndex, prompt: str) -> dict:
+        seeds = find_symbols(index, self.zoom_symbol)
+        seed_ids = [s.node_id for s in seeds]
+        seed_files = list(dict.fromkeys(s.path for s in seeds))
+        distance: dict[str, int] = {}
+        if self.zoom_radius > 0:
+            undirected = nx.Graph(index.graph)  # hops over imports/calls/defines in either direction
+            for seed in seed_ids:
+                for node, hops in nx.single_source_shortest_path_length(undirected, seed, cutoff=self.zoom_radius).items():
+                    distance[node] = min(hops, distance.get(node, hops))
+        else:
+            distance = {f"file:{p}": 0 for p in seed_files} | {s: 0 for s in seed_ids}
+        file_distance: dict[str, int] = {p: 0 for p in seed_files}
+        for node, hops in distance.items():
+            path = index.graph.nodes[node].get("path")
+            if path is not None:
+                file_distance[path] = min(hops, file_distance.get(path, hops))
+        files = sorted(file_distance, key=lambda p: (file_distance[p], p))[: self.top_k]
+        scores = {p: 1.0 / (1 + file_distance[p]) for p in files}
+        nodes = sorted(n for n in distance if index.graph.nodes[n].get("path") in set(files))
+        return {"selection": _selection(index, files, scores, [s.qualname for s in seeds], len(seed_files), nodes)}
+
+
+def find_symbols(index: ProgramIndex, wanted: str) -> list[Symbol]:
+    """Exact qualname (optionally module-qualified), else bare name; else an error listing close matches."""
+    exact = [s for s in index.symbols if s.qualname == wanted or f"{s.module}.{s.qualname}" == wanted]
+    if exact:
+        return exact
+    by_name = [s for s in index.symbols if s.name == wanted]
+    if by_name:
+        return by_name
+    known = sorted({s.qualname for s in index.symbols} | {s.name for s in index.symbols})
+    close = difflib.get_close_matches(wanted, known, n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else "; no similar symbol names"
+    raise InputError(f"select.zoom_symbol '{wanted}' is not defined in the program{hint}")

@@ -1,0 +1,66 @@
+"""Stage `telemetry` (SPEC §6): one JSON per answer, in the run folder (and at `telemetry_out` if set).
+
+It runs also after a failure (node `always: true`): then `status` is `failed` and `error` names the node.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import write_atomic
+from pipeline.stage import RunContext, Stage
+from stages.common.types import Answer, Evidence, LanguageModel, Selection
+
+
+class WriteTelemetry(Stage):
+    outputs = {"telemetry": dict}
+
+    def __init__(self, telemetry_out: str | None = None, filename: str = "telemetry.json"):
+        self.telemetry_out, self.filename = telemetry_out, filename
+
+    def run(self, context: RunContext, prompt: str = "", answer: Answer | None = None,
+            selection: Selection | None = None, evidence: Evidence | None = None, lm: LanguageModel | None = None,
+            adapter_report: dict | None = None) -> dict:
+        record: dict[str, Any] = {
+            "status": "failed" if context.failure else "ok",
+            "error": context.failure,
+            "prompt": prompt,
+            "answer": answer.text if answer else None,
+            "overrides": list(context.overrides),
+            "files_selected": selection.files if selection else [],
+            "modules_selected": selection.modules if selection else [],
+            "windows_packed": [w.span() for w in evidence.windows] if evidence else [],
+        }
+        citations = answer.citations if answer else []
+        record.update({
+            "citations": [c.as_dict() for c in citations],
+            "citations_total": len(citations),
+            "citations_valid": sum(c.valid for c in citations),
+            "citations_model": sum(c.source == "model" for c in citations),
+            "citations_attributed": sum(c.source == "attributed" for c in citations),
+            "citations_must": answer.report.must if answer else 0,
+            "citation_precision": (sum(c.valid for c in citations) / len(citations)) if citations else 0.0,
+            "first_check_passed": answer.report.passed if answer and not answer.fallback_used else None,
+            "retries": answer.retries if answer else 0,
+            "fallback_used": answer.fallback_used if answer else False,
+        })
+        record.update({"rank": None, "gsub": None, "alpha": None, "entropy": None, "delta_norms": {}})
+        if adapter_report:
+            record.update(adapter_report)
+        timings = {k: round(v, 4) for k, v in context.timings.items()}
+        record.update({
+            "timings": timings,
+            "elapsed_sec": round(sum(timings.values()), 4),
+            "tokens": {"prompt": answer.draft.prompt_tokens, "generated": answer.draft.generated_tokens} if answer else {},
+            "model": lm.model_id if lm else None,
+            "device": lm.device if lm else None,
+            "notes": answer.draft.notes if answer else [],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        blob = json.dumps(record, indent=2, default=str)
+        write_atomic(Path(context.run_dir) / self.filename, blob)
+        if self.telemetry_out:
+            write_atomic(Path(self.telemetry_out), blob)
+        return {"telemetry": record}
