@@ -7,12 +7,13 @@ The pipeline config (``cfg.pipeline``) declares:
     result: finish.text                                          # what the app prints
     nodes:
       select:                      # node name; its stage config lives at cfg.<config or name>
-        config: select             # optional, defaults to the node name
-        stage: stages.x.Y          # optional, replaces the config's _target_
+        config: select             # optional; defaults to the node name unless `stage` is given
+        stage: stages.x.Y          # optional, replaces the config's _target_ (alone: a stage without config)
         with: {key: value}         # optional, merged over the config
         in: {index: index.index, prompt: inputs.prompt}
         when: not cite.passed      # optional: run only when that boolean output holds
         always: false              # run even after an earlier node failed (cleanup, telemetry)
+        after: [decode]            # order-only dependencies (no data flows)
 
 Everything is checked here, before any stage is instantiated or any model loads.
 """
@@ -32,7 +33,7 @@ from .errors import ConfigError
 from .stage import Stage, check_config, type_fits, type_name
 
 INPUTS = "inputs"
-NODE_KEYS = {"config", "stage", "with", "in", "when", "always"}
+NODE_KEYS = {"config", "stage", "with", "in", "when", "always", "after"}
 
 
 @dataclasses.dataclass
@@ -43,6 +44,7 @@ class Node:
     wires: dict[str, tuple[str, str]]
     when: tuple[str, str, bool] | None = None  # (node, port, expected truth value)
     always: bool = False
+    after: list[str] = dataclasses.field(default_factory=list)
     stage: Stage | None = None
 
     @property
@@ -98,6 +100,10 @@ def build_graph(cfg: DictConfig) -> Graph:
             dag.add_edge(src, node.name, ports=[*dag.get_edge_data(src, node.name, {}).get("ports", []), (src_port, port)])
         if node.when:
             dag.add_edge(node.when[0], node.name, **{"condition": True})
+        for before in node.after:
+            if before not in nodes:
+                raise ConfigError(f"node '{node.name}' after: unknown node '{before}'; nodes: {', '.join(nodes)}")
+            dag.add_edge(before, node.name, order=True)
     try:
         cycle = nx.find_cycle(dag)
     except nx.NetworkXNoCycle:
@@ -130,9 +136,9 @@ def _make_node(cfg: DictConfig, name: str, spec: Any, packages: list[str]) -> No
     extra = sorted(set(spec) - NODE_KEYS)
     if extra:
         raise ConfigError(f"node '{name}': unknown key '{extra[0]}'; node keys: {', '.join(sorted(NODE_KEYS))}")
-    config_key = str(spec.get("config") or name)
+    config_key = str(spec.get("config") or ("" if spec.get("stage") else name))
     config = {}
-    if config_key in cfg and cfg[config_key] is not None:
+    if config_key and config_key in cfg and cfg[config_key] is not None:
         config = _resolve(cfg[config_key], f"node '{name}' config '{config_key}'")
         if not isinstance(config, dict):
             raise ConfigError(f"node '{name}': config '{config_key}' must be a mapping, got {config!r}")
@@ -158,7 +164,8 @@ def _make_node(cfg: DictConfig, name: str, spec: Any, packages: list[str]) -> No
             expect, text = False, text[4:].strip()
         src, port = _parse_ref(text, f"node '{name}' when")
         when = (src, port, expect)
-    return Node(name, stage_cls, config, wires, when, bool(spec.get("always", False)))
+    after = [str(n) for n in (_resolve(spec.get("after") or [], f"node '{name}' after"))]
+    return Node(name, stage_cls, config, wires, when, bool(spec.get("always", False)), after)
 
 
 def _parse_ref(ref: str, owner: str) -> tuple[str, str]:

@@ -189,11 +189,11 @@ def type_fits(produced: Any, accepted: Any) -> bool:
     if accepted is Any or produced is Any:
         return True
     accepted_origin = typing.get_origin(accepted)
-    if accepted_origin in (typing.Union, types.UnionType):
-        return any(type_fits(produced, arg) for arg in typing.get_args(accepted))
     produced_origin = typing.get_origin(produced)
     if produced_origin in (typing.Union, types.UnionType):
         return all(type_fits(arg, accepted) for arg in typing.get_args(produced))
+    if accepted_origin in (typing.Union, types.UnionType):
+        return any(type_fits(produced, arg) for arg in typing.get_args(accepted))
     if accepted_origin is not None or produced_origin is not None:
         p_base = produced_origin or produced
         a_base = accepted_origin or accepted

@@ -22,7 +22,7 @@ class WriteTelemetry(Stage):
 
     def run(self, context: RunContext, prompt: str = "", answer: Answer | None = None,
             selection: Selection | None = None, evidence: Evidence | None = None, lm: LanguageModel | None = None,
-            adapter_report: dict | None = None) -> dict:
+            mix_report: dict | None = None, remix_report: dict | None = None) -> dict:
         record: dict[str, Any] = {
             "status": "failed" if context.failure else "ok",
             "error": context.failure,
@@ -47,8 +47,9 @@ class WriteTelemetry(Stage):
             "fallback_used": answer.fallback_used if answer else False,
         })
         record.update({"rank": None, "gsub": None, "alpha": None, "entropy": None, "delta_norms": {}})
-        if adapter_report:
-            record.update(adapter_report)
+        if mix_report:
+            record.update(mix_report)
+        record["fallback_mix"] = remix_report
         timings = {k: round(v, 4) for k, v in context.timings.items()}
         record.update({
             "timings": timings,

@@ -1,0 +1,69 @@
+"""Stage `capacity` (SPEC §5): how much adapter a question gets (`capacity=fixed|entropy`).
+
+`entropy`: e = w_p·P + w_s·S + w_q·Q (weights renormalised) where
+P = ½·min(1, log1p(#modules)/log1p(1000)) + ½·min(1, import_edges/(8·#modules)),
+S = ½·min(1, degree_sum(selected)/(8·#selected)) + ½·min(1, #selected/#modules),
+Q = min(1, #files matched by the prompt/24);
+rank = round(rank_min + e·(rank_max − rank_min)), gsub = gsub_min + e·(gsub_max − gsub_min), both clamped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from pipeline.errors import ConfigError
+from pipeline.stage import Range, Stage
+from stages.common.types import Capacity, ProgramIndex, Selection
+from stages.common.weights import parse_weights
+
+Unit = Annotated[float, Range(ge=0, le=1)]
+
+
+class FixedCapacity(Stage):
+    outputs = {"capacity": Capacity}
+
+    def __init__(self, rank: Annotated[int, Range(ge=1)] = 12, gsub: Unit = 0.75, beta: Annotated[float, Range(ge=0)] = 0.1):
+        self.rank, self.gsub, self.beta = rank, gsub, beta
+
+    def run(self, index: ProgramIndex, selection: Selection) -> dict:
+        return {"capacity": Capacity(self.rank, self.gsub, self.beta)}
+
+
+def entropy_components(index: ProgramIndex, selection: Selection) -> dict[str, float]:
+    graph = index.graph
+    modules = max(1, len(index.modules) or len(index.files))
+    import_edges = sum(1 for _, _, d in graph.edges(data=True) if d.get("type") == "imports")
+    program = 0.5 * min(1.0, math.log1p(modules) / math.log1p(1000)) + 0.5 * min(1.0, import_edges / (8 * modules))
+    selected = max(1, len(selection.modules) or len(selection.files))
+    wanted = set(selection.files)
+    degree_sum = 0
+    for node, data in graph.nodes(data=True):
+        if data.get("path") in wanted and data.get("kind") in ("module", "file"):
+            degree_sum += sum(1 for _, _, d in graph.in_edges(node, data=True) if d.get("type") != "defines")
+            degree_sum += sum(1 for _, _, d in graph.out_edges(node, data=True) if d.get("type") != "defines")
+    subgraph = 0.5 * min(1.0, degree_sum / (8 * selected)) + 0.5 * min(1.0, selected / modules)
+    question = min(1.0, selection.matched_files / 24)
+    return {"program": program, "subgraph": subgraph, "question": question}
+
+
+class EntropyCapacity(Stage):
+    outputs = {"capacity": Capacity}
+
+    def __init__(self, rank_min: Annotated[int, Range(ge=1)] = 8, rank_max: Annotated[int, Range(ge=1)] = 32,
+                 gsub_min: Unit = 0.6, gsub_max: Unit = 0.9, beta: Annotated[float, Range(ge=0)] = 0.1,
+                 entropy_weights: str | dict = "program=0.4,subgraph=0.4,question=0.2"):
+        if rank_min > rank_max or gsub_min > gsub_max:
+            raise ConfigError("capacity: rank_min must be <= rank_max and gsub_min <= gsub_max")
+        weights = parse_weights(entropy_weights, ("program", "subgraph", "question"), "capacity.entropy_weights")
+        total = sum(weights.values())
+        if total <= 0:
+            raise ConfigError("capacity.entropy_weights must have a positive sum")
+        self.weights = {k: weights.get(k, 0.0) / total for k in ("program", "subgraph", "question")}
+        self.rank_min, self.rank_max, self.gsub_min, self.gsub_max, self.beta = rank_min, rank_max, gsub_min, gsub_max, beta
+
+    def run(self, index: ProgramIndex, selection: Selection) -> dict:
+        parts = entropy_components(index, selection)
+        score = sum(self.weights[k] * v for k, v in parts.items())
+        rank = min(self.rank_max, max(self.rank_min, round(self.rank_min + score * (self.rank_max - self.rank_min))))
+        gsub = min(self.gsub_max, max(self.gsub_min, self.gsub_min + score * (self.gsub_max - self.gsub_min)))
+        return {"capacity": Capacity(rank, gsub, self.beta, {"score": score, **parts})}

@@ -1,0 +1,166 @@
+"""LoRA factor sets in the original tool's key scheme, their safe npz I/O, and the model's target map.
+
+Keys: ``L{i}.{t}.A`` (d_out x r), ``L{i}.{t}.B`` (r x d_in), ``L{i}.{t}.gate`` (0-d), optional ``L{i}.{t}.bias``.
+Files are read with ``allow_pickle=False``: an object array is refused, never unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+KEY = re.compile(r"^L(\d+)\.(\w+)\.(A|B|gate|bias)$")
+
+
+@dataclasses.dataclass
+class AdapterSet:
+    """LoRA factors for every (layer, target) of a model."""
+
+    factors: dict[str, np.ndarray]
+    num_layers: int
+    shapes: dict[str, tuple[int, int]]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def targets(self) -> list[str]:
+        return [t for t in TARGETS if f"L0.{t}.A" in self.factors] + sorted(
+            {m.group(2) for k in self.factors if (m := KEY.match(k)) and m.group(2) not in TARGETS})
+
+    @property
+    def rank(self) -> int:
+        ranks = [v.shape[1] for k, v in self.factors.items() if k.endswith(".A")]
+        return max(ranks) if ranks else 0
+
+    def pair(self, layer: int, target: str) -> tuple[np.ndarray, np.ndarray] | None:
+        a = self.factors.get(f"L{layer}.{target}.A")
+        b = self.factors.get(f"L{layer}.{target}.B")
+        return None if a is None or b is None else (a, b)
+
+    def bias(self, layer: int, target: str) -> np.ndarray | None:
+        return self.factors.get(f"L{layer}.{target}.bias")
+
+    def summary(self) -> dict[str, Any]:
+        return {"layers": self.num_layers, "rank": self.rank, "targets": self.targets, "source": self.meta.get("synth")}
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Deterministic npz (sorted keys, fixed zip timestamps): same arrays -> same bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            archive.writestr(info, member.getvalue())
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array of an npz without unpickling; any corruption is an InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"adapter file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except ValueError as err:
+        if "pickle" in str(err).lower() or "object" in str(err).lower():
+            raise InputError(f"'{path}' holds an object array; refusing to unpickle it") from err
+        raise InputError(f"'{path}' is not a readable npz ({str(err).splitlines()[0]})") from err
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as err:
+        raise InputError(f"'{path}' is not a readable npz ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'})") from err
+    for key, value in arrays.items():
+        if value.dtype == object:
+            raise InputError(f"'{path}': array '{key}' is an object array; refusing it")
+    return arrays
+
+
+def check_factors(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], num_layers: int,
+                  origin: str) -> AdapterSet:
+    """Validate keys, shapes and values against the model; the message names the file and the key."""
+    if not arrays:
+        raise InputError(f"{origin}: no adapter arrays")
+    layers_seen: set[int] = set()
+    for key, value in arrays.items():
+        match = KEY.match(key)
+        if not match:
+            raise InputError(f"{origin}: unexpected key '{key}' (expected L<i>.<target>.A|B|gate|bias)")
+        layer, target, part = int(match.group(1)), match.group(2), match.group(3)
+        if layer >= num_layers:
+            raise InputError(f"{origin}: key '{key}' names layer {layer} but the model has {num_layers} layers")
+        if target not in shapes:
+            raise InputError(f"{origin}: key '{key}' names target '{target}' the model lacks; model targets: {', '.join(shapes)}")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise InputError(f"{origin}: '{key}' has dtype {value.dtype}, expected floats")
+        if not np.all(np.isfinite(value)):
+            raise InputError(f"{origin}: '{key}' contains NaN or Inf")
+        d_out, d_in = shapes[target]
+        if part == "A" and (value.ndim != 2 or value.shape[0] != d_out):
+            raise InputError(f"{origin}: '{key}' has shape {value.shape}, the model needs ({d_out}, r)")
+        if part == "B" and (value.ndim != 2 or value.shape[1] != d_in):
+            raise InputError(f"{origin}: '{key}' has shape {value.shape}, the model needs (r, {d_in})")
+        if part == "bias" and value.shape != (d_out,):
+            raise InputError(f"{origin}: '{key}' has shape {value.shape}, the model needs ({d_out},)")
+        layers_seen.add(layer)
+    for key in arrays:
+        layer, target, part = KEY.match(key).groups()
+        if part in ("A", "B"):
+            other = f"L{layer}.{target}.{'B' if part == 'A' else 'A'}"
+            if other not in arrays:
+                raise InputError(f"{origin}: '{key}' has no matching '{other}'")
+            if part == "A" and arrays[key].shape[1] != arrays[other].shape[0]:
+                raise InputError(f"{origin}: rank of '{key}' ({arrays[key].shape[1]}) differs from '{other}' ({arrays[other].shape[0]})")
+    return AdapterSet({k: v.astype(np.float32, copy=False) for k, v in arrays.items()}, num_layers, dict(shapes))
+
+
+@dataclasses.dataclass
+class TargetMap:
+    """Where each (layer, target) lives in a loaded model: the Linear module and, for fused MLPs, its rows."""
+
+    num_layers: int
+    shapes: dict[str, tuple[int, int]]
+    modules: dict[tuple[int, str], tuple[str, Any, slice | None]]  # (layer, target) -> (name, module, rows)
+
+    @property
+    def targets(self) -> list[str]:
+        return [t for t in TARGETS if t in self.shapes]
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def infer_targets(model) -> TargetMap:
+    """Infer target shapes and layer count from the model's modules (q/k/v/o, gate/up/down, fused gate_up)."""
+    import torch
+
+    modules: dict[tuple[int, str], tuple[str, Any, slice | None]] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        match = _LAYER.search(name + ".")
+        if not match or not isinstance(module, torch.nn.Linear):
+            continue
+        layer, leaf = int(match.group(1)), name.rsplit(".", 1)[-1]
+        d_out, d_in = module.weight.shape
+        if leaf in TARGETS:
+            modules[(layer, leaf)] = (name, module, None)
+            shapes.setdefault(leaf, (d_out, d_in))
+        elif leaf == "gate_up_proj":  # fused MLP: gate rows first, then up rows
+            half = d_out // 2
+            modules[(layer, "gate_proj")] = (name, module, slice(0, half))
+            modules[(layer, "up_proj")] = (name, module, slice(half, d_out))
+            shapes.setdefault("gate_proj", (half, d_in))
+            shapes.setdefault("up_proj", (half, d_in))
+    if not modules:
+        raise InputError("the model has no q/k/v/o/gate/up/down projection layers to adapt")
+    num_layers = 1 + max(layer for layer, _ in modules)
+    return TargetMap(num_layers, shapes, modules)

@@ -1,0 +1,87 @@
+"""Stages `mix`, `remix` and `unmix` (SPEC §5 mix and stage-2 fallback).
+
+`mix` blends base and subgraph adapters into the model (Δ formula in stages/common/mixing.py), `remix`
+(only when the first citation check failed) re-mixes with boosted top layers and a larger gsub at full
+alpha, and `unmix` (a node that runs also after a failure) restores every weight bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Annotated, Literal
+
+from pipeline.errors import ConfigError
+from pipeline.stage import Range, Stage
+from stages.common.adapters import ATTN, MLP, AdapterSet, infer_targets
+from stages.common.mixing import AdapterMix, MixSettings, layer_third
+from stages.common.types import Artifacts, Capacity, LanguageModel, TargetPlan
+
+
+def delta_cap_from(value: float | None) -> float | None:
+    """`PCA_DELTA_CAP` overrides the configured cap (a number; 'none' or 'off' disables it)."""
+    env = os.environ.get("PCA_DELTA_CAP")
+    if env is None:
+        return value
+    if env.strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        cap = float(env)
+    except ValueError:
+        raise ConfigError(f"environment variable PCA_DELTA_CAP must be a number, got {env!r}") from None
+    if cap <= 0:
+        raise ConfigError(f"environment variable PCA_DELTA_CAP must be > 0, got {env!r}")
+    return cap
+
+
+class MixAdapters(Stage):
+    outputs = {"lm": LanguageModel, "handle": AdapterMix, "report": dict}
+
+    def __init__(self, mode: Literal["hooks", "merge"] = "hooks", alpha: Annotated[float, Range(ge=0)] = 16.0,
+                 ablate: list[Literal["attn", "mlp"]] = [], delta_cap: Annotated[float, Range(gt=0)] | None = 0.05,
+                 alpha_warmup: bool = False):
+        self.mode, self.alpha, self.alpha_warmup = mode, alpha, alpha_warmup
+        self.ablate = tuple(t for group in ablate for t in (ATTN if group == "attn" else MLP))
+        self.delta_cap = delta_cap_from(delta_cap)
+
+    def run(self, lm: LanguageModel, artifacts: Artifacts, capacity: Capacity, plan: TargetPlan,
+            sub: AdapterSet | None = None) -> dict:
+        tmap = infer_targets(lm.model)
+        mix = AdapterMix(lm, tmap, self.mode, artifacts.adapters, sub, self.alpha)
+        settings = MixSettings(
+            gsub=capacity.gsub, alpha=self.alpha / 2 if self.alpha_warmup else self.alpha, rank=capacity.rank,
+            weights=plan.weights, layer_multipliers=plan.layer_multipliers, keeps=plan.keeps,
+            delta_cap=self.delta_cap, beta=capacity.beta, ablate=self.ablate,
+        )
+        report = mix.apply(settings)
+        report["entropy"] = capacity.entropy
+        report["synth"] = artifacts.adapters.meta.get("synth")
+        return {"lm": lm, "handle": mix, "report": report}
+
+
+class BoostedRemix(Stage):
+    """Stage 2: unmix, then re-mix with layer multipliers low/mid/top and gsub ← min(gsub_max, factor·gsub)."""
+
+    outputs = {"lm": LanguageModel, "report": dict}
+
+    def __init__(self, low: float = 0.95, mid: float = 1.05, top: float = 1.20,
+                 gsub_factor: Annotated[float, Range(ge=0)] = 1.1, gsub_max: Annotated[float, Range(ge=0, le=1)] = 0.95):
+        self.multipliers, self.gsub_factor, self.gsub_max = (low, mid, top), gsub_factor, gsub_max
+
+    def run(self, handle: AdapterMix) -> dict:
+        layers = handle.tmap.num_layers
+        thirds = [layer_third(i, layers) for i in range(layers)]
+        settings = dataclasses.replace(
+            handle.settings, layer_multipliers=[self.multipliers[t] for t in thirds],
+            gsub=min(self.gsub_max, self.gsub_factor * handle.settings.gsub), alpha=handle.full_alpha,
+        )
+        return {"lm": handle.lm, "report": handle.apply(settings)}
+
+
+class Unmix(Stage):
+    """Restore the model's weights exactly. Runs also when an earlier node failed."""
+
+    outputs = {"restored": bool}
+
+    def run(self, handle: AdapterMix) -> dict:
+        handle.restore()
+        return {"restored": True}

@@ -1,0 +1,95 @@
+"""Shared fixtures of the test suite.
+
+- ``compose(*overrides)``: the project's Hydra config composed with the compose API (no app, no run folder).
+- ``make_tree(root, {path: text|bytes})``: write a small program tree.
+- ``tiny_lm``: the in-process 2-layer random Llama (``model=tiny_random``), loaded once per session.
+- ``project_index``: this project's own source indexed with the ``conf/index/default.yaml`` ignore list.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+
+import pipeline  # registers the `project_root` resolver
+from pipeline import resources
+
+PROJECT_ROOT = pipeline.PROJECT_ROOT
+CONF_DIR = pipeline.CONF_DIR
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose():
+    return compose_config
+
+
+def write_tree(root: Path, files: dict[str, str | bytes]) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return root
+
+
+@pytest.fixture
+def make_tree():
+    return write_tree
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """The `model=tiny_random` language model, built through its stage (so the test uses the real config)."""
+    graph_cfg = compose_config("model=tiny_random")
+    from pipeline.graph import build_graph
+
+    graph = build_graph(graph_cfg).instantiate()
+    return graph.nodes["model"].stage.run()["lm"]
+
+
+@pytest.fixture(scope="session")
+def project_index(tmp_path_factory):
+    """This project's source, indexed by the `index` node of the default config (cache in a temp folder)."""
+    from pipeline.graph import build_graph
+
+    cache = tmp_path_factory.mktemp("index-cache")
+    cfg = compose_config(f"index.cache_dir={cache}")
+    stage = build_graph(cfg).instantiate().nodes["index"].stage
+    return stage.run(program_root=str(PROJECT_ROOT))["index"]
+
+
+@pytest.fixture
+def fresh_index_memory():
+    """Forget the in-process program indexes before and after a test that counts parses."""
+    resources.clear("program-index")
+    yield
+    resources.clear("program-index")
+
+
+def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline.run <args>` in a subprocess, from the project root."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
