@@ -148,3 +148,12 @@ def yes_probability(lm: LanguageModel, question: str, window: PackedWindow, max_
 
 def _first_ids(tokenizer, words: list[str]) -> list[int]:
     return sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+
+
+class PackNothing(Stage):
+    """`pack=none` (pack_context off): an empty evidence set, so no citation can be valid."""
+
+    outputs = {"evidence": Evidence}
+
+    def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
+        return {"evidence": Evidence([], 0)}

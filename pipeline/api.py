@@ -1,0 +1,134 @@
+"""Python API (SPEC §7): keyword knobs -> Hydra overrides -> the same graph the CLI runs.
+
+The knob table lives in `conf/api.yaml` (data, not code), so the framework still names no stage.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from . import CONF_DIR
+from .app import result_value, run_config
+from .errors import ConfigError
+from .execute import RunResult
+
+
+def _literal(value: Any) -> str:
+    """A value in Hydra's override grammar (strings quoted, so commas and spaces survive)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def knob_overrides(knobs: dict[str, Any], table: dict | None = None) -> list[str]:
+    """Translate SPEC §7 keywords into Hydra overrides; an unknown keyword is a ConfigError listing the known."""
+    table = table or OmegaConf.to_container(OmegaConf.load(CONF_DIR / "api.yaml"), resolve=False)
+    spec = table["knobs"]
+    overrides: list[str] = []
+    appended: dict[str, list] = {}
+    for name, value in knobs.items():
+        if name not in spec:
+            raise ConfigError(f"unknown keyword '{name}'; known: {', '.join(sorted(spec))}")
+        rule = spec[name]
+        if isinstance(rule, str):
+            overrides.append(f"++{rule}={_literal(value)}")
+        elif "group" in rule:
+            values = {str(k).lower(): v for k, v in (rule.get("values") or {}).items()}
+            key = str(value).lower() if isinstance(value, bool) else str(value)
+            if isinstance(value, bool) and key not in values:
+                continue  # e.g. function_first=False: leave the default choice
+            overrides.append(f"{rule['group']}={values.get(key, value)}")
+        elif "append" in rule:
+            appended.setdefault(rule["append"], [])
+            if value:
+                appended[rule["append"]].append(rule["value"])
+    for key, items in appended.items():
+        overrides.append(f"++{key}={_literal(items)}")
+    return overrides
+
+
+def model_overrides(model_id: str | None, table: dict | None = None) -> list[str]:
+    table = table or OmegaConf.to_container(OmegaConf.load(CONF_DIR / "api.yaml"), resolve=False)
+    if not model_id:
+        return []
+    if model_id in table["models"]:
+        return [f"model={table['models'][model_id]}"]
+    local = table["local_model"]
+    return [f"{local['group']}={local['option']}", f"++{local['key']}={_literal(str(model_id))}"]
+
+
+def compose(overrides: list[str], config_name: str = "config"):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return hydra_compose(config_name, overrides=overrides)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+
+
+def run(overrides: list[str], run_dir: str | Path | None = None, verbose: bool = False) -> tuple[Any, RunResult]:
+    """Compose the config with ``overrides`` and run its graph; returns (result value, RunResult)."""
+    cfg = compose(overrides)
+    if run_dir is None:
+        base = Path(str(cfg.paths.outputs)) / "api"
+        base.mkdir(parents=True, exist_ok=True)
+        run_dir = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base)
+    logging.getLogger("pipeline").setLevel(logging.INFO if verbose else logging.WARNING)
+    result = run_config(cfg, run_dir, overrides)
+    return result_value(cfg, result), result
+
+
+def generate_answer(model_id: str | None = None, adapters_npz: str | None = None, program_root: str | None = None,
+                    prompt: str | None = None, *, overrides: list[str] = (), verbose: bool = False,
+                    **knobs: Any) -> str:
+    """Answer ``prompt`` about the program at ``program_root``; every SPEC §7 knob is a keyword.
+
+    ``model_id``: "smollm2" (default), "tiny_random", a local checkpoint folder or a .gguf file.
+    ``adapters_npz``: an artifact folder (or its adapters.npz); None builds or reuses the cached one.
+    ``overrides``: any further Hydra overrides, e.g. ["synth=fitted"].
+    """
+    args = model_overrides(model_id)
+    if adapters_npz:
+        args.append(f"adapters={_literal(str(adapters_npz))}")
+    if program_root is not None:
+        args.append(f"program_root={_literal(str(program_root))}")
+    if prompt is not None:
+        args.append(f"prompt={_literal(prompt)}")
+    args += knob_overrides(knobs) + list(overrides)
+    value, _ = run(args, verbose=verbose)
+    return str(value)
+
+
+def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, overrides: list[str] = (),
+             **knobs: Any) -> dict[str, Any]:
+    """Selection, rerank and packing only (no decoding): files, packed windows and per-node timings."""
+    args = ["pipeline=retrieve", *model_overrides(model_id), f"program_root={_literal(str(program_root))}",
+            f"prompt={_literal(prompt)}", *knob_overrides(knobs), *overrides]
+    evidence, result = run(args)
+    selection = result.output("rerank", "selection")
+    return {
+        "files_selected": list(selection.files),
+        "windows_packed": [w.span() for w in evidence.windows],
+        "timings": {t.node: t.seconds for t in result.trace if t.status == "ok"},
+    }
