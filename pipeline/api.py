@@ -87,9 +87,10 @@ def compose(overrides: list[str], config_name: str = "config"):
         raise ConfigError(str(err).splitlines()[0]) from err
 
 
-def run(overrides: list[str], run_dir: str | Path | None = None, verbose: bool = False) -> tuple[Any, RunResult]:
+def run(overrides: list[str], run_dir: str | Path | None = None, verbose: bool = False,
+        config_name: str = "config") -> tuple[Any, RunResult]:
     """Compose the config with ``overrides`` and run its graph; returns (result value, RunResult)."""
-    cfg = compose(overrides)
+    cfg = compose(overrides, config_name)
     if run_dir is None:
         base = Path(str(cfg.paths.outputs)) / "api"
         base.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
 from stages.common.adapters import ATTN, MLP, AdapterSet, infer_targets
-from stages.common.mixing import AdapterMix, MixSettings, layer_third
+from stages.common.mixing import AdapterMix, MixSettings, build_deltas, layer_third, weight_norms
+from stages.common.peft_io import write_peft
 from stages.common.types import Artifacts, Capacity, LanguageModel, TargetPlan
 
 
@@ -43,16 +45,18 @@ class MixAdapters(Stage):
         self.ablate = tuple(t for group in ablate for t in (ATTN if group == "attn" else MLP))
         self.delta_cap = delta_cap_from(delta_cap)
 
+    def settings(self, capacity: Capacity, plan: TargetPlan, warmup: bool) -> MixSettings:
+        return MixSettings(
+            gsub=capacity.gsub, alpha=self.alpha / 2 if warmup else self.alpha, rank=capacity.rank,
+            weights=plan.weights, layer_multipliers=plan.layer_multipliers, keeps=plan.keeps,
+            delta_cap=self.delta_cap, beta=capacity.beta, ablate=self.ablate,
+        )
+
     def run(self, lm: LanguageModel, artifacts: Artifacts, capacity: Capacity, plan: TargetPlan,
             sub: AdapterSet | None = None) -> dict:
         tmap = infer_targets(lm.model)
         mix = AdapterMix(lm, tmap, self.mode, artifacts.adapters, sub, self.alpha)
-        settings = MixSettings(
-            gsub=capacity.gsub, alpha=self.alpha / 2 if self.alpha_warmup else self.alpha, rank=capacity.rank,
-            weights=plan.weights, layer_multipliers=plan.layer_multipliers, keeps=plan.keeps,
-            delta_cap=self.delta_cap, beta=capacity.beta, ablate=self.ablate,
-        )
-        report = mix.apply(settings)
+        report = mix.apply(self.settings(capacity, plan, self.alpha_warmup))
         report["entropy"] = capacity.entropy
         report["synth"] = artifacts.adapters.meta.get("synth")
         return {"lm": lm, "handle": mix, "report": report}
@@ -85,3 +89,30 @@ class Unmix(Stage):
     def run(self, handle: AdapterMix) -> dict:
         handle.restore()
         return {"restored": True}
+
+
+class ExportPeft(MixAdapters):
+    """Write the adapter an answer would mix (`which=mixed`), or its base or sub part, in PEFT's LoRA format.
+
+    It takes the mix stage's knobs (alpha, ablate, delta_cap) so the file reproduces the mixed model; the
+    model itself is not modified.
+    """
+
+    outputs = {"path": str}
+
+    def __init__(self, out: str, which: Literal["mixed", "base", "sub"] = "mixed",
+                 mode: Literal["hooks", "merge"] = "hooks", alpha: Annotated[float, Range(ge=0)] = 16.0,
+                 ablate: list[Literal["attn", "mlp"]] = [], delta_cap: Annotated[float, Range(gt=0)] | None = 0.05,
+                 alpha_warmup: bool = False):
+        super().__init__(mode, alpha, ablate, delta_cap, alpha_warmup)
+        self.out, self.which = out, which
+
+    def run(self, lm: LanguageModel, artifacts: Artifacts, capacity: Capacity, plan: TargetPlan,
+            sub: AdapterSet | None = None) -> dict:
+        tmap = infer_targets(lm.model)
+        base = artifacts.adapters if self.which in ("mixed", "base") else None
+        sub = sub if self.which in ("mixed", "sub") else None
+        if base is None and sub is None:
+            raise InputError(f"export.which={self.which} but there is no such adapter (sub=none?)")
+        deltas = build_deltas(base, sub, tmap, self.settings(capacity, plan, False), weight_norms(tmap))
+        return {"path": str(write_peft(deltas, tmap, Path(self.out), lm.model_id))}

@@ -1,0 +1,84 @@
+"""`python -m pipeline.run` in a subprocess: a real multirun, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", "model=tiny_random", "rerank=heuristic,none", "decode.max_new_tokens=8",
+                "decode.min_new_tokens=0", f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    telemetry = [read_json(j / "telemetry.json") for j in jobs]
+    traces = [read_json(j / "trace.json") for j in jobs]
+    assert ["rerank=heuristic" in t["overrides"] for t in telemetry] == [True, False]
+    assert ["rerank=none" in t["overrides"] for t in telemetry] == [False, True]
+    for tele, trace, job in zip(telemetry, traces, jobs):
+        assert tele["status"] == "ok" and tele["error"] is None
+        assert tele["model"].startswith("tiny-random-llama")
+        assert tele["answer"] is not None and tele["answer"] in proc.stdout
+        assert tele["files_selected"] and tele["windows_packed"]
+        assert {w["path"] for w in tele["windows_packed"]} <= set(tele["files_selected"])
+        assert trace["failure"] is None and trace["overrides"] == tele["overrides"]
+        statuses = {n["node"]: n["status"] for n in trace["nodes"]}
+        assert set(statuses.values()) <= {"ok", "skipped"}
+        for name in ("index", "select", "rerank", "pack", "prompt", "decode", "cite", "repair", "telemetry"):
+            assert statuses[name] == "ok", (job.name, name)
+        rerank = next(n for n in trace["nodes"] if n["node"] == "rerank")
+        expected = "HeuristicRerank" if "rerank=heuristic" in tele["overrides"] else "KeepOrder"
+        assert rerank["stage"].endswith(expected)
+        # the stage-2 retry ran exactly when the first citation check failed
+        cite = next(n for n in trace["nodes"] if n["node"] == "cite")
+        retry = [n for n in trace["nodes"] if n["node"] == "decode_retry"]
+        if retry:
+            assert retry[0]["status"] == ("skipped" if cite["outputs"]["passed"] else "ok")
+        # the trace's timings are the telemetry's
+        ran = {n["node"] for n in trace["nodes"] if n["status"] == "ok"} - {"telemetry"}
+        assert ran <= set(tele["timings"])
+    # one process: the second job reuses the model loaded by the first
+    assert telemetry[1]["timings"]["model"] < telemetry[0]["timings"]["model"]
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("select.top_k=0", ["node 'select'", "top_k", ">= 1"]),
+    ("pipeline.nodes.rerank.in.selection=nope.selection", ["node 'rerank'", "selection", "unknown node 'nope'"]),
+])
+def test_bad_override_is_one_error_line(tmp_path, cli, override, fragments):
+    proc = cli(["model=tiny_random", override, f"hydra.run.dir={tmp_path / 'run'}",
+                f"paths.outputs={tmp_path / 'outputs'}"], timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    # validation failed before any node ran: nothing was traced as run
+    assert not (tmp_path / "run" / "telemetry.json").exists()
+
+
+def test_runtime_input_error_is_one_line_and_still_reports(tmp_path, cli):
+    missing = tmp_path / "no-such-program"
+    run_dir = tmp_path / "run"
+    proc = cli(["model=tiny_random", f"program_root={missing}", f"hydra.run.dir={run_dir}",
+                f"paths.outputs={tmp_path / 'outputs'}"], timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "node 'index'" in lines[0] and "does not exist" in lines[0] and str(missing) in lines[0]
+    # the always-nodes still ran: telemetry records the failure, the trace names the failed node
+    tele = read_json(run_dir / "telemetry.json")
+    assert tele["status"] == "failed" and "index" in tele["error"]
+    trace = read_json(run_dir / "trace.json")
+    assert "index" in trace["failure"]
+    statuses = {n["node"]: n["status"] for n in trace["nodes"]}
+    assert statuses["index"] == "failed" and statuses["telemetry"] == "ok" and statuses["decode"] == "skipped"
