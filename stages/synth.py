@@ -1,4 +1,6 @@
-"""Stage `synth=hashed` (SPEC §4): base LoRA factors from the program vector z, deterministic.
+"""Stage `synth` (SPEC §4, §4b): the base LoRA factors (`synth=hashed|fitted`).
+
+`hashed`: factors from the program vector z, deterministic.
 
 Target shapes and the layer count come from the loaded model. With `bank: true` it also synthesises one
 adapter per module from that module's own subgraph embedding (the mixture bank, SPEC §2).
@@ -9,9 +11,13 @@ from typing import Annotated, Literal
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.stage import Range, Stage
-from stages.common.adapters import AdapterSet, infer_targets
+from stages.common.adapters import TARGETS, AdapterSet, infer_targets
+from stages.common.corpus import pieces
 from stages.common.embedding import embed
+from stages.common.fitting import fit_lora, held_out_perplexity
+from stages.common.mixing import AdapterMix, MixSettings
 from stages.common.synthesis import synthesize
 from stages.common.types import LanguageModel, ProgramEmbedding, ProgramIndex
 
@@ -38,3 +44,76 @@ class HashedSynth(Stage):
                 bank[module] = synthesize(vectors["z"], tmap.num_layers, tmap.shapes, tmap.targets, self.rank,
                                           self.seed, self.layer_gate, self.map_cap)
         return {"adapters": adapters, "bank": bank}
+
+
+class FittedSynth(Stage):
+    """`synth=fitted` (SPEC §4b): LoRA factors trained on the program's own windows, in the §2 schema.
+
+    The stored A carries the training scale and the fold for the mix defaults it assumes (``fold_alpha``,
+    ``fold_rank``, base alone), so the mix stage at those knobs adds exactly the trained delta.
+    """
+
+    outputs = {"adapters": AdapterSet, "bank": dict}
+
+    def __init__(self, rank: Annotated[int, Range(ge=1)] = 8, targets: list[str] = list(TARGETS),
+                 lr: Annotated[float, Range(gt=0)] = 1e-3, batch_size: Annotated[int, Range(ge=1)] = 4,
+                 steps: Annotated[int, Range(ge=0)] = 40, time_budget_s: Annotated[float, Range(gt=0)] = 180.0,
+                 seed: int = 0, train_alpha: Annotated[float, Range(gt=0)] = 16.0,
+                 seq_len: Annotated[int, Range(ge=8)] = 256, val_every: Annotated[int, Range(ge=2)] = 5,
+                 split_seed: int = 0, eval_pieces: Annotated[int, Range(ge=1)] = 32,
+                 fold_alpha: Annotated[float, Range(gt=0)] = 16.0, fold_rank: Annotated[int, Range(ge=1)] = 12,
+                 progress: bool = True):
+        unknown = sorted(set(targets) - set(TARGETS))
+        if unknown:
+            raise ConfigError(f"synth.targets: unknown target '{unknown[0]}'; known: {', '.join(TARGETS)}")
+        self.rank, self.targets, self.lr, self.batch_size = rank, list(targets), lr, batch_size
+        self.steps, self.time_budget_s, self.seed, self.train_alpha = steps, time_budget_s, seed, train_alpha
+        self.seq_len, self.val_every, self.split_seed, self.eval_pieces = seq_len, val_every, split_seed, eval_pieces
+        self.fold_alpha, self.fold_rank, self.progress = fold_alpha, fold_rank, progress
+
+    def run(self, embedding: ProgramEmbedding, lm: LanguageModel, index: ProgramIndex) -> dict:
+        import torch
+
+        tmap = infer_targets(lm.model)
+        train, held_out = pieces(index, lm.tokenizer, self.seq_len, self.val_every, seed=self.split_seed)
+        targets = [t for t in self.targets if t in tmap.shapes]
+        torch.manual_seed(self.seed)
+        plain = held_out_perplexity(lm.model, held_out, self.eval_pieces, self.batch_size)
+        fit = fit_lora(lm.model, tmap, train, targets, self.rank, self.lr, self.batch_size, self.steps,
+                       self.time_budget_s, self.seed, self.train_alpha / self.rank, progress=self.progress)
+        fold = self.fold_rank / self.fold_alpha  # undoes the mix's alpha/rank at its default knobs
+        factors: dict[str, np.ndarray] = {}
+        for (layer, target), (a, b) in fit.factors.items():
+            factors[f"L{layer}.{target}.A"] = (a * fold).astype(np.float32)
+            factors[f"L{layer}.{target}.B"] = b
+            factors[f"L{layer}.{target}.gate"] = np.array(1.0, dtype=np.float32)
+        adapters = AdapterSet(factors, tmap.num_layers, dict(tmap.shapes))
+        # score the fitted delta exactly as stored: the same hook path the mix stage uses
+        mix = AdapterMix(lm, tmap, "hooks", adapters, None, self.fold_alpha)
+        mix.apply(MixSettings(0.0, self.fold_alpha, self.fold_rank, {}, [1.0] * tmap.num_layers, {}, None))
+        try:
+            fitted = held_out_perplexity(lm.model, held_out, self.eval_pieces, self.batch_size)
+        finally:
+            mix.restore()
+        adapters.meta = {
+            "synth": "fitted", "rank": self.rank, "seed": self.seed, "targets": targets, "lr": self.lr,
+            "batch_size": self.batch_size, "steps_requested": self.steps, "steps": fit.steps,
+            "seconds": round(fit.seconds, 2), "stopped_by": fit.stopped_by, "train_alpha": self.train_alpha,
+            "fold": {"factor": fold, "folded_into": "A", "train_scale": self.train_alpha / self.rank,
+                     "assumes": {"mix.alpha": self.fold_alpha, "capacity.rank": self.fold_rank, "share": 1.0,
+                                 "target_weight": 1.0, "layer_multiplier": 1.0}},
+            "loss_first": fit.losses[0] if fit.losses else None, "loss_last": fit.losses[-1] if fit.losses else None,
+            "train_pieces": len(train), "held_out_pieces": len(held_out), "eval_pieces": min(len(held_out), self.eval_pieces),
+            "val_perplexity_plain": plain, "val_perplexity_fitted": fitted,
+        }
+        return {"adapters": adapters, "bank": {}}
+
+
+class NoSynth(Stage):
+    """`synth=none`: an empty adapter set, so the mix adds nothing (the plain-model row of an ablation)."""
+
+    outputs = {"adapters": AdapterSet, "bank": dict}
+
+    def run(self, embedding: ProgramEmbedding, lm: LanguageModel, index: ProgramIndex) -> dict:
+        tmap = infer_targets(lm.model)
+        return {"adapters": AdapterSet({}, tmap.num_layers, dict(tmap.shapes), {"synth": "none"}), "bank": {}}
