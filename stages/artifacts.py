@@ -132,7 +132,8 @@ def load_artifacts(folder: Path, lm: LanguageModel, require_manifest: bool = Tru
     elif require_manifest:
         raise InputError(f"'{folder}' has no manifest.json")
     arrays = load_npz(folder / "adapters.npz")
-    adapters = check_factors(arrays, tmap.shapes, tmap.num_layers, str(folder / "adapters.npz"))
+    empty_by_design = (manifest.get("synth") or {}).get("name") == "none"  # synth=none stores no factors
+    adapters = check_factors(arrays, tmap.shapes, tmap.num_layers, str(folder / "adapters.npz"), empty_by_design)
     adapters.meta = dict(manifest.get("synth") or {"synth": "external"})
     adapters.meta["synth"] = adapters.meta.pop("name", adapters.meta.get("synth"))
     embedding = None

@@ -86,9 +86,9 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def check_factors(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], num_layers: int,
-                  origin: str) -> AdapterSet:
+                  origin: str, allow_empty: bool = False) -> AdapterSet:
     """Validate keys, shapes and values against the model; the message names the file and the key."""
-    if not arrays:
+    if not arrays and not allow_empty:
         raise InputError(f"{origin}: no adapter arrays")
     layers_seen: set[int] = set()
     for key, value in arrays.items():
