@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Range, Stage
-from stages.common.text import token_set
+from stages.common.scoring import check_relevance, score_windows, window_fields
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
 
 log = logging.getLogger(__name__)
@@ -39,17 +39,33 @@ def fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evide
     return Evidence(packed, used)
 
 
-def rank_windows(index: ProgramIndex, path: str, query: set[str]) -> list[tuple[float, Window]]:
-    """The file's windows scored by the share of question tokens they contain (ties: earlier first)."""
-    scored = []
-    lines = index.lines(path)
-    for window in index.windows_of(path):
-        text = "\n".join(lines[window.start - 1 : window.end])
-        overlap = len(query & token_set(text)) / len(query) if query else 0.0
-        anchor_bonus = 0.5 if query & token_set(window.anchor) and window.kind != "head" else 0.0
-        scored.append((overlap + anchor_bonus, window))
-    scored.sort(key=lambda item: (-item[0], item[1].start))
-    return scored
+def rank_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float]) -> dict[str, list[tuple[float, Window]]]:
+    """Per file, its windows best first by BM25F score against the prompt (ties: earlier first).
+
+    The configs pass select's relevance weights, so the window that made select choose a file is the one packed.
+    """
+    scores = score_windows(index, prompt, relevance)
+    ranked: dict[str, list[tuple[float, Window]]] = {}
+    for path, positions in window_fields(index).by_path.items():
+        scored = [(round(scores.get(i, 0.0), 4), index.windows[i]) for i in positions]
+        scored.sort(key=lambda item: (-item[0], item[1].start))
+        ranked[path] = scored
+    return ranked
+
+
+def interleave(firsts: list[PackedWindow], seconds: list[PackedWindow], weight: float) -> list[PackedWindow]:
+    """Files' best windows in selection order; a file's second window (score × ``weight``) goes in front of the
+    first later best window that it outscores. ``weight`` 0: every file's best before any second window."""
+    pending = sorted(seconds, key=lambda w: -w.score)
+    placed: set[str] = set()
+    order = []
+    for first in firsts:
+        ahead = [w for w in pending if w.path in placed and w.score * weight > first.score]
+        order += ahead
+        pending = [w for w in pending if w not in ahead]
+        order.append(first)
+        placed.add(first.path)
+    return order + pending
 
 
 class PackWindows(Stage):
@@ -58,20 +74,27 @@ class PackWindows(Stage):
     outputs = {"evidence": Evidence}
 
     def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000,
-                 windows_per_file: Annotated[int, Range(ge=1, le=2)] = 2):
+                 windows_per_file: Annotated[int, Range(ge=1, le=2)] = 2,
+                 second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0, relevance: dict = {}):
         self.context_tokens, self.windows_per_file = context_tokens, windows_per_file
+        self.second_window_weight = second_window_weight
+        self.relevance = check_relevance("pack", relevance)
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        query = token_set(prompt)
+        by_file = rank_windows(index, prompt, self.relevance)
         firsts, seconds = [], []
         for path in selection.files:
-            ranked = rank_windows(index, path, query)
-            if ranked:
-                firsts.append(cut(index, ranked[0][1], ranked[0][0]))
-            if self.windows_per_file > 1 and len(ranked) > 1 and ranked[1][0] > 0:
-                seconds.append(cut(index, ranked[1][1], ranked[1][0]))
-        # every selected file gets its best window before any file gets a second one
-        return {"evidence": fit(firsts + seconds, lm.tokenizer, self.context_tokens)}
+            ranked = by_file.get(path, [])
+            if not ranked:
+                continue
+            best = ranked[0][1]
+            firsts.append(cut(index, best, ranked[0][0]))
+            # the second window adds lines the first does not show (a short file's head window is its whole file)
+            rest = [(score, w) for score, w in ranked[1:] if score > 0 and (w.end < best.start or w.start > best.end)]
+            if self.windows_per_file > 1 and rest:
+                seconds.append(cut(index, rest[0][1], rest[0][0]))
+        candidates = interleave(firsts, seconds, self.second_window_weight)
+        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens)}
 
 
 class PackHeads(Stage):
@@ -98,15 +121,16 @@ class PackFunctionFirst(Stage):
                  ff_window_lines: Annotated[int, Range(ge=1)] = 80,
                  ff_noise_penalty: Annotated[float, Range(ge=0)] = 0.30,
                  ff_threshold: Annotated[float, Range(ge=0, le=1)] = 0.55,
-                 ff_max_code_tokens: Annotated[int, Range(ge=16)] = 384):
+                 ff_max_code_tokens: Annotated[int, Range(ge=16)] = 384, relevance: dict = {}):
         self.context_tokens, self.max_candidates, self.window_lines = context_tokens, ff_max_candidates, ff_window_lines
         self.noise_penalty, self.threshold, self.max_code_tokens = ff_noise_penalty, ff_threshold, ff_max_code_tokens
+        self.relevance = check_relevance("pack", relevance)  # orders the candidates before the model scores them
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        query = token_set(prompt)
+        by_file = rank_windows(index, prompt, self.relevance)
         candidates: list[Window] = []
         for path in selection.files:
-            for _, window in rank_windows(index, path, query):
+            for _, window in by_file.get(path, []):
                 end = min(window.end, window.start + self.window_lines - 1)
                 candidates.append(Window(window.path, window.start, end, window.anchor, window.kind))
         candidates = candidates[: self.max_candidates]

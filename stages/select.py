@@ -6,62 +6,49 @@ paths (rarer tokens weigh more). `select=zoom` starts from a named symbol and wa
 from __future__ import annotations
 
 import difflib
-import math
-from collections import Counter
 from typing import Annotated
 
 import networkx as nx
 
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
+from stages.common.scoring import is_test_path, score_windows
 from stages.common.text import token_set, tokens
 from stages.common.types import ProgramIndex, Selection, Symbol
 
 
-def _file_fields(index: ProgramIndex) -> dict[str, dict[str, set[str]]]:
-    """Per file, the token sets the question is matched against."""
-    fields: dict[str, dict[str, set[str]]] = {
-        path: {"name": set(), "doc": set(), "path": token_set(path.rsplit(".", 1)[0])} for path in index.files
-    }
-    for sym in index.symbols:
-        f = fields[sym.path]
-        f["name"] |= token_set(sym.qualname)
-        f["doc"] |= token_set(sym.doc)
-    for path, text in index.texts.items():
-        fields[path]["text"] = token_set(text)
-    return fields
-
-
 class QuestionSelect(Stage):
+    """Files ranked by their best window's BM25F score against the prompt (stages.common.scoring): the words of
+    the question matched against symbol names, signatures, docstrings, paths and source text, rarer words
+    weighing more. A file is as relevant as the definition in it that best matches."""
+
     outputs = {"selection": Selection}
 
-    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8, name_weight: float = 1.0, doc_weight: float = 0.6,
-                 path_weight: float = 0.8, text_weight: float = 0.3):
-        self.top_k = top_k
-        self.weights = {"name": name_weight, "doc": doc_weight, "path": path_weight, "text": text_weight}
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8, name_weight: Annotated[float, Range(ge=0)] = 1.0,
+                 doc_weight: Annotated[float, Range(ge=0)] = 0.6, path_weight: Annotated[float, Range(ge=0)] = 0.8,
+                 text_weight: Annotated[float, Range(ge=0)] = 0.3, signature_weight: Annotated[float, Range(ge=0)] = 0.0,
+                 k1: Annotated[float, Range(ge=0)] = 1.2, b: Annotated[float, Range(ge=0, le=1)] = 0.75,
+                 test_weight: Annotated[float, Range(ge=0)] = 0.5):
+        self.top_k, self.test_weight = top_k, test_weight
+        self.relevance = {"name": name_weight, "doc": doc_weight, "path": path_weight, "text": text_weight,
+                          "signature": signature_weight, "k1": k1, "b": b}
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
-        query = Counter(tokens(prompt))
-        fields = index.derived("select.fields", lambda: _file_fields(index))
-        n = len(fields)
-        df: Counter[str] = Counter()
-        for f in fields.values():
-            df.update(set().union(*f.values()) & set(query))
+        windows = score_windows(index, prompt, self.relevance)
         scores: dict[str, float] = {}
-        for path, f in fields.items():
-            score = 0.0
-            for tok in query:
-                idf = math.log1p(n / (1 + df[tok]))
-                score += idf * sum(w for name, w in self.weights.items() if tok in f.get(name, ()))
-            scores[path] = score
-        matched = [p for p, s in scores.items() if s > 0]
+        for i, value in windows.items():
+            path = index.windows[i].path
+            if is_test_path(path):
+                value *= self.test_weight  # a test mentions what it tests: the definition should come first
+            scores[path] = max(value, scores.get(path, 0.0))
+        matched = [p for p, v in scores.items() if v > 0]
         ranked = sorted(matched, key=lambda p: (-scores[p], p))
         if not ranked:
             # nothing in the program matches the words of the question: fall back to its most central files
             central = nx.in_degree_centrality(index.graph)
             ranked = sorted(index.files, key=lambda p: (-central.get(f"file:{p}", 0) - _module_centrality(index, p, central), p))
         files = ranked[: self.top_k]
-        names = {t for t in query}
+        names = set(tokens(prompt))
         symbols = [s.qualname for s in index.symbols if s.path in files and token_set(s.name) & names]
         return {"selection": _selection(index, files, scores, symbols, len(matched))}
 
