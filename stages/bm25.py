@@ -1,0 +1,63 @@
+"""Stage `baseline` (SPEC §9): BM25 (bm25s) over the program's windows index, the eval's point of comparison.
+
+Every window of the index (the same candidates our pack stage chooses from) is one BM25 document. A question
+ranks all windows; the files are ranked by their best window. `tokenizer=plain` is bm25s' own tokenization
+(lower-cased `\\w\\w+` words, English stop words); `tokenizer=code` also splits identifiers on snake/camel case
+like our stages do, so the baseline is not handicapped on code. `with_path` adds the file path to each document.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Annotated, Literal
+
+import numpy as np
+
+from pipeline.stage import Range, Stage
+from stages.common.evaluation import QuestionSet, Record, SystemRun
+from stages.common.text import tokens
+from stages.common.types import ProgramIndex
+
+_PLAIN = re.compile(r"(?u)\b\w\w+\b")  # bm25s.tokenize's default token pattern
+
+
+def plain_tokens(text: str) -> list[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    stop = set(STOPWORDS_EN)
+    return [t for t in _PLAIN.findall(text.lower()) if t not in stop]
+
+
+class BM25Windows(Stage):
+    outputs = {"run": SystemRun}
+
+    def __init__(self, tokenizer: Literal["code", "plain"] = "code", with_path: bool = True,
+                 k1: Annotated[float, Range(ge=0)] = 1.5, b: Annotated[float, Range(ge=0, le=1)] = 0.75,
+                 windows: Annotated[int, Range(ge=1)] = 8):
+        self.tokenizer, self.with_path, self.k1, self.b, self.windows = tokenizer, with_path, k1, b, windows
+
+    def run(self, index: ProgramIndex, questions: QuestionSet) -> dict:
+        import bm25s
+
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
+        split = tokens if self.tokenizer == "code" else plain_tokens
+        started = time.perf_counter()
+        docs = []
+        for w in index.windows:
+            text = "\n".join(index.lines(w.path)[w.start - 1 : w.end])
+            docs.append(split(f"{w.path}\n{text}" if self.with_path else text))
+        retriever = bm25s.BM25(k1=self.k1, b=self.b)
+        retriever.index(docs, show_progress=False)
+        setup = time.perf_counter() - started
+        records = []
+        for question in questions.questions:
+            began = time.perf_counter()
+            scores = retriever.get_scores(split(question.question))
+            order = np.argsort(-scores, kind="stable")  # ties: index order, i.e. path then line
+            ranked = [index.windows[i] for i in order]
+            files = list(dict.fromkeys(w.path for w in ranked))
+            shown = [(w.path, w.start, w.end) for w in ranked[: self.windows]]
+            records.append(Record(files, shown, time.perf_counter() - began))
+        detail = f"bm25s {self.tokenizer} tokens{' + path' if self.with_path else ''}, {len(docs)} windows"
+        return {"run": SystemRun("bm25", records, setup, detail)}

@@ -1,0 +1,126 @@
+"""Question sets and retrieval scoring (SPEC §9), shared by the eval graph's stages.
+
+A question set is JSONL, one `{question, path, start, end}` per line: `path:start-end` is the definition
+that answers the question. Every system under evaluation (ours, the BM25 baseline) produces one `Record` per
+question: the files it ranked and the windows it would show, best first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    question: str
+    path: str
+    start: int
+    end: int
+    symbol: str = ""
+
+    def hit_by(self, path: str, start: int, end: int) -> bool:
+        return path == self.path and start <= self.end and self.start <= end
+
+
+@dataclasses.dataclass
+class QuestionSet:
+    source: str
+    questions: list[Question]
+    total: int  # questions in the file, before any limit
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "questions": len(self.questions), "total": self.total}
+
+
+@dataclasses.dataclass
+class Record:
+    """What one system did with one question."""
+
+    files: list[str]  # ranked files, best first
+    windows: list[tuple[str, int, int]]  # shown windows (path, start, end), best first
+    seconds: float
+    citations: list[dict] | None = None  # answer mode only: {path, start, end, valid, source, ...}
+    retries: int | None = None
+
+
+@dataclasses.dataclass
+class SystemRun:
+    name: str
+    records: list[Record]
+    setup_seconds: float = 0.0  # one-off cost (e.g. building the BM25 index)
+    detail: str = ""  # how it ran, for the report (graph, tokenizer)
+
+    def summary(self) -> dict[str, Any]:
+        return {"system": self.name, "questions": len(self.records), "detail": self.detail}
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Read and check a JSONL question set; a bad line is an InputError naming the file and line."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise InputError(f"questions '{path}' is not a file; make one with python -m pipeline.questions")
+    questions = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"questions '{path}' line {number}"
+        try:
+            item = json.loads(line)
+        except ValueError as err:
+            raise InputError(f"{where}: not JSON ({err})") from err
+        if not isinstance(item, dict):
+            raise InputError(f"{where}: expected an object with question, path, start, end")
+        missing = [k for k in ("question", "path", "start", "end") if k not in item]
+        if missing:
+            raise InputError(f"{where}: missing key '{missing[0]}'")
+        start, end = item["start"], item["end"]
+        if not (isinstance(start, int) and isinstance(end, int) and 1 <= start <= end):
+            raise InputError(f"{where}: start and end must be line numbers with 1 <= start <= end, got {start}, {end}")
+        if not str(item["question"]).strip():
+            raise InputError(f"{where}: empty question")
+        questions.append(Question(str(item["question"]), str(item["path"]), start, end, str(item.get("symbol", ""))))
+    if not questions:
+        raise InputError(f"questions '{path}' has no questions")
+    return questions
+
+
+def spread(items: list, limit: int | None) -> list:
+    """An evenly spaced, deterministic subset of ``limit`` items (all when ``limit`` is None or larger)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def score(questions: list[Question], records: list[Record], k: int) -> dict[str, float | None]:
+    """Per-system metrics: recall of the answering file in the first k ranked files and of its definition in the
+    first k (and any) shown windows; citation hit and precision, retries (answer mode only); seconds per question."""
+    pairs = list(zip(questions, records))
+    metrics: dict[str, float | None] = {
+        "file_recall@1": _mean([float(q.path in r.files[:1]) for q, r in pairs]),
+        f"file_recall@{k}": _mean([float(q.path in r.files[:k]) for q, r in pairs]),
+        "evidence_recall@1": _mean([float(any(q.hit_by(*w) for w in r.windows[:1])) for q, r in pairs]),
+        f"evidence_recall@{k}": _mean([float(any(q.hit_by(*w) for w in r.windows[:k])) for q, r in pairs]),
+        "evidence_recall": _mean([float(any(q.hit_by(*w) for w in r.windows)) for q, r in pairs]),
+        "windows_shown": _mean([float(len(r.windows)) for _, r in pairs]),
+    }
+    answered = [(q, r) for q, r in pairs if r.citations is not None]
+    if answered:
+        cites = [c for _, r in answered for c in r.citations]
+        metrics["citation_hit"] = _mean([float(any(c["valid"] and q.hit_by(c["path"], c["start"], c["end"])
+                                                   for c in r.citations)) for q, r in answered])
+        metrics["citation_precision"] = round(sum(c["valid"] for c in cites) / len(cites), 4) if cites else 0.0
+        metrics["citations_model"] = _mean([float(sum(c.get("source") == "model" for c in r.citations)) for _, r in answered])
+        metrics["retries"] = _mean([float(r.retries or 0) for _, r in answered])
+    else:
+        metrics.update({"citation_hit": None, "citation_precision": None, "citations_model": None, "retries": None})
+    metrics["seconds"] = _mean([r.seconds for _, r in pairs])
+    return metrics

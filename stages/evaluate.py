@@ -1,0 +1,152 @@
+"""Stages of the eval graph (SPEC §9): load a question set, run our graph on every question, score and report.
+
+Our system is the answer graph itself, run per question through the framework (compose + run_config), never by
+importing other stages: `eval.mode=answer` runs `pipeline=answer` (decoding, citations), `eval.mode=retrieval`
+runs `pipeline=retrieve` (select, rerank, pack only). The inner runs start from this job's own config, so
+every knob of a sweep (`-m select.top_k=4,8 rerank=heuristic,none`) applies to them; the loaded model and the
+program index are process-wide resources, reused by every question.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+from omegaconf import OmegaConf
+
+from pipeline.cache import write_atomic
+from pipeline.errors import InputError, PipelineError
+from pipeline.stage import Range, RunContext, Stage
+from stages.common.evaluation import QuestionSet, Record, SystemRun, load_questions, score, spread
+from stages.common.types import ProgramIndex
+
+METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
+                  "citation_hit", "citation_precision", "seconds"]
+
+
+class LoadQuestions(Stage):
+    """Read the JSONL set, check every answer span against the program, keep an evenly spread `limit`."""
+
+    outputs = {"questions": QuestionSet}
+
+    def __init__(self, limit: Annotated[int, Range(ge=1)] | None = None):
+        self.limit = limit
+
+    def run(self, source: str | None, index: ProgramIndex) -> dict:
+        if not source:
+            raise InputError("questions is not set; pass questions=<file.jsonl> (python -m pipeline.questions makes one)")
+        questions = load_questions(source)
+        for number, q in enumerate(questions, start=1):
+            if q.path not in index.files:
+                raise InputError(f"questions '{source}' question {number}: path '{q.path}' is not a file of "
+                                 f"program_root '{index.root}'")
+            if q.end > index.files[q.path].lines:
+                raise InputError(f"questions '{source}' question {number}: {q.path}:{q.start}-{q.end} is past the "
+                                 f"end of the file ({index.files[q.path].lines} lines)")
+        return {"questions": QuestionSet(str(source), spread(questions, self.limit), len(questions))}
+
+
+class RunGraphPerQuestion(Stage):
+    """Our system: the configured graph, once per question, with this job's config and the question as prompt."""
+
+    outputs = {"run": SystemRun}
+
+    def __init__(self, mode: Literal["answer", "retrieval"] = "retrieval",
+                 graphs: dict = {"answer": "answer", "retrieval": "retrieve"},
+                 refs: dict = {"selection": "rerank.selection", "evidence": "pack.evidence", "answer": "repair.answer"},
+                 progress: bool = True):
+        self.graph = graphs.get(mode)
+        if not self.graph:
+            raise InputError(f"eval.graphs has no graph for mode '{mode}'")
+        self.refs = {name: tuple(str(ref).split(".", 1)) for name, ref in refs.items()}
+        self.progress = progress
+
+    def run(self, context: RunContext, questions: QuestionSet) -> dict:
+        from tqdm import tqdm
+
+        from pipeline.api import compose
+        from pipeline.app import run_config
+
+        config = OmegaConf.create(context.config)
+        config.pipeline = compose([f"pipeline={self.graph}"]).pipeline
+        overrides = [o for o in context.overrides if o.split("=")[0].lstrip("+~") not in ("pipeline", "questions")]
+        overrides.append(f"pipeline={self.graph}")
+        loggers = [logging.getLogger(name) for name in ("pipeline", "stages")]
+        levels = [logger.level for logger in loggers]
+        records = []
+        try:
+            for logger in loggers:
+                logger.setLevel(logging.WARNING)  # one progress bar, not a log line per node per question
+            bar = tqdm(questions.questions, desc=f"eval ({self.graph})", unit="q", disable=not self.progress)
+            for number, question in enumerate(bar, start=1):
+                config.prompt = question.question
+                started = time.perf_counter()
+                try:
+                    result = run_config(config, Path(context.run_dir) / "questions" / f"{number:04d}", overrides)
+                except PipelineError as err:
+                    raise PipelineError(f"question {number} ({question.path}:{question.start}): {err}") from err
+                records.append(self._record(result, time.perf_counter() - started))
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+        return {"run": SystemRun("ours", records, 0.0, f"pipeline={self.graph}")}
+
+    def _record(self, result, seconds: float) -> Record:
+        selection = result.output(*self.refs["selection"]) if "selection" in self.refs else None
+        evidence = result.output(*self.refs["evidence"]) if "evidence" in self.refs else None
+        answer = result.output(*self.refs["answer"]) if "answer" in self.refs else None
+        return Record(
+            files=list(selection.files) if selection else [],
+            windows=[(w.path, w.start, w.end) for w in evidence.windows] if evidence else [],
+            seconds=seconds,
+            citations=[c.as_dict() for c in answer.citations] if answer else None,
+            retries=answer.retries if answer else None,
+        )
+
+
+def _rank(hits: list[bool]) -> int | None:
+    return next((i + 1 for i, hit in enumerate(hits) if hit), None)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+class EvalReport(Stage):
+    """Metrics of ours and the baseline side by side: printed as a table, written to `eval.json`."""
+
+    outputs = {"table": str, "metric": float, "report": dict}
+
+    def __init__(self, k: Annotated[int, Range(ge=1)] = 5, metric: METRICS = "evidence_recall@k"):
+        self.k, self.metric = k, metric.replace("@k", f"@{k}")
+
+    def run(self, context: RunContext, questions: QuestionSet, ours: SystemRun, baseline: SystemRun | None = None) -> dict:
+        systems = [run for run in (ours, baseline) if run is not None]
+        qs = questions.questions
+        metrics = {run.name: score(qs, run.records, self.k) for run in systems}
+        for run in systems:
+            metrics[run.name]["setup_seconds"] = round(run.setup_seconds, 4)
+        per_question = []
+        for i, q in enumerate(qs):
+            item = {"question": q.question, "path": q.path, "start": q.start, "end": q.end}
+            for run in systems:
+                r = run.records[i]
+                item[run.name] = {"file_rank": _rank([p == q.path for p in r.files]),
+                                  "window_rank": _rank([q.hit_by(*w) for w in r.windows])}
+            per_question.append(item)
+        report = {"questions": questions.source, "evaluated": len(qs), "total": questions.total, "k": self.k,
+                  "overrides": list(context.overrides), "metric": self.metric,
+                  "systems": {run.name: run.detail for run in systems}, "metrics": metrics,
+                  "per_question": per_question}
+        write_atomic(Path(context.run_dir) / "eval.json", json.dumps(report, indent=2))
+        names = [run.name for run in systems]
+        rows = [f"{'metric':<22}" + "".join(f"{n:>10}" for n in names)]
+        for key in metrics[names[0]]:
+            rows.append(f"{key:<22}" + "".join(f"{_cell(metrics[n].get(key)):>10}" for n in names))
+        header = (f"eval: {len(qs)} of {questions.total} questions from {questions.source}\n"
+                  + "\n".join(f"  {run.name}: {run.detail}" for run in systems))
+        value = metrics["ours"].get(self.metric)
+        return {"table": header + "\n" + "\n".join(rows), "metric": float("nan") if value is None else float(value),
+                "report": report}

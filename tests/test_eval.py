@@ -1,0 +1,174 @@
+"""The eval graph (SPEC §9): our graph per question next to BM25, metrics, eval.json, sweep knobs reaching the
+inner runs, retrieval and answer modes, one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.api import run
+from pipeline.errors import PipelineError
+from pipeline.stage import RunContext
+from stages.bm25 import BM25Windows, plain_tokens
+from stages.common.evaluation import Question, QuestionSet, Record, load_questions, score, spread
+from stages.index import build_index
+from stages.questions import DocstringQuestions
+
+PROGRAM = {
+    "kettle.py": (
+        '"""Kettle control."""\n\n\n'
+        "def boil_water(litres):\n"
+        '    """Boil the given litres of water until the kettle whistles."""\n'
+        "    temperature = 100\n"
+        "    return litres * temperature\n\n\n"
+        "def pour_water(cup, amount):\n"
+        '    """Pour some water from the kettle into a cup."""\n'
+        "    return cup + amount\n\n\n"
+        "class Descaler:\n"
+        '    """Remove lime scale from the heating element."""\n\n'
+        "    def run(self, kettle, vinegar):\n"
+        '        """Run one descaling cycle with vinegar."""\n'
+        "        return kettle - vinegar\n"
+    ),
+    "cup.py": (
+        "def fill_cup(cup, water):\n"
+        '    """Fill the cup with water up to its brim."""\n'
+        "    return water\n\n\n"
+        "def empty_cup(cup, sink):\n"
+        '    """Empty the cup into the sink and rinse it."""\n'
+        "    return sink\n"
+    ),
+    "garden/hose.py": (
+        "def water_plants(plants, hose):\n"
+        '    """Water every plant in the garden with the hose."""\n'
+        "    return [hose(p) for p in plants]\n"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def question_set(tmp_path_factory):
+    base = tmp_path_factory.mktemp("evalset")
+    root = base / "prog"
+    for rel, text in PROGRAM.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    out = DocstringQuestions(out=str(base / "qs")).run(RunContext(base, [], {}), str(root))
+    return base, out["program"], out["questions"]
+
+
+def evaluate(base, program, questions, *overrides, run_dir):
+    args = ["pipeline=eval", "model=tiny_random", f"program_root={program}", f"questions={questions}",
+            f"paths.outputs={base / 'outputs'}", "eval.progress=false", *overrides]
+    value, result = run(args, run_dir=run_dir)
+    return value, result, json.loads((run_dir / "eval.json").read_text())
+
+
+def test_retrieval_eval_reports_ours_and_bm25_side_by_side(question_set, tmp_path):
+    base, program, questions = question_set
+    table, result, report = evaluate(base, program, questions, run_dir=tmp_path)
+    n = len(load_questions(questions))
+    assert n == 7 and report["evaluated"] == n and report["k"] == 5
+    header = table.splitlines()
+    assert header[0].startswith(f"eval: {n} of {n} questions") and "pipeline=retrieve" in table and "bm25s" in table
+    assert any(line.split()[:1] == ["metric"] and line.split()[1:] == ["ours", "bm25"] for line in header)
+    for system in ("ours", "bm25"):
+        metrics = report["metrics"][system]
+        assert 0 <= metrics["evidence_recall@1"] <= metrics["evidence_recall@5"] <= 1
+        assert metrics["file_recall@1"] <= metrics["file_recall@5"]
+        assert metrics["citation_hit"] is None  # no decoding in retrieval mode
+    assert report["metrics"]["ours"]["file_recall@5"] == 1.0  # three files: every answer is among the first five
+    # per-question ranks agree with the metrics
+    hits = [q["ours"]["window_rank"] is not None and q["ours"]["window_rank"] <= 5 for q in report["per_question"]]
+    assert sum(hits) / n == pytest.approx(report["metrics"]["ours"]["evidence_recall@5"], abs=1e-4)
+    # every question ran the retrieve graph in its own folder, with this job's overrides
+    traces = sorted((tmp_path / "questions").glob("*/trace.json"))
+    assert len(traces) == n
+    trace = json.loads(traces[0].read_text())
+    assert trace["pipeline"] == "retrieve" and "pipeline=retrieve" in trace["overrides"]
+    assert not any(node["node"] == "decode" for node in trace["nodes"])
+
+
+def test_sweep_knobs_reach_the_inner_runs(question_set, tmp_path):
+    base, program, questions = question_set
+    _, _, one = evaluate(base, program, questions, "select.top_k=1", "eval.limit=4", "pack.windows_per_file=1",
+                         run_dir=tmp_path / "a")
+    assert one["evaluated"] == 4 and one["total"] == 7
+    ours = one["metrics"]["ours"]
+    # a single selected file, a single window: @5 is @1
+    assert ours["file_recall@5"] == ours["file_recall@1"] and ours["evidence_recall@5"] == ours["evidence_recall@1"]
+    assert ours["windows_shown"] == 1.0
+    inner = json.loads(next((tmp_path / "a" / "questions").glob("*/trace.json")).read_text())
+    assert "select.top_k=1" in inner["overrides"]
+
+
+def test_metric_result_for_optuna(question_set, tmp_path):
+    base, program, questions = question_set
+    value, _, report = evaluate(base, program, questions, "pipeline.result=report.metric",
+                                "eval.metric=file_recall@k", "eval.k=2", run_dir=tmp_path)
+    assert isinstance(value, float) and value == report["metrics"]["ours"]["file_recall@2"]
+
+
+def test_answer_mode_scores_citations(question_set, tmp_path):
+    base, program, questions = question_set
+    _, _, report = evaluate(base, program, questions, "eval.mode=answer", "eval.limit=2", "decode.max_new_tokens=4",
+                            "decode.min_new_tokens=0", run_dir=tmp_path)
+    ours = report["metrics"]["ours"]
+    assert report["systems"]["ours"] == "pipeline=answer"
+    assert ours["citation_hit"] is not None and 0 <= ours["citation_precision"] <= 1 and ours["retries"] >= 0
+    assert len(list((tmp_path / "questions").glob("*/telemetry.json"))) == 2
+
+
+@pytest.mark.parametrize("line,culprit", [
+    ('{"question": "q", "path": "nope.py", "start": 1, "end": 2}', "path 'nope.py' is not a file"),
+    ('{"question": "q", "path": "cup.py", "start": 1, "end": 999}', "past the end of the file"),
+    ('{"question": "q", "path": "cup.py", "start": 3}', "missing key 'end'"),
+    ("not json", "line 1: not JSON"),
+])
+def test_bad_question_sets_are_one_line_errors(question_set, tmp_path, line, culprit):
+    base, program, _ = question_set
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(line + "\n")
+    with pytest.raises(PipelineError, match="node 'questions'") as info:
+        evaluate(base, program, bad, run_dir=tmp_path / "run")
+    assert culprit in str(info.value) and "\n" not in str(info.value)
+
+
+def test_eval_without_a_question_set_says_how_to_make_one(cli, tmp_path):
+    proc = cli(["pipeline=eval", "model=tiny_random", f"paths.outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: node 'questions': questions is not set")
+
+
+# ---------------------------------------------------------------- scoring and the baseline, without the framework
+
+
+def test_score_definitions():
+    qs = [Question("q1", "a.py", 10, 20), Question("q2", "b.py", 1, 5)]
+    records = [Record(["x.py", "a.py"], [("a.py", 30, 40), ("x.py", 1, 9), ("a.py", 18, 25)], 0.5),
+               Record(["b.py"], [("b.py", 6, 9)], 1.5,
+                      citations=[{"path": "b.py", "start": 2, "end": 3, "valid": True, "source": "model"},
+                                 {"path": "b.py", "start": 7, "end": 8, "valid": False, "source": "model"}], retries=1)]
+    m = score(qs, records, k=2)
+    assert m["file_recall@1"] == 0.5 and m["file_recall@2"] == 1.0
+    assert m["evidence_recall@1"] == 0.0 and m["evidence_recall@2"] == 0.0 and m["evidence_recall"] == 0.5
+    assert m["citation_hit"] == 1.0 and m["citation_precision"] == 0.5 and m["retries"] == 1.0
+    assert m["seconds"] == 1.0 and m["windows_shown"] == 2.0
+    assert spread(list(range(10)), 4) == [0, 2, 5, 7] and spread([1, 2], None) == [1, 2]
+
+
+def test_bm25_ranks_the_matching_window_first(question_set):
+    _, program, questions = question_set
+    index = build_index(program, [], 1_000_000, 80, None)
+    qs = load_questions(questions)
+    target = next(q for q in qs if q.symbol == "empty_cup")
+    for tokenizer in ("code", "plain"):
+        run_ = BM25Windows(tokenizer=tokenizer, windows=3).run(index, QuestionSet("x", [target], 1))["run"]
+        record = run_.records[0]
+        assert record.files[0] == "cup.py" and target.hit_by(*record.windows[0]) and len(record.windows) == 3
+        assert run_.setup_seconds >= 0 and tokenizer in run_.detail
+    # bm25s' own tokens keep an identifier whole; code tokens also split it like our stages do
+    assert plain_tokens("the fill_cup helper") == ["fill_cup", "helper"]
+    fill = QuestionSet("x", [Question("what does fill do", "cup.py", 1, 3)], 1)
+    record = BM25Windows(tokenizer="code", with_path=False).run(index, fill)["run"].records[0]
+    assert record.windows[0][:2] == ("cup.py", 1)
