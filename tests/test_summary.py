@@ -1,0 +1,100 @@
+"""`python -m pipeline.summary` on a fixture multirun folder written from small JSON files."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import PROJECT_ROOT
+from pipeline.summary import main, summarize
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def job(root, name, overrides, **files):
+    folder = root / name
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    for filename, data in files.items():
+        (folder / f"{filename}.json").write_text(json.dumps(data))
+    return folder
+
+
+def telemetry(valid, total, elapsed, retries=0):
+    return {"status": "ok", "prompt": "a long prompt " * 10, "answer": "text " * 50, "citations_valid": valid,
+            "citations_total": total, "citation_precision": valid / total if total else 0.0, "retries": retries,
+            "elapsed_sec": elapsed, "tokens": {"prompt": 900, "generated": 64}, "timings": {"decode": elapsed - 1},
+            "files_selected": ["a.py"], "citations": [{"path": "a.py"}]}
+
+
+@pytest.fixture
+def multirun(tmp_path):
+    root = tmp_path / "multirun"
+    common = ["model=tiny_random", "prompt='how?'"]
+    job(root, "0", ["rerank=heuristic", "mix.alpha=8", *common], telemetry=telemetry(3, 4, 10.0),
+        trace={"failure": None, "nodes": [{"node": "decode", "seconds": 9.0}, {"node": "pack", "seconds": 1.0}]})
+    job(root, "1", ["rerank=heuristic", "mix.alpha=16", *common], telemetry=telemetry(1, 4, 20.0, retries=1))
+    job(root, "2", ["rerank=none", "mix.alpha=8", *common], telemetry=telemetry(0, 0, 30.0),
+        perplexity={"plain": 12.5, "mixed": 11.0, "change": -0.12, "overrides": []})
+    job(root, "10", ["rerank=none", "mix.alpha=16", *common],
+        eval={"metrics": {"ours": {"evidence_recall@5": 0.7, "seconds": 0.02}, "bm25": {"evidence_recall@5": 0.6}}},
+        trace={"failure": "node 'decode': boom", "nodes": []})
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_table_csv_and_plot(multirun):
+    text, csv_path, png_path = summarize(multirun, metric="citations_valid")
+    lines = text.splitlines()
+    assert lines[0] == "4 jobs in %s; all with model=tiny_random prompt='how?'" % multirun
+    header = lines[1].split()
+    assert header[:3] == ["job", "rerank", "mix.alpha"]  # the sweep's axes, then the key metrics
+    assert {"status", "elapsed_sec", "citations_valid", "retries", "ppl.mixed", "ours.evidence_recall@5",
+            "bm25.evidence_recall@5"} <= set(header)
+    assert "prompt" not in header and "answer" not in header  # long texts stay out
+    assert [line.split()[0] for line in lines[2:6]] == ["0", "1", "2", "10"]  # numeric job order
+    assert lines[2].split()[:3] == ["0", "heuristic", "8"] and "failed" in lines[5]
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
+    assert rows[1]["mix.alpha"] == "16" and rows[1]["citations_valid"] == "1" and rows[1]["retries"] == "1"
+    assert rows[2]["ppl.mixed"] == "11" and rows[3]["ours.evidence_recall@5"] == "0.7"
+    assert rows[0]["tokens.generated"] == "64" and rows[0]["timings.decode"] == "9" and rows[0]["trace.seconds"] == "10"
+    assert rows[0]["overrides"] == "rerank=heuristic mix.alpha=8 model=tiny_random prompt='how?'"
+    assert csv_path == multirun / "summary.csv"
+    assert png_path == multirun / "summary_citations_valid.png" and png_path.read_bytes()[:8] == PNG
+
+
+def test_default_metric_and_output_paths(multirun, tmp_path):
+    text, csv_path, png_path = summarize(multirun, csv_path=tmp_path / "t.csv", png_path=tmp_path / "p.png")
+    assert text.endswith(f"plot (ours.evidence_recall@5): {png_path}")  # the eval metric is preferred when present
+    assert csv_path.is_file() and png_path.read_bytes()[:8] == PNG
+
+
+def test_cli_prints_the_table(multirun):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.summary", str(multirun), "--metric", "elapsed_sec"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].split()[:3] == ["job", "rerank", "mix.alpha"]
+    assert (multirun / "summary_elapsed_sec.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--metric", "nope"], "--metric 'nope' is not a numeric result of these jobs; available:"),
+    (["missing"], "is not a folder"),
+    (["empty"], "has no job folders"),
+])
+def test_errors_are_one_line(multirun, tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    argv = [str(multirun), *args] if args[0].startswith("--") else [str(tmp_path / args[0])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_broken_result_file_is_named(multirun, capsys):
+    (multirun / "1" / "telemetry.json").write_text("{not json")
+    assert main([str(multirun)]) == 2
+    assert f"{multirun / '1' / 'telemetry.json'}: not JSON" in capsys.readouterr().err
