@@ -1,0 +1,76 @@
+"""Sweeps (SPEC §8) in-process: the model is loaded once and reused by every job; the experiment presets compose."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from pipeline import CONF_DIR, PROJECT_ROOT, resources
+from pipeline.app import run_config
+from pipeline.graph import build_graph
+
+
+def compose(overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+def test_jobs_of_a_sweep_share_one_loaded_model(tmp_path):
+    jobs = [["rerank=heuristic", "select.top_k=4"], ["rerank=none", "select.top_k=4"],
+            ["rerank=heuristic", "select.top_k=8"], ["rerank=none", "pack=heads"]]
+    before = resources.stats("model")
+    models = []
+    for number, job in enumerate(jobs):
+        overrides = ["pipeline=retrieve", "model=tiny_random", f"program_root={PROJECT_ROOT / 'pipeline'}",
+                     f"paths.outputs={tmp_path}", *job]
+        result = run_config(compose(overrides), tmp_path / str(number), overrides)
+        models.append(result.output("model", "lm"))
+        assert (tmp_path / str(number) / "trace.json").is_file()
+    after = resources.stats("model")
+    assert all(lm is models[0] for lm in models)  # the very same object in every job
+    assert after["misses"] - before["misses"] <= 1  # built at most once (not at all if an earlier test built it)
+    assert after["hits"] - before["hits"] >= len(jobs) - 1
+
+
+def sweep_choices(params: dict) -> list[list[str]]:
+    parser = OverridesParser.create()
+    axes = []
+    for key, value in params.items():
+        override = parser.parse_overrides([f"{key}={value}"])[0]
+        axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def test_ablations_preset_is_a_36_job_grid_of_valid_graphs():
+    cfg = compose(["experiment=ablations"], hydra=True)
+    params = dict(cfg.hydra.sweeper.params)
+    assert set(params) == {"mix.ablate", "rerank", "pack", "capacity"}
+    assert len(sweep_choices(params)) == 36
+    for axis in params:  # every value of every axis composes and validates (nothing runs, no model loads)
+        for (choice,) in sweep_choices({axis: params[axis]}):
+            graph = build_graph(compose(["experiment=ablations", choice]))
+            assert "mix" in graph.nodes and "pack" in graph.nodes
+    ablated = compose(["experiment=ablations", "mix.ablate=[attn]", "capacity=entropy"])
+    assert list(ablated.mix.ablate) == ["attn"] and ablated.capacity._target_.endswith("EntropyCapacity")
+
+
+def test_experiment_presets_can_override_the_defaults():
+    plain = compose([])
+    assert plain.pipeline.name == "answer"
+    grid = compose(["experiment=retrieval_grid"], hydra=True)
+    assert grid.pipeline.name == "eval" and grid.eval.mode == "retrieval"
+    assert set(grid.hydra.sweeper.params) == {"rerank", "select.top_k", "pack.second_window_weight"}
+    for job in sweep_choices(dict(grid.hydra.sweeper.params)):
+        build_graph(compose(["experiment=retrieval_grid", *job]))
+
+
+def test_optuna_preset_returns_a_float_metric():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose(["experiment=tune_retrieval"], hydra=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.hydra.sweeper.storage is None  # in-memory study
+    graph = build_graph(cfg)
+    assert graph.result == ("report", "metric") and graph.nodes["report"].stage_cls.outputs["metric"] is float
