@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError
 from pipeline.stage import RunContext
 from stages.choose import ChooseBetter
 from stages.common.citations import check
-from stages.common.types import Answer, Draft, Evidence, PackedWindow, Prompt
+from stages.common.types import Answer, Draft, Prompt
 from stages.decode import Decode, RetryDecode
 from stages.index import build_index
 from stages.pack import PackFunctionFirst, PackHeads, PackWindows
@@ -69,14 +69,21 @@ def test_pack_windows(program, selection, tiny_lm):
     evidence = PackWindows(context_tokens=2000).run(program, selection, QUESTION, tiny_lm)["evidence"]
     check_blocks(program, evidence)
     assert evidence.windows[0].path == "kettle.py" and "def boil_water" in evidence.windows[0].text
-    # every selected file gets its best window before any file gets a second one
+    # at most two windows per file, the better one first; packed files are selected files
     paths = [w.path for w in evidence.windows]
-    firsts = list(dict.fromkeys(paths))
-    assert paths[:len(firsts)] == firsts
-    assert all(paths.count(p) <= 2 for p in paths)
+    assert all(paths.count(p) <= 2 for p in paths) and set(paths) <= set(selection.files)
+    for path in set(paths):
+        mine = [w for w in evidence.windows if w.path == path]
+        assert mine[0].score >= mine[-1].score
     assert evidence.tokens == count_tokens(tiny_lm.tokenizer, evidence.windows) <= 2000
     one = PackWindows(context_tokens=2000, windows_per_file=1).run(program, selection, QUESTION, tiny_lm)["evidence"]
     assert len({w.path for w in one.windows}) == len(one.windows)
+
+
+def test_pack_windows_never_packs_the_same_span_twice(program, selection, tiny_lm):
+    evidence = PackWindows(context_tokens=2000).run(program, selection, QUESTION, tiny_lm)["evidence"]
+    spans = [(w.path, w.start, w.end) for w in evidence.windows]
+    assert len(spans) == len(set(spans)), spans
 
 
 def test_pack_respects_the_token_budget(program, selection, tiny_lm):

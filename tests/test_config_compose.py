@@ -1,16 +1,19 @@
 """Every config in conf/ composes, validates and instantiates (SPEC §0; groups discovered from the folders)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import CONF_DIR, compose_config
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from pipeline.errors import ConfigError
 from pipeline.graph import INPUTS, build_graph, resolve_stage
 
-# Values for keys a group marks mandatory (`???`); any other mandatory key gets a string placeholder.
+# Values for keys a config marks mandatory (`???`); any other mandatory key gets a string placeholder.
 MANDATORY_VALUES = {
     "select.zoom_symbol": "build_graph",
     "model.id": "/nonexistent/checkpoint",
@@ -23,7 +26,7 @@ def discover_options() -> list[tuple[str, str]]:
     for path in sorted(Path(CONF_DIR).rglob("*.yaml")):
         rel = path.relative_to(CONF_DIR)
         if len(rel.parts) < 2:
-            continue  # the primary config
+            continue  # a primary config
         group = "/".join(rel.parts[:-1])
         if group.split("/")[0] == "hydra":
             continue  # Hydra's own groups (launchers, loggers) do not declare stages
@@ -32,6 +35,28 @@ def discover_options() -> list[tuple[str, str]]:
 
 
 OPTIONS = discover_options()
+PRIMARIES = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
+
+
+@functools.cache
+def choices_of(primary: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(primary, return_hydra_config=True)
+    return dict(cfg.hydra.runtime.choices)
+
+
+def primary_for(group: str, option: str) -> str:
+    """The primary config that selects this option (an app's own config, e.g. export.yaml for pipeline=export),
+    else the default `config`."""
+    for primary in ["config", *PRIMARIES]:
+        if choices_of(primary).get(group) == option:
+            return primary
+    return "config"
+
+
+def compose_primary(primary: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(primary, overrides=list(overrides))
 
 
 def missing_keys(node, prefix: str) -> list[str]:
@@ -40,7 +65,7 @@ def missing_keys(node, prefix: str) -> list[str]:
     if not isinstance(node, DictConfig):
         return out
     for key in node.keys():
-        dotted = f"{prefix}.{key}"
+        dotted = f"{prefix}.{key}" if prefix else str(key)
         if OmegaConf.is_missing(node, key):
             out.append(dotted)
         else:
@@ -50,11 +75,13 @@ def missing_keys(node, prefix: str) -> list[str]:
     return out
 
 
-def mandatory_overrides(group: str, option: str) -> list[str]:
-    key = group.replace("/", ".")
-    cfg = compose_config(f"{group}={option}")
-    node = OmegaConf.select(cfg, key)
-    return [f"{k}={MANDATORY_VALUES.get(k, 'placeholder')}" for k in missing_keys(node, key)]
+def supply(keys: list[str]) -> list[str]:
+    return [f"{k}={MANDATORY_VALUES.get(k, 'placeholder')}" for k in keys]
+
+
+def mandatory_overrides(group: str, option: str, primary: str = "config") -> list[str]:
+    cfg = compose_primary(primary, f"{group}={option}" if group in choices_of(primary) else f"+{group}={option}")
+    return supply(missing_keys(cfg, ""))
 
 
 def test_groups_are_discovered():
@@ -83,8 +110,13 @@ def test_default_config_builds_and_instantiates():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes_and_validates(group, option):
-    overrides = [f"{group}={option}", *mandatory_overrides(group, option)]
-    cfg = compose_config(*overrides)
+    primary = primary_for(group, option)
+    # a group outside the defaults list (e.g. experiment=..., a `@package _global_` preset) is appended with +
+    choice = f"{group}={option}" if group in choices_of(primary) else f"+{group}={option}"
+    cfg = compose_primary(primary, choice)
+    missing = missing_keys(cfg, "")
+    if missing:
+        cfg = compose_primary(primary, choice, *supply(missing))
     graph = build_graph(cfg).instantiate()
     assert all(node.stage is not None for node in graph.nodes.values())
 
@@ -101,6 +133,17 @@ def test_every_group_option_composes_and_validates(group, option):
         # the node's config is the group's config (minus _target_), with the node's `with:` merged over it
         merged = {**declared, **dict((cfg.pipeline.nodes[name] or {}).get("with") or {})}
         assert graph.nodes[name].config == merged, name
+
+
+@pytest.mark.parametrize("primary", PRIMARIES)
+def test_every_primary_config_composes_and_validates(primary):
+    """conf/*.yaml: the apps' configs (config, build, export, ...); those that declare a pipeline build it."""
+    cfg = compose_primary(primary)
+    cfg = compose_primary(primary, *supply([k for k in missing_keys(cfg, "") if not k.startswith("hydra.")]))
+    if "pipeline" not in cfg:
+        return  # a data file such as api.yaml
+    graph = build_graph(cfg).instantiate()
+    assert graph.nodes and graph.name == cfg.pipeline.name
 
 
 def test_mandatory_values_are_detected():

@@ -1,7 +1,7 @@
 """Stage `select` (SPEC §5): zoom on this project's real graph, and question selection."""
 from __future__ import annotations
 
-import re
+import ast
 
 import pytest
 
@@ -26,15 +26,21 @@ def test_zoom_radius_0_is_the_seed_file(project_index):
 
 
 def callers_of(index, name: str) -> set[str]:
-    """Files (outside tests) whose source calls `name(`, found by reading the text, not the graph."""
-    pattern = re.compile(rf"(?<![\w.]){re.escape(name)}\(|\.{re.escape(name)}\(")
+    """Files (outside tests) whose code calls `name(...)` or `x.name(...)`, found with ast, not with the index."""
     out = set()
     for path, text in index.texts.items():
         if not path.endswith(".py") or path.startswith("tests/"):
             continue
-        body = re.sub(rf"def {re.escape(name)}\(", "", text)
-        if pattern.search(body):
-            out.add(path)
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+                if called == name:
+                    out.add(path)
     return out
 
 
