@@ -122,7 +122,7 @@ def build_graph(cfg: DictConfig) -> Graph:
 def _resolve(value: Any, owner: str) -> Any:
     if isinstance(value, DictConfig) or OmegaConf.is_list(value):
         try:
-            return OmegaConf.to_container(value, resolve=True)
+            return OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{owner}: {str(err).splitlines()[0]}") from err
     return value

@@ -17,18 +17,26 @@ from stages.common.text import token_set
 from stages.common.types import Answer, Citation, Evidence, PackedWindow, ProgramIndex
 
 
-def mark_invalid(answer: Answer) -> tuple[str, list[Citation]]:
-    text = answer.text
-    kept: list[Citation] = []
-    for citation in answer.citations:
+def mark_invalid(answer: Answer, index: ProgramIndex) -> tuple[str, list[Citation], list[tuple[int, int]]]:
+    """Replace each invalid citation, at its own position, by a marker; return the new text, the citations
+    (invalid ones flagged removed) and the character spans of the valid citations in the new text."""
+    found = parse_citations(answer.text, index)
+    if len(found) != len(answer.citations):  # the report was made from this very text; anything else is a bug
+        raise ValueError(f"answer has {len(found)} citations but its report {len(answer.citations)}")
+    pieces, cursor, valid_spans, kept = [], 0, [], []
+    for (start, end, *_), citation in zip(found, answer.citations):
+        pieces.append(answer.text[cursor:start])
+        offset = sum(len(p) for p in pieces)
         if citation.valid:
+            pieces.append(answer.text[start:end])
+            valid_spans.append((offset, offset + end - start))
             kept.append(citation)
-            continue
-        marked = f"[not in evidence: {citation.path}:{citation.start}-{citation.end}]"
-        if citation.text and citation.text in text:
-            text = text.replace(citation.text, marked, 1)
-        kept.append(dataclasses.replace(citation, removed=True))
-    return text, kept
+        else:
+            pieces.append(f"[not in evidence: {citation.path}:{citation.start}-{citation.end}]")
+            kept.append(dataclasses.replace(citation, removed=True))
+        cursor = end
+    pieces.append(answer.text[cursor:])
+    return "".join(pieces), kept, valid_spans
 
 
 def best_window(paragraph: str, windows: list[PackedWindow], window_tokens: list[set[str]]) -> tuple[float, PackedWindow | None]:
@@ -48,13 +56,12 @@ class AttributeByOverlap(Stage):
         self.threshold = threshold
 
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
-        text, citations = mark_invalid(answer)
+        text, citations, valid_spans = mark_invalid(answer, index)
         window_tokens = [token_set(w.text) for w in evidence.windows]
         pieces, cursor, added = [], 0, []
         for start, end in paragraphs(text):
             body = text[start:end]
-            has_valid = any(evidence.covers(p, a, b) and index.files.get(p) and b <= index.files[p].lines
-                            for _, _, p, a, b in parse_citations(body, index))
+            has_valid = any(start <= a < end for a, _ in valid_spans)
             pieces.append(text[cursor:end])
             cursor = end
             if has_valid:
@@ -75,5 +82,5 @@ class MarkInvalidOnly(Stage):
     outputs = {"answer": Answer}
 
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
-        text, citations = mark_invalid(answer)
+        text, citations, _ = mark_invalid(answer, index)
         return {"answer": dataclasses.replace(answer, text=text, citations=citations)}

@@ -17,7 +17,7 @@ from pipeline import resources
 from pipeline.cache import fingerprint, write_atomic
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
-from stages.common.program import DEFAULT_IGNORE, module_name, resolve_root, walk
+from stages.common.program import DEFAULT_IGNORE, ignored, module_name, resolve_root, walk
 from stages.common.pyfacts import python_facts, text_facts
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 
@@ -61,8 +61,9 @@ def _stamp(root: Path, ignore: list[str]) -> tuple:
     """(path, size, mtime) of every entry: cheap evidence that nothing changed since the last job."""
     entries = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames) + dirnames:
+        dirnames[:] = sorted(d for d in dirnames if not ignored(d, os.path.relpath(os.path.join(dirpath, d), root), ignore))
+        files = [f for f in filenames if not ignored(f, os.path.relpath(os.path.join(dirpath, f), root), ignore)]
+        for name in sorted(files) + dirnames:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
@@ -166,6 +167,12 @@ def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str,
             resolved_names = [resolve(f"{full}.{n}") for n in imp["names"]]
             resolved = [r for r in resolved_names if r] or [resolve(full)]
             targets.update(r for r in resolved if r and r != rec.module)
+            source_module = resolve(full)
+            for name, as_module in zip(imp["names"], resolved_names):
+                if as_module is None and source_module:  # `from m import f`: an import edge to the symbol itself
+                    for sym in by_name.get(name, []):
+                        if sym.module == source_module and "." not in sym.qualname:
+                            g.add_edge(f"mod:{rec.module}", sym.node_id, type="imports")
             if is_test_path(path):
                 for name in imp["names"]:
                     for sym in by_name.get(name, []):

@@ -26,6 +26,8 @@ def fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evide
     """Add blocks in order while they fit; a block that does not fit is left out, smaller later ones may."""
     packed, used, smallest = [], 0, None
     for window in candidates:
+        if any(p.path == window.path and p.start <= window.start and window.end <= p.end for p in packed):
+            continue  # its lines are already in the context
         cost = len(tokenizer(window.block() + "\n\n", add_special_tokens=False)["input_ids"])
         smallest = cost if smallest is None else min(smallest, cost)
         if used + cost > context_tokens:

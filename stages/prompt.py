@@ -19,7 +19,7 @@ class BuildPrompt(Stage):
     outputs = {"prompt": Prompt}
 
     def __init__(self, system: str = SYSTEM, require_citations: bool = True, citations_per_paragraph: bool = False,
-                 min_citations: Annotated[int, Range(ge=1)] = 3, scaffold: Literal["standard", "strong"] = "standard",
+                 min_citations: Annotated[int, Range(ge=0)] = 3, scaffold: Literal["standard", "strong"] = "standard",
                  adapter_aware_decoding: bool = False, prefill_pointer: bool = False,
                  attempt: Annotated[int, Range(ge=1)] = 1):
         self.system, self.require_citations, self.per_paragraph = system, require_citations, citations_per_paragraph
@@ -39,7 +39,7 @@ class BuildPrompt(Stage):
                 rules.append("Cite only files shown in the [ctx] blocks above.")
             if self.per_paragraph:
                 rules.append("Every paragraph must carry at least one citation.")
-            else:
+            elif self.min_citations:
                 rules.append(f"Give at least {self.min_citations} citations overall.")
         hints: dict[str, float] = {}
         prefill = ""

@@ -187,8 +187,6 @@ def test_invalid_citations_are_marked_and_kept(program, evidence, repair):
     assert all(validate(p, a, b, program, evidence) == "" for p, a, b in spans(outside, program))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: attribute.mark_invalid replaces the first occurrence of the invalid "
-                   "citation's text anywhere, even inside a valid citation (a.py:1 inside a.py:10-12)")
 def test_marking_does_not_touch_a_valid_citation_that_contains_the_invalid_text(program, evidence):
     text = "See a.py:10-12 and also a.py:1."
     out = MarkInvalidOnly().run(answer=answer_for(text, program, evidence), index=program, evidence=evidence)["answer"]
@@ -238,9 +236,6 @@ def test_paragraph_with_only_an_invalid_citation_gets_attributed(program, eviden
     assert out.text == "alpha beta gamma [not in evidence: other.py:1-9] [a.py:10-12]"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: attribute re-parses the `[not in evidence: a.py:0-11]` marker and its "
-                   "own validity test (covers + end <= lines) takes the invalid a.py:0-11 for a valid citation, "
-                   "so the paragraph gets no attribution")
 def test_paragraph_whose_invalid_citation_overlaps_a_window_gets_attributed(program, evidence):
     text = "alpha beta gamma a.py:0-11"
     out = AttributeByOverlap(threshold=0.25).run(answer=answer_for(text, program, evidence), index=program,

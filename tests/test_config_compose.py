@@ -152,9 +152,6 @@ def test_mandatory_values_are_detected():
     assert "model.id=/nonexistent/checkpoint" in mandatory_overrides("model", "hf")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a mandatory `???` value that is not supplied passes validation as the "
-                   "literal string '???' (graph._resolve uses to_container without throw_on_missing); "
-                   "it only fails at run time, after the model loaded")
 @pytest.mark.parametrize("group,option,key", [("select", "zoom", "zoom_symbol"), ("model", "hf", "id")])
 def test_missing_mandatory_value_is_a_config_error(group, option, key):
     cfg = compose_config(f"{group}={option}")
@@ -182,7 +179,5 @@ def test_command_line_knobs_reach_the_stage():
     assert graph.nodes["rerank"].stage_cls.__name__ == "KeepOrder"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cite.min_citations=0 is accepted by CheckCitations (Range ge=0) but the "
-                   "interpolated scaffold.min_citations has Range(ge=1), so the composed config fails on node 'prompt'")
 def test_min_citations_zero_is_accepted_everywhere_it_flows():
     build_graph(compose_config("cite.min_citations=0")).instantiate()

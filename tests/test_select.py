@@ -94,9 +94,6 @@ def test_zoom_radius_on_a_small_tree(tmp_path, make_tree):
     assert "far.py" in files(2) and "unrelated.py" not in files(3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (spec-ambiguous): `from a import f` only adds a module->module import "
-                   "edge, so a file that imports the symbol without calling it is 2 hops away and zoom radius 1 "
-                   "misses it")
 def test_zoom_radius_1_reaches_a_file_that_only_imports_the_symbol(tmp_path, make_tree):
     idx = build_index(str(make_tree(tmp_path / "prog", ZOOM_TREE)), [], 1_000_000, 80, None)
     assert "imports_only.py" in ZoomSelect("f", zoom_radius=1, top_k=100).run(idx, "")["selection"].files

@@ -49,7 +49,7 @@ def walk(root: Path, ignore: list[str], max_file_bytes: int) -> tuple[list[Sourc
         kept = []
         for name in sorted(dirnames):
             rel = (here / name).relative_to(root).as_posix()
-            if _ignored(name, rel, ignore):
+            if ignored(name, rel, ignore):
                 continue
             if (here / name).is_symlink():
                 # never descend through a link: it may leave the root or loop back into it
@@ -60,7 +60,7 @@ def walk(root: Path, ignore: list[str], max_file_bytes: int) -> tuple[list[Sourc
         for name in sorted(filenames):
             full = here / name
             rel = full.relative_to(root).as_posix()
-            if _ignored(name, rel, ignore):
+            if ignored(name, rel, ignore):
                 continue
             reason, source = read_file(root, full, rel, max_file_bytes)
             if source is None:
@@ -96,7 +96,7 @@ def read_file(root: Path, full: Path, rel: str, max_file_bytes: int) -> tuple[st
     return "", SourceFile(rel, data, hashlib.sha256(data).hexdigest(), text)
 
 
-def _ignored(name: str, rel: str, patterns: list[str]) -> bool:
+def ignored(name: str, rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in patterns)
 
 
