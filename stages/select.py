@@ -24,10 +24,10 @@ class QuestionSelect(Stage):
 
     outputs = {"selection": Selection}
 
-    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8, name_weight: Annotated[float, Range(ge=0)] = 1.0,
-                 doc_weight: Annotated[float, Range(ge=0)] = 0.6, path_weight: Annotated[float, Range(ge=0)] = 0.8,
-                 text_weight: Annotated[float, Range(ge=0)] = 0.3, signature_weight: Annotated[float, Range(ge=0)] = 0.0,
-                 k1: Annotated[float, Range(ge=0)] = 1.2, b: Annotated[float, Range(ge=0, le=1)] = 0.75,
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8, name_weight: Annotated[float, Range(ge=0)] = 4.0,
+                 doc_weight: Annotated[float, Range(ge=0)] = 0.3, path_weight: Annotated[float, Range(ge=0)] = 0.8,
+                 text_weight: Annotated[float, Range(ge=0)] = 0.1, signature_weight: Annotated[float, Range(ge=0)] = 0.0,
+                 k1: Annotated[float, Range(ge=0)] = 0.6, b: Annotated[float, Range(ge=0, le=1)] = 0.75,
                  test_weight: Annotated[float, Range(ge=0)] = 0.5):
         self.top_k, self.test_weight = top_k, test_weight
         self.relevance = {"name": name_weight, "doc": doc_weight, "path": path_weight, "text": text_weight,

@@ -77,3 +77,22 @@ def test_pack_relevance_is_checked():
     with pytest.raises(ConfigError, match="relevance.k1 must be a number >= 0"):
         check_relevance("pack", {"k1": -1})
     assert check_relevance("pack", {"name": 2})["name"] == 2.0
+
+
+def test_heuristic_rerank_adjusts_select_order_by_query_dependent_proxies(index):
+    from stages.common.types import Selection
+    from stages.rerank import HeuristicRerank
+
+    question = "shipping cost for a weight and distance"
+    files = ["shop/cart.py", "shop/shipping.py", "tests/test_cart.py"]
+    selection = Selection(files, ["shop.cart", "shop.shipping"], {"shop/cart.py": 2.0, "shop/shipping.py": 1.0,
+                                                                 "tests/test_cart.py": 0.5}, [], 3)
+    only_select = dict(signatures=0, docstrings=0, tests=0, public=0, centrality=0, selection=1)
+    assert HeuristicRerank(**only_select).run(index, selection, question)["selection"].files == files
+    # the signature holding the question's words (weight, distance) outweighs select's order
+    by_signature = HeuristicRerank(**dict(only_select, signatures=3)).run(index, selection, question)["selection"]
+    assert by_signature.files[0] == "shop/shipping.py"
+    assert by_signature.scores["shop/shipping.py"] > by_signature.scores["shop/cart.py"]
+    # a question-independent prior alone: the tested file (one of its symbols is tested) comes first
+    by_tests = HeuristicRerank(**dict(only_select, selection=0, tests=1)).run(index, selection, question)
+    assert by_tests["selection"].files[0] == "shop/cart.py" and by_tests["selection"].scores["shop/shipping.py"] == 0

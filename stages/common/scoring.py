@@ -18,7 +18,7 @@ from stages.common.types import ProgramIndex, Window
 
 FIELDS = ("name", "signature", "doc", "path", "text")
 # field weights and BM25 saturation (k1) / length normalisation (b): select's defaults, also pack's window ranking
-RELEVANCE = {"name": 1.0, "signature": 0.0, "doc": 0.6, "path": 0.8, "text": 0.3, "k1": 1.2, "b": 0.75}
+RELEVANCE = {"name": 4.0, "signature": 0.0, "doc": 0.3, "path": 0.8, "text": 0.1, "k1": 0.6, "b": 0.75}
 
 
 def check_relevance(owner: str, relevance: dict) -> dict[str, float]:
