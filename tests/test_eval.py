@@ -41,7 +41,10 @@ PROGRAM = {
     "garden/hose.py": (
         "def water_plants(plants, hose):\n"
         '    """Water every plant in the garden with the hose."""\n'
-        "    return [hose(p) for p in plants]\n"
+        "    return [hose(p) for p in plants]\n\n\n"
+        "def label(template, plant):\n"
+        '    """Fill the ${name} placeholder of a plant label."""  # a question that looks like an interpolation\n'
+        "    return template.replace('name', plant)\n"
     ),
 }
 
@@ -68,7 +71,7 @@ def test_retrieval_eval_reports_ours_and_bm25_side_by_side(question_set, tmp_pat
     base, program, questions = question_set
     table, result, report = evaluate(base, program, questions, run_dir=tmp_path)
     n = len(load_questions(questions))
-    assert n == 7 and report["evaluated"] == n and report["k"] == 5
+    assert n == 8 and report["evaluated"] == n and report["k"] == 5
     header = table.splitlines()
     assert header[0].startswith(f"eval: {n} of {n} questions") and "pipeline=retrieve" in table and "bm25s" in table
     assert any(line.split()[:1] == ["metric"] and line.split()[1:] == ["ours", "bm25"] for line in header)
@@ -93,7 +96,7 @@ def test_sweep_knobs_reach_the_inner_runs(question_set, tmp_path):
     base, program, questions = question_set
     _, _, one = evaluate(base, program, questions, "select.top_k=1", "eval.limit=4", "pack.windows_per_file=1",
                          run_dir=tmp_path / "a")
-    assert one["evaluated"] == 4 and one["total"] == 7
+    assert one["evaluated"] == 4 and one["total"] == 8
     ours = one["metrics"]["ours"]
     # a single selected file, a single window: @5 is @1
     assert ours["file_recall@5"] == ours["file_recall@1"] and ours["evidence_recall@5"] == ours["evidence_recall@1"]
