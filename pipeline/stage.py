@@ -93,15 +93,32 @@ class Stage:
 
     @classmethod
     def config_params(cls) -> dict[str, inspect.Parameter]:
-        return {
-            n: p
-            for n, p in inspect.signature(cls.__init__).parameters.items()
-            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
+        """Keyword arguments of ``__init__``; a ``**kwargs`` passed up to the parent adds the parent's."""
+        params: dict[str, inspect.Parameter] = {}
+        for init in cls._init_chain():
+            for n, p in inspect.signature(init).parameters.items():
+                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    params.setdefault(n, p)
+        return params
 
     @classmethod
     def config_hints(cls) -> dict[str, Any]:
-        return typing.get_type_hints(cls.__init__, include_extras=True)
+        hints: dict[str, Any] = {}
+        for init in reversed(cls._init_chain()):
+            hints.update(typing.get_type_hints(init, include_extras=True))
+        return hints
+
+    @classmethod
+    def _init_chain(cls) -> list:
+        chain = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            chain.append(init)
+            if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+                break
+        return chain
 
 
 def check_config(owner: str, cls: type[Stage], values: dict[str, Any]) -> None:

@@ -57,12 +57,16 @@ class Decode(Stage):
 
 
 class RetryDecode(Decode):
-    """The stage-2 decode: greedy, with room for a citation per paragraph."""
+    """The stage-2 decode: greedy, with room for a citation per paragraph (max_new_tokens >= the floor)."""
+
+    def __init__(self, max_new_tokens_floor: Annotated[int, Range(ge=1)] = 256, **decode_config):
+        super().__init__(**decode_config)
+        self.floor = max_new_tokens_floor
 
     def settings(self, prompt: Prompt) -> dict:
         settings = super().settings(prompt)
         settings["do_sample"] = False
-        settings["max_new_tokens"] = max(256, settings["max_new_tokens"])
+        settings["max_new_tokens"] = max(self.floor, settings["max_new_tokens"])
         return settings
 
 
