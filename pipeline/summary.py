@@ -118,6 +118,12 @@ def pick_metric(rows: list[dict], wanted: str | None) -> str:
 
 
 def cell(value: Any) -> str:
+    """A short rendering for the terminal (Optuna's overrides are floats with 17 digits)."""
+    if isinstance(value, str) and len(value) > 8:
+        try:
+            value = float(value)
+        except ValueError:
+            return value
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
@@ -135,7 +141,7 @@ def write_csv(rows: list[dict], varying: list[str], path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([" ".join(row["overrides"]) if c == "overrides" else cell(row.get(c)) for c in columns])
+            writer.writerow([" ".join(row["overrides"]) if c == "overrides" else row.get(c) for c in columns])
 
 
 def plot(rows: list[dict], varying: list[str], metric: str, path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from omegaconf import OmegaConf
 
 from pipeline.cache import write_atomic
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.evaluation import QuestionSet, Record, SystemRun, load_questions, score, spread
 from stages.common.types import ProgramIndex
@@ -59,7 +59,7 @@ class RunGraphPerQuestion(Stage):
                  progress: bool = True):
         self.graph = graphs.get(mode)
         if not self.graph:
-            raise InputError(f"eval.graphs has no graph for mode '{mode}'")
+            raise ConfigError(f"eval.graphs has no graph for mode '{mode}'; graphs: {', '.join(graphs)}")
         self.refs = {name: tuple(str(ref).split(".", 1)) for name, ref in refs.items()}
         self.progress = progress
 

@@ -60,8 +60,8 @@ def test_table_csv_and_plot(multirun):
     rows = list(csv.DictReader(open(csv_path)))
     assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
     assert rows[1]["mix.alpha"] == "16" and rows[1]["citations_valid"] == "1" and rows[1]["retries"] == "1"
-    assert rows[2]["ppl.mixed"] == "11" and rows[3]["ours.evidence_recall@5"] == "0.7"
-    assert rows[0]["tokens.generated"] == "64" and rows[0]["timings.decode"] == "9" and rows[0]["trace.seconds"] == "10"
+    assert rows[2]["ppl.mixed"] == "11.0" and rows[3]["ours.evidence_recall@5"] == "0.7"  # full precision
+    assert rows[0]["tokens.generated"] == "64" and rows[0]["timings.decode"] == "9.0" and rows[0]["trace.seconds"] == "10.0"
     assert rows[0]["overrides"] == "rerank=heuristic mix.alpha=8 model=tiny_random prompt='how?'"
     assert csv_path == multirun / "summary.csv"
     assert png_path == multirun / "summary_citations_valid.png" and png_path.read_bytes()[:8] == PNG
@@ -98,3 +98,12 @@ def test_a_broken_result_file_is_named(multirun, capsys):
     (multirun / "1" / "telemetry.json").write_text("{not json")
     assert main([str(multirun)]) == 2
     assert f"{multirun / '1' / 'telemetry.json'}: not JSON" in capsys.readouterr().err
+
+
+def test_optuna_floats_are_short_in_the_table_and_whole_in_the_csv(tmp_path):
+    root = tmp_path / "optuna"
+    job(root, "0", ["select.k1=2.413007592528963"], trace={"failure": None, "nodes": [{"node": "a", "seconds": 1}]})
+    job(root, "1", ["select.k1=0.6"], trace={"failure": None, "nodes": [{"node": "a", "seconds": 2}]})
+    text, csv_path, _ = summarize(root)
+    assert text.splitlines()[2].split()[:2] == ["0", "2.413"]
+    assert list(csv.DictReader(open(csv_path)))[0]["select.k1"] == "2.413007592528963"
