@@ -30,7 +30,8 @@ def _literal(value: Any) -> str:
         return "[" + ",".join(_literal(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    # ${ is escaped too: a prompt about OmegaConf ("what does ${x} do?") is text, not an interpolation
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
     return f"'{text}'"
 
 

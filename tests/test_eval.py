@@ -175,3 +175,13 @@ def test_bm25_ranks_the_matching_window_first(question_set):
     fill = QuestionSet("x", [Question("what does fill do", "cup.py", 1, 3)], 1)
     record = BM25Windows(tokenizer="code", with_path=False).run(index, fill)["run"].records[0]
     assert record.windows[0][:2] == ("cup.py", 1)
+
+
+def test_api_prompts_that_look_like_interpolations_stay_text():
+    from omegaconf import OmegaConf
+
+    from pipeline.api import _literal, compose
+
+    for prompt in ["What does ${paths.root} resolve to?", "Explain ${oops", "a\\${b} 'c'"]:
+        cfg = compose([f"prompt={_literal(prompt)}"])
+        assert OmegaConf.to_container(cfg, resolve=True)["prompt"] == prompt
