@@ -56,7 +56,7 @@ class FittedSynth(Stage):
     outputs = {"adapters": AdapterSet, "bank": dict}
 
     def __init__(self, rank: Annotated[int, Range(ge=1)] = 8, targets: list[str] = list(TARGETS),
-                 lr: Annotated[float, Range(gt=0)] = 1e-3, batch_size: Annotated[int, Range(ge=1)] = 4,
+                 lr: Annotated[float, Range(gt=0)] = 2e-3, batch_size: Annotated[int, Range(ge=1)] = 4,
                  steps: Annotated[int, Range(ge=0)] = 40, time_budget_s: Annotated[float, Range(gt=0)] = 180.0,
                  seed: int = 0, train_alpha: Annotated[float, Range(gt=0)] = 16.0,
                  seq_len: Annotated[int, Range(ge=8)] = 256, val_every: Annotated[int, Range(ge=2)] = 5,

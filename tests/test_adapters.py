@@ -30,7 +30,7 @@ def run(tmp_path: Path, *overrides: str, pipeline: str = "answer", tag: str = "r
     args = [f"pipeline={pipeline}", "model=tiny_random", f"paths.outputs={tmp_path / 'out'}",
             "decode.max_new_tokens=6", "decode.min_new_tokens=0", *overrides]
     if pipeline == "answer":  # the stage-2 retry would otherwise decode 256 tokens
-        args.append("++pipeline.nodes.decode_retry.with.max_new_tokens_floor=4")
+        args.append("fallback.max_new_tokens_floor=4")
     return api.run(args, run_dir=tmp_path / tag)
 
 

@@ -13,7 +13,7 @@ def read_json(path):
 def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
     sweep = tmp_path / "sweep"
     proc = cli(["-m", "model=tiny_random", "rerank=heuristic,none", "decode.max_new_tokens=8",
-                "decode.min_new_tokens=0", "++pipeline.nodes.decode_retry.with.max_new_tokens_floor=8", f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
+                "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=8", f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

@@ -49,7 +49,7 @@ def workspace(tmp_path, make_tree):
 def base_args(ws, program=None) -> list[str]:
     return ["model=tiny_random", f"paths.outputs={ws['outputs']}", f"hydra.run.dir={ws['tmp'] / 'run'}",
             f"program_root={program if program is not None else ws['program']}", "prompt=how does add work",
-            "decode.max_new_tokens=4", "decode.min_new_tokens=0", "++pipeline.nodes.decode_retry.with.max_new_tokens_floor=4"]
+            "decode.max_new_tokens=4", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=4"]
 
 
 def half_written(outputs: Path) -> list[str]:
