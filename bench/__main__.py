@@ -44,17 +44,12 @@ def _python(code: str, timeout: int = 900) -> dict:
 # 1 -------------------------------------------------------------------------------------------------------------
 def overhead() -> dict:
     """Wall time of one answer vs the time spent inside the model's forward passes."""
-    import torch  # noqa: F401  (the model is loaded through the API below)
-
-    from pipeline import api
+    from pipeline import api, resources
 
     args = ["program_root=" + str(PROGRAM_80), "prompt=How does Hydra compose the config from the defaults list?",
-            "decode.max_new_tokens=128", "decode.min_new_tokens=128", "hydra/job_logging=disabled"]
-    args = [a for a in args if not a.startswith("hydra/")]
+            "decode.max_new_tokens=128", "decode.min_new_tokens=128"]
     api.run(args)  # warm: model, index and build artifacts cached, as for a user's second question
-    from pipeline import resources
-
-    lm = next(iter(resources._SHARED["model"].values()))
+    lm = resources.values("model")[-1]
     spent = {"s": 0.0}
     starts: list[float] = []
     pre = lm.model.register_forward_pre_hook(lambda m, a: starts.append(time.perf_counter()))
@@ -205,9 +200,21 @@ def mix_vs_peft() -> list[dict]:
 
 # 6 -------------------------------------------------------------------------------------------------------------
 def retrieval() -> dict:
-    from stages.common.evaluation import bm25_vs_ours  # written with the eval stage
+    """pipeline.retrieve (via the eval graph, retrieval mode) vs bm25s over the same windows of click."""
+    from pipeline import api
 
-    return bm25_vs_ours(SITE / "click")
+    out = OUT / "questions-click"
+    if not (out / "questions.jsonl").is_file():
+        api.run([f"program_root={SITE / 'click'}", f"out={out}"], config_name="questions")
+    _, result = api.run(["pipeline=eval", f"program_root={out / 'click'}", f"questions={out / 'questions.jsonl'}",
+                         "eval.progress=false"])
+    report = result.output("report", "report")
+    ours, bm25 = report["metrics"]["ours"], report["metrics"]["bm25"]
+    qps, peer_qps = 1 / ours["seconds"], 1 / bm25["seconds"]
+    return row("retrieval: pipeline.retrieve vs bm25s (queries/s)", qps, peer_qps, qps / peer_qps,
+               "evidence recall@5 above BM25", ours["evidence_recall@5"] > bm25["evidence_recall@5"], "queries/s",
+               f"click, {report['evaluated']} stripped questions: evidence recall@5 {ours['evidence_recall@5']:.3f} "
+               f"vs {bm25['evidence_recall@5']:.3f}; file recall@1 {ours['file_recall@1']:.3f} vs {bm25['file_recall@1']:.3f}")
 
 
 # 7 -------------------------------------------------------------------------------------------------------------
@@ -216,7 +223,7 @@ def peak_rss() -> dict:
 import json, resource
 from pipeline import api, resources
 api.run(["program_root={PROGRAM_80}", "prompt=How are config groups composed?", "decode.max_new_tokens=64"])
-lm = next(iter(resources._SHARED["model"].values()))
+lm = resources.values("model")[-1]
 params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
 print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params": params}}))
 """

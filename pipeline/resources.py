@@ -46,6 +46,11 @@ def put(namespace: str, key: Hashable, value: Any, keep: int = 1) -> None:
         entries.popitem(last=False)
 
 
+def values(namespace: str) -> list[Any]:
+    """Every cached value of a namespace, least recently used first."""
+    return list(_SHARED.get(namespace, {}).values())
+
+
 def stats(namespace: str) -> dict[str, int]:
     return dict(_STATS.get(namespace, {"hits": 0, "misses": 0}))
 

@@ -17,7 +17,7 @@ from pipeline import resources
 from pipeline.cache import fingerprint, write_atomic
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
-from stages.common.program import DEFAULT_IGNORE, ignored, module_name, resolve_root, walk
+from stages.common.program import DEFAULT_IGNORE, ignored, is_test_path, module_name, resolve_root, walk
 from stages.common.pyfacts import python_facts, text_facts
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 
@@ -117,12 +117,6 @@ def _load_cache(cache_file: Path | None) -> dict:
         log.warning("index cache %s is unreadable; rebuilding it", cache_file)
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def is_test_path(path: str) -> bool:
-    parts = path.split("/")
-    name = parts[-1]
-    return "tests" in parts[:-1] or "test" in parts[:-1] or name.startswith("test_") or name.endswith("_test.py")
 
 
 def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str, dict]) -> nx.MultiDiGraph:

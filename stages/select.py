@@ -12,7 +12,8 @@ import networkx as nx
 
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
-from stages.common.scoring import is_test_path, score_windows
+from stages.common.program import is_test_path
+from stages.common.scoring import score_windows
 from stages.common.text import token_set, tokens
 from stages.common.types import ProgramIndex, Selection, Symbol
 

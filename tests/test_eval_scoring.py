@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import ConfigError
-from stages.common.scoring import RELEVANCE, check_relevance, is_test_path, score_windows, stem, terms
+from stages.common.program import is_test_path
+from stages.common.scoring import RELEVANCE, check_relevance, score_windows, stem, terms
 from stages.common.types import PackedWindow
 from stages.index import build_index
 from stages.pack import PackWindows, interleave, rank_windows

@@ -148,3 +148,31 @@ def test_synth_none_mixes_nothing(tmp_path, program):
     _, result = run(tmp_path, f"program_root={program}", "synth=none", "prompt=function", pipeline="perplexity")
     report = result.output("ppl_report", "report")
     assert report["plain"] == report["mixed"] and all(v == 0 for v in report["delta_norms"].values())
+
+
+@pytest.mark.slow
+def test_adapter_ablation_multirun_summarises_perplexity_and_answers(tmp_path, make_tree, cli):
+    """experiment=adapter_ablation: 9 jobs, each with perplexity.json and eval.json, one summary table."""
+    import subprocess
+    import sys
+
+    from pipeline import PROJECT_ROOT
+
+    program = make_tree(tmp_path / "prog", {"numbers.py": SOURCE})
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Return value plus 3.", "path": "numbers.py", "start": 19,
+                                     "end": 22}) + "\n")
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", "experiment=adapter_ablation", "model=tiny_random", f"program_root={program}",
+                f"questions={questions}", "eval.limit=1", "decode.max_new_tokens=2", "decode.min_new_tokens=0",
+                "fallback.max_new_tokens_floor=2", f"paths.outputs={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert len(jobs) == 9 and all((j / "perplexity.json").is_file() and (j / "eval.json").is_file() for j in jobs)
+    summary = subprocess.run([sys.executable, "-m", "pipeline.summary", str(sweep), "--metric", "ppl.mixed"],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 10 and "ppl.mixed" in rows[0] and "ours.citation_hit" in rows[0]
+    by_synth = {json.loads((j / "perplexity.json").read_text())["synth"] for j in jobs}
+    assert by_synth == {"none", "hashed", "fitted"}

@@ -50,6 +50,19 @@ def pieces(index: ProgramIndex, tokenizer, seq_len: int, val_every: int, min_tok
     return train, held_out
 
 
+def padded(group: list[Piece]):
+    """Token ids of the pieces right-padded with 0, and the attention mask (1 on real tokens)."""
+    import torch
+
+    width = max(len(p.ids) for p in group)
+    ids = torch.zeros((len(group), width), dtype=torch.long)
+    mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, piece in enumerate(group):
+        ids[row, : len(piece.ids)] = torch.tensor(piece.ids)
+        mask[row, : len(piece.ids)] = 1
+    return ids, mask
+
+
 def perplexity(model, batch: list[Piece], batch_size: int = 4) -> float:
     """exp(mean next-token loss over every predicted token of the pieces)."""
     import math
@@ -60,13 +73,7 @@ def perplexity(model, batch: list[Piece], batch_size: int = 4) -> float:
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(batch), batch_size):
-            group = batch[i : i + batch_size]
-            width = max(len(p.ids) for p in group)
-            ids = torch.zeros((len(group), width), dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, piece in enumerate(group):
-                ids[row, : len(piece.ids)] = torch.tensor(piece.ids)
-                mask[row, : len(piece.ids)] = 1
+            ids, mask = padded(batch[i : i + batch_size])
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             targets = ids[:, 1:]

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from stages.common.adapters import TargetMap
-from stages.common.corpus import Piece, perplexity
+from stages.common.corpus import Piece, padded, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +29,8 @@ class FitResult:
 
 
 def _batch(pieces: list[Piece]):
-    import torch
-
-    width = max(len(p.ids) for p in pieces)
-    ids = torch.zeros((len(pieces), width), dtype=torch.long)
-    mask = torch.zeros((len(pieces), width), dtype=torch.long)
-    for row, piece in enumerate(pieces):
-        ids[row, : len(piece.ids)] = torch.tensor(piece.ids)
-        mask[row, : len(piece.ids)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
+    ids, mask = padded(pieces)
+    return ids, mask, ids.masked_fill(mask == 0, -100)  # padding is not predicted
 
 
 def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], rank: int, lr: float, batch_size: int,

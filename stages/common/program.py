@@ -112,3 +112,10 @@ def module_name(path: str, package_prefix: str | None) -> str | None:
     if not parts or not all(p.isidentifier() for p in parts):
         return None
     return ".".join(parts)
+
+
+def is_test_path(path: str) -> bool:
+    """A file of the program's tests: under tests/, test/ or testing/, or named test_*.py / *_test.py."""
+    parts = path.split("/")
+    name = parts[-1]
+    return bool({"tests", "test", "testing"} & set(parts[:-1])) or name.startswith("test_") or name.endswith("_test.py")

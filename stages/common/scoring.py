@@ -57,12 +57,6 @@ def terms(text: str) -> list[str]:
     return [stem(t.replace("_", "")) for t in tokens(text)]
 
 
-def is_test_path(path: str) -> bool:
-    parts = path.split("/")
-    name = parts[-1]
-    return bool({"tests", "test", "testing"} & set(parts[:-1])) or name.startswith("test_") or name.endswith("_test.py")
-
-
 @dataclasses.dataclass
 class WindowFields:
     windows: list[Window]
