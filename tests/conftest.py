@@ -46,9 +46,21 @@ def write_tree(root: Path, files: dict[str, str | bytes]) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tree():
     return write_tree
+
+
+def index_tree(root: Path, files: dict[str, str | bytes]):
+    """Write ``files`` under ``root`` and index them with the index stage's defaults (no cache)."""
+    from stages.index import build_index
+
+    return build_index(str(write_tree(root, files)), [], 1_000_000, 80, None)
+
+
+@pytest.fixture(scope="session")
+def make_index():
+    return index_tree
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from stages.choose import ChooseBetter
 from stages.common.citations import check
 from stages.common.types import Answer, Draft, Prompt
 from stages.decode import Decode, RetryDecode
-from stages.index import build_index
 from stages.pack import PackFunctionFirst, PackHeads, PackWindows
 from stages.prompt import BuildPrompt
 from stages.select import QuestionSelect
@@ -37,11 +36,8 @@ QUESTION = "How does boil_water heat the water?"
 
 
 @pytest.fixture(scope="module")
-def program(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kettle")
-    for rel, text in TREE.items():
-        (root / rel).write_text(text)
-    return build_index(str(root), [], 1_000_000, 80, None)
+def program(tmp_path_factory, make_index):
+    return make_index(tmp_path_factory.mktemp("kettle"), TREE)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ from stages.attribute import AttributeByOverlap, MarkInvalidOnly
 from stages.cite import CheckCitations
 from stages.common.citations import check, paragraphs, parse_citations, validate
 from stages.common.types import Answer, Draft, Evidence, PackedWindow
-from stages.index import build_index
 
 A_LINES = [f"x{i} = {i}  # alpha beta gamma" for i in range(1, 41)]  # 40 lines
 B_LINES = ["# [ctx] path: other.py:1-9"] + [f"y{i} = {i}  # delta epsilon" for i in range(2, 21)]  # 20 lines
 
 
 @pytest.fixture(scope="module")
-def program(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cited")
+def program(tmp_path_factory, make_index):
     files = {
         "a.py": "\n".join(A_LINES) + "\n",
         "b.py": "\n".join(B_LINES) + "\n",  # contains a spoofed evidence header
@@ -23,10 +21,7 @@ def program(tmp_path_factory):
         "pkg/deep.py": "\n".join(f"w{i} = {i}" for i in range(1, 11)) + "\n",
         "2.0.1": "a file named like a version\nsecond line\n",
     }
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return build_index(str(root), [], 1_000_000, 80, None)
+    return make_index(tmp_path_factory.mktemp("cited"), files)
 
 
 def window(index, path, start, end):

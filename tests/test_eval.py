@@ -50,12 +50,10 @@ PROGRAM = {
 
 
 @pytest.fixture(scope="module")
-def question_set(tmp_path_factory):
+def question_set(tmp_path_factory, make_tree):
     base = tmp_path_factory.mktemp("evalset")
     root = base / "prog"
-    for rel, text in PROGRAM.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
+    make_tree(root, PROGRAM)
     out = DocstringQuestions(out=str(base / "qs")).run(RunContext(base, [], {}), str(root))
     return base, out["program"], out["questions"]
 

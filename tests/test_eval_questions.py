@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import write_tree
 from pipeline.api import run
 from pipeline.errors import InputError, PipelineError
 from pipeline.stage import RunContext
@@ -74,10 +75,7 @@ def test_first_sentence_cleans_rst_roles():
 
 
 def make_questions(tmp_path, files, **config):
-    root = tmp_path / "prog"
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
+    root = write_tree(tmp_path / "prog", files)
     stage = DocstringQuestions(out=str(tmp_path / "out"), **config)
     return root, stage.run(RunContext(tmp_path / "run", [], {}), str(root))
 

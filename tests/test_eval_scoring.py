@@ -7,7 +7,6 @@ from pipeline.errors import ConfigError
 from stages.common.program import is_test_path
 from stages.common.scoring import RELEVANCE, check_relevance, score_windows, stem, terms
 from stages.common.types import PackedWindow
-from stages.index import build_index
 from stages.pack import PackWindows, interleave, rank_windows
 from stages.select import QuestionSelect
 
@@ -27,12 +26,8 @@ TREE = {
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shop")
-    for rel, text in TREE.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return build_index(str(root), [], 1_000_000, 80, None)
+def index(tmp_path_factory, make_index):
+    return make_index(tmp_path_factory.mktemp("shop"), TREE)
 
 
 def test_stemming_joins_inflections_and_compounds():

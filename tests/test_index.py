@@ -111,6 +111,14 @@ def test_tricky_files(tmp_path, make_tree):
     assert not [s for s in idx.symbols if s.path == "broken.py"]
 
 
+def test_python_nested_deeper_than_the_stack_is_indexed_as_text(tmp_path, make_tree):
+    # parses (the C parser goes deeper than Python's recursion limit) but overflows an ast visitor; seen in sympy
+    deep = "def total():\n    return " + " + ".join(["1"] * 1500) + "\n"
+    idx = index_tree(make_tree(tmp_path / "prog", {"deep.py": deep, "ok.py": "def f():\n    return 1\n"}))
+    assert idx.files["deep.py"].parsed is False and idx.files["ok.py"].parsed is True
+    assert [w.kind for w in idx.windows_of("deep.py")] == ["head"]
+
+
 @pytest.mark.parametrize("setup,fragments", [
     ("empty", ["has no indexable text files"]),
     ("only_binary", ["has no indexable text files", "binary"]),

@@ -122,12 +122,8 @@ QUESTION_TREE = {
 
 
 @pytest.fixture(scope="module")
-def question_index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("question")
-    for rel, text in QUESTION_TREE.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return build_index(str(root), [], 1_000_000, 80, None)
+def question_index(tmp_path_factory, make_index):
+    return make_index(tmp_path_factory.mktemp("question"), QUESTION_TREE)
 
 
 @pytest.mark.parametrize("prompt,first", [

@@ -27,9 +27,12 @@ def python_facts(text: str, window_lines: int) -> dict[str, Any]:
             tree = ast.parse(text)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return facts  # indexed as plain text
-    facts["parsed"] = True
     collector = _Collector()
-    collector.visit(tree)
+    try:
+        collector.visit(tree)
+    except RecursionError:  # parses, but nests deeper than the visitor's stack (a generated 1,500-term sum)
+        return facts
+    facts["parsed"] = True
     facts["symbols"] = collector.symbols
     facts["imports"] = collector.imports
     facts["calls"] = collector.calls
