@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ class NodeTrace:
     seconds: float = 0.0
     reason: str = ""
     outputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    peak_rss_mb: float = 0.0  # the process's peak resident memory when the node finished (where memory goes)
 
 
 @dataclasses.dataclass
@@ -46,6 +48,10 @@ def summarize(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, dict)):
         return f"{type(value).__name__}[{len(value)}]"
     return type(value).__name__
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def execute(graph: Graph, context: RunContext) -> RunResult:
@@ -93,6 +99,7 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
             _check_outputs(name, node.stage_cls, produced)
         except BaseException as err:  # re-raised below, after the always-nodes ran
             record.seconds = time.perf_counter() - started
+            record.peak_rss_mb = peak_rss_mb()
             record.status = "failed"
             record.reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             context.timings[name] = record.seconds
@@ -103,6 +110,7 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
             log.error("node %s failed: %s", name, record.reason)
             continue
         record.seconds = time.perf_counter() - started
+        record.peak_rss_mb = peak_rss_mb()
         record.status = "ok"
         context.timings[name] = record.seconds
         context.statuses[name] = "ok"
