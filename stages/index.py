@@ -176,26 +176,45 @@ def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str,
         for target in sorted(targets):
             g.add_edge(f"mod:{rec.module}", f"mod:{target}", type="imports")
 
-    qual_index = {(s.path, s.qualname): s for s in symbols}
-    for path, rec in files.items():
-        for caller, callee in facts[path]["calls"]:
-            candidates = by_name.get(callee, [])
-            if not candidates:
-                continue
-            local = [s for s in candidates if s.path == path]
-            via_import = [s for s in candidates if s.path in imported.get(path, set())]
-            chosen = local or via_import or (candidates if len(candidates) <= 2 else [])
-            source = _caller_node(path, rec, caller, qual_index)
-            test_caller = is_test_path(path) or caller.split(".")[-1].startswith("test")
-            for sym in chosen:
-                if sym.node_id != source:
-                    g.add_edge(source, sym.node_id, type="tests" if test_caller else "calls")
+    g.add_edges_from(_call_edges(files, symbols, facts, imported))
     return g
+
+
+def _call_edges(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str, dict],
+                imported: dict[str, set[str]]) -> list[tuple[str, str, dict]]:
+    """`calls`/`tests` edges: a callee name resolves to the same file's symbols, else the imported files',
+    else (only when ambiguous at most twice) every symbol of that name. In call-site order (a multigraph:
+    one edge per call site); resolutions are memoised per file, as a big program repeats its call names."""
+    qual_index = {(s.path, s.qualname): s.node_id for s in symbols}
+    named: dict[str, list[tuple[str, str]]] = {}  # name -> [(path, node id)] in symbol order
+    for sym in symbols:
+        named.setdefault(sym.name, []).append((sym.path, sym.node_id))
+    calls_type, tests_type = {"type": "calls"}, {"type": "tests"}
+    edges = []
+    for path, rec in files.items():
+        imports_of, test_file = imported.get(path, set()), is_test_path(path)
+        chosen_for: dict[str, list[str]] = {}
+        source_for: dict[str, tuple[str, dict]] = {}
+        for caller, callee in facts[path]["calls"]:
+            chosen = chosen_for.get(callee)
+            if chosen is None:
+                candidates = named.get(callee, [])
+                chosen = ([n for p, n in candidates if p == path] or [n for p, n in candidates if p in imports_of]
+                          or ([n for _, n in candidates] if len(candidates) <= 2 else []))
+                chosen_for[callee] = chosen
+            if not chosen:
+                continue
+            if caller not in source_for:
+                test_caller = test_file or caller.split(".")[-1].startswith("test")
+                source_for[caller] = (_caller_node(path, rec, caller, qual_index), tests_type if test_caller else calls_type)
+            source, kind = source_for[caller]
+            edges.extend((source, target, kind) for target in chosen if target != source)
+    return edges
 
 
 def _caller_node(path: str, rec: FileRecord, caller: str, qual_index: dict) -> str:
     while caller:
         if (path, caller) in qual_index:
-            return qual_index[(path, caller)].node_id
+            return qual_index[(path, caller)]
         caller = caller.rpartition(".")[0]
     return f"mod:{rec.module}" if rec.module else f"file:{path}"
