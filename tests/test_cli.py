@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+
+from pipeline import PROJECT_ROOT
 
 
 def read_json(path):
@@ -83,3 +87,11 @@ def test_runtime_input_error_is_one_line_and_still_reports(tmp_path, cli):
     assert "index" in trace["failure"]
     statuses = {n["node"]: n["status"] for n in trace["nodes"]}
     assert statuses["index"] == "failed" and statuses["telemetry"] == "ok" and statuses["decode"] == "skipped"
+
+
+def test_bench_names_its_benchmarks_when_given_an_unknown_one():
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", "overhead,speed"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown benchmark 'speed'" in done.stderr and "model_load" in done.stderr
+    assert not done.stdout  # nothing measured, nothing printed as a result
