@@ -327,3 +327,41 @@ def test_peft_export_gives_the_same_logits_as_our_mix(tmp_path, program, which, 
         plain = tiny_lm.model(ids).logits
     assert (ours - plain).abs().max() > 1e-4  # the adapter does something
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_fused_gate_up_is_mixed_by_rows_and_merge_equals_hooks():
+    """A model with a fused gate_up_proj (Phi-3): each half gets its own delta; both mix modes agree and restore."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from stages.common.mixing import AdapterMix, MixSettings
+    from stages.common.synthesis import synthesize
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                       pad_token_id=0)).eval()
+    tmap = infer_targets(model)
+    assert tmap.modules[(1, "gate_proj")][2] == slice(0, 48) and tmap.modules[(1, "up_proj")][2] == slice(48, 96)
+    assert tmap.shapes["gate_proj"] == tmap.shapes["up_proj"] == (48, 32)
+    adapters = synthesize(np.random.default_rng(0).standard_normal(64), tmap.num_layers, tmap.shapes, tmap.targets, 4, 0)
+    settings = MixSettings(0.0, 4.0, 4, {}, [1.0, 1.0], {}, None, ablate=("up_proj",))
+    ids = torch.randint(0, 64, (1, 12))
+    snap = snapshot(model)
+    with torch.no_grad():
+        plain = model(ids).logits
+    logits = {}
+    for mode in ("hooks", "merge"):
+        mix = AdapterMix(type("LM", (), {"model": model})(), tmap, mode, adapters, None, 4.0)
+        mix.apply(settings)
+        try:
+            with torch.no_grad():
+                logits[mode] = model(ids).logits
+            if mode == "merge":  # the gate rows moved, the ablated up rows did not
+                fused = model.model.layers[0].mlp.gate_up_proj.weight
+                assert not torch.equal(fused[:48], snap["model.layers.0.mlp.gate_up_proj.weight"][:48])
+                assert torch.equal(fused[48:], snap["model.layers.0.mlp.gate_up_proj.weight"][48:])
+        finally:
+            mix.restore()
+        assert same_weights(model, snap)
+    assert not torch.allclose(logits["hooks"], plain, atol=1e-4)
+    assert torch.allclose(logits["hooks"], logits["merge"], atol=1e-5)

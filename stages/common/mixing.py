@@ -6,7 +6,8 @@ each pair; if ‖Δ‖_F > cap·‖W‖_F it is scaled down to that. Δ stays lo
 
 Two ways to apply it, both restoring the model bit for bit:
 - ``hooks``: forward hooks add ``x B_catᵀ A_catᵀ`` to the module output; the weights are never written.
-- ``merge``: ``W += A_cat B_cat`` in place, after keeping a copy of every touched weight; restore copies back.
+- ``merge``: each touched module's weight tensor is swapped for a new one, ``W + A_cat B_cat``; restore swaps
+  the original tensor, never written, back in (no copy to keep, none to copy back).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ class MixHandle:
     def __init__(self, tmap: TargetMap, mode: Mode):
         self.tmap, self.mode = tmap, mode
         self._hooks: list[Any] = []
-        self._originals: dict[str, tuple[Any, Any]] = {}  # module name -> (module, weight copy)
+        self._originals: dict[str, tuple[Any, Any]] = {}  # module name -> (module, its original weight tensor)
         self.active = False
         self.applied = 0
 
@@ -145,11 +146,17 @@ class MixHandle:
         with torch.no_grad():
             for name, (module, items) in per_module.items():
                 if self.mode == "merge":
-                    if name not in self._originals:
-                        self._originals[name] = (module, module.weight.detach().clone())
-                    for a, b, rows, _ in items:
-                        target = module.weight if rows is None else module.weight[rows]
-                        target.add_(a @ b)
+                    original = module.weight.data
+                    (a, b, rows, _), rest = items[0], items[1:]
+                    if rows is None:
+                        merged = original + a @ b
+                    else:  # a fused module (gate_up): each half is a row slice
+                        merged = original.clone()
+                        rest = items
+                    for a, b, rows, _ in rest:
+                        (merged if rows is None else merged[rows]).add_(a @ b)
+                    self._originals[name] = (module, original)
+                    module.weight.data = merged
                     hook_items = [(None, None, rows, bias) for a, b, rows, bias in items if bias is not None]
                 else:
                     hook_items = items
@@ -164,7 +171,7 @@ class MixHandle:
         self._hooks.clear()
         with torch.no_grad():
             for module, original in self._originals.values():
-                module.weight.copy_(original)
+                module.weight.data = original
         self._originals.clear()
         self.active = False
 
