@@ -95,3 +95,14 @@ def test_bench_names_its_benchmarks_when_given_an_unknown_one():
     assert done.returncode == 2
     assert "unknown benchmark 'speed'" in done.stderr and "model_load" in done.stderr
     assert not done.stdout  # nothing measured, nothing printed as a result
+
+
+def test_hydra_cfg_and_info_flags_print_and_run_nothing(tmp_path, cli):
+    proc = cli(["--cfg", "job", "rerank=none", "select=zoom", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "_target_: stages.rerank.KeepOrder" in proc.stdout and "zoom_symbol" in proc.stdout
+    assert not (tmp_path / "run").exists()  # composed and printed, nothing ran
+    proc = cli(["--cfg", "job", "--package", "pipeline"])
+    assert proc.returncode == 0 and proc.stdout.startswith("# @package pipeline") and "name: answer" in proc.stdout
+    proc = cli(["--info"])
+    assert proc.returncode == 0 and "Installed Hydra Plugins" in proc.stdout
