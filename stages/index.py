@@ -34,25 +34,28 @@ class IndexProgram(Stage):
         max_file_bytes: Annotated[int, Range(ge=1)] = 1_000_000,
         window_lines: Annotated[int, Range(ge=1)] = 80,
         cache_dir: str | None = None,
+        progress: bool = True,
     ):
+        self.progress = progress
         self.ignore = list(ignore)
         self.max_file_bytes = max_file_bytes
         self.window_lines = window_lines
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
     def run(self, program_root: str) -> dict:
-        return {"index": build_index(program_root, self.ignore, self.max_file_bytes, self.window_lines, self.cache_dir)}
+        return {"index": build_index(program_root, self.ignore, self.max_file_bytes, self.window_lines, self.cache_dir,
+                                     self.progress)}
 
 
 def build_index(program_root: str, ignore: list[str], max_file_bytes: int, window_lines: int,
-                cache_dir: Path | None) -> ProgramIndex:
+                cache_dir: Path | None, progress: bool = False) -> ProgramIndex:
     root = resolve_root(program_root)
     settings = (str(root), tuple(ignore), max_file_bytes, window_lines)
     stamp = _stamp(root, ignore)
     cached = resources.get("program-index", settings)
     if cached is not None and cached[0] == stamp:
         return cached[1]
-    index = _build(root, ignore, max_file_bytes, window_lines, cache_dir)
+    index = _build(root, ignore, max_file_bytes, window_lines, cache_dir, progress)
     resources.put("program-index", settings, (stamp, index), keep=4)
     return index
 
@@ -72,7 +75,10 @@ def _stamp(root: Path, ignore: list[str]) -> tuple:
     return tuple(entries)
 
 
-def _build(root: Path, ignore: list[str], max_file_bytes: int, window_lines: int, cache_dir: Path | None) -> ProgramIndex:
+def _build(root: Path, ignore: list[str], max_file_bytes: int, window_lines: int, cache_dir: Path | None,
+           progress: bool) -> ProgramIndex:
+    from tqdm.auto import tqdm
+
     sources, skipped = walk(root, ignore, max_file_bytes)
     if not sources:
         why = f" ({len(skipped)} skipped: {', '.join(sorted(set(skipped.values())))})" if skipped else ""
@@ -82,7 +88,9 @@ def _build(root: Path, ignore: list[str], max_file_bytes: int, window_lines: int
     package_prefix = root.name if (root / "__init__.py").is_file() and root.name.isidentifier() else None
 
     facts_by_path, fresh = {}, 0
-    for src in sources:
+    # a bar only on a terminal (disable=None) and only when there is parsing to wait for
+    bar_off = None if progress and len(sources) - len(old) > 200 else True
+    for src in tqdm(sources, desc="indexing", unit="file", disable=bar_off, leave=False):
         key = f"{src.path}\0{src.sha256}"
         facts = old.get(key)
         if facts is None:
