@@ -250,12 +250,13 @@ def retrieval() -> dict:
 # 7 -------------------------------------------------------------------------------------------------------------
 def peak_rss() -> dict:
     code = f"""
-import json, resource
+import json
 from pipeline import api, resources
+from pipeline.execute import peak_rss_mb
 api.run(["program_root={PROGRAM_80}", "prompt=How are config groups composed?", "decode.max_new_tokens=64"])
 lm = resources.values("model")[-1]
 params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params": params}}))
+print(json.dumps({{"rss": peak_rss_mb() * 2**20, "params": params}}))
 """
     got = _python(code)
     ratio = got["rss"] / got["params"]

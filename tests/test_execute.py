@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Literal
 
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline import PROJECT_ROOT
 from pipeline.app import run_config
 from pipeline.errors import StageFailed
-from pipeline.execute import execute
+from pipeline.execute import execute, peak_rss_mb
 from pipeline.graph import build_graph
 from pipeline.stage import RunContext, Stage
 
@@ -299,3 +301,17 @@ def test_run_config_writes_the_trace_on_failure(tmp_path):
     assert "spill" in trace["failure"] and "the cup cracked" in trace["failure"]
     assert {n["node"]: n["status"] for n in trace["nodes"]} == {"brew": "ok", "spill": "failed", "milk": "skipped",
                                                                "report": "ok"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs procfs")
+def test_peak_rss_is_the_process_own_not_its_parents():
+    import subprocess
+    import sys
+
+    ballast = bytearray(800 * 2**20)  # make this (parent) process's peak clearly large
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    child = subprocess.run([sys.executable, "-c", "from pipeline.execute import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+    assert peak_rss_mb() > 800
+    assert 0 < float(child.stdout) < 300  # ru_maxrss would report the parent's > 800 MB here
+    del ballast
