@@ -365,3 +365,37 @@ def test_fused_gate_up_is_mixed_by_rows_and_merge_equals_hooks():
         assert same_weights(model, snap)
     assert not torch.allclose(logits["hooks"], plain, atol=1e-4)
     assert torch.allclose(logits["hooks"], logits["merge"], atol=1e-5)
+
+
+def test_merge_mode_reuses_its_workspace_and_a_nested_merge_restores_exactly(tiny_lm):
+    from stages.common.mixing import AdapterMix, MixSettings
+    from stages.common.synthesis import synthesize
+
+    model = tiny_lm.model
+    tmap = infer_targets(model)
+    adapters = synthesize(np.random.default_rng(1).standard_normal(64), tmap.num_layers, tmap.shapes, tmap.targets, 4, 0)
+    settings = MixSettings(0.0, 4.0, 4, {}, [1.0] * tmap.num_layers, {}, None)
+    ids = torch.randint(0, 250, (1, 10))
+    snap = snapshot(model)
+    with torch.no_grad():
+        hooks = AdapterMix(tiny_lm, tmap, "hooks", adapters, None, 4.0)
+        hooks.apply(settings)
+        expected = model(ids).logits
+        hooks.restore()
+        outer = AdapterMix(tiny_lm, tmap, "merge", adapters, None, 4.0)
+        outer.apply(settings)
+        merged_once = model(ids).logits
+        q = model.model.layers[0].self_attn.q_proj
+        workspace = q.weight.data_ptr()
+        inner = AdapterMix(tiny_lm, tmap, "merge", adapters, None, 4.0)  # a second mix on top of the first
+        inner.apply(settings)
+        assert q.weight.data_ptr() != workspace  # not written into the outer mix's weights
+        inner.restore()
+        assert q.weight.data_ptr() == workspace and torch.equal(model(ids).logits, merged_once)
+        outer.restore()
+        assert same_weights(model, snap)
+        outer.apply(settings)  # the next answer writes into the same workspace, no new 400 MB
+        assert q.weight.data_ptr() == workspace
+        outer.restore()
+    assert same_weights(model, snap)
+    assert torch.allclose(merged_once, expected, atol=1e-5)
