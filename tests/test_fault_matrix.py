@@ -143,8 +143,21 @@ def add_symlink_loop(ws):
 def add_unreadable(ws):
     path = ws["program"] / "locked.py"
     path.write_text("x = 1\n")
-    path.chmod(0)
-    return "locked.py", "unreadable" if os.geteuid() != 0 else "indexed"  # root reads anything
+    path.chmod(0)  # root reads it anyway: the test below then makes open() refuse it as the kernel would
+    return "locked.py", "unreadable (permission denied)"
+
+
+def _refuse_as_root(monkeypatch, name: str) -> None:
+    import builtins
+
+    import stages.common.program
+
+    def strict_open(file, *args, **kwargs):
+        if os.path.basename(file) == name:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(stages.common.program, "open", strict_open, raising=False)
 
 
 PROGRAM_SKIPS = [
@@ -159,10 +172,12 @@ PROGRAM_SKIPS = [
 
 
 @pytest.mark.parametrize("name, setup", PROGRAM_SKIPS, ids=[r[0] for r in PROGRAM_SKIPS])
-def test_program_contents_are_skipped_or_read_safely(workspace, name, setup):
+def test_program_contents_are_skipped_or_read_safely(workspace, name, setup, monkeypatch):
     from stages.index import build_index
 
     path, outcome = setup(workspace)
+    if setup is add_unreadable and os.geteuid() == 0:
+        _refuse_as_root(monkeypatch, path)
     code, out, err = call(base_args(workspace))
     assert code == 0, err
     index = build_index(str(workspace["program"]), [".git"], 1_000_000, 80, None)
