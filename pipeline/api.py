@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from . import CONF_DIR
-from .app import result_value, run_config
+from .app import as_text, result_value, run_config
 from .errors import ConfigError
 from .execute import RunResult
 
@@ -30,8 +30,8 @@ def _literal(value: Any) -> str:
         return "[" + ",".join(_literal(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
-    # ${ is escaped too: a prompt about OmegaConf ("what does ${x} do?") is text, not an interpolation
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+    # a prompt about OmegaConf ("what does ${x} do?") is text, not an interpolation
+    text = as_text(str(value).replace("\\", "\\\\").replace("'", "\\'"))
     return f"'{text}'"
 
 

@@ -18,6 +18,11 @@ from .stage import RunContext
 log = logging.getLogger(__name__)
 
 
+def as_text(value: str) -> str:
+    """A string to put in a config that stays text: OmegaConf would read ``${...}`` as an interpolation."""
+    return value.replace("${", "\\${")
+
+
 def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult:
     """Build, validate and run the graph of ``cfg``; the trace is written to ``run_dir/trace.json``."""
     graph = build_graph(cfg).instantiate()

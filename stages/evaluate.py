@@ -67,7 +67,7 @@ class RunGraphPerQuestion(Stage):
         from tqdm import tqdm
 
         from pipeline.api import compose
-        from pipeline.app import run_config
+        from pipeline.app import as_text, run_config
 
         config = OmegaConf.create(context.config)
         config.pipeline = compose([f"pipeline={self.graph}"]).pipeline
@@ -81,7 +81,7 @@ class RunGraphPerQuestion(Stage):
                 logger.setLevel(logging.WARNING)  # one progress bar, not a log line per node per question
             bar = tqdm(questions.questions, desc=f"eval ({self.graph})", unit="q", disable=not self.progress)
             for number, question in enumerate(bar, start=1):
-                config.prompt = question.question.replace("${", "\\${")  # text, never an interpolation
+                config.prompt = as_text(question.question)
                 started = time.perf_counter()
                 try:
                     result = run_config(config, Path(context.run_dir) / "questions" / f"{number:04d}", overrides)

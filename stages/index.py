@@ -184,19 +184,16 @@ def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str,
         for target in sorted(targets):
             g.add_edge(f"mod:{rec.module}", f"mod:{target}", type="imports")
 
-    g.add_edges_from(_call_edges(files, symbols, facts, imported))
+    g.add_edges_from(_call_edges(files, symbols, by_name, facts, imported))
     return g
 
 
-def _call_edges(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str, dict],
-                imported: dict[str, set[str]]) -> list[tuple[str, str, dict]]:
+def _call_edges(files: dict[str, FileRecord], symbols: list[Symbol], by_name: dict[str, list[Symbol]],
+                facts: dict[str, dict], imported: dict[str, set[str]]) -> list[tuple[str, str, dict]]:
     """`calls`/`tests` edges: a callee name resolves to the same file's symbols, else the imported files',
     else (only when ambiguous at most twice) every symbol of that name. In call-site order (a multigraph:
     one edge per call site); resolutions are memoised per file, as a big program repeats its call names."""
     qual_index = {(s.path, s.qualname): s.node_id for s in symbols}
-    named: dict[str, list[tuple[str, str]]] = {}  # name -> [(path, node id)] in symbol order
-    for sym in symbols:
-        named.setdefault(sym.name, []).append((sym.path, sym.node_id))
     calls_type, tests_type = {"type": "calls"}, {"type": "tests"}
     edges = []
     for path, rec in files.items():
@@ -206,9 +203,10 @@ def _call_edges(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict
         for caller, callee in facts[path]["calls"]:
             chosen = chosen_for.get(callee)
             if chosen is None:
-                candidates = named.get(callee, [])
-                chosen = ([n for p, n in candidates if p == path] or [n for p, n in candidates if p in imports_of]
-                          or ([n for _, n in candidates] if len(candidates) <= 2 else []))
+                candidates = by_name.get(callee, [])
+                chosen = [s.node_id for s in ([s for s in candidates if s.path == path]
+                                              or [s for s in candidates if s.path in imports_of]
+                                              or (candidates if len(candidates) <= 2 else []))]
                 chosen_for[callee] = chosen
             if not chosen:
                 continue

@@ -162,14 +162,8 @@ class MixHandle:
             for name, (module, items) in per_module.items():
                 if self.mode == "merge":
                     original = module.weight.data
-                    merged = _workspace(module, original)
-                    (a, b, rows, _), rest = items[0], items[1:]
-                    if rows is None:
-                        torch.addmm(original, a, b, out=merged)
-                    else:  # a fused module (gate_up): each half is a row slice
-                        merged.copy_(original)
-                        rest = items
-                    for a, b, rows, _ in rest:
+                    merged = _workspace(module, original).copy_(original)
+                    for a, b, rows, _ in items:  # rows: one half of a fused module (gate_up)
                         (merged if rows is None else merged[rows]).addmm_(a, b)
                     self._originals[name] = (module, original)
                     module.weight.data = merged
