@@ -72,6 +72,28 @@ def test_time_budget_stops_training(index, tiny_lm):
     assert result.stopped_by == "time_budget" and 0 < result.steps < 10_000
 
 
+def test_a_step_that_could_overrun_the_budget_is_not_started(index, tiny_lm, monkeypatch):
+    import types
+
+    import stages.common.fitting
+
+    clock = {"now": 0.0, "steps": iter([3.0, 1.0, 3.0, 3.0])}  # seconds each training step takes
+
+    def one_step_passes(module, args, output):
+        clock["now"] += next(clock["steps"])
+
+    monkeypatch.setattr(stages.common.fitting, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    hook = tiny_lm.model.register_forward_hook(one_step_passes)
+    try:
+        train, _ = pieces(index, tiny_lm.tokenizer, seq_len=64, val_every=5)
+        result = fit_lora(tiny_lm.model, infer_targets(tiny_lm.model), train, ["q_proj"], rank=2, lr=1e-3,
+                          batch_size=2, steps=10, time_budget_s=6.5, seed=0, scale=1.0, progress=False)
+    finally:
+        hook.remove()
+    # after 3 s + 1 s, a third step (up to 3 s, like the first) would end at 7 s > 6.5 s: not started
+    assert result.stopped_by == "time_budget" and result.steps == 2 and result.seconds == 4.0
+
+
 def test_same_program_and_config_give_identical_factors(tmp_path, program):
     first, _ = run(tmp_path, f"program_root={program}", *FAST)
     second, _ = run(tmp_path / "again", f"program_root={program}", *FAST)

@@ -80,10 +80,11 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
     stopped_by = "steps"
     bar = tqdm(total=steps, desc="fitting LoRA", disable=not progress, leave=False)
     try:
-        last_step = 0.0
+        longest_step = 0.0
         for step in range(steps):
             step_started = time.perf_counter()
-            if step_started - started + last_step > time_budget_s:  # the next step would overrun the budget
+            # a step is not started when it could overrun the budget: steps vary, so plan with the longest so far
+            if step_started - started + longest_step > time_budget_s:
                 stopped_by = "time_budget"
                 break
             while len(order) < batch_size:
@@ -95,7 +96,7 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            last_step = time.perf_counter() - step_started
+            longest_step = max(longest_step, time.perf_counter() - step_started)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
