@@ -1,7 +1,16 @@
 """Stage `decode` (SPEC §5): generate the reply with the (possibly adapter-mixed) model.
 
 `Decode` is the first attempt; `RetryDecode` is the stage-2 retry: greedy and at least 256 new tokens.
-On a CUDA out-of-memory error the model moves to the CPU in float32 and the decode runs once more.
+
+Grounded decoding (options, each measured; README): `constrain` applies the prompt's lead choices and citation
+strings inside `generate` (stages/common/grounding.py), so a citation the model opens names a packed span;
+`penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
+evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
+tokens that occur in the evidence. Logits are checked for NaN/inf at every step (a one-line error, weights
+restored by `unmix`).
+
+On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
+mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
 """
 from __future__ import annotations
 
@@ -9,23 +18,31 @@ import logging
 import time
 from typing import Annotated
 
+from pipeline.errors import PipelineError
 from pipeline.stage import Range, Stage
+from stages.common.grounding import GroundingProcessor, TokenTrie
+from stages.common.mixing import AdapterMix
 from stages.common.types import Draft, LanguageModel, Prompt
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLogits(PipelineError):
+    """The model produced NaN or infinite logits (a broken adapter or weights)."""
 
 
 class Decode(Stage):
     outputs = {"draft": Draft}
 
     def __init__(self, do_sample: bool = False, temperature: Annotated[float, Range(gt=0)] = 0.7,
-                 top_p: Annotated[float, Range(gt=0, le=1)] = 0.9,
-                 repetition_penalty: Annotated[float, Range(gt=0)] = 1.1,
+                 top_p: Annotated[float, Range(gt=0, le=1)] = 0.9, top_k: Annotated[int, Range(ge=0)] = 50,
+                 repetition_penalty: Annotated[float, Range(gt=0)] = 1.1, penalize_prompt: bool = False,
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
-                 seed: int = 0):
-        self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
-        self.repetition_penalty, self.seed = repetition_penalty, seed
+                 constrain: bool = True, copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0):
+        self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
+        self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
+        self.constrain, self.copy_bias = constrain, copy_bias
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -33,27 +50,30 @@ class Decode(Stage):
             "do_sample": self.do_sample,
             "temperature": self.temperature,
             "top_p": min(0.99, self.top_p + hints.get("top_p", 0.0)),
+            "top_k": self.top_k,
             "repetition_penalty": max(1.0, self.repetition_penalty + hints.get("repetition_penalty", 0.0))
             if hints else self.repetition_penalty,
+            "penalize_prompt": self.penalize_prompt,
             "min_new_tokens": self.min_new_tokens,
             "max_new_tokens": self.max_new_tokens,
+            "constrain": self.constrain,
+            "copy_bias": self.copy_bias,
         }
 
-    def run(self, lm: LanguageModel, prompt: Prompt) -> dict:
+    def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
         settings = self.settings(prompt)
         notes: list[str] = []
         try:
-            text, n_prompt, n_new, seconds = generate(lm, prompt, settings, self.seed)
+            result = generate(lm, prompt, settings, self.seed)
         except _oom_errors() as err:
             notes.append(f"CUDA out of memory ({str(err).splitlines()[0]}); retried on cpu in float32")
             log.warning(notes[-1])
-            import torch
-
-            lm.model.to("cpu", dtype=torch.float32)
-            lm.device = "cpu"
-            text, n_prompt, n_new, seconds = generate(lm, prompt, settings, self.seed)
+            move_to_cpu(lm, handle)
+            result = generate(lm, prompt, settings, self.seed)
+        text = result.pop("text")
         prefill_chars = len(prompt.prefill.strip()) if text.startswith(prompt.prefill.strip()) else 0
-        return {"draft": Draft(text, n_prompt, n_new, seconds, lm.device, prompt.attempt, notes, prefill_chars)}
+        return {"draft": Draft(text, device=lm.device, attempt=prompt.attempt, notes=notes,
+                               prefill_chars=prefill_chars, **result)}
 
 
 class RetryDecode(Decode):
@@ -76,27 +96,114 @@ def _oom_errors() -> tuple[type[BaseException], ...]:
     return (torch.cuda.OutOfMemoryError,)
 
 
-def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> tuple[str, int, int, float]:
+def move_to_cpu(lm: LanguageModel, handle: AdapterMix | None) -> None:
+    """Unmix, move the model to the CPU in float32, mix the same adapter again: the restore promise holds
+    (after the final unmix every weight is the original value, all in one dtype on one device)."""
+    import torch
+
+    settings = handle.settings if handle is not None and handle.handle.active else None
+    if handle is not None:
+        handle.restore()
+    lm.model.to("cpu", dtype=torch.float32)
+    lm.device = "cpu"
+    if settings is not None:
+        handle.apply(settings)
+
+
+class _FiniteCheck:
+    """First in the processor list: raw logits with NaN or inf stop the decode with a clear error."""
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        # -inf is a mask (min_new_tokens hides end-of-sequence); NaN, +inf or no finite value at all is broken
+        if bool(torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any()):
+            raise NonFiniteLogits("the model produced non-finite logits (NaN or inf): a broken adapter or weights")
+        return scores
+
+
+class _CopyBias:
+    """Adds ``bias`` to the logits of every token that occurs in the prompt (the evidence the answer may copy)."""
+
+    def __init__(self, prompt_ids: list[int], vocab: int, bias: float):
+        import torch
+
+        self.bonus = torch.zeros(vocab)
+        self.bonus[sorted({i for i in prompt_ids if 0 <= i < vocab})] = bias
+
+    def __call__(self, input_ids, scores):
+        return scores + self.bonus[: scores.shape[-1]].to(scores.device, scores.dtype)
+
+
+class _Clock:
+    """Notes when the first decoding step starts: the prompt's forward pass (prefill) is done by then."""
+
+    def __init__(self):
+        self.first: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
+def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict):
+    """The logits processors, in the order that keeps sampling safe: checks and biases, then the grounding mask,
+    then temperature / top-k / top-p (which only ever see allowed tokens)."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    clock = _Clock()
+    chain = LogitsProcessorList([clock, _FiniteCheck()])
+    if settings["repetition_penalty"] != 1.0:
+        ignore = None if settings["penalize_prompt"] else len(ids)
+        chain.append(RepetitionPenaltyLogitsProcessor(float(settings["repetition_penalty"]), prompt_ignore_length=ignore))
+    if settings["copy_bias"]:
+        chain.append(_CopyBias(prompt.ids, lm.model.config.vocab_size, settings["copy_bias"]))
+    grounding = None
+    if settings["constrain"] and (prompt.citations or prompt.lead):
+        tok = lm.tokenizer
+        citations = TokenTrie.of_strings(tok, [f"{span}]" for span in prompt.citations])
+        lead = TokenTrie.of_strings(tok, prompt.lead) if prompt.lead else None
+        grounding = GroundingProcessor(tok, len(ids), citations, lead)
+        chain.append(grounding)
+    if settings["do_sample"]:
+        chain.append(TemperatureLogitsWarper(settings["temperature"]))
+        if settings["top_k"]:
+            chain.append(TopKLogitsWarper(settings["top_k"]))
+        chain.append(TopPLogitsWarper(settings["top_p"]))
+    return chain, clock, grounding
+
+
+def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> dict:
     import torch
     from transformers import GenerationConfig
 
     tok = lm.tokenizer
-    encoded = tok(prompt.text + prompt.prefill, add_special_tokens=False, return_tensors="pt")
+    prefill_ids = tok(prompt.prefill, add_special_tokens=False, split_special_tokens=True)["input_ids"] if prompt.prefill else []
+    ids = (prompt.ids or tok(prompt.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + prefill_ids
     device = next(lm.model.parameters()).device
-    input_ids = encoded["input_ids"].to(device)
-    attention = encoded["attention_mask"].to(device)
+    input_ids = torch.tensor([ids], device=device)
+    chain, clock, grounding = processors(lm, prompt, ids, settings)
+    # every warper is ours (ordered after the grounding mask): generate adds none of its own
     config = GenerationConfig(
         max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"],
-        do_sample=settings["do_sample"], repetition_penalty=settings["repetition_penalty"],
+        do_sample=settings["do_sample"], repetition_penalty=1.0,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-        **({"temperature": settings["temperature"], "top_p": settings["top_p"]} if settings["do_sample"] else {}),
+        **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if settings["do_sample"] else {}),
     )
     if settings["do_sample"]:
         torch.manual_seed(seed)
     started = time.perf_counter()
     with torch.no_grad():
-        output = lm.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   generation_config=config, logits_processor=chain)
     seconds = time.perf_counter() - started
+    if grounding is not None:
+        grounding.update(output)
     new = output[0, input_ids.shape[1]:]
     text = prompt.prefill + tok.decode(new, skip_special_tokens=True)
-    return text.strip(), int(input_ids.shape[1]), int(new.shape[0]), seconds
+    prefill_seconds = (clock.first - started) if clock.first else seconds
+    return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),
+            "seconds": seconds, "prefill_seconds": prefill_seconds,
+            "constrained_citations": grounding.constrained_citations if grounding else 0}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import generation
 from pipeline import api
 from pipeline.errors import StageFailed
 from stages.common.adapters import infer_targets
@@ -267,7 +268,7 @@ def _citing_generate(lm, prompt, settings, seed):
 
     spans = re.findall(r"\[ctx\] path: (\S+:\d+-\d+)", prompt.text)
     text = "\n\n".join(f"Claim {i} is shown in {span}." for i, span in enumerate((spans * 3)[:3]))
-    return text, 10, 10, 0.01
+    return generation(text, 10, 10, 0.01)
 
 
 def test_fallback_runs_only_when_the_first_check_fails(tmp_path, program, monkeypatch):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import pipeline.run as run_app
+from conftest import generation
 from pipeline import PROJECT_ROOT
 from stages.common.adapters import save_npz
 
@@ -401,8 +402,8 @@ def test_spoofed_evidence_never_validates(workspace, monkeypatch):
 
     def spoof(lm, prompt, settings, seed):
         assert "[ctx] path: pkg/other.py:1-9" in prompt.text  # the spoof did reach the prompt
-        return ("add returns a + b, see pkg/other.py:1-9 and pkg/other.py:150-160.\n\n"
-                "It is also in /etc/passwd.py:1 and ../outside.py:2.", 5, 5, 0.0)
+        return generation("add returns a + b, see pkg/other.py:1-9 and pkg/other.py:150-160.\n\n"
+                          "It is also in /etc/passwd.py:1 and ../outside.py:2.")
 
     monkeypatch.setattr(stages.decode, "generate", spoof)
     code, out, err = call(base_args(workspace) + ["select.top_k=1", "repair=none"])

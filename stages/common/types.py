@@ -162,9 +162,13 @@ class Prompt:
     prefill: str = ""  # start of the assistant's reply, fed to the model before it continues
     attempt: int = 1
     decode_hints: dict[str, float] = dataclasses.field(default_factory=dict)  # deltas for sampling knobs
+    ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # token ids of `text`, data kept as data
+    citations: list[str] = dataclasses.field(default_factory=list)  # `path:A-B` a citation may name
+    lead: list[str] = dataclasses.field(default_factory=list)  # choices the reply may start with (form=lead)
 
     def summary(self) -> dict[str, Any]:
-        return {"chars": len(self.text), "attempt": self.attempt, "prefill": self.prefill}
+        return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
+                "citations": len(self.citations), "lead": len(self.lead)}
 
 
 @dataclasses.dataclass
@@ -177,12 +181,20 @@ class Draft:
     attempt: int = 1
     notes: list[str] = dataclasses.field(default_factory=list)
     prefill_chars: int = 0  # the first characters were written by the scaffold, not by the model
+    prefill_seconds: float = 0.0  # the prompt's forward pass (the rest of `seconds` is decoding)
+    constrained_citations: int = 0  # citations and lead slots completed under the grounding constraint
 
     def source_at(self, offset: int) -> str:
         return "attributed" if offset < self.prefill_chars else "model"
 
+    @property
+    def tokens_per_second(self) -> float:
+        decoding = self.seconds - self.prefill_seconds
+        return self.generated_tokens / decoding if decoding > 0 else 0.0
+
     def summary(self) -> dict[str, Any]:
-        return {"generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 3), "attempt": self.attempt}
+        return {"generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 3),
+                "prefill_seconds": round(self.prefill_seconds, 3), "attempt": self.attempt}
 
 
 @dataclasses.dataclass
@@ -207,6 +219,11 @@ class CitationReport:
     required: int
     must: int = 0
     reason: str = ""
+    names: Any = None  # the draft's NameCheck (stages/common/identifiers.py) when the `names` node ran
+
+    @property
+    def unknown_names(self) -> list[str]:
+        return list(self.names.unknown) if self.names is not None else []
 
     @property
     def total(self) -> int:
