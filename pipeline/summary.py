@@ -22,8 +22,10 @@ import yaml
 SOURCES = {"telemetry.json": ("", None), "perplexity.json": ("ppl.", None), "eval.json": ("", "metrics")}
 # shown in the terminal when present (the CSV has every column); patterns match eval's per-system metrics
 KEY_COLUMNS = ["status", "trace.seconds", "elapsed_sec", "citations_valid", "citations_total", "citation_precision", "citations_model",
+               "citations_model_valid", "unknown_identifier_rate", "grounded", "decoding.tokens_per_second",
                "retries", "tokens.generated", "ppl.plain", "ppl.mixed", "ppl.change", "*.file_recall@*",
-               "*.evidence_recall@*", "*.citation_hit", "*.seconds"]
+               "*.evidence_recall@*", "*.citation_hit", "*.model_citation_rate", "*.model_citation_hit",
+               "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
 PREFERRED_METRICS = ["ours.evidence_recall@5", "ppl.mixed", "citations_valid", "elapsed_sec", "trace.seconds"]
 
 

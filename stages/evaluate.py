@@ -23,7 +23,8 @@ from stages.common.evaluation import QuestionSet, Record, SystemRun, load_questi
 from stages.common.types import ProgramIndex
 
 METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
-                  "citation_hit", "citation_precision", "seconds"]
+                  "citation_hit", "citation_precision", "model_citation_rate", "model_citation_hit", "symbol_hit",
+                  "unknown_identifier_rate", "retry_rate", "tokens_per_second", "seconds"]
 
 
 class LoadQuestions(Stage):
@@ -55,7 +56,8 @@ class RunGraphPerQuestion(Stage):
 
     def __init__(self, mode: Literal["answer", "retrieval"] = "retrieval",
                  graphs: dict = {"answer": "answer", "retrieval": "retrieve"},
-                 refs: dict = {"selection": "rerank.selection", "evidence": "pack.evidence", "answer": "repair.answer"},
+                 refs: dict = {"selection": "rerank.selection", "evidence": "pack.evidence", "answer": "repair.answer",
+                               "telemetry": "telemetry.telemetry"},
                  progress: bool = True):
         self.graph = graphs.get(mode)
         if not self.graph:
@@ -97,12 +99,19 @@ class RunGraphPerQuestion(Stage):
         selection = result.output(*self.refs["selection"]) if "selection" in self.refs else None
         evidence = result.output(*self.refs["evidence"]) if "evidence" in self.refs else None
         answer = result.output(*self.refs["answer"]) if "answer" in self.refs else None
+        telemetry = (result.output(*self.refs["telemetry"]) if "telemetry" in self.refs else None) or {}
+        decoding = telemetry.get("decoding") or {}
         return Record(
             files=list(selection.files) if selection else [],
             windows=[(w.path, w.start, w.end) for w in evidence.windows] if evidence else [],
             seconds=seconds,
             citations=[c.as_dict() for c in answer.citations] if answer else None,
             retries=answer.retries if answer else None,
+            answer=answer.text if answer else None,
+            names=int(telemetry.get("code_identifiers") or 0),
+            unknown=list(telemetry.get("unknown_identifiers") or []),
+            new_tokens=int(decoding.get("new_tokens") or 0),
+            decode_seconds=float(decoding.get("decode_seconds") or 0.0),
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,11 @@ class Record:
     seconds: float
     citations: list[dict] | None = None  # answer mode only: {path, start, end, valid, source, ...}
     retries: int | None = None
+    answer: str | None = None  # answer mode: the final text the reader sees
+    names: int = 0  # answer mode: distinct code-like names in the answer
+    unknown: list[str] = dataclasses.field(default_factory=list)  # ... of which the program has none
+    new_tokens: int = 0
+    decode_seconds: float = 0.0  # answer mode: seconds spent decoding (prefill apart)
 
 
 @dataclasses.dataclass
@@ -113,14 +119,44 @@ def score(questions: list[Question], records: list[Record], k: int) -> dict[str,
         "windows_shown": _mean([float(len(r.windows)) for _, r in pairs]),
     }
     answered = [(q, r) for q, r in pairs if r.citations is not None]
-    if answered:
-        cites = [c for _, r in answered for c in r.citations]
-        metrics["citation_hit"] = _mean([float(any(c["valid"] and q.hit_by(c["path"], c["start"], c["end"])
-                                                   for c in r.citations)) for q, r in answered])
-        metrics["citation_precision"] = round(sum(c["valid"] for c in cites) / len(cites), 4) if cites else 0.0
-        metrics["citations_model"] = _mean([float(sum(c.get("source") == "model" for c in r.citations)) for _, r in answered])
-        metrics["retries"] = _mean([float(r.retries or 0) for _, r in answered])
-    else:
-        metrics.update({"citation_hit": None, "citation_precision": None, "citations_model": None, "retries": None})
+    metrics.update(answer_metrics(answered) if answered else dict.fromkeys(ANSWER_METRICS))
     metrics["seconds"] = _mean([r.seconds for _, r in pairs])
     return metrics
+
+
+ANSWER_METRICS = ["citation_hit", "citation_precision", "citations_model", "model_citation_rate", "model_citation_hit",
+                  "symbol_hit", "unknown_identifier_rate", "unknown_per_answer", "retries", "retry_rate",
+                  "tokens_per_second"]
+
+
+def _hit(q: Question, citations: list[dict], source: str | None = None) -> bool:
+    return any(c["valid"] and (source is None or c.get("source") == source) and q.hit_by(c["path"], c["start"], c["end"])
+               for c in citations)
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``name`` appears in ``text`` as a whole identifier (`Context.invoke` mentions `invoke`)."""
+    return bool(name) and re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", text) is not None
+
+
+def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float | None]:
+    """SPEC §9 answer metrics. Model citations are the ones the model wrote (`source: model`), apart from those
+    citation repair attributed; the unknown-identifier rate is unknown names ÷ code-like names over all answers."""
+    cites = [c for _, r in answered for c in r.citations]
+    names = sum(r.names for _, r in answered)
+    with_symbol = [(q, r) for q, r in answered if q.symbol]
+    decoding = [r for _, r in answered if r.decode_seconds > 0]
+    return {
+        "citation_hit": _mean([float(_hit(q, r.citations)) for q, r in answered]),
+        "citation_precision": round(sum(c["valid"] for c in cites) / len(cites), 4) if cites else 0.0,
+        "citations_model": _mean([float(sum(c.get("source") == "model" for c in r.citations)) for _, r in answered]),
+        "model_citation_rate": _mean([float(any(c["valid"] and c.get("source") == "model" for c in r.citations))
+                                      for _, r in answered]),
+        "model_citation_hit": _mean([float(_hit(q, r.citations, "model")) for q, r in answered]),
+        "symbol_hit": _mean([float(mentions(r.answer or "", q.symbol)) for q, r in with_symbol]),
+        "unknown_identifier_rate": round(sum(len(r.unknown) for _, r in answered) / names, 4) if names else 0.0,
+        "unknown_per_answer": _mean([float(len(r.unknown)) for _, r in answered]),
+        "retries": _mean([float(r.retries or 0) for _, r in answered]),
+        "retry_rate": _mean([float((r.retries or 0) > 0) for _, r in answered]),
+        "tokens_per_second": _mean([r.new_tokens / r.decode_seconds for r in decoding]),
+    }
