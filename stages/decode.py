@@ -2,8 +2,10 @@
 
 `Decode` is the first attempt; `RetryDecode` is the stage-2 retry: greedy and at least 256 new tokens.
 
-Grounded decoding (options, each measured; README): `constrain` applies the prompt's lead choices and citation
-strings inside `generate` (stages/common/grounding.py), so a citation the model opens names a packed span;
+Grounded decoding (options, each measured; README): `constrain` applies, inside `generate`
+(stages/common/grounding.py), the prompt's lead choices (`lead`), its citation strings (`citations`: a citation the
+model opens names a packed span) and its names (`code`: inline code the model opens names an identifier of the
+evidence or the question);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
 evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
 tokens that occur in the evidence. Logits are checked for NaN/inf at every step (a one-line error, weights
@@ -16,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pipeline.errors import PipelineError
 from pipeline.stage import Range, Stage
-from stages.common.grounding import GroundingProcessor, TokenTrie
+from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie
 from stages.common.mixing import AdapterMix
 from stages.common.types import Draft, LanguageModel, Prompt
 
@@ -38,11 +40,12 @@ class Decode(Stage):
                  top_p: Annotated[float, Range(gt=0, le=1)] = 0.9, top_k: Annotated[int, Range(ge=0)] = 50,
                  repetition_penalty: Annotated[float, Range(gt=0)] = 1.1, penalize_prompt: bool = False,
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
-                 constrain: bool = True, copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0):
+                 constrain: list[Literal["lead", "citations", "code"]] = ["lead", "citations", "code"],
+                 copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
-        self.constrain, self.copy_bias = constrain, copy_bias
+        self.constrain, self.copy_bias = list(constrain), copy_bias
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -161,11 +164,16 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
     if settings["copy_bias"]:
         chain.append(_CopyBias(prompt.ids, lm.model.config.vocab_size, settings["copy_bias"]))
     grounding = None
-    if settings["constrain"] and (prompt.citations or prompt.lead):
-        tok = lm.tokenizer
-        citations = TokenTrie.of_strings(tok, [f"{span}]" for span in prompt.citations])
-        lead = TokenTrie.of_strings(tok, prompt.lead) if prompt.lead else None
-        grounding = GroundingProcessor(tok, len(ids), citations, lead)
+    constrain = set(settings["constrain"])
+    tok = lm.tokenizer
+    slots = {}
+    if "citations" in constrain and prompt.citations:
+        slots[CITATION_OPENER] = TokenTrie.of_strings(tok, [f"{span}]" for span in prompt.citations])
+    if "code" in constrain and prompt.names:
+        slots[CODE_OPENER] = TokenTrie.of_strings(tok, [f"{name}{call}`" for name in prompt.names for call in ("", "()")])
+    lead = TokenTrie.of_strings(tok, prompt.lead) if "lead" in constrain and prompt.lead else None
+    if slots or lead:
+        grounding = GroundingProcessor(tok, len(ids), slots, lead)
         chain.append(grounding)
     if settings["do_sample"]:
         chain.append(TemperatureLogitsWarper(settings["temperature"]))
@@ -206,4 +214,5 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     prefill_seconds = (clock.first - started) if clock.first else seconds
     return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),
             "seconds": seconds, "prefill_seconds": prefill_seconds,
-            "constrained_citations": grounding.constrained_citations if grounding else 0}
+            "constrained_citations": grounding.completed(CITATION_OPENER) if grounding else 0,
+            "constrained_names": grounding.completed(CODE_OPENER) if grounding else 0}

@@ -14,10 +14,12 @@ never become a chat-turn token. Only the chat template itself contributes specia
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Range, Stage
+from stages.common.identifiers import DOTTED, IDENT
 from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
 
 SYSTEM = ("You answer questions about a program. Use only the source code shown in the [ctx] blocks, "
@@ -63,6 +65,19 @@ def lead_choices(evidence: Evidence, index: ProgramIndex | None) -> list[str]:
             if start <= end and symbol.start >= window.start:
                 choices.append(f"`{symbol.qualname}` [{window.path}:{start}-{end}]")
     return list(dict.fromkeys(choices))
+
+
+def evidence_names(evidence: Evidence, index: ProgramIndex | None, question: str) -> list[str]:
+    """What inline code may name: identifiers and dotted names of the packed windows and of the question, and the
+    qualnames of the definitions in those windows."""
+    names: set[str] = set()
+    for text in [question, *(w.text for w in evidence.windows)]:
+        names.update(IDENT.findall(text))
+        names.update(re.findall(DOTTED, text))
+    if index is not None:
+        for window in evidence.windows:
+            names.update(s.qualname for s in index.symbols_in(window.path) if window.start <= s.start <= window.end)
+    return sorted(names)
 
 
 class BuildPrompt(Stage):
@@ -123,5 +138,6 @@ class BuildPrompt(Stage):
         # a citation names a packed window or a definition inside one
         spans = [f"{w.path}:{w.start}-{w.end}" for w in evidence.windows]
         citations = list(dict.fromkeys(spans + [choice.rsplit("[", 1)[1][:-1] for choice in definitions]))
+        names = evidence_names(evidence, index, prompt)
         return {"prompt": Prompt(messages, text, prefill, self.attempt, hints, ids=ids, citations=citations,
-                                 lead=lead)}
+                                 lead=lead, names=names)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.common.citations import parse_citations
-from stages.common.grounding import END, GroundingProcessor, TokenTrie
+from stages.common.grounding import CITATION_OPENER, CODE_OPENER, END, GroundingProcessor, TokenTrie
 from stages.common.types import Evidence, PackedWindow
 from stages.prompt import BuildPrompt, encode_chat
 
@@ -58,7 +58,7 @@ def test_constraint_never_lets_an_invalid_citation_through(default_tokenizer, sa
         spans = random_spans(rng, rng.randint(1, 8))
         trie = TokenTrie.of_strings(tok, [f"{s}]" for s in spans])
         prompt = tok("Q: where?\n", add_special_tokens=False)["input_ids"]
-        processor = GroundingProcessor(tok, len(prompt), trie)
+        processor = GroundingProcessor(tok, len(prompt), {CITATION_OPENER: trie})
         ids = list(prompt)
         for _ in range(160):
             token, scores = step(processor, ids, len(prompt), vocab, rng, openers, sample)
@@ -66,14 +66,15 @@ def test_constraint_never_lets_an_invalid_citation_through(default_tokenizer, sa
             if row.node is not None:  # inside a citation: only trie children, never an empty set
                 allowed = torch.isfinite(scores).nonzero().flatten().tolist()
                 assert allowed and set(allowed) == {t for t in row.node if t != END}
-            else:  # outside: nothing is masked, end of sequence included
-                assert torch.isfinite(scores).all()
+            else:  # outside: only tokens that would open a citation mid-token are masked; end of sequence is not
+                masked = set((~torch.isfinite(scores)).nonzero().flatten().tolist())
+                assert masked == set(processor.masked) and tok.eos_token_id not in masked
             ids.append(token)
         processor.update(torch.tensor([ids]))  # what decode does after generate returns
         text = tok.decode(ids[len(prompt):])
         cited = opened_citations(text)
         complete = [c for c in cited if f"[{c}]" in text]
-        assert processor.constrained_citations == len(complete) > 0, text
+        assert processor.completed(CITATION_OPENER) == len(complete) > 0, text
         assert set(complete) <= set(spans), (complete, spans)
         # and the citation parser reads each of them as the span it is
         for piece in complete:
@@ -86,7 +87,7 @@ def test_lead_slot_picks_one_choice_then_frees_decoding(default_tokenizer):
     lead = TokenTrie.of_strings(tok, choices)
     citations = TokenTrie.of_strings(tok, ["core.py:10-20]"])
     prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
-    processor = GroundingProcessor(tok, len(prompt), citations, lead)
+    processor = GroundingProcessor(tok, len(prompt), {CITATION_OPENER: citations}, lead)
     ids, rng = list(prompt), random.Random(3)
     while True:
         processor.update(torch.tensor([ids]))
@@ -97,7 +98,7 @@ def test_lead_slot_picks_one_choice_then_frees_decoding(default_tokenizer):
     text = tok.decode(ids[len(prompt):])
     assert text in choices
     _, scores = step(processor, ids, len(prompt), len(tok), rng, [], False)
-    assert torch.isfinite(scores).all()  # free again: end of sequence is reachable
+    assert torch.isfinite(scores[tok.eos_token_id]) and processor.rows[0].node is None  # free: end of sequence is reachable
 
 
 def test_trie_marks_complete_sequences_and_is_prefix_free(default_tokenizer):
@@ -166,3 +167,31 @@ def test_lead_choices_are_definitions_inside_packed_windows(index_with_windows, 
         assert any(s.qualname == name and s.path == path and s.start == start for s in index.symbols)
         assert evidence.covers(path, start, end)
     assert BuildPrompt(form="free").run("q", evidence, tiny_lm, index)["prompt"].lead == []
+
+
+def test_inline_code_can_only_name_identifiers_of_the_evidence(default_tokenizer):
+    tok = default_tokenizer
+    vocab = len(tok)
+    names = ["parse_args", "Parser.parse", "décor", "x"]
+    code = TokenTrie.of_strings(tok, [f"{n}{c}`" for n in names for c in ("", "()")])
+    cites = TokenTrie.of_strings(tok, ["core.py:1-9]"])
+    openers = [i for i, t in enumerate(token_texts_of(tok)) if t in (" `", "`", " [")]
+    rng = random.Random(5)
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    processor = GroundingProcessor(tok, len(prompt), {CITATION_OPENER: cites, CODE_OPENER: code})
+    ids = list(prompt)
+    for _ in range(200):
+        token, _ = step(processor, ids, len(prompt), vocab, rng, openers, True)
+        ids.append(token)
+    processor.update(torch.tensor([ids]))
+    text = tok.decode(ids[len(prompt):])
+    spans = re.findall(r"`([^`]*)`", text)
+    assert spans and processor.completed(CODE_OPENER) == len(spans)
+    assert set(spans) <= {f"{n}{c}" for n in names for c in ("", "()")}, spans
+    assert "```" not in text
+
+
+def token_texts_of(tok):
+    from stages.common.grounding import token_texts
+
+    return token_texts(tok)

@@ -14,12 +14,12 @@ import re
 from stages.common.types import ProgramIndex
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+"
+DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+"
 _SNAKE = r"_*[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*(?:_+[A-Za-z0-9]+)+_*|__[A-Za-z0-9]+__|_[A-Za-z][A-Za-z0-9]*"
 _CAMEL = r"[a-z][a-z0-9]*[A-Z][A-Za-z0-9]*"
 _PASCAL = r"[A-Z][a-z0-9]+[A-Z][A-Za-z0-9]*|[A-Z]{2,}[a-z][A-Za-z0-9]*"
 # outside backticks: one of the shapes above, as a whole word (not part of a longer word or a path)
-CODE_WORD = re.compile(rf"(?<![\w./-])(?:{_DOTTED}|{_SNAKE}|{_CAMEL}|{_PASCAL})(?![\w/-])(?!\.[A-Za-z_])")
+CODE_WORD = re.compile(rf"(?<![\w./-])(?:{DOTTED}|{_SNAKE}|{_CAMEL}|{_PASCAL})(?![\w/-])(?!\.[A-Za-z_])")
 BACKTICKS = re.compile(r"```.*?(?:```|\Z)|`([^`\n]+)`", re.S)
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
 
@@ -54,7 +54,7 @@ def code_names(text: str, skip: list[tuple[int, int]] = ()) -> list[str]:
         else:  # a fenced block: its first line names the language
             newline = match.group().find("\n")
             body, offset = ("", 0) if newline < 0 else (match.group()[newline:], match.start() + newline)
-        for name in re.finditer(rf"{_DOTTED}|{IDENT.pattern}", body):
+        for name in re.finditer(rf"{DOTTED}|{IDENT.pattern}", body):
             found.append((offset + name.start(), name.group()))
         outside[match.start():match.end()] = " " * (match.end() - match.start())
     for match in CODE_WORD.finditer("".join(outside)):
@@ -96,7 +96,7 @@ def is_known(name: str, known: frozenset[str], question_names: set[str]) -> bool
 def check_names(text: str, index: ProgramIndex, question: str, skip: list[tuple[int, int]] = ()) -> NameCheck:
     names = code_names(text, skip)
     known = known_names(index)
-    question_names = set(IDENT.findall(question)) | set(re.findall(_DOTTED, question))
+    question_names = set(IDENT.findall(question)) | set(re.findall(DOTTED, question))
     return NameCheck(names, [n for n in names if not is_known(n, known, question_names)])
 
 

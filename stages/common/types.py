@@ -165,10 +165,11 @@ class Prompt:
     ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # token ids of `text`, data kept as data
     citations: list[str] = dataclasses.field(default_factory=list)  # `path:A-B` a citation may name
     lead: list[str] = dataclasses.field(default_factory=list)  # choices the reply may start with (form=lead)
+    names: list[str] = dataclasses.field(default_factory=list)  # identifiers inline code may name
 
     def summary(self) -> dict[str, Any]:
         return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
-                "citations": len(self.citations), "lead": len(self.lead)}
+                "citations": len(self.citations), "lead": len(self.lead), "names": len(self.names)}
 
 
 @dataclasses.dataclass
@@ -182,7 +183,8 @@ class Draft:
     notes: list[str] = dataclasses.field(default_factory=list)
     prefill_chars: int = 0  # the first characters were written by the scaffold, not by the model
     prefill_seconds: float = 0.0  # the prompt's forward pass (the rest of `seconds` is decoding)
-    constrained_citations: int = 0  # citations and lead slots completed under the grounding constraint
+    constrained_citations: int = 0  # citations completed under the grounding constraint
+    constrained_names: int = 0  # inline-code names completed under it
 
     def source_at(self, offset: int) -> str:
         return "attributed" if offset < self.prefill_chars else "model"
