@@ -41,11 +41,14 @@ class Decode(Stage):
                  repetition_penalty: Annotated[float, Range(gt=0)] = 1.1, penalize_prompt: bool = False,
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
                  constrain: list[Literal["lead", "citations", "code"]] = ["lead", "citations", "code"],
+                 lead: Literal["likelihood", "greedy"] = "likelihood",
+                 lead_prior: Annotated[float, Range(ge=0)] = 2.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
         self.constrain, self.copy_bias = list(constrain), copy_bias
+        self.lead, self.lead_prior, self.lead_calibrate = lead, lead_prior, lead_calibrate
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -60,6 +63,9 @@ class Decode(Stage):
             "min_new_tokens": self.min_new_tokens,
             "max_new_tokens": self.max_new_tokens,
             "constrain": self.constrain,
+            "lead": self.lead,
+            "lead_prior": self.lead_prior,
+            "lead_calibrate": self.lead_calibrate,
             "copy_bias": self.copy_bias,
         }
 
@@ -150,7 +156,7 @@ class _Clock:
         return scores
 
 
-def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict):
+def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict, lead_in_generate: bool):
     """The logits processors, in the order that keeps sampling safe: checks and biases, then the grounding mask,
     then temperature / top-k / top-p (which only ever see allowed tokens)."""
     from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
@@ -171,7 +177,7 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
         slots[CITATION_OPENER] = TokenTrie.of_strings(tok, [f"{span}]" for span in prompt.citations])
     if "code" in constrain and prompt.names:
         slots[CODE_OPENER] = TokenTrie.of_strings(tok, [f"{name}{call}`" for name in prompt.names for call in ("", "()")])
-    lead = TokenTrie.of_strings(tok, prompt.lead) if "lead" in constrain and prompt.lead else None
+    lead = TokenTrie.of_strings(tok, prompt.lead) if lead_in_generate else None
     if slots or lead:
         grounding = GroundingProcessor(tok, len(ids), slots, lead)
         chain.append(grounding)
@@ -183,16 +189,49 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
     return chain, clock, grounding
 
 
+def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict) -> tuple[str, list[int], object, dict]:
+    """The lead the model finds likeliest: each choice's name scored after the prompt in one batched pass over the
+    prompt's KV cache, minus its score after the same prompt asking nothing in particular (`lead_calibrate`: what
+    the choice owes to the question, not to how common the name is), minus `lead_prior` per packed-window position
+    of its window. Returns the choice, its token ids, the prompt's cache (decoding goes on from it) and a record."""
+    from stages.common.continuations import encode_prefix, score_continuations
+
+    tok = lm.tokenizer
+    names = [choice.rsplit(" [", 1)[0] for choice in prompt.lead]  # "`qualname`"
+    name_ids = tok(names, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    state = encode_prefix(lm.model, ids)
+    scores = [sum(s) for s in score_continuations(lm.model, state, name_ids)]
+    if settings["lead_calibrate"] and prompt.neutral_ids:
+        neutral = encode_prefix(lm.model, prompt.neutral_ids + ids[len(prompt.ids):])
+        scores = [a - sum(b) for a, b in zip(scores, score_continuations(lm.model, neutral, name_ids))]
+        del neutral
+    ranks = prompt.lead_rank or [0] * len(prompt.lead)
+    total = [score - settings["lead_prior"] * rank for score, rank in zip(scores, ranks)]
+    best = max(range(len(total)), key=lambda i: (total[i], -i))
+    chosen = prompt.lead[best]
+    record = {"lead": chosen, "lead_score": round(total[best], 4), "lead_choices": len(prompt.lead),
+              "lead_window": ranks[best]}
+    return chosen, tok(chosen, add_special_tokens=False, split_special_tokens=True)["input_ids"], state.cache, record
+
+
 def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> dict:
     import torch
     from transformers import GenerationConfig
+
+    from stages.common.continuations import cache_kwarg
 
     tok = lm.tokenizer
     prefill_ids = tok(prompt.prefill, add_special_tokens=False, split_special_tokens=True)["input_ids"] if prompt.prefill else []
     ids = (prompt.ids or tok(prompt.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + prefill_ids
     device = next(lm.model.parameters()).device
+    use_lead = "lead" in settings["constrain"] and bool(prompt.lead)
+    started = time.perf_counter()
+    lead, cache, record = "", None, {}
+    if use_lead and settings["lead"] == "likelihood":
+        lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings)
+        ids = ids + lead_ids
     input_ids = torch.tensor([ids], device=device)
-    chain, clock, grounding = processors(lm, prompt, ids, settings)
+    chain, clock, grounding = processors(lm, prompt, ids, settings, use_lead and settings["lead"] == "greedy")
     # every warper is ours (ordered after the grounding mask): generate adds none of its own
     config = GenerationConfig(
         max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"],
@@ -202,17 +241,17 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     )
     if settings["do_sample"]:
         torch.manual_seed(seed)
-    started = time.perf_counter()
     with torch.no_grad():
         output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   generation_config=config, logits_processor=chain)
+                                   generation_config=config, logits_processor=chain,
+                                   **({cache_kwarg(lm.model): cache} if cache is not None else {}))
     seconds = time.perf_counter() - started
     if grounding is not None:
         grounding.update(output)
     new = output[0, input_ids.shape[1]:]
-    text = prompt.prefill + tok.decode(new, skip_special_tokens=True)
+    text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
     prefill_seconds = (clock.first - started) if clock.first else seconds
     return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),
-            "seconds": seconds, "prefill_seconds": prefill_seconds,
+            "seconds": seconds, "prefill_seconds": prefill_seconds, "lead": record,
             "constrained_citations": grounding.completed(CITATION_OPENER) if grounding else 0,
             "constrained_names": grounding.completed(CODE_OPENER) if grounding else 0}

@@ -54,17 +54,21 @@ def encode_data(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
 
-def lead_choices(evidence: Evidence, index: ProgramIndex | None) -> list[str]:
-    """`` `qualname` [path:A-B] `` for every definition inside a packed window (its span clipped to the window)."""
+NEUTRAL_QUESTION = "What does this code do?"
+
+
+def lead_choices(evidence: Evidence, index: ProgramIndex | None) -> dict[str, int]:
+    """`` `qualname` [path:A-B] `` for every definition inside a packed window (its span clipped to the window),
+    best window first, each with the position of its window."""
     if index is None:
-        return []
-    choices = []
-    for window in evidence.windows:
+        return {}
+    choices: dict[str, int] = {}
+    for rank, window in enumerate(evidence.windows):
         for symbol in index.symbols_in(window.path):
-            start, end = max(symbol.start, window.start), min(symbol.end, window.end)
-            if start <= end and symbol.start >= window.start:
-                choices.append(f"`{symbol.qualname}` [{window.path}:{start}-{end}]")
-    return list(dict.fromkeys(choices))
+            start, end = symbol.start, min(symbol.end, window.end)
+            if window.start <= start <= end:
+                choices.setdefault(f"`{symbol.qualname}` [{window.path}:{start}-{end}]", rank)
+    return choices
 
 
 def evidence_names(evidence: Evidence, index: ProgramIndex | None, question: str) -> list[str]:
@@ -124,20 +128,27 @@ class BuildPrompt(Stage):
             hints = {"top_p": 0.03, "repetition_penalty": -0.05}
             if self.prefill_pointer and first:
                 prefill = f"[{example}] "
-        content = (f"Question: {prompt}\n\n" if self.question_first else "") + f"{blocks}\n\nQuestion: {prompt}"
-        content += "\n\n" + " ".join(rules)
-        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": content}]
-        tok = lm.tokenizer
-        if tok.chat_template:
-            text, ids = encode_chat(tok, messages)
-        else:
-            text = f"{self.system}\n\n{content}\n\nAnswer:"
-            ids = encode_data(tok, text)
+        messages = self.messages(prompt, blocks, rules)
+        text, ids = self.encode(lm.tokenizer, messages)
         definitions = lead_choices(evidence, index)
-        lead = definitions if self.form == "lead" and not prefill else []
+        lead = list(definitions) if self.form == "lead" and not prefill else []
+        # the same prompt asking nothing in particular: what a lead choice owes to the question (decode.lead_calibrate)
+        neutral_ids = self.encode(lm.tokenizer, self.messages(NEUTRAL_QUESTION, blocks, rules))[1] if lead else []
         # a citation names a packed window or a definition inside one
         spans = [f"{w.path}:{w.start}-{w.end}" for w in evidence.windows]
         citations = list(dict.fromkeys(spans + [choice.rsplit("[", 1)[1][:-1] for choice in definitions]))
         names = evidence_names(evidence, index, prompt)
         return {"prompt": Prompt(messages, text, prefill, self.attempt, hints, ids=ids, citations=citations,
-                                 lead=lead, names=names)}
+                                 lead=lead, names=names, lead_rank=[definitions[c] for c in lead],
+                                 neutral_ids=neutral_ids)}
+
+    def messages(self, question: str, blocks: str, rules: list[str]) -> list[dict[str, str]]:
+        content = (f"Question: {question}\n\n" if self.question_first else "") + f"{blocks}\n\nQuestion: {question}"
+        content += "\n\n" + " ".join(rules)
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": content}]
+
+    def encode(self, tok, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        if tok.chat_template:
+            return encode_chat(tok, messages)
+        text = f"{messages[0]['content']}\n\n{messages[1]['content']}\n\nAnswer:"
+        return text, encode_data(tok, text)

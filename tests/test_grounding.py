@@ -1,6 +1,7 @@
 """Grounded decoding: the citation constraint, lead choices, and prompt tokens that keep program text as data."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 
@@ -110,7 +111,8 @@ def test_trie_marks_complete_sequences_and_is_prefix_free(default_tokenizer):
     assert END in node and len(node) == 1
 
 
-def test_generate_with_the_constraint_samples_only_allowed_citations(tiny_lm, index_with_windows):
+@pytest.mark.parametrize("lead", ["likelihood", "greedy"])
+def test_generate_with_the_constraint_samples_only_allowed_citations(tiny_lm, index_with_windows, lead):
     """Inside transformers' generate, with sampling, on the tiny model: any citation it opens is a packed span."""
     from stages.decode import Decode
 
@@ -118,8 +120,8 @@ def test_generate_with_the_constraint_samples_only_allowed_citations(tiny_lm, in
     prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
     assert prompt.lead and prompt.citations
     for seed in range(3):
-        draft = Decode(do_sample=True, temperature=1.5, max_new_tokens=48, min_new_tokens=0, seed=seed).run(
-            tiny_lm, prompt)["draft"]
+        draft = Decode(do_sample=True, temperature=1.5, max_new_tokens=48, min_new_tokens=0, seed=seed,
+                       lead=lead).run(tiny_lm, prompt)["draft"]
         assert any(draft.text.startswith(choice) for choice in prompt.lead), draft.text
         for _, _, path, start, end in parse_citations(draft.text, index):
             if f"[{path}:{start}-{end}]" in draft.text:
@@ -195,3 +197,19 @@ def token_texts_of(tok):
     from stages.common.grounding import token_texts
 
     return token_texts(tok)
+
+
+def test_likelihood_lead_decodes_on_from_the_prompt_cache_exactly(tiny_lm, index_with_windows):
+    """Choosing the lead encodes the prompt once; decoding goes on from that cache and gives the tokens a fresh
+    greedy decode of prompt + lead gives."""
+    from stages.decode import Decode
+
+    index, evidence = index_with_windows
+    prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
+    draft = Decode(max_new_tokens=24, min_new_tokens=24, lead_prior=100.0).run(tiny_lm, prompt)["draft"]
+    first = draft.lead["lead"]
+    assert draft.text.startswith(first) and prompt.lead_rank[prompt.lead.index(first)] == 0  # the prior decides
+    ids = prompt.ids + tiny_lm.tokenizer(first, add_special_tokens=False)["input_ids"]
+    plain = Decode(max_new_tokens=24, min_new_tokens=24, constrain=["citations", "code"]).run(
+        tiny_lm, dataclasses.replace(prompt, ids=ids, lead=[]))["draft"]
+    assert draft.text == (first + plain.text).strip() or draft.text == first + " " + plain.text

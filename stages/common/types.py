@@ -166,6 +166,8 @@ class Prompt:
     citations: list[str] = dataclasses.field(default_factory=list)  # `path:A-B` a citation may name
     lead: list[str] = dataclasses.field(default_factory=list)  # choices the reply may start with (form=lead)
     names: list[str] = dataclasses.field(default_factory=list)  # identifiers inline code may name
+    lead_rank: list[int] = dataclasses.field(default_factory=list)  # packed-window position of each lead choice
+    neutral_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt, a neutral question
 
     def summary(self) -> dict[str, Any]:
         return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
@@ -185,6 +187,7 @@ class Draft:
     prefill_seconds: float = 0.0  # the prompt's forward pass (the rest of `seconds` is decoding)
     constrained_citations: int = 0  # citations completed under the grounding constraint
     constrained_names: int = 0  # inline-code names completed under it
+    lead: dict[str, Any] = dataclasses.field(default_factory=dict)  # how decode.lead=likelihood chose the lead
 
     def source_at(self, offset: int) -> str:
         return "attributed" if offset < self.prefill_chars else "model"
