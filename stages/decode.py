@@ -10,6 +10,7 @@ import time
 from typing import Annotated
 
 from pipeline.stage import Range, Stage
+from stages.common.streaming import console_streamer
 from stages.common.types import Draft, LanguageModel, Prompt
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> tu
         torch.manual_seed(seed)
     started = time.perf_counter()
     with torch.no_grad():
-        output = lm.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        output = lm.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                                   streamer=console_streamer(tok, prompt.attempt, prompt.prefill))
     seconds = time.perf_counter() - started
     new = output[0, input_ids.shape[1]:]
     text = prompt.prefill + tok.decode(new, skip_special_tokens=True)
