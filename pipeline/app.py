@@ -84,8 +84,8 @@ def hydra_main(cfg: DictConfig) -> Any:
         if terminal is not None and terminal.wrote:  # the draft was streamed: the checked answer follows
             print("\n\n── answer (citations checked) ──")
         print(value)
-    if single:
-        print(f"run folder: {run_dir}" + (f"\nreport: {where}" if where else ""))
+    if single:  # on stderr: stdout ends with the result, for scripts (`... | tail -1`)
+        print(f"run folder: {run_dir}" + (f"\nreport: {where}" if where else ""), file=sys.stderr)
     return value
 
 

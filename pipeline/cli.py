@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import sys
+import traceback
 from typing import Any, Callable, Iterable
 
 # config keys whose value is what a person typed (a question), never Hydra grammar or an interpolation
@@ -184,10 +185,18 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        if verbose:
+        if previous == "1":  # the user asked Hydra for the raw exception
             raise
+        if verbose:
+            traceback.print_exc()
+            sys.exit(1)
         print(f"error: {explain(err, config_name, _overrides(argv))}", file=sys.stderr)
         sys.exit(2)
+    except Exception:  # noqa: BLE001 - what Hydra would do: the traceback, exit 1 (our own errors exit 2 before this)
+        if previous == "1":
+            raise
+        traceback.print_exc()
+        sys.exit(1)
     finally:
         sys.argv = saved_argv
         if previous is None:

@@ -294,6 +294,9 @@ def section_question(run: RunFolder) -> str:
                      + ("the answer passed its checks with at least one valid citation" if grounded
                         else "the checks could not ground this answer in the program") + "</p>")
     parts.append(render_answer(run))
+    parts.append('<p class="small muted">key: <a class="cite model">model citation</a> '
+                 '<a class="cite attributed">attributed (added by citation repair)</a> '
+                 '<span class="invalid">invalid</span> <mark class="unknown">unknown identifier</mark></p>')
     flat = _flatten(tele)
     head = [(k, v) for k, v in _pick(flat, run.settings["keys"].get("headline") or []) if v is not None]
     if head:
@@ -642,11 +645,11 @@ class SweepReport(Callback):  # type: ignore[misc]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(str(config.hydra.sweep.dir))
-        print(f"sweep folder: {folder}")
+        print(f"sweep folder: {folder}", file=sys.stderr)
         if str(OmegaConf.select(config, "report.format", default="none")) != "html":
             return
         try:
-            print(f"report: {write_sweep_report(folder)}")
+            print(f"report: {write_sweep_report(folder)}", file=sys.stderr)
         except (ReportError, OSError) as err:
             print(f"warning: no sweep report: {str(err).splitlines()[0]}", file=sys.stderr)
 
