@@ -5,7 +5,7 @@ The model, the program's index and its adapters are loaded by the first question
 with its report; on a terminal the answer streams as it decodes. After the checks, an answer that is grounded
 (telemetry `grounded`, or at least one valid citation where a run does not report it) is printed with the code of
 the windows it cites; one that is not says "I could not find this in the program" instead of guessing.
-An empty line, `exit`, `quit` or end of input ends the chat.
+`exit`, `quit` or the end of input ends the chat; empty lines are skipped.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
     from pipeline.report import settings_of
 
     interactive = stdin.isatty() and out.isatty()
-    print(f"Ask about {cfg.program_root} (an empty line, exit or Ctrl-D ends). The first answer loads the model.",
+    print(f"Ask about {cfg.program_root} (exit, quit or Ctrl-D ends). The first answer loads the model.",
           file=out)
     asked = 0
     while True:
@@ -86,7 +86,9 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
                 break
             question = line.rstrip("\n")
         question = question.strip()
-        if question.lower() in ("", "exit", "quit"):
+        if not question:
+            continue
+        if question.lower() in ("exit", "quit"):
             break
         asked += 1
         run_dir = session / f"q{asked:03d}"
@@ -102,7 +104,7 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
                 print(f"\nerror: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=out)
                 continue
             except KeyboardInterrupt:
-                print("\ninterrupted (model weights restored); ask again or end with an empty line", file=out)
+                print("\ninterrupted (model weights restored); ask again, or end with exit", file=out)
                 continue
         where = write_report(job, run_dir)
         print("", file=out)

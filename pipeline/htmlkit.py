@@ -119,7 +119,7 @@ def bar_chart(labels: list[str], values: list[float | None], title: str, width: 
     note = ""
     if not numbers:
         return f"<div><h3>{esc(title)}</h3><p class=\"muted\">no numeric values</p></div>"
-    if len(numbers) > 1 and len(set(numbers)) == 1:
+    if len(numbers) == len(values) > 1 and len(set(numbers)) == 1:
         note = f"<p class=\"small muted\">all {len(numbers)} values are equal ({esc(fmt(numbers[0]))})</p>"
     top = max(max(numbers), 0.0)
     low = min(min(numbers), 0.0)

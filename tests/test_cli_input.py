@@ -122,3 +122,16 @@ def test_a_failed_run_names_its_report_on_the_one_error_line(ws, tiny_lm):
     report = ws["tmp"] / "run" / "report.html"
     assert lines[0].endswith(f"(report: {report})") and report.is_file()
     assert 'data-node="index" data-status="failed"' in report.read_text()
+
+
+def test_every_console_command_names_a_callable():
+    import importlib
+    import tomllib
+
+    from pipeline import PROJECT_ROOT
+
+    scripts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"pca-run", "pca-chat", "pca-summary", "pca-report"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
