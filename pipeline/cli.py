@@ -95,7 +95,9 @@ def _config_keys(config_name: str, overrides: list[str]) -> list[str]:
     """Every dotted key of the config composed with the group choices that parse (for suggestions)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from . import CONF_DIR
 
@@ -108,7 +110,7 @@ def _config_keys(config_name: str, overrides: list[str]) -> list[str]:
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 cfg = compose(config_name, overrides=attempt, return_hydra_config=True)
             break
-        except Exception:  # noqa: BLE001 - a choice that does not compose: suggest from the defaults instead
+        except (HydraException, OmegaConfBaseException):  # a choice that does not compose: use the defaults
             GlobalHydra.instance().clear()
     GlobalHydra.instance().clear()
     if cfg is None:

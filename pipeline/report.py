@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import CONF_DIR
 from .cache import write_atomic
@@ -32,6 +34,9 @@ from .htmlkit import SORT_JS, bar_chart, dag_svg, esc, fmt, heatmap, highlight, 
 # a citation as SPEC §5 writes it: path:START[-END]
 CITATION = re.compile(r"([\w./-]+\.\w+):(\d+)(?:-(\d+))?")
 MAX_PROGRAM_FILE_BYTES = 4_000_000
+
+
+CONFIG_ERRORS = (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException)
 
 
 class ReportError(Exception):
@@ -54,12 +59,12 @@ def settings_of(config: DictConfig | None) -> dict:
                 value = section[key]
                 settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) or \
                     OmegaConf.is_list(value) else value
-            except Exception:  # noqa: BLE001 - an interpolation that no longer resolves: keep the default
+            except OmegaConfBaseException:  # an interpolation that no longer resolves: keep the default
                 pass
     if not settings.get("program_root") and config is not None:
         try:
             settings["program_root"] = OmegaConf.select(config, "program_root", throw_on_resolution_failure=True)
-        except Exception:  # noqa: BLE001 - e.g. a resolver this process does not know: no code is shown
+        except OmegaConfBaseException:  # e.g. a resolver this process does not know: no code is shown
             settings["program_root"] = None
     return settings
 
@@ -131,18 +136,13 @@ class RunFolder:
         folder = Path(folder)
         if not folder.is_dir():
             raise ReportError(f"'{folder}' is not a folder (pass a run folder such as outputs/runs/<date>/<time>)")
-        config = None
+        config, bad_config = None, None
         config_file = folder / ".hydra" / "config.yaml"
         if config_file.is_file():
             try:
                 config = OmegaConf.load(config_file)
-            except Exception as err:  # noqa: BLE001 - a broken config is reported, the rest still renders
-                config = None
-                bad_config = str(err).splitlines()[0]
-            else:
-                bad_config = None
-        else:
-            bad_config = None
+            except CONFIG_ERRORS as err:  # a broken config is reported, the rest still renders
+                bad_config = str(err).splitlines()[0] if str(err) else type(err).__name__
         settings = settings or settings_of(config)
         if not is_run_folder(folder, settings):
             files = ", ".join(settings["files"].values())
@@ -620,7 +620,7 @@ def write_sweep_report(folder: str | Path, settings: dict | None = None) -> Path
 def _load_config(folder: Path) -> DictConfig | None:
     try:
         return OmegaConf.load(folder / ".hydra" / "config.yaml")
-    except Exception:  # noqa: BLE001 - no or a broken config: the defaults are used
+    except CONFIG_ERRORS:  # no or a broken config: the defaults are used
         return None
 
 

@@ -135,3 +135,10 @@ def test_every_console_command_names_a_callable():
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+def test_the_python_api_passes_text_through_unchanged():
+    from pipeline.api import _literal, compose
+
+    for text in QUESTIONS + ["a\\b", "\\${x}", "it's"]:
+        assert compose([f"prompt={_literal(text)}"]).pipeline.inputs.prompt == text

@@ -66,7 +66,7 @@ def test_truncated_telemetry_renders_its_complete_entries(tmp_path, program):
     html = render(run)
     assert "telemetry.json: truncated or invalid" in html
     assert "How is &lt;config&gt; parsed?" in html and 'id="w0"' in html  # entries before the cut are shown
-    assert 'class="cite' not in html  # the citations were cut off: nothing is linked as if checked
+    assert 'href="#w' not in html  # the citations were cut off: nothing is linked as if checked
 
 
 def test_salvage_keeps_only_complete_entries():
@@ -147,3 +147,11 @@ def test_report_cli_prints_where_it_wrote(tmp_path, program):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"report: {run / 'report.html'}"
     json.loads((run / "telemetry.json").read_text())  # the run's own files are left as they were
+
+
+def test_a_broken_config_is_named_and_the_rest_renders(tmp_path, program):
+    run = write_run(tmp_path / "run", program, telemetry())
+    (run / ".hydra" / "config.yaml").write_text("program_root: [unclosed\n")
+    html = render(run)
+    assert ".hydra/config.yaml: unreadable" in html and 'id="answer"' in html
+    assert "code not shown: the program root is unknown" in html
