@@ -121,7 +121,8 @@ def write_report(cfg: DictConfig, run_dir: Path) -> Path | None:
     section = cfg.get("report")
     if section is None or str(section.get("format", "none")) != "html" or not (run_dir / "trace.json").is_file():
         return None
-    from .report import ReportError, settings_of, write_run_report
+    from .report import write_run_report
+    from .runfolder import ReportError, settings_of
 
     try:
         return write_run_report(run_dir, settings_of(cfg))

@@ -35,7 +35,7 @@ def grounded(telemetry: dict, keys: dict) -> bool:
 
 def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
     """The checked answer and the code of every window it cites, or NOT_FOUND."""
-    from pipeline.report import RunFolder, read_lines
+    from pipeline.runfolder import RunFolder, read_lines
 
     run = RunFolder.load(run_dir, settings)
     keys = settings["keys"]
@@ -68,7 +68,7 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
 
 
 def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, out: TextIO) -> int:
-    from pipeline.report import settings_of
+    from pipeline.runfolder import settings_of
 
     interactive = stdin.isatty() and out.isatty()
     print(f"Ask about {cfg.program_root} (exit, quit or Ctrl-D ends). The first answer loads the model.",

@@ -14,7 +14,7 @@ def app(cfg: DictConfig):
 
     from hydra.core.hydra_config import HydraConfig
 
-    from pipeline.report import RunFolder, artifact_manifests
+    from pipeline.runfolder import RunFolder, artifact_manifests
 
     path = hydra_main(cfg)
     if path is not None:

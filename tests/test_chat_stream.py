@@ -12,7 +12,7 @@ import time
 
 from pipeline import PROJECT_ROOT
 from pipeline.chat import NOT_FOUND, show_answer
-from pipeline.report import settings_of
+from pipeline.runfolder import settings_of
 from report_fixtures import telemetry, write_program, write_run
 from stages.common.streaming import DRAFT_BANNER, RETRY_BANNER
 
