@@ -186,13 +186,17 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     saved_argv, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
         main()
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, OSError) as err:
+        # composing, or Hydra's own files (the run folder, its log, the saved config): our stages' errors were
+        # already reported by the app as `error: node ...`
         if previous == "1":  # the user asked Hydra for the raw exception
             raise
         if verbose:
             traceback.print_exc()
             sys.exit(1)
-        print(f"error: {explain(err, config_name, _overrides(argv))}", file=sys.stderr)
+        message = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else \
+            explain(err, config_name, _overrides(argv))
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except Exception:  # noqa: BLE001 - what Hydra would do: the traceback, exit 1 (our own errors exit 2 before this)
         if previous == "1":

@@ -142,3 +142,13 @@ def test_the_python_api_passes_text_through_unchanged():
 
     for text in QUESTIONS + ["a\\b", "\\${x}", "it's"]:
         assert compose([f"prompt={_literal(text)}"]).pipeline.inputs.prompt == text
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(ws):
+    blocker = ws["tmp"] / "a-file"
+    blocker.write_text("")
+    args = [a for a in run_args(ws) if not a.startswith("hydra.run.dir=")]
+    code, out, err = call(args + [f"hydra.run.dir={blocker / 'run'}", "prompt=how does add work"])
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(blocker) in lines[0], err
