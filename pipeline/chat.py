@@ -26,16 +26,9 @@ NOT_FOUND = "I could not find this in the program."
 MAX_LINES_SHOWN = 30
 
 
-def grounded(telemetry: dict, keys: dict) -> bool:
-    flag = telemetry.get(keys.get("grounded", "grounded"))
-    if isinstance(flag, bool):
-        return flag
-    return any(isinstance(c, dict) and c.get("valid") for c in telemetry.get(keys.get("citations", "citations")) or [])
-
-
 def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
     """The checked answer and the code of every window it cites, or NOT_FOUND."""
-    from pipeline.runfolder import RunFolder, read_lines
+    from pipeline.runfolder import RunFolder, read_lines, source_hashes
 
     run = RunFolder.load(run_dir, settings)
     keys = settings["keys"]
@@ -43,11 +36,11 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
     if not tele:
         print(f"(no {settings['files']['telemetry']} was written: {run.problems})", file=out)
         return
-    if not grounded(tele, keys):
+    if not run.grounded():
         print(NOT_FOUND, file=out)
         return
     print(tele.get(keys["answer"]) or "", file=out)
-    seen = set()
+    seen, hashes = set(), source_hashes(run)
     for citation in tele.get(keys["citations"]) or []:
         if not isinstance(citation, dict) or not citation.get("valid"):
             continue
@@ -56,11 +49,14 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
             continue
         seen.add(span)
         path, start, end = span
-        lines, why = read_lines(settings.get("program_root"), path, start, min(end, start + MAX_LINES_SHOWN - 1))
+        lines, why = read_lines(settings.get("program_root"), path, start, min(end, start + MAX_LINES_SHOWN - 1),
+                                hashes.get(path))
         print(f"\n── {path}:{start}-{end} ({citation.get('source', 'model')} citation)", file=out)
         if lines is None:
             print(f"   (code not shown: {why})", file=out)
             continue
+        if why:
+            print(f"   ({why})", file=out)
         for number, line in enumerate(lines, start):
             print(f"{number:>5} │ {line}", file=out)
         if end - start + 1 > MAX_LINES_SHOWN:

@@ -57,10 +57,10 @@ def _already_quoted(value: str) -> list[str] | None:
         parsed = OverridesParser.create().parse_override(f"key={value}")
     except HydraException:
         return None
-    raw = parsed._value  # the parsed value before Hydra unquotes it: str, QuotedString or a sweep of them
-    items = raw.list if isinstance(raw, ChoiceSweep) else [raw]
+    value = parsed.value()  # a quoted string (unquoted now), or a sweep whose items keep their quotes
+    items = value.list if isinstance(value, ChoiceSweep) else [value]
     texts = [item.text if isinstance(item, QuotedString) else item for item in items]
-    return texts if all(isinstance(t, str) for t in texts) and isinstance(raw, (ChoiceSweep, QuotedString)) else None
+    return texts if all(isinstance(t, str) for t in texts) else None
 
 
 def prepare_argv(argv: Iterable[str]) -> list[str]:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from .cache import write_atomic
 from .htmlkit import SORT_JS, bar_chart, dag_svg, esc, fmt, heatmap, highlight, key_values, page, table
 from .runfolder import (CONFIG_ERRORS, ReportError, RunFolder, artifact_manifests, is_run_folder, is_sweep_folder,
-                        read_lines, salvage_object, settings_of)
+                        read_lines, salvage_object, settings_of, source_hashes)
 
 __all__ = ["ReportError", "RunFolder", "SweepReport", "main", "salvage_object", "write_report", "write_run_report",
            "write_sweep_report"]
@@ -116,12 +116,13 @@ def section_question(run: RunFolder) -> str:
         return ""
     parts = ["<h2>Question and answer</h2>",
              f'<div class="question" id="question">{esc(run.key("question", ""))}</div>']
-    grounded = run.key("grounded")
-    if isinstance(grounded, bool):
-        parts.append(f'<p><span class="badge {"ok" if grounded else "warn"}" id="grounded">'
-                     f'{"grounded" if grounded else "not grounded"}</span> '
-                     + ("the answer passed its checks with at least one valid citation" if grounded
-                        else "the checks could not ground this answer in the program") + "</p>")
+    grounded, reported = run.grounded(), isinstance(run.key("grounded"), bool)
+    why = ("the answer passed its checks with at least one valid citation" if reported else
+           "at least one citation is valid") if grounded else \
+        ("the checks could not ground this answer in the program" if reported else
+         "no citation is valid: nothing in this answer is backed by the evidence below")
+    parts.append(f'<p><span class="badge {"ok" if grounded else "warn"}" id="grounded">'
+                 f'{"grounded" if grounded else "not grounded"}</span> {esc(why)}</p>')
     parts.append(render_answer(run))
     parts.append('<p class="small muted">key: <a class="cite model">model citation</a> '
                  '<a class="cite attributed">attributed (added by citation repair)</a> '
@@ -167,15 +168,18 @@ def section_evidence(run: RunFolder) -> str:
              f'<p class="small muted">code read from {esc(root or "(unknown program root)")} when this report '
              f"was written</p>"]
     limit = int(run.settings.get("max_code_lines") or 400)
+    hashes = source_hashes(run)
     for i, w in enumerate(windows):
         path, start, end = str(w["path"]), int(w["start"]), int(w["end"])
         spans = [(a, b) for a, b in cited.get(path, []) if a <= end and start <= b]
         marked = {n for a, b in spans for n in range(max(a, start), min(b, end) + 1)}
         extra = " ".join(f"{k} {fmt(v)}" for k, v in w.items() if k not in ("path", "start", "end"))
         badge = f' <span class="badge ok">cited ×{len(spans)}</span>' if spans else ""
-        lines, why = read_lines(root, path, start, min(end, start + limit - 1))
+        lines, why = read_lines(root, path, start, min(end, start + limit - 1), hashes.get(path))
         code = highlight(path, lines, start, marked) if lines is not None else \
             f'<p class="muted" style="padding:6px 10px">code not shown: {esc(why)}</p>'
+        if lines is not None and why:
+            code = f'<p class="banner warn small changed">{esc(why)}</p>{code}'
         if lines is not None and end - start + 1 > limit:
             code += f'<p class="small muted" style="padding:0 10px">… {end - start + 1 - limit} more lines</p>'
         parts.append(f'<div class="window" id="w{i}" data-path="{esc(path)}"><div class="head mono">'
@@ -255,7 +259,8 @@ def section_graph(run: RunFolder) -> str:
         rows.append([f'<span class="badge {esc(state)}">{esc(n["node"])}</span>', esc(state),
                      esc(fmt(round(seconds, 3))), f'<div class="bar">{bars}</div>'
                      + (f'<div class="small muted">{esc(label)}</div>' if label else ""),
-                     esc(fmt(n.get("peak_rss_mb"))), esc(n.get("reason") or ""), esc(n.get("stage", ""))])
+                     esc(fmt(n.get("peak_rss_mb"))), esc(n.get("reason") or ""),
+                     f'<span title="{esc(n.get("stage", ""))}">{esc(str(n.get("stage", "")).rpartition(".")[2])}</span>'])
     parts.append(f'<div class="waterfall"><h3>Timing waterfall ({fmt(total)} s in nodes)</h3>'
 
                  + table(["node", "status", "seconds", "when", "peak RSS (MiB)", "reason", "stage"], rows, raw=True)

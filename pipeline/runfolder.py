@@ -6,6 +6,7 @@ Used by the report, the chat and the export app; it imports no stage and knows n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -155,6 +156,15 @@ class RunFolder:
     def trace(self) -> dict:
         return self.data.get("trace") or {}
 
+    def grounded(self) -> bool | None:
+        """Telemetry's `grounded` when it reports one, else whether any citation is valid; None without telemetry."""
+        if not self.telemetry:
+            return None
+        flag = self.key("grounded")
+        if isinstance(flag, bool):
+            return flag
+        return any(isinstance(c, dict) and c.get("valid") for c in self.key("citations") or [])
+
     def key(self, role: str, default: Any = None) -> Any:
         name = self.settings["keys"].get(role)
         return self.telemetry.get(name, default) if name else default
@@ -169,8 +179,10 @@ def _runtime_cwd(folder: Path) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def read_lines(root: str | Path | None, path: str, start: int, end: int) -> tuple[list[str] | None, str]:
-    """Lines start..end of a program file, or (None, why not). Only regular files inside the root are read."""
+def read_lines(root: str | Path | None, path: str, start: int, end: int,
+               sha256: str | None = None) -> tuple[list[str] | None, str]:
+    """Lines start..end of a program file and a note, or (None, why not). Only regular files inside the root are
+    read. With the file's ``sha256`` at the time of the run, a file changed since then is noted."""
     if not root:
         return None, "the program root is unknown"
     try:
@@ -182,11 +194,15 @@ def read_lines(root: str | Path | None, path: str, start: int, end: int) -> tupl
         return None, f"{path} is not a file inside the program root"
     if target.stat().st_size > MAX_PROGRAM_FILE_BYTES:
         return None, f"{path} is larger than {MAX_PROGRAM_FILE_BYTES} bytes"
+    data = target.read_bytes()
+    note = ""
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        note = f"{path} changed since the run: these lines may not be the ones the model was shown"
     # lines are counted the way the index counts them (str.splitlines), so windows and citations line up
-    lines = target.read_bytes().decode("utf-8", errors="replace").splitlines()
+    lines = data.decode("utf-8", errors="replace").splitlines()
     if start < 1 or start > len(lines):
         return None, f"{path} has {len(lines)} lines now, the window starts at {start}"
-    return lines[start - 1:end], ""
+    return lines[start - 1:end], note
 
 
 def artifact_manifests(run: RunFolder) -> list[tuple[Path, dict]]:
@@ -200,3 +216,20 @@ def artifact_manifests(run: RunFolder) -> list[tuple[Path, dict]]:
                 if isinstance(data, dict):
                     found[Path(path)] = data
     return list(found.items())
+
+
+def source_hashes(run: RunFolder) -> dict[str, str]:
+    """path -> sha256 of every program file as the run saw it (the build artifacts' sources.jsonl), if found."""
+    for folder, _ in artifact_manifests(run):
+        sources = folder / "sources.jsonl"
+        if sources.is_file():
+            hashes = {}
+            for line in sources.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("path"), str):
+                    hashes[record["path"]] = str(record.get("sha256", ""))
+            return hashes
+    return {}

@@ -155,3 +155,35 @@ def test_a_broken_config_is_named_and_the_rest_renders(tmp_path, program):
     html = render(run)
     assert ".hydra/config.yaml: unreadable" in html and 'id="answer"' in html
     assert "code not shown: the program root is unknown" in html
+
+
+def test_a_file_changed_since_the_run_is_flagged(tmp_path, program):
+    import hashlib
+
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "manifest.json").write_text(json.dumps({"model_id": "tiny", "rank": 12, "synth": {"name": "fitted",
+                                                          "val_perplexity_plain": 12.4, "val_perplexity_fitted": 9.3}}))
+    seen = hashlib.sha256((program / "pkg" / "core.py").read_bytes()).hexdigest()
+    (artifacts / "sources.jsonl").write_text(json.dumps({"path": "pkg/core.py", "sha256": seen, "bytes": 1}) + "\n")
+    tr = trace()
+    tr["nodes"][0]["outputs"] = {"artifacts": {"path": str(artifacts), "rank": 12}}
+    run = write_run(tmp_path / "run", program, telemetry(), tr)
+    html = render(run)
+    assert "changed since the run" not in html
+    assert "val_perplexity_fitted" in html and "9.3" in html  # the build's perplexities, from its manifest
+    with open(program / "pkg" / "core.py", "a") as handle:
+        handle.write("# edited after the run\n")
+    assert html.count("pkg/core.py changed since the run") == 0
+    assert render(run).count("pkg/core.py changed since the run") == 2  # both windows say so
+
+
+def test_grounded_comes_from_telemetry_or_else_from_valid_citations(tmp_path, program):
+    def badge(**changes):
+        html = render(write_run(tmp_path / f"run{len(list(tmp_path.iterdir()))}", program, telemetry(**changes)))
+        return re.search(r'id="grounded">([^<]*)</span>', html).group(1)
+
+    assert badge() == "grounded"
+    assert badge(grounded=False) == "not grounded"  # telemetry's own verdict wins over the valid citations
+    assert badge(grounded=None) == "grounded"  # not reported: one valid citation is enough
+    assert badge(grounded=None, citations=[]) == "not grounded"
