@@ -350,8 +350,9 @@ def render_run(run: RunFolder) -> str:
     if not any(r in run.data for r in run.settings["files"] if r != "trace"):
         missing = [n for n in results if run.problems.get(n) == "missing"]
         if missing:
-            parts.append(f'<div class="banner warn" id="missing">missing: {esc(", ".join(missing))}: no question, '
-                         "answer or result can be shown</div>")
+            parts.append(f'<div class="banner warn" id="missing">missing: {esc(", ".join(missing))} (this graph '
+                         "writes none of them, or the run stopped before it did): no question, answer or result to "
+                         "show</div>")
     for name, problem in run.problems.items():
         if problem != "missing" or name == run.settings["files"].get("trace"):
             parts.append(f'<div class="banner warn">{esc(name)}: {esc(problem)}</div>')
