@@ -2,32 +2,20 @@
 where a run went. Each command runs in this process (`python -m pipeline.run <args>`), the tiny model stays loaded."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import sys
 
 import pytest
 
 import pipeline.run as run_app
+from conftest import call_main
 from pipeline.cli import escape_interpolation, hydra_quoted, prepare_argv
 
 PROGRAM = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add two numbers."""\n    return a + b\n'}
 
 
-def call(args: list[str], main=run_app.main) -> tuple[int, str, str]:
-    argv, sys.argv = sys.argv, ["pipeline.run", *args]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+def call(args: list[str]) -> tuple[int, str, str]:
+    return call_main(run_app.main, args)
 
 
 @pytest.fixture

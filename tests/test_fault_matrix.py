@@ -5,9 +5,7 @@ Rows are data: (name, setup, extra overrides, expected exit code, expected text)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import os
 import subprocess
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 import pipeline.run as run_app
+from conftest import call_main
 from pipeline import PROJECT_ROOT
 from stages.common.adapters import save_npz
 
@@ -27,17 +26,7 @@ GOOD = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add."""\n 
 
 def call(args: list[str]) -> tuple[int, str, str]:
     """`python -m pipeline.run <args>` in this process (the model stays loaded): exit code, stdout, stderr."""
-    argv, sys.argv = sys.argv, ["pipeline.run", *args]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_app.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    return call_main(run_app.main, args)
 
 
 @pytest.fixture
