@@ -13,7 +13,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from . import CONF_DIR
-from .app import as_text, result_value, run_config
+from .app import result_value, run_config
+from .cli import text_override_value
 from .errors import ConfigError
 from .execute import RunResult
 
@@ -30,9 +31,8 @@ def _literal(value: Any) -> str:
         return "[" + ",".join(_literal(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
-    # a prompt about OmegaConf ("what does ${x} do?") is text, not an interpolation
-    text = as_text(str(value).replace("\\", "\\\\").replace("'", "\\'"))
-    return f"'{text}'"
+    # a prompt about OmegaConf ("what does ${x} do?") is text, not an interpolation; quotes and backslashes too
+    return text_override_value(str(value))
 
 
 def knob_overrides(knobs: dict[str, Any], table: dict | None = None) -> list[str]:

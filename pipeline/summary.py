@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import fnmatch
 import json
 import math
@@ -109,7 +110,11 @@ def pick_metric(rows: list[dict], wanted: str | None) -> str:
     numeric = sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if wanted:
         if wanted not in numeric:
-            raise SummaryError(f"--metric '{wanted}' is not a numeric result of these jobs; available: {', '.join(numeric)}")
+            close = difflib.get_close_matches(wanted, numeric, n=3, cutoff=0.5)
+            close += [n for n in numeric if wanted.lower() in n.lower() and n not in close][:3 - len(close)]
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise SummaryError(f"--metric '{wanted}' is not a numeric result of these jobs{hint}; "
+                               f"available: {', '.join(numeric)}")
         return wanted
     for name in PREFERRED_METRICS:
         if name in numeric:
@@ -159,7 +164,10 @@ def plot(rows: list[dict], varying: list[str], metric: str, path: Path) -> None:
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_xlabel(", ".join(varying) or "job")
-    ax.set_title(f"{metric} per job")
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    same = len(finite) == len(values) > 1 and len(set(finite)) == 1
+    # a flat plot shows nothing: say so in the title (and the caller says so in the terminal)
+    ax.set_title(f"{metric} per job" + (f": all {len(finite)} values are equal ({finite[0]:.4g})" if same else ""))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -175,8 +183,11 @@ def summarize(root: Path, metric: str | None = None, csv_path: Path | None = Non
     write_csv(rows, varying, csv_path)
     plot(rows, varying, metric, png_path)
     header = f"{len(rows)} jobs in {root}" + (f"; all with {' '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else "")
+    values = [row.get(metric) for row in rows]
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    flat = f" (all {len(rows)} values are equal: {cell(values[0])})" if numeric and len(rows) > 1 and len(set(values)) == 1 else ""
     text = "\n".join([header, render(rows, ["job", *varying, *shown_columns(rows, metric)]),
-                      f"csv: {csv_path}", f"plot ({metric}): {png_path}"])
+                      f"csv: {csv_path}", f"plot ({metric}): {png_path}{flat}"])
     return text, csv_path, png_path
 
 

@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.stage import Range, Stage
 from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie
 from stages.common.mixing import AdapterMix
+from stages.common.streaming import console_streamer
 from stages.common.types import Draft, LanguageModel, Prompt
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     with torch.no_grad():
         output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    generation_config=config, logits_processor=chain,
+                                   streamer=console_streamer(tok, prompt.attempt, prompt.prefill + lead),
                                    **({cache_kwarg(lm.model): cache} if cache is not None else {}))
     seconds = time.perf_counter() - started
     if grounding is not None:

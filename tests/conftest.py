@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -90,6 +92,21 @@ def fresh_index_memory():
     resources.clear("program-index")
     yield
     resources.clear("program-index")
+
+
+def call_main(main, args: list[str], prog: str = "pipeline.run") -> tuple[int, str, str]:
+    """`python -m <prog> <args>` in this process (a loaded model stays loaded): exit code, stdout, stderr."""
+    argv, sys.argv = sys.argv, [prog, *args]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
 
 
 def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -5,9 +5,7 @@ Rows are data: (name, setup, extra overrides, expected exit code, expected text)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import os
 import subprocess
@@ -19,7 +17,7 @@ import pytest
 import torch
 
 import pipeline.run as run_app
-from conftest import generation
+from conftest import call_main, generation
 from pipeline import PROJECT_ROOT
 from stages.common.adapters import save_npz
 
@@ -28,17 +26,7 @@ GOOD = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add."""\n 
 
 def call(args: list[str]) -> tuple[int, str, str]:
     """`python -m pipeline.run <args>` in this process (the model stays loaded): exit code, stdout, stderr."""
-    argv, sys.argv = sys.argv, ["pipeline.run", *args]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_app.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    return call_main(run_app.main, args)
 
 
 @pytest.fixture
@@ -314,7 +302,7 @@ def test_bad_config(workspace, tiny_lm, monkeypatch, name, overrides, expected):
 
 def test_hydra_override_errors_are_one_line_too(workspace):
     code, out, err = call(base_args(workspace) + ["no_such_key=1"])
-    assert code != 0 and "Could not override 'no_such_key'" in err and "Traceback" not in err
+    assert code == 2 and err.strip() == "error: unknown config key 'no_such_key'" and "Traceback" not in err
 
 
 def test_verbose_shows_the_traceback(workspace):
@@ -352,7 +340,9 @@ def test_an_exception_in_any_stage(workspace, tiny_lm, monkeypatch, node):
     monkeypatch.setattr(stage_cls, "run", explode)
     snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     code, out, err = call(base_args(workspace))
-    assert code == 2 and err.strip() == f"error: node '{node}': RuntimeError: boom in {node}"
+    report = workspace["tmp"] / "run" / "report.html"  # the one line also says where the failed run's report is
+    assert code == 2 and err.strip() == f"error: node '{node}': RuntimeError: boom in {node} (report: {report})"
+    assert f'data-node="{node}" data-status="failed"' in report.read_text()
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
     telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
     assert telemetry["status"] == "failed" and f"node '{node}'" in telemetry["error"]
