@@ -5,7 +5,8 @@
 Grounded decoding (options, each measured; README): `constrain` applies, inside `generate`
 (stages/common/grounding.py), the prompt's lead choices (`lead`), its citation strings (`citations`: a citation the
 model opens names a packed span) and its names (`code`: inline code the model opens names an identifier of the
-evidence or the question);
+evidence or the question) and its prose (`prose`: a word written like code, snake_case or camelCase, must be a
+name of the evidence or the question);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
 evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
 tokens that occur in the evidence. Logits are checked for NaN/inf at every step (a one-line error, weights
@@ -41,7 +42,7 @@ class Decode(Stage):
                  top_p: Annotated[float, Range(gt=0, le=1)] = 0.9, top_k: Annotated[int, Range(ge=0)] = 50,
                  repetition_penalty: Annotated[float, Range(gt=0)] = 1.1, penalize_prompt: bool = False,
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
-                 constrain: list[Literal["lead", "citations", "code"]] = ["lead", "citations", "code"],
+                 constrain: list[Literal["lead", "citations", "code", "prose"]] = ["lead", "citations", "code", "prose"],
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 2.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0):
@@ -179,8 +180,9 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
     if "code" in constrain and prompt.names:
         slots[CODE_OPENER] = TokenTrie.of_strings(tok, [f"{name}{call}`" for name in prompt.names for call in ("", "()")])
     lead = TokenTrie.of_strings(tok, prompt.lead) if lead_in_generate else None
-    if slots or lead:
-        grounding = GroundingProcessor(tok, len(ids), slots, lead)
+    known = prompt.names if "prose" in constrain else None
+    if slots or lead or known is not None:
+        grounding = GroundingProcessor(tok, len(ids), slots, lead, known)
         chain.append(grounding)
     if settings["do_sample"]:
         chain.append(TemperatureLogitsWarper(settings["temperature"]))

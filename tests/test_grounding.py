@@ -213,3 +213,33 @@ def test_likelihood_lead_decodes_on_from_the_prompt_cache_exactly(tiny_lm, index
     plain = Decode(max_new_tokens=24, min_new_tokens=24, constrain=["citations", "code"]).run(
         tiny_lm, dataclasses.replace(prompt, ids=ids, lead=[]))["draft"]
     assert draft.text == (first + plain.text).strip() or draft.text == first + " " + plain.text
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_words_written_like_code_are_names_of_the_evidence(default_tokenizer, sample):
+    """Outside slots, a snake_case / camelCase / inner-capital word must be a known name, whole: never a made-up one,
+    never a known name cut short. Plain words pass."""
+    from stages.common.identifiers import CODE_SHAPE
+
+    tok = default_tokenizer
+    texts = token_texts_of(tok)
+    known = ["get_best_encoding", "is_ascii_encoding", "HelpFormatter", "codecs.lookup", "ctx", "make_context"]
+    # tempt it: pieces of the known names, and tokens that would glue words into code-like ones
+    pieces = {i for name in known for i in tok(name, add_special_tokens=False)["input_ids"]}
+    risky = sorted(pieces | {i for i, t in enumerate(texts) if t[:1] in "_" and len(t) > 1 or t[:1].isupper()})
+    rng = random.Random(11 if sample else 12)
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    processor = GroundingProcessor(tok, len(prompt), {}, None, known)
+    ids = list(prompt)
+    for _ in range(300):
+        token, scores = step(processor, ids, len(prompt), len(tok), rng, sorted(pieces) + rng.sample(risky, 300), sample)
+        assert torch.isfinite(scores).any()
+        ids.append(token)
+    processor.update(torch.tensor([ids]))
+    text = tok.decode(ids[len(prompt):])
+    parts = {p for name in known for p in name.split(".")}
+    words = re.findall(r"[A-Za-z0-9_]+", text)
+    last = processor.rows[0].word  # a word still being written when decoding stopped may be a prefix
+    written = [w for w in (words[:-1] if last and words and words[-1] == last else words) if CODE_SHAPE.fullmatch(w)]
+    assert written, text  # the boost made it try
+    assert set(written) <= parts, (set(written) - parts, text)

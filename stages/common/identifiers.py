@@ -17,9 +17,10 @@ IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+"
 _SNAKE = r"_*[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*(?:_+[A-Za-z0-9]+)+_*|__[A-Za-z0-9]+__|_[A-Za-z][A-Za-z0-9]*"
 _CAMEL = r"[a-z][a-z0-9]*[A-Z][A-Za-z0-9]*"
-_PASCAL = r"[A-Z][a-z0-9]+[A-Z][A-Za-z0-9]*|[A-Z]{2,}[a-z][A-Za-z0-9]*"
+_PASCAL = r"[A-Z][a-z0-9]+[A-Z][A-Za-z0-9]*|[A-Z]{2,}[a-z]{2,}[A-Za-z0-9]*"  # not a plural acronym (URLs, IDs)
 # outside backticks: one of the shapes above, as a whole word (not part of a longer word or a path)
 CODE_WORD = re.compile(rf"(?<![\w./-])(?:{DOTTED}|{_SNAKE}|{_CAMEL}|{_PASCAL})(?![\w/-])(?!\.[A-Za-z_])")
+CODE_SHAPE = re.compile(rf"{_SNAKE}|{_CAMEL}|{_PASCAL}")  # one word (no dots) written like code: fullmatch
 BACKTICKS = re.compile(r"```.*?(?:```|\Z)|`([^`\n]+)`", re.S)
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
 
