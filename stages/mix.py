@@ -7,6 +7,7 @@ alpha, and `unmix` (a node that runs also after a failure) restores every weight
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -30,8 +31,8 @@ def delta_cap_from(value: float | None) -> float | None:
         cap = float(env)
     except ValueError:
         raise ConfigError(f"environment variable PCA_DELTA_CAP must be a number, got {env!r}") from None
-    if cap <= 0:
-        raise ConfigError(f"environment variable PCA_DELTA_CAP must be > 0, got {env!r}")
+    if not math.isfinite(cap) or cap <= 0:
+        raise ConfigError(f"environment variable PCA_DELTA_CAP must be a finite number > 0 (or 'none'), got {env!r}")
     return cap
 
 

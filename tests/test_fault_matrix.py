@@ -296,18 +296,78 @@ CONFIG_ERRORS = [
     ("unknown zoom symbol", ["select=zoom", "select.zoom_symbol=ad"], "close matches: add"),
     ("missing zoom symbol", ["select=zoom"], "zoom_symbol"),
     ("bad PCA_DELTA_CAP", ["+env_marker=1"], "PCA_DELTA_CAP must be a number"),
+    # non-finite numbers (issue 12): rejected at validation, by the framework for every float config value
+    ("alpha inf", ["mix.alpha=inf"], "node 'mix': config key 'alpha' must be a finite number, got inf"),
+    ("remix.low nan", ["remix.low=nan"], "node 'remix': config key 'low' must be a finite number, got nan"),
+    ("NaN rerank weight", ["rerank.signatures=nan"], "config key 'signatures' must be a finite number"),
+    ("delta_cap -inf", ["mix.delta_cap=-inf"], "config key 'delta_cap' must be a finite number"),
+    ("target weight q_proj=nan", ["targets.target_weights='q_proj=nan'"],
+     "targets.target_weights: value of 'q_proj' must be a finite number, got 'nan'"),
+    ("entropy weight inf", ["capacity=entropy", "capacity.entropy_weights='program=inf'"],
+     "value of 'program' must be a finite number"),
+    ("PCA_DELTA_CAP nan", ["+env_marker=1"], "PCA_DELTA_CAP must be a finite number > 0"),
 ]
+ENVIRONMENT = {"bad PCA_DELTA_CAP": "lots", "PCA_DELTA_CAP nan": "nan"}
 
 
 @pytest.mark.parametrize("name, overrides, expected", CONFIG_ERRORS, ids=[r[0] for r in CONFIG_ERRORS])
 def test_bad_config(workspace, tiny_lm, monkeypatch, name, overrides, expected):
-    if name == "bad PCA_DELTA_CAP":
-        monkeypatch.setenv("PCA_DELTA_CAP", "lots")
+    if name in ENVIRONMENT:
+        monkeypatch.setenv("PCA_DELTA_CAP", ENVIRONMENT[name])
         overrides = []
     snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     code, out, err = call(base_args(workspace) + overrides)
     assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert err.startswith("error: ") and "Traceback" not in err + out
+    assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+
+
+def huge_factors(folder):
+    """Finite float32 factors of 3e38: their product overflows to inf (the cap would turn it into nan)."""
+    _rewrite(folder, lambda arrays: arrays.update({k: np.full_like(v, 3e38) for k, v in arrays.items()
+                                                   if k.endswith((".A", ".B"))}))
+
+
+HUGE = [("no cap", ["mix.delta_cap=null"]), ("overflow before the cap", ["mix.alpha=64"])]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "merge"])
+@pytest.mark.parametrize("name, overrides", HUGE, ids=[r[0] for r in HUGE])
+def test_huge_finite_factors_fail_at_mix_with_weights_restored(workspace, tiny_lm, mode, name, overrides):
+    folder = _copy(workspace, huge_factors)
+    snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    code, out, err = call(base_args(workspace) + [f"adapters={folder}", f"mix.mode={mode}", *overrides])
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: node 'mix': the mixed delta of layer 0 q_proj is not finite"), err
+    assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+    assert not any(m._forward_hooks for m in tiny_lm.model.modules())
+    telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
+    assert telemetry["status"] == "failed" and "not finite" in telemetry["error"]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "merge"])
+def test_huge_finite_factors_under_the_cap_mix_a_finite_delta(workspace, tiny_lm, mode, monkeypatch):
+    """The cap shrinks A and B alike, so neither the merged weight nor the hook's x Bᵀ overflows."""
+    import stages.decode
+
+    real = stages.decode.generate
+    seen = []
+
+    def probe(lm, prompt, settings, seed):
+        ids = lm.tokenizer(prompt.text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :32]
+        with torch.no_grad():
+            seen.append(bool(torch.isfinite(lm.model(input_ids=ids).logits).all()))
+        return real(lm, prompt, settings, seed)
+
+    monkeypatch.setattr(stages.decode, "generate", probe)
+    folder = _copy(workspace, huge_factors)
+    snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    code, out, err = call(base_args(workspace) + [f"adapters={folder}", f"mix.mode={mode}"])
+    assert code == 0, err
+    assert seen and all(seen)
+    telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
+    norms = telemetry["delta_norms"]
+    assert all(0 < v < 1 for v in norms.values()) and telemetry["deltas_capped"] == telemetry["deltas_applied"]
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
 
 

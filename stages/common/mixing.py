@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.errors import InputError
 from stages.common.adapters import AdapterSet, TargetMap
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def layer_third(layer: int, num_layers: int) -> int:
 def gram_norm(a: np.ndarray, b: np.ndarray) -> float:
     """‖a b‖_F without forming a b: sqrt(sum((aᵀa) ∘ (b bᵀ)))."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return math.sqrt(max(0.0, float(np.sum((a64.T @ a64) * (b64 @ b64.T)))))
+    total = float(np.sum((a64.T @ a64) * (b64 @ b64.T)))
+    return total if math.isnan(total) else math.sqrt(max(0.0, total))  # nan stays nan, never 0.0
 
 
 def weight_norms(tmap: TargetMap) -> dict[tuple[int, str], float]:
@@ -91,20 +93,39 @@ def build_deltas(base: AdapterSet | None, sub: AdapterSet | None, tmap: TargetMa
             if not parts:
                 continue
             scale = settings.weights.get(target, 1.0) * settings.layer_multipliers[layer] * settings.alpha / settings.rank
-            a_cat = np.concatenate([p[0] for p in parts], axis=1) * scale
-            b_cat = np.concatenate([p[1] for p in parts], axis=0)
-            norm = gram_norm(a_cat, b_cat)
-            capped = False
-            if settings.delta_cap is not None and norm > settings.delta_cap * norms[(layer, target)] > 0:
-                factor = settings.delta_cap * norms[(layer, target)] / norm
-                a_cat, norm, capped = a_cat * factor, norm * factor, True
-            bias = None
-            for adapters in (base, sub):
-                extra = adapters.bias(layer, target) if adapters else None
-                if extra is not None and settings.beta:
-                    bias = (bias if bias is not None else 0) + settings.beta * extra
-            deltas[(layer, target)] = LowRankDelta(a_cat.astype(np.float32), b_cat.astype(np.float32), norm, capped, bias)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as one error
+                a_cat = np.concatenate([p[0] for p in parts], axis=1) * scale
+                b_cat = np.concatenate([p[1] for p in parts], axis=0)
+                norm = gram_norm(a_cat, b_cat)
+                capped = False
+                if settings.delta_cap is not None and norm > settings.delta_cap * norms[(layer, target)] > 0:
+                    factor = settings.delta_cap * norms[(layer, target)] / norm
+                    # both factors shrink by √factor: scaling A alone leaves B as large as it came (3e38 B with a
+                    # tiny A overflows x Bᵀ in the hook although the product is small)
+                    root = math.sqrt(factor)
+                    a_cat, b_cat, norm, capped = a_cat * root, b_cat * root, norm * factor, True
+                bias = None
+                for adapters in (base, sub):
+                    extra = adapters.bias(layer, target) if adapters else None
+                    if extra is not None and settings.beta:
+                        bias = (bias if bias is not None else 0) + settings.beta * extra
+                delta = LowRankDelta(a_cat.astype(np.float32), b_cat.astype(np.float32), norm, capped, bias)
+            check_finite(delta, layer, target)
+            deltas[(layer, target)] = delta
     return deltas
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite(delta: LowRankDelta, layer: int, target: str) -> None:
+    """A delta with nan/inf (huge but finite factors overflow float32) must never reach the model's weights."""
+    finite = (math.isfinite(delta.norm) and delta.norm <= FLOAT32_MAX and bool(np.isfinite(delta.a).all())
+              and bool(np.isfinite(delta.b).all()) and (delta.bias is None or bool(np.isfinite(delta.bias).all())))
+    if not finite:
+        raise InputError(
+            f"the mixed delta of layer {layer} {target} is not finite (‖Δ‖_F = {delta.norm:.3g}): the adapter "
+            "factors or the mix knobs are too large for float32 (not applied)")
 
 
 def delta_norms(deltas: dict[tuple[int, str], LowRankDelta], tmap: TargetMap, num_layers: int) -> dict[str, float]:
