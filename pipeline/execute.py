@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import StageFailed
 from .graph import INPUTS, Graph
-from .stage import RunContext
+from .stage import RunContext, Stage
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
     """Run every node once. After a failure only ``always`` nodes still run; then the failure is raised."""
     if any(node.stage is None for node in graph.nodes.values()):
         graph.instantiate()
+    precheck(graph, context)
     values: dict[tuple[str, str], Any] = {(INPUTS, k): v for k, v in graph.inputs.items()}
     trace: list[NodeTrace] = []
     failure: tuple[str, BaseException] | None = None
@@ -135,6 +136,23 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
             raise err
         raise StageFailed(node_name, err) from err
     return result
+
+
+def precheck(graph: Graph, context: RunContext) -> None:
+    """Each stage's ``precheck`` of the graph inputs wired to it, before any node runs (nothing to clean up)."""
+    for name in graph.order:
+        node = graph.nodes.get(name)
+        if node is None or type(node.stage).precheck is Stage.precheck:
+            continue
+        given = {port: graph.inputs[src_port] for port, (src, src_port) in node.wires.items() if src == INPUTS}
+        if not given:
+            continue
+        try:
+            node.stage.precheck(**given)
+        except Exception as err:
+            failed = StageFailed(name, err)
+            context.failure = str(failed)
+            raise failed from err
 
 
 def _check_outputs(name: str, stage_cls: type, produced: Any) -> None:

@@ -82,6 +82,13 @@ class Stage:
     def run(self, **inputs: Any) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def precheck(self, **inputs: Any) -> None:
+        """Optional: refuse bad graph inputs before any node runs (before any model loads).
+
+        Called once per run with those input ports that are wired straight to graph inputs (values known up
+        front, e.g. ``program_root``); raise a ``PipelineError`` naming the culprit. Must be cheap.
+        """
+
     @classmethod
     def input_ports(cls) -> dict[str, Port]:
         hints = typing.get_type_hints(cls.run, include_extras=False)

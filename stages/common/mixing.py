@@ -4,6 +4,12 @@ For layer i and target t:  Δ = (1-gsub)·A_base B_base + gsub·A_sub B_sub  (on
 is missing), × target weight × layer multiplier × alpha/rank, using the first ``keep`` rank components of
 each pair; if ‖Δ‖_F > cap·‖W‖_F it is scaled down to that. Δ stays low-rank (A_cat, B_cat) throughout.
 
+One loaded model is shared by every answer of the process (a multirun, an application's threads), so its users
+are serialised by a per-model lock (``exclusive``): an ``AdapterMix`` holds it from its first ``apply`` (mix) to
+its ``restore`` (unmix, a node that runs even after a failure or Ctrl-C); a mix that is dropped without a restore
+(a custom graph without unmix) is restored and its lock released when it is garbage collected. A second thread's
+answer waits at its mix until the first one has unmixed. The lock is re-entrant within a thread.
+
 Two ways to apply it, both restoring the model bit for bit:
 - ``hooks``: forward hooks add ``x B_catᵀ A_catᵀ`` to the module output; the weights are never written.
 - ``merge``: each touched module's weight tensor is swapped for a new one, ``W + A_cat B_cat``; restore swaps
@@ -11,9 +17,11 @@ Two ways to apply it, both restoring the model bit for bit:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import threading
 import weakref
 from typing import Any, Literal
 
@@ -147,6 +155,83 @@ def _workspace(module: Any, like: Any) -> Any:
     return buffer
 
 
+class ModelLock:
+    """Serialises the users of one loaded model across threads; re-entrant per thread.
+
+    Unlike ``threading.RLock`` it may be released by another thread than the one that took it: the garbage
+    collector may finalise an abandoned mix anywhere, and its lock must still come back.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self, lease: "Lease | None" = None) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner not in (None, me):
+                log.info("waiting for another answer to finish with the model")
+                while self._owner not in (None, me):
+                    self._cond.wait()
+            self._owner, self._depth = me, self._depth + 1
+            if lease is not None:
+                lease.held = True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._depth == 0:
+                raise RuntimeError("model lock released more often than taken")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    @property
+    def held(self) -> bool:
+        return self._owner is not None
+
+
+_LOCKS: "weakref.WeakKeyDictionary[Any, ModelLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> ModelLock:
+    """The lock of one loaded model (created on first use, gone with the model)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = ModelLock()
+        return lock
+
+
+@contextlib.contextmanager
+def exclusive(model: Any):
+    """Use the shared model alone for a while (scoring, training, tokenizing): no other thread's mix is in it."""
+    lock = model_lock(model)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class Lease:
+    """One holder's share of a ``ModelLock``: taken at most once, given back at most once."""
+
+    def __init__(self, lock: ModelLock) -> None:
+        self.lock, self.held = lock, False
+
+    def take(self) -> None:
+        if not self.held:
+            self.lock.acquire(self)
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+
 class MixHandle:
     """The model's adapted state. ``restore`` is idempotent and puts back every weight bit for bit."""
 
@@ -234,22 +319,48 @@ class AdapterMix:
                  full_alpha: float):
         self.lm, self.tmap, self.base, self.sub, self.full_alpha = lm, tmap, base, sub, full_alpha
         self.handle = MixHandle(tmap, mode)
-        self.norms = weight_norms(tmap)  # of the unmixed weights
+        self.lease = Lease(model_lock(lm.model))
+        self.norms: dict[tuple[int, str], float] | None = None  # of the unmixed weights, read under the lock
         self.settings: MixSettings | None = None
+        # never forgotten: a mix dropped without restore() puts the weights back and frees the model when collected
+        weakref.finalize(self, _abandon, self.handle, self.lease)
 
     def apply(self, settings: MixSettings) -> dict[str, Any]:
-        deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
-        self.handle.apply(deltas)
+        """Mix (or re-mix) into the model; holds the model's lock from here to ``restore``."""
+        self.lease.take()
+        try:
+            if self.norms is None:
+                self.norms = weight_norms(self.tmap)
+            deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
+            self.handle.apply(deltas)
+        finally:
+            if not self.handle.active:  # nothing of ours is in the model: let the next answer in
+                self.lease.give_back()
         self.settings = settings
         return {
             "rank": settings.rank, "gsub": settings.gsub, "alpha": settings.alpha, "beta": settings.beta,
             "mix_mode": self.handle.mode, "ablate": list(settings.ablate),
             "delta_norms": delta_norms(deltas, self.tmap, self.tmap.num_layers),
             "deltas_capped": sum(d.capped for d in deltas.values()), "deltas_applied": len(deltas),
+            # forward hooks in the model while this mix is in (under its lock: this answer's own, no other's)
+            "hooks_active": sum(len(m._forward_hooks) for m in self.lm.model.modules()),
         }
 
     def restore(self) -> None:
-        self.handle.restore()
+        """Put every weight back bit for bit, then release the model to the next answer."""
+        try:
+            self.handle.restore()
+        finally:
+            self.lease.give_back()
 
     def summary(self) -> dict[str, Any]:
         return self.handle.summary()
+
+
+def _abandon(handle: MixHandle, lease: Lease) -> None:
+    if lease.held or handle.active:
+        log.warning("an adapter mix was dropped without unmix; restoring the model's weights")
+    try:
+        handle.restore()
+    finally:
+        lease.give_back()
