@@ -67,10 +67,13 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
     """Run every node once. After a failure only ``always`` nodes still run; then the failure is raised."""
     if any(node.stage is None for node in graph.nodes.values()):
         graph.instantiate()
-    precheck(graph, context)
     values: dict[tuple[str, str], Any] = {(INPUTS, k): v for k, v in graph.inputs.items()}
     trace: list[NodeTrace] = []
-    failure: tuple[str, BaseException] | None = None
+    # a graph input refused up front fails its node before anything runs (no model loads); the always-nodes
+    # (cleanup, telemetry) still run, as after any failure
+    failure: tuple[str, BaseException] | None = precheck(graph)
+    if failure:
+        context.failure = str(StageFailed(*failure))
 
     for name in graph.order:
         if name == INPUTS:
@@ -78,6 +81,10 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
         node = graph.nodes[name]
         record = NodeTrace(name, node.target, "skipped")
         trace.append(record)
+        if failure and name == failure[0]:
+            record.status, record.reason = "failed", f"precheck: {_first_line(failure[1])}"
+            context.statuses[name] = "failed"
+            continue
         if failure and not node.always:
             record.reason = f"after failure of '{failure[0]}'"
             context.statuses[name] = "skipped"
@@ -138,8 +145,8 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
     return result
 
 
-def precheck(graph: Graph, context: RunContext) -> None:
-    """Each stage's ``precheck`` of the graph inputs wired to it, before any node runs (nothing to clean up)."""
+def precheck(graph: Graph) -> tuple[str, BaseException] | None:
+    """Each stage's ``precheck`` of the graph inputs wired to it, in graph order: the first (node, error)."""
     for name in graph.order:
         node = graph.nodes.get(name)
         if node is None or type(node.stage).precheck is Stage.precheck:
@@ -149,10 +156,13 @@ def precheck(graph: Graph, context: RunContext) -> None:
             continue
         try:
             node.stage.precheck(**given)
-        except Exception as err:
-            failed = StageFailed(name, err)
-            context.failure = str(failed)
-            raise failed from err
+        except Exception as err:  # reported like a failure of the node itself
+            return name, err
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _check_outputs(name: str, stage_cls: type, produced: Any) -> None:

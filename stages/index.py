@@ -68,7 +68,9 @@ def build_index(program_root: str, ignore: list[str], max_file_bytes: int, windo
                 cache_dir: Path | None, progress: bool = False, *, limits: Limits | None = None) -> ProgramIndex:
     root = resolve_root(program_root)
     limits = dataclasses.replace(limits, max_file_bytes=max_file_bytes) if limits else Limits(max_file_bytes)
-    settings = (str(root), tuple(ignore), window_lines, limits)
+    # not keyed by the excluded folders (each job of a multirun has its own run folder): the stamp below is taken
+    # after exclusion, so an index is reused exactly when the files it would read are unchanged
+    settings = (str(root), tuple(ignore), window_lines, dataclasses.replace(limits, exclude=()))
     entries, skipped = scan(root, ignore, limits)
     stamp = tuple((e.rel, e.stat.st_size, e.stat.st_mtime_ns, e.stat.st_mode) for e in entries)
     cached = resources.get("program-index", settings)
