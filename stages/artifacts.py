@@ -21,6 +21,7 @@ from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_d
 from pipeline.errors import InputError
 from pipeline.stage import Stage
 from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz, save_npz
+from stages.common.program import read_small
 from stages.common.types import ArtifactLocation, Artifacts, LanguageModel, ProgramEmbedding, ProgramIndex
 
 log = logging.getLogger(__name__)
@@ -112,22 +113,27 @@ def file_sha256(path: Path) -> str:
 
 
 def git_commit(root: Path) -> str | None:
-    """The checked-out commit, read from .git without running git (never execute anything of the program)."""
-    head = root / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if not ref.startswith("ref:"):
-            return ref or None
-        name = ref.split(None, 1)[1]
-        ref_file = root / ".git" / name
-        if ref_file.is_file():
-            return ref_file.read_text().strip()
-        packed = root / ".git" / "packed-refs"
-        for line in packed.read_text().splitlines() if packed.is_file() else []:
-            if line.endswith(" " + name):
-                return line.split()[0]
-    except OSError:
+    """The checked-out commit, read from .git without running git (never execute anything of the program).
+
+    Only small regular files inside the program are read: a `.git/HEAD` that is a FIFO or a link out of the
+    root is not followed."""
+
+    def read(rel: str) -> str:
+        data = read_small(root, root / ".git" / rel, 1 << 20)
+        return "" if data is None else data.decode("utf-8", errors="replace").strip()
+
+    ref = read("HEAD")
+    if not ref.startswith("ref:"):
+        return ref or None
+    name = ref[4:].strip()
+    if not name or ".." in name.split("/"):
         return None
+    commit = read(name)
+    if commit:
+        return commit
+    for line in read("packed-refs").splitlines():
+        if line.endswith(" " + name):
+            return line.split()[0]
     return None
 
 

@@ -36,14 +36,17 @@ def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evid
         if any(p.path == window.path and p.start <= window.start and window.end <= p.end for p in packed):
             continue  # its lines are already in the context
         cost = len(tokenizer(window.block() + "\n\n", add_special_tokens=False)["input_ids"])
-        smallest = cost if smallest is None else min(smallest, cost)
+        if smallest is None or cost < smallest[0]:
+            smallest = (cost, window)
         if used + cost > context_tokens:
             continue
         packed.append(window)
         used += cost
     if candidates and not packed:
+        cost, window = smallest
         raise ConfigError(
-            f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate needs {smallest} tokens)"
+            f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate, "
+            f"{window.path}:{window.start}-{window.end}, needs {cost} tokens)"
         )
     return Evidence(packed, used)
 

@@ -501,3 +501,20 @@ def test_missing_program_root_fails_before_the_model_loads(tmp_path, monkeypatch
         pipeline.api.run(["model=tiny_random", "program_root=/does-not-exist", f"paths.outputs={tmp_path}"],
                          run_dir=tmp_path / "run")
     assert loads == []
+
+
+def test_git_metadata_is_read_only_as_small_regular_files_inside_the_program(tmp_path, make_tree):
+    from stages.artifacts import git_commit
+
+    outside = make_tree(tmp_path / "outside", {"secret": "TOP-SECRET-TOKEN\n"})
+    program = make_tree(tmp_path / "prog", {**GOOD, ".git/HEAD": "ref: refs/heads/main\n",
+                                            ".git/packed-refs": "abc123 refs/heads/other\n"})
+    (program / ".git" / "refs" / "heads").mkdir(parents=True)
+    (program / ".git" / "refs" / "heads" / "main").write_text("0123456789abcdef\n")
+    assert git_commit(program) == "0123456789abcdef"
+    (program / ".git" / "refs" / "heads" / "main").unlink()
+    (program / ".git" / "refs" / "heads" / "main").symlink_to(outside / "secret")  # a link out of the program
+    assert git_commit(program) is None
+    (program / ".git" / "HEAD").unlink()
+    os.mkfifo(program / ".git" / "HEAD")  # reading it would wait for a writer forever
+    assert git_commit(program) is None

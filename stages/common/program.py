@@ -243,6 +243,17 @@ def read_file(root: Path, full: Path, rel: str, max_file_bytes: int,
     return "", SourceFile(rel, data, hashlib.sha256(data).hexdigest(), text)
 
 
+def read_small(root: Path, path: Path, limit: int) -> bytes | None:
+    """At most ``limit`` bytes of a regular file inside ``root``; None for anything else (missing, a link out of
+    the root, a FIFO or device, unreadable)."""
+    if not inside(root, path):
+        return None
+    try:
+        return _read_bounded(path, limit)
+    except OSError:
+        return None
+
+
 def _read_bounded(full: Path, limit: int) -> bytes | None:
     """At most ``limit`` bytes; None when what was opened is not a regular file (swapped since the stat).
     Non-blocking open: a FIFO put in a file's place cannot hang the walk."""
