@@ -6,14 +6,16 @@ caches; later loads read that copy in well under a second with identical logits.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 from pipeline import resources
-from pipeline.cache import fingerprint, publish_dir
+from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
 from stages.common.types import LanguageModel
@@ -51,32 +53,106 @@ def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None
 
 def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
                         model_id: str) -> LanguageModel:
-    """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``."""
+    """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``.
+
+    The copy is a cache that heals: a copy that fails its checks (truncated safetensors, broken JSON) or does
+    not load is removed with a warning naming it and converted again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = gguf_path.stat()
-    converted = None
-    if cache_dir is not None:
-        converted = cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
-        if not (converted / "config.json").is_file():
-            log.info("converting %s once (GGUF de-quantization); later loads use %s", gguf_path.name, converted)
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            # save_pretrained refuses a model that still claims to be quantized; the tensors are float32 now
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            with publish_dir(converted) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            del model
-    if converted is not None:
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=_torch_dtype(dtype), device_map=device_map)
-        tokenizer = AutoTokenizer.from_pretrained(converted)
-    else:
+    if cache_dir is None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=_torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        return _finish(model, tokenizer, model_id, device, device_map)
+    convert = functools.partial(convert_gguf, gguf_path)
+    converted = converted_copy(gguf_path, cache_dir, convert)
+    try:
+        model, tokenizer = _load_converted(converted, dtype, device_map)
+    except Exception as err:  # noqa: BLE001 - not hidden: remade once, and a second failure is raised
+        log.warning("the converted model '%s' does not load (%s: %s); removing it and converting again",
+                    converted, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        discard(converted)
+        converted = converted_copy(gguf_path, cache_dir, convert)
+        model, tokenizer = _load_converted(converted, dtype, device_map)
     return _finish(model, tokenizer, model_id, device, device_map)
+
+
+def _load_converted(folder: Path, dtype: str, device_map: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=device_map)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """De-quantize a GGUF (~20-30 s for SmolLM2) and save it as a float32 checkpoint folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once (GGUF de-quantization); later loads use %s", gguf_path.name, out)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses a model that still claims to be quantized; the tensors are float32 now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def converted_copy(gguf_path: Path, cache_dir: Path, convert: Callable[[Path], None]) -> Path:
+    """The folder of the converted copy of ``gguf_path`` under ``cache_dir``: checked, made when missing or
+    corrupt (``convert(tmp)`` writes it; it is published atomically), and half-written folders of killed
+    conversions removed."""
+    st = gguf_path.stat()
+    converted = cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(cache_dir)
+    if converted.exists():
+        problem = checkpoint_problem(converted)
+        if problem:
+            log.warning("the converted model '%s' is corrupt (%s); removing it and converting again", converted, problem)
+            discard(converted)
+    if not converted.exists():
+        with publish_dir(converted) as tmp:
+            convert(tmp)
+    return converted
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Cheap checks of a saved checkpoint folder (no tensor is read): config.json parses, and every safetensors
+    file is exactly as long as its header says (a truncated copy is the usual damage)."""
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"config.json: {type(err).__name__}"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no .safetensors file"
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "shorter than its header"
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, 100 << 20):
+                return f"header of {length} bytes in a file of {size}"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes, its header describes {expected} (truncated?)"
+    return None
 
 
 class SmolLM2(Stage):

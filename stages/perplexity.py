@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pipeline.cache import write_atomic
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.corpus import perplexity, pieces
+from stages.common.mixing import exclusive
 from stages.common.types import LanguageModel, ProgramIndex
 
 
@@ -29,7 +30,10 @@ class ProgramPerplexity(Stage):
     def run(self, index: ProgramIndex, lm: LanguageModel) -> dict:
         train, held_out = pieces(index, lm.tokenizer, self.seq_len, self.val_every, seed=self.seed)
         chosen = (held_out if self.split == "held_out" else train)[: self.max_pieces]
-        return {"perplexity": perplexity(lm.model, chosen, self.batch_size) if chosen else float("nan")}
+        if not chosen:
+            return {"perplexity": float("nan")}
+        with exclusive(lm.model):  # the model as this graph mixed it (or plain), never another thread's mix
+            return {"perplexity": perplexity(lm.model, chosen, self.batch_size)}
 
 
 class PerplexityReport(Stage):

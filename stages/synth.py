@@ -17,7 +17,7 @@ from stages.common.adapters import TARGETS, AdapterSet, infer_targets
 from stages.common.corpus import pieces
 from stages.common.embedding import embed
 from stages.common.fitting import fit_lora, held_out_perplexity
-from stages.common.mixing import AdapterMix, MixSettings
+from stages.common.mixing import AdapterMix, MixSettings, exclusive
 from stages.common.synthesis import synthesize
 from stages.common.types import LanguageModel, ProgramEmbedding, ProgramIndex
 
@@ -78,9 +78,10 @@ class FittedSynth(Stage):
         train, held_out = pieces(index, lm.tokenizer, self.seq_len, self.val_every, seed=self.split_seed)
         targets = [t for t in self.targets if t in tmap.shapes]
         torch.manual_seed(self.seed)
-        plain = held_out_perplexity(lm.model, held_out, self.eval_pieces, self.batch_size)
-        fit = fit_lora(lm.model, tmap, train, targets, self.rank, self.lr, self.batch_size, self.steps,
-                       self.time_budget_s, self.seed, self.train_alpha / self.rank, progress=self.progress)
+        with exclusive(lm.model):  # training hooks in the shared model: no other thread's answer may see them
+            plain = held_out_perplexity(lm.model, held_out, self.eval_pieces, self.batch_size)
+            fit = fit_lora(lm.model, tmap, train, targets, self.rank, self.lr, self.batch_size, self.steps,
+                           self.time_budget_s, self.seed, self.train_alpha / self.rank, progress=self.progress)
         fold = self.fold_rank / self.fold_alpha  # undoes the mix's alpha/rank at its default knobs
         factors: dict[str, np.ndarray] = {}
         for (layer, target), (a, b) in fit.factors.items():

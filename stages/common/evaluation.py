@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from stages.common.lines import split_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ def load_questions(path: str | Path) -> list[Question]:
     if not source.is_file():
         raise InputError(f"questions '{path}' is not a file; make one with python -m pipeline.questions")
     questions = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(split_lines(source.read_text(encoding="utf-8")), start=1):
         if not line.strip():
             continue
         where = f"questions '{path}' line {number}"

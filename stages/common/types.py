@@ -8,6 +8,7 @@ from typing import Any, Callable
 import networkx as nx
 
 from stages.common.adapters import AdapterSet
+from stages.common.lines import split_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,7 @@ class ProgramIndex:
         return {rec.module: rec.path for rec in self.files.values() if rec.module}
 
     def lines(self, path: str) -> list[str]:
-        return self.derived(f"lines:{path}", lambda: self.texts[path].splitlines())
+        return self.derived(f"lines:{path}", lambda: split_lines(self.texts[path]))
 
     def windows_of(self, path: str) -> list[Window]:
         by_path = self.derived("windows_by_path", self._windows_by_path)
@@ -97,7 +98,7 @@ class ProgramIndex:
 
     def summary(self) -> dict[str, Any]:
         return {"files": len(self.files), "symbols": len(self.symbols), "windows": len(self.windows),
-                "skipped": len(self.skipped)}
+                "skipped": len(self.skipped), "skipped_paths": dict(sorted(self.skipped.items())[:20])}
 
 
 def _group(symbols: list[Symbol]) -> dict[str, list[Symbol]]:
@@ -300,9 +301,14 @@ class ArtifactLocation:
     exists: bool
     key: str
     fixed: bool = False  # given by the user (adapters=...), never rebuilt
+    adapters_file: Path | None = None  # the npz the user named (adapters=/d/mine.npz); None: path/adapters.npz
+
+    @property
+    def npz(self) -> Path:
+        return self.adapters_file or self.path / "adapters.npz"
 
     def summary(self) -> dict[str, Any]:
-        return {"path": str(self.path), "exists": self.exists}
+        return {"path": str(self.path), "exists": self.exists, "adapters": str(self.npz)}
 
 
 @dataclasses.dataclass
