@@ -30,17 +30,18 @@ class FixedCapacity(Stage):
 
 
 def entropy_components(index: ProgramIndex, selection: Selection) -> dict[str, float]:
-    graph = index.graph
+    graph = index.callgraph
     modules = max(1, len(index.modules) or len(index.files))
-    import_edges = sum(1 for _, _, d in graph.edges(data=True) if d.get("type") == "imports")
+    import_edges = graph.count("imports")
     program = 0.5 * min(1.0, math.log1p(modules) / math.log1p(1000)) + 0.5 * min(1.0, import_edges / (8 * modules))
     selected = max(1, len(selection.modules) or len(selection.files))
     wanted = set(selection.files)
+    linking = ("imports", "calls", "tests")  # every edge but `defines`
+    degree_in, degree_out = graph.degrees("in", linking), graph.degrees("out", linking)
     degree_sum = 0
-    for node, data in graph.nodes(data=True):
-        if data.get("path") in wanted and data.get("kind") in ("module", "file"):
-            degree_sum += sum(1 for _, _, d in graph.in_edges(node, data=True) if d.get("type") != "defines")
-            degree_sum += sum(1 for _, _, d in graph.out_edges(node, data=True) if d.get("type") != "defines")
+    for at, (kind, path) in enumerate(zip(graph.kinds.tolist(), graph.paths)):
+        if path in wanted and kind in (0, 1):  # file and module nodes
+            degree_sum += int(degree_in[at]) + int(degree_out[at])
     subgraph = 0.5 * min(1.0, degree_sum / (8 * selected)) + 0.5 * min(1.0, selected / modules)
     question = min(1.0, selection.matched_files / 24)
     return {"program": program, "subgraph": subgraph, "question": question}

@@ -1,7 +1,11 @@
 """Stage `index` (SPEC §1): walk the program, parse Python with ast, build the typed graph and windows index.
 
-Per-file facts are cached on disk by ``(path, sha256)`` in one JSON file per program root, and the whole
-index is kept in-process for the next job of a multirun when no file changed (size and mtime).
+Per-file facts and the built index are stored on disk as plain arrays, one ``.npz`` per program root
+(stages/common/indexstore.py): an unchanged program in a new process is loaded from it without parsing or building
+anything, a changed one re-parses only its changed files (in worker processes when there are many:
+``workers``, ``parallel_min_files``). The whole index is also kept in-process for the next job of a multirun when
+no file changed (size and mtime). The call graph is arrays (stages/common/callgraph.py); networkx is built only
+when a stage asks for ``index.graph``.
 
 The walk is bounded (``max_files``, ``max_total_bytes``: a root such as ``/`` is refused with a message, not
 read for hours), never enters a pseudo filesystem (/proc, /sys, /dev), never opens what is not a regular file,
@@ -10,24 +14,24 @@ and leaves out our own outputs folder (``exclude``), this run's folder and any H
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated
 
-import networkx as nx
-
 from pipeline import resources
-from pipeline.cache import fingerprint, write_atomic
+from pipeline.cache import fingerprint
 from pipeline.errors import InputError
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.program import (DEFAULT_IGNORE, Entry, Limits, is_test_path, module_name, read_entries,
                                    resolve_root, scan)
-from stages.common.pyfacts import python_facts, text_facts
+from stages.common import indexstore
+from stages.common.callgraph import EDGE_TYPES, CallGraph, GraphBuilder
+from stages.common.pyfacts import available_cores, parse_many, python_facts, text_facts
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 
 log = logging.getLogger(__name__)
-FACTS_VERSION = 3  # 3: lines counted at \n, \r\n, \r only (stages/common/lines.py)
+FACTS_VERSION = 4  # 3: lines counted at \n, \r\n, \r only (stages/common/lines.py); 4: arrays, not JSON
 
 
 class IndexProgram(Stage):
@@ -44,8 +48,11 @@ class IndexProgram(Stage):
         max_total_bytes: Annotated[int, Range(ge=1)] = 500_000_000,
         max_line_chars: Annotated[int, Range(ge=1)] = 10_000,
         exclude: list[str] = [],
+        workers: Annotated[int, Range(ge=0)] = 0,
+        parallel_min_files: Annotated[int, Range(ge=1)] = 64,
     ):
         self.progress = progress
+        self.parsing = Parsing(workers, parallel_min_files)
         self.ignore = list(ignore)
         self.max_file_bytes = max_file_bytes
         self.window_lines = window_lines
@@ -61,11 +68,25 @@ class IndexProgram(Stage):
         if context is not None:  # this run's own folder (hydra.run.dir may lie inside the program) is never evidence
             limits = dataclasses.replace(limits, exclude=(*limits.exclude, str(context.run_dir)))
         return {"index": build_index(program_root, self.ignore, self.max_file_bytes, self.window_lines, self.cache_dir,
-                                     self.progress, limits=limits)}
+                                     self.progress, limits=limits, parsing=self.parsing)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsing:
+    """Where Python files are parsed: ``workers`` processes (0 = one per available core, 1 = in this process)
+    once at least ``parallel_min_files`` files need parsing (a pool costs ~0.1 s to start)."""
+
+    workers: int = 0
+    parallel_min_files: int = 64
+
+    def processes(self, to_parse: int) -> int:
+        workers = self.workers or available_cores()
+        return min(workers, to_parse) if to_parse >= self.parallel_min_files and workers > 1 else 1
 
 
 def build_index(program_root: str, ignore: list[str], max_file_bytes: int, window_lines: int,
-                cache_dir: Path | None, progress: bool = False, *, limits: Limits | None = None) -> ProgramIndex:
+                cache_dir: Path | None, progress: bool = False, *, limits: Limits | None = None,
+                parsing: Parsing = Parsing()) -> ProgramIndex:
     root = resolve_root(program_root)
     limits = dataclasses.replace(limits, max_file_bytes=max_file_bytes) if limits else Limits(max_file_bytes)
     # not keyed by the excluded folders (each job of a multirun has its own run folder): the stamp below is taken
@@ -76,15 +97,14 @@ def build_index(program_root: str, ignore: list[str], max_file_bytes: int, windo
     cached = resources.get("program-index", settings)
     if cached is not None and cached[0] == stamp:
         return cached[1]
-    index = _build(root, entries, skipped, limits, window_lines, cache_dir, progress)
+    index = _build(root, entries, skipped, limits, window_lines, cache_dir, progress, parsing)
     resources.put("program-index", settings, (stamp, index), keep=4)
     return index
 
 
 def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Limits, window_lines: int,
-           cache_dir: Path | None, progress: bool) -> ProgramIndex:
-    from tqdm.auto import tqdm
-
+           cache_dir: Path | None, progress: bool, parsing: Parsing = Parsing()) -> ProgramIndex:
+    started = time.perf_counter()
     sources, skipped = read_entries(root, entries, skipped, limits)
     if not sources:
         why = f" ({len(skipped)} skipped: {', '.join(sorted(set(skipped.values()))[:6])})" if skipped else ""
@@ -94,52 +114,66 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
         shown = ", ".join(f"{p} ({skipped[p]})" for p in unreadable[:5])
         log.warning("skipped %d unreadable path(s) of %s: %s%s", len(unreadable), root, shown,
                     " ..." if len(unreadable) > 5 else "")
-    cache_file = cache_dir / "index" / f"{fingerprint([str(root), window_lines, FACTS_VERSION], 24)}.json" if cache_dir else None
-    old = _load_cache(cache_file)
+    cache_file = cache_dir / "index" / f"{fingerprint([str(root), window_lines, FACTS_VERSION], 24)}.npz" if cache_dir else None
+    stored = indexstore.load(cache_file, window_lines)
     package_prefix = root.name if (root / "__init__.py").is_file() and root.name.isidentifier() else None
+    modules = [module_name(src.path, package_prefix) for src in sources]
+    texts = {s.path: s.text for s in sources}
+    program_fp = fingerprint(sorted((s.path, s.sha256) for s in sources))
 
-    facts_by_path, fresh = {}, 0
-    # a bar only on a terminal (disable=None) and only when there is parsing to wait for
-    bar_off = None if progress and len(sources) - len(old) > 200 else True
-    for src in tqdm(sources, desc="indexing", unit="file", disable=bar_off, leave=False):
-        key = f"{src.path}\0{src.sha256}"
-        facts = old.get(key)
-        if facts is None:
-            fresh += 1
-            facts = python_facts(src.text, window_lines) if src.path.endswith(".py") else text_facts(src.text, window_lines)
-        facts_by_path[src.path] = (key, facts)
-    if cache_file and (fresh or len(old) != len(facts_by_path)):
-        write_atomic(cache_file, json.dumps({k: f for k, f in facts_by_path.values()}))
-    log.info("indexed %d files (%d parsed now, %d from cache), %d skipped", len(sources), fresh, len(sources) - fresh, len(skipped))
+    if stored is not None and stored.keys() == [(s.path, s.sha256) for s in sources] and stored.modules == [m or "" for m in modules]:
+        try:  # unchanged: everything comes from the stored arrays
+            index = ProgramIndex(root, stored.records(modules), stored.symbols(modules), stored.windows(),
+                                 stored.graph(), program_fp, skipped, texts)
+            log.info("indexed %d files (all from the cache, %.2f s), %d skipped", len(sources),
+                     time.perf_counter() - started, len(skipped))
+            return index
+        except (ValueError, IndexError, KeyError) as err:
+            log.warning("index cache %s does not hold together (%s); rebuilding it", cache_file, err)
+            stored = None
+
+    known = {key: i for i, key in enumerate(stored.keys())} if stored is not None else {}
+    facts: list[dict | None] = []
+    to_parse = []
+    for n, src in enumerate(sources):
+        at = known.get((src.path, src.sha256))
+        facts.append(stored.facts(at) if at is not None else None)
+        if at is None:
+            if src.path.endswith(".py"):
+                to_parse.append(n)
+            else:
+                facts[n] = text_facts(src.text, window_lines)
+    fresh = sum(1 for src in sources if (src.path, src.sha256) not in known)
+    processes = parsing.processes(len(to_parse))
+    if processes > 1:
+        for n, item in zip(to_parse, parse_many([sources[n].text for n in to_parse], window_lines, processes)):
+            facts[n] = item
+    else:
+        from tqdm.auto import tqdm
+
+        # a bar only on a terminal (disable=None) and only when there is parsing to wait for
+        bar_off = None if progress and len(to_parse) > 200 else True
+        for n in tqdm(to_parse, desc="indexing", unit="file", disable=bar_off, leave=False):
+            facts[n] = python_facts(sources[n].text, window_lines)
 
     files, symbols, windows = {}, [], []
-    for src in sources:
-        facts = facts_by_path[src.path][1]
-        module = module_name(src.path, package_prefix)
-        files[src.path] = FileRecord(src.path, src.sha256, len(src.data), facts["lines"], module, facts["parsed"])
-        for s in facts["symbols"]:
+    for src, module, f in zip(sources, modules, facts):
+        files[src.path] = FileRecord(src.path, src.sha256, len(src.data), f["lines"], module, f["parsed"])
+        for s in f["symbols"]:
             symbols.append(Symbol(s["name"], s["qualname"], s["kind"], src.path, module or "", s["start"], s["end"],
                                   s["signature"], s["doc"], s["is_public"], tuple(s["annotations"])))
-        for start, end, anchor, kind in facts["windows"]:
+        for start, end, anchor, kind in f["windows"]:
             windows.append(Window(src.path, start, end, anchor, kind))
-    graph = _graph(files, symbols, {p: f for p, (_, f) in facts_by_path.items()})
-    program_fp = fingerprint(sorted((f.path, f.sha256) for f in files.values()))
-    return ProgramIndex(root, files, symbols, windows, graph, program_fp, skipped, {s.path: s.text for s in sources})
+    graph = _graph(files, symbols, {src.path: f for src, f in zip(sources, facts)})
+    if cache_file and (fresh or stored is None or len(known) != len(sources)):
+        indexstore.save(cache_file, window_lines, list(files.values()), facts, graph)
+    log.info("indexed %d files (%d parsed now in %d process(es), %d from cache, %.2f s), %d skipped", len(sources), fresh,
+             processes, len(sources) - fresh, time.perf_counter() - started, len(skipped))
+    return ProgramIndex(root, files, symbols, windows, graph, program_fp, skipped, texts)
 
 
-def _load_cache(cache_file: Path | None) -> dict:
-    if not cache_file or not cache_file.is_file():
-        return {}
-    try:
-        data = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        log.warning("index cache %s is unreadable; rebuilding it", cache_file)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str, dict]) -> nx.MultiDiGraph:
-    g = nx.MultiDiGraph()
+def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str, dict]) -> CallGraph:
+    g = GraphBuilder()
     modules = {rec.module: rec.path for rec in files.values() if rec.module}
     by_suffix: dict[str, str] = {}
     for mod in modules:
@@ -147,15 +181,15 @@ def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str,
         for i in range(1, len(parts)):
             by_suffix.setdefault(".".join(parts[i:]), mod)
     for rec in files.values():
-        g.add_node(f"file:{rec.path}", kind="file", path=rec.path)
+        g.node(f"file:{rec.path}", "file", rec.path)
         if rec.module:
-            g.add_node(f"mod:{rec.module}", kind="module", path=rec.path)
-            g.add_edge(f"file:{rec.path}", f"mod:{rec.module}", type="defines")
+            g.node(f"mod:{rec.module}", "module", rec.path)
+            g.edge(f"file:{rec.path}", f"mod:{rec.module}", "defines")
     by_name: dict[str, list[Symbol]] = {}
     for sym in symbols:
-        g.add_node(sym.node_id, kind="symbol", path=sym.path, qualname=sym.qualname)
+        g.node(sym.node_id, "symbol", sym.path)
         owner = f"mod:{sym.module}" if sym.module else f"file:{sym.path}"
-        g.add_edge(owner, sym.node_id, type="defines")
+        g.edge(owner, sym.node_id, "defines")
         by_name.setdefault(sym.name, []).append(sym)
 
     def resolve(name: str) -> str | None:
@@ -185,48 +219,52 @@ def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str,
                 if as_module is None and source_module:  # `from m import f`: an import edge to the symbol itself
                     for sym in by_name.get(name, []):
                         if sym.module == source_module and "." not in sym.qualname:
-                            g.add_edge(f"mod:{rec.module}", sym.node_id, type="imports")
+                            g.edge(f"mod:{rec.module}", sym.node_id, "imports")
             if is_test_path(path):
                 for name in imp["names"]:
                     for sym in by_name.get(name, []):
                         if resolve(full) == sym.module:
-                            g.add_edge(f"file:{path}", sym.node_id, type="tests")
+                            g.edge(f"file:{path}", sym.node_id, "tests")
         imported[path] = {modules[t] for t in targets}
         for target in sorted(targets):
-            g.add_edge(f"mod:{rec.module}", f"mod:{target}", type="imports")
+            g.edge(f"mod:{rec.module}", f"mod:{target}", "imports")
 
-    g.add_edges_from(_call_edges(files, symbols, by_name, facts, imported))
-    return g
+    _call_edges(g, files, symbols, by_name, facts, imported)
+    return g.build()
 
 
-def _call_edges(files: dict[str, FileRecord], symbols: list[Symbol], by_name: dict[str, list[Symbol]],
-                facts: dict[str, dict], imported: dict[str, set[str]]) -> list[tuple[str, str, dict]]:
+def _call_edges(g: GraphBuilder, files: dict[str, FileRecord], symbols: list[Symbol], by_name: dict[str, list[Symbol]],
+                facts: dict[str, dict], imported: dict[str, set[str]]) -> None:
     """`calls`/`tests` edges: a callee name resolves to the same file's symbols, else the imported files',
     else (only when ambiguous at most twice) every symbol of that name. In call-site order (a multigraph:
     one edge per call site); resolutions are memoised per file, as a big program repeats its call names."""
     qual_index = {(s.path, s.qualname): s.node_id for s in symbols}
-    calls_type, tests_type = {"type": "calls"}, {"type": "tests"}
-    edges = []
+    ids = g.ids
+    calls_type, tests_type = EDGE_TYPES.index("calls"), EDGE_TYPES.index("tests")
+    src, dst, types = g.src, g.dst, g.types
     for path, rec in files.items():
         imports_of, test_file = imported.get(path, set()), is_test_path(path)
-        chosen_for: dict[str, list[str]] = {}
-        source_for: dict[str, tuple[str, dict]] = {}
+        chosen_for: dict[str, list[int]] = {}
+        source_for: dict[str, tuple[int, int]] = {}
         for caller, callee in facts[path]["calls"]:
             chosen = chosen_for.get(callee)
             if chosen is None:
                 candidates = by_name.get(callee, [])
-                chosen = [s.node_id for s in ([s for s in candidates if s.path == path]
-                                              or [s for s in candidates if s.path in imports_of]
-                                              or (candidates if len(candidates) <= 2 else []))]
+                chosen = [ids[s.node_id] for s in ([s for s in candidates if s.path == path]
+                                                   or [s for s in candidates if s.path in imports_of]
+                                                   or (candidates if len(candidates) <= 2 else []))]
                 chosen_for[callee] = chosen
             if not chosen:
                 continue
             if caller not in source_for:
                 test_caller = test_file or caller.split(".")[-1].startswith("test")
-                source_for[caller] = (_caller_node(path, rec, caller, qual_index), tests_type if test_caller else calls_type)
+                source_for[caller] = (ids[_caller_node(path, rec, caller, qual_index)], tests_type if test_caller else calls_type)
             source, kind = source_for[caller]
-            edges.extend((source, target, kind) for target in chosen if target != source)
-    return edges
+            for target in chosen:
+                if target != source:
+                    src.append(source)
+                    dst.append(target)
+                    types.append(kind)
 
 
 def _caller_node(path: str, rec: FileRecord, caller: str, qual_index: dict) -> str:

@@ -19,12 +19,11 @@ def _symbol_terms(index: ProgramIndex) -> dict[str, list[tuple[set[str], set[str
 
 def _in_degrees(index: ProgramIndex) -> dict[str, int]:
     """Import and call edges into each file's module and symbols."""
-    graph, degree = index.graph, {}
+    graph, degree = index.callgraph, {}
     for path, record in index.files.items():
         node = f"mod:{record.module}" if record.module else f"file:{path}"
-        count = sum(1 for _, _, d in graph.in_edges(node, data=True) if d.get("type") in ("imports", "calls"))
-        count += sum(1 for s in index.symbols_in(path) for _, _, d in graph.in_edges(s.node_id, data=True)
-                     if d.get("type") == "calls")
+        count = graph.degree(node, "in", ("imports", "calls"))
+        count += sum(graph.degree(s.node_id, "in", ("calls",)) for s in index.symbols_in(path))
         degree[path] = count
     return degree
 
@@ -34,7 +33,7 @@ def _priors(index: ProgramIndex) -> dict[str, tuple[float, float]]:
     out = {}
     for path in index.files:
         symbols = index.symbols_in(path)
-        tested = sum(1 for s in symbols if any(d.get("type") == "tests" for _, _, d in index.graph.in_edges(s.node_id, data=True)))
+        tested = sum(1 for s in symbols if index.callgraph.degree(s.node_id, "in", ("tests",)))
         out[path] = (tested / len(symbols), sum(s.is_public for s in symbols) / len(symbols)) if symbols else (0.0, 0.0)
     return out
 

@@ -64,7 +64,7 @@ def _selection(index: ProgramIndex, files: list[str], scores: dict[str, float], 
     modules = [index.files[p].module for p in files if index.files[p].module]
     if nodes is None:
         wanted = set(files)
-        nodes = [n for n, d in index.graph.nodes(data=True) if d.get("path") in wanted]
+        nodes = index.callgraph.nodes_with_path(wanted)
     return Selection(files, modules, {p: round(scores.get(p, 0.0), 4) for p in files}, symbols, matched, nodes)
 
 

@@ -53,24 +53,22 @@ def channel_features(index: ProgramIndex, paths: set[str] | None, include_text: 
     for rec in files:
         if rec.module:
             feats["mod"][f"module:{rec.module}"] += 1.0
-    graph = index.graph
+    graph = index.callgraph
     by_dir = Counter(rec.path.rpartition("/")[0] or "." for rec in files)
     for directory, count in by_dir.items():
         feats["topo"][f"dir:{directory}"] += math.log1p(count)
     for rec in files:
         if rec.module:
             node = f"mod:{rec.module}"
-            imports_in = sum(1 for _, _, d in graph.in_edges(node, data=True) if d.get("type") == "imports")
-            imports_out = sum(1 for _, _, d in graph.out_edges(node, data=True) if d.get("type") == "imports")
+            imports_in = graph.degree(node, "in", ("imports",))
+            imports_out = graph.degree(node, "out", ("imports",))
             feats["topo"][f"in:{rec.module}"] += math.log1p(imports_in)
             feats["topo"][f"out:{rec.module}"] += math.log1p(imports_out)
     wanted_nodes = {s.node_id for s in symbols} | {f"mod:{r.module}" for r in files if r.module}
-    for src, dst, data in graph.edges(data=True):
-        if src not in wanted_nodes and dst not in wanted_nodes:
-            continue
-        if data.get("type") == "calls":
+    for src, dst, kind in graph.edges(("calls", "tests"), touching=wanted_nodes):
+        if kind == "calls":
             feats["calls"][f"{_short(src)}->{_short(dst)}"] += 1.0
-        elif data.get("type") == "tests":
+        else:
             feats["tests"][_short(dst)] += 1.0
     if include_text:
         for rec in files:

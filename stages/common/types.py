@@ -5,9 +5,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-import networkx as nx
-
 from stages.common.adapters import AdapterSet
+from stages.common.callgraph import CallGraph
 from stages.common.lines import split_lines
 
 
@@ -62,17 +61,27 @@ class ProgramIndex:
     files: dict[str, FileRecord]
     symbols: list[Symbol]
     windows: list[Window]
-    graph: nx.MultiDiGraph  # nodes file:/mod:/sym:, edges typed defines|imports|calls|tests
+    callgraph: CallGraph  # nodes file:/mod:/sym:, edges typed defines|imports|calls|tests, as arrays
     fingerprint: str  # sha256 over (path, sha256) of every indexed file
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why it was not indexed
     texts: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # path -> decoded text
     _derived: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.callgraph, CallGraph):  # a networkx graph made by hand (tests, other tools)
+            self.callgraph = CallGraph.from_networkx(self.callgraph)
 
     def derived(self, key: str, compute: Callable[[], Any]) -> Any:
         """Compute once per index a value derived from it (token sets, centrality), reused by later jobs."""
         if key not in self._derived:
             self._derived[key] = compute()
         return self._derived[key]
+
+    @property
+    def graph(self):
+        """The graph as a networkx MultiDiGraph, built on first use (for graph algorithms; counting edges is
+        cheaper on ``callgraph``)."""
+        return self.callgraph.to_networkx()
 
     @property
     def modules(self) -> dict[str, str]:
