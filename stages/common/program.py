@@ -203,7 +203,10 @@ def read_entries(root: Path, entries: list[Entry], skipped: dict[str, str],
     for entry in entries:
         if entry.is_dir:
             continue
-        reason, source = read_file(root, entry.full, entry.rel, limits.max_file_bytes, limits.max_line_chars)
+        # a regular file the walk found (it follows no link, from the resolved root) is inside the root: no need to
+        # resolve its path again; it is opened with O_NOFOLLOW, so a link swapped in since the walk is refused
+        walked = stat.S_ISREG(entry.stat.st_mode)
+        reason, source = read_file(root, entry.full, entry.rel, limits.max_file_bytes, limits.max_line_chars, walked)
         if source is None:
             skipped[entry.rel] = reason
         else:
@@ -213,18 +216,19 @@ def read_entries(root: Path, entries: list[Entry], skipped: dict[str, str],
 
 
 def read_file(root: Path, full: Path, rel: str, max_file_bytes: int,
-              max_line_chars: int | None = None) -> tuple[str, SourceFile | None]:
-    if full.is_symlink() and not inside(root, full):
-        return "symlink outside the root", None
-    if not inside(root, full):
-        return "outside the root", None
+              max_line_chars: int | None = None, walked: bool = False) -> tuple[str, SourceFile | None]:
+    if not walked:
+        if full.is_symlink() and not inside(root, full):
+            return "symlink outside the root", None
+        if not inside(root, full):
+            return "outside the root", None
     try:
-        st = full.stat()
+        st = full.lstat() if walked else full.stat()
         if not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device is never opened: reading may never return
             return "not a regular file", None
         if st.st_size > max_file_bytes:
             return f"larger than max_file_bytes ({st.st_size} > {max_file_bytes})", None
-        data = _read_bounded(full, max_file_bytes + 1)
+        data = _read_bounded(full, max_file_bytes + 1, nofollow=walked)
     except PermissionError:
         return "unreadable (permission denied)", None
     except OSError as err:
@@ -236,7 +240,9 @@ def read_file(root: Path, full: Path, rel: str, max_file_bytes: int,
     if b"\x00" in data[:8192]:
         return "binary", None
     text = data.decode("utf-8", errors="replace")
-    if max_line_chars is not None and len(text) > max_line_chars:
+    # bytes split at \n alone are never shorter than the lines (in characters) split at \n, \r\n and \r: when none
+    # is over the limit no line is, and the exact count runs only for a file that may have one
+    if max_line_chars is not None and len(text) > max_line_chars and max(map(len, data.split(b"\n"))) > max_line_chars:
         longest = max(map(len, split_lines(text)), default=0)
         if longest > max_line_chars:
             return f"a line of {longest} characters (longer than index.max_line_chars={max_line_chars})", None
@@ -254,10 +260,11 @@ def read_small(root: Path, path: Path, limit: int) -> bytes | None:
         return None
 
 
-def _read_bounded(full: Path, limit: int) -> bytes | None:
+def _read_bounded(full: Path, limit: int, nofollow: bool = False) -> bytes | None:
     """At most ``limit`` bytes; None when what was opened is not a regular file (swapped since the stat).
     Non-blocking open: a FIFO put in a file's place cannot hang the walk."""
-    fd = os.open(full, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(full, flags | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
