@@ -45,12 +45,14 @@ class Decode(Stage):
                  constrain: list[Literal["lead", "citations", "code", "prose"]] = ["lead", "citations", "code", "prose"],
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 2.0, lead_calibrate: bool = True,
-                 copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0):
+                 copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0,
+                 prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
         self.constrain, self.copy_bias = list(constrain), copy_bias
         self.lead, self.lead_prior, self.lead_calibrate = lead, lead_prior, lead_calibrate
+        self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -69,6 +71,7 @@ class Decode(Stage):
             "lead_prior": self.lead_prior,
             "lead_calibrate": self.lead_calibrate,
             "copy_bias": self.copy_bias,
+            "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
 
     def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
@@ -82,6 +85,7 @@ class Decode(Stage):
             move_to_cpu(lm, handle)
             result = generate(lm, prompt, settings, self.seed)
         text = result.pop("text")
+        notes.extend(result.pop("notes", []))
         prefill_chars = len(prompt.prefill.strip()) if text.startswith(prompt.prefill.strip()) else 0
         return {"draft": Draft(text, device=lm.device, attempt=prompt.attempt, notes=notes,
                                prefill_chars=prefill_chars, **result)}
@@ -242,6 +246,14 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
         **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if settings["do_sample"] else {}),
     )
+    # prompt-lookup decoding (issue 13): drafts copied from the prompt, verified in one forward; the grounding
+    # processor keeps state from step to step and cannot see drafts rejected, so it is off while constraints hold
+    lookup, notes = settings.get("prompt_lookup_num_tokens", 0), []
+    if lookup and grounding is not None:
+        notes.append("prompt lookup off: grounding constraints are active (decode.constrain=[] allows it)")
+        lookup = 0
+    if lookup:
+        config.prompt_lookup_num_tokens = lookup
     if settings["do_sample"]:
         torch.manual_seed(seed)
     with torch.no_grad():
@@ -258,4 +270,4 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),
             "seconds": seconds, "prefill_seconds": prefill_seconds, "lead": record,
             "constrained_citations": grounding.completed(CITATION_OPENER) if grounding else 0,
-            "constrained_names": grounding.completed(CODE_OPENER) if grounding else 0}
+            "constrained_names": grounding.completed(CODE_OPENER) if grounding else 0, "notes": notes}

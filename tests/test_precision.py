@@ -1,0 +1,129 @@
+"""Issue 13: weight dtype, int8 quantization, threads, prompt-lookup decoding (tiny model; exact mixing in every dtype)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import api
+from pipeline.errors import ConfigError, StageFailed
+from stages.common.adapters import TARGETS, infer_targets
+from stages.common.mixing import AdapterMix, MixSettings
+from stages.common.precision import is_plain_float, weight_bytes
+from stages.common.synthesis import synthesize
+from stages.model import TinyRandomLlama
+from tests.test_adapters import PROGRAM
+
+settings = MixSettings(0.0, 12.0, 12, {}, [1.0, 1.0], {}, None)  # scale 1, no cap
+
+
+def _lm(**kw):
+    return TinyRandomLlama(seed=3, **kw).run()["lm"]
+
+
+def _adapters(lm):
+    tmap = infer_targets(lm.model)
+    z = np.random.default_rng(0).standard_normal(1536)
+    return tmap, synthesize(z, tmap.num_layers, tmap.shapes, list(TARGETS), 12, 0)
+
+
+def _logits(lm, ids):
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits.float()
+
+
+IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 8]])
+
+
+@pytest.mark.parametrize("mode", ["hooks", "merge"])
+def test_bfloat16_mix_computes_the_delta_in_float32_casts_once_and_restores_bit_for_bit(mode):
+    lm = _lm(dtype="bfloat16")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    tmap, adapters = _adapters(lm)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    plain = _logits(lm, IDS)
+    name, module, _ = tmap.modules[(1, "o_proj")]
+    w = module.weight.detach().clone()
+    a, b = adapters.pair(1, "o_proj")
+    mix = AdapterMix(lm, tmap, mode, adapters, None, 12.0)
+    mix.apply(settings)
+    try:
+        x = torch.randn(2, 3, w.shape[1]).to(torch.bfloat16)
+        got = module(x)
+        delta32 = torch.from_numpy(a) @ torch.from_numpy(b)
+        if mode == "merge":
+            assert torch.equal(module.weight, (w.float() + delta32).to(torch.bfloat16))
+        else:
+            plain_out = torch.nn.functional.linear(x, w)
+            expected = plain_out + ((x.float() @ torch.from_numpy(b).T) @ torch.from_numpy(a).T).to(torch.bfloat16)
+            assert torch.equal(got, expected)
+        assert not torch.equal(_logits(lm, IDS), plain)
+    finally:
+        mix.restore()
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    assert torch.equal(_logits(lm, IDS), plain)
+
+
+def test_int8_quantization_mixes_with_hooks_and_refuses_merge():
+    pytest.importorskip("torchao")
+    ref = _lm()
+    lm = _lm(quantize="int8")
+    linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and not any(is_plain_float(m.weight) for m in linears)
+    assert lm.model.get_input_embeddings().weight.dtype == torch.float32  # the embedding table stays float
+    assert weight_bytes(lm.model) < 0.6 * weight_bytes(ref.model)
+    plain = _logits(lm, IDS)
+    assert torch.allclose(plain, _logits(ref, IDS), atol=0.05 * float(plain.abs().max()))  # int8 ~ float32
+    tmap, adapters = _adapters(lm)
+    mix = AdapterMix(lm, tmap, "hooks", adapters, None, 12.0)
+    report = mix.apply(settings)
+    try:
+        assert report["hooks_active"] > 0 and not torch.equal(_logits(lm, IDS), plain)
+    finally:
+        mix.restore()
+    assert torch.equal(_logits(lm, IDS), plain)
+    merge = AdapterMix(lm, tmap, "merge", adapters, None, 12.0)
+    with pytest.raises(ConfigError, match="mix.mode=merge cannot write.*use mix.mode=hooks"):
+        merge.apply(settings)
+    assert torch.equal(_logits(lm, IDS), plain) and not merge.lease.held
+
+
+def _answer(tmp_path, make_tree, *overrides, tag="run"):
+    root = make_tree(tmp_path / "prog", PROGRAM)
+    return api.run(["model=tiny_random", f"program_root={root}", "prompt=add numbers", f"paths.outputs={tmp_path / 'out'}",
+                    "decode.max_new_tokens=12", "decode.min_new_tokens=12", "fallback.max_new_tokens_floor=4",
+                    *overrides], run_dir=tmp_path / tag)
+
+
+@pytest.mark.parametrize("overrides", [["model.dtype=bfloat16"], ["model.quantize=int8", "mix.mode=hooks"]])
+def test_answers_run_end_to_end_in_other_precisions(tmp_path, make_tree, overrides):
+    if "model.quantize=int8" in overrides:
+        pytest.importorskip("torchao")
+    _, result = _answer(tmp_path, make_tree, *overrides)
+    assert result.output("decode", "draft").generated_tokens == 12
+    assert result.output("unmix", "restored") is True
+
+
+def test_merge_with_int8_is_one_clear_error(tmp_path, make_tree):
+    pytest.importorskip("torchao")
+    with pytest.raises(StageFailed, match="mix.mode=merge cannot write"):
+        _answer(tmp_path, make_tree, "model.quantize=int8", "mix.mode=merge")
+
+
+def test_threads_knob_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        _lm(threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_prompt_lookup_decodes_the_same_greedy_answer_and_is_off_under_constraints(tmp_path, make_tree):
+    free = ["decode.constrain=[]", "decode.repetition_penalty=1.0"]
+    _, plain = _answer(tmp_path, make_tree, *free, tag="plain")
+    _, lookup = _answer(tmp_path, make_tree, *free, "decode.prompt_lookup_num_tokens=4", tag="lookup")
+    a, b = plain.output("decode", "draft"), lookup.output("decode", "draft")
+    assert a.text == b.text and a.generated_tokens == b.generated_tokens and b.notes == []
+    _, grounded = _answer(tmp_path, make_tree, "decode.prompt_lookup_num_tokens=4", tag="grounded")
+    assert any("prompt lookup off" in note for note in grounded.output("decode", "draft").notes)
