@@ -303,25 +303,216 @@ def retrieval() -> dict:
 
 
 # 7 -------------------------------------------------------------------------------------------------------------
-def peak_rss() -> dict:
-    code = f"""
-import json
-from pipeline import api, resources
+_RSS_CODE = """
+import json, sys
 from pipeline.execute import peak_rss_mb
-api.run(["program_root={PROGRAM_80}", "prompt=How are config groups composed?", "decode.max_new_tokens=64"])
+def rss_mb():
+    with open("/proc/self/status") as status:
+        return next(int(l.split()[1]) / 1024 for l in status if l.startswith("VmRSS:"))
+import torch, transformers, numpy, networkx
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama import modeling_llama
+from pipeline import api, resources
+import stages.model, stages.decode, stages.mix, stages.index, stages.pack, stages.select, stages.prompt
+imports = rss_mb()
+_, result = api.run(["program_root={root}", "prompt=How are config groups composed?", "decode.max_new_tokens=64", *{extra!r}])
 lm = resources.values("model")[-1]
-params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-print(json.dumps({{"rss": peak_rss_mb() * 2**20, "params": params}}))
+from stages.common.precision import weight_bytes
+nodes = [(t.node, t.peak_rss_mb) for t in result.trace if t.status == "ok"]
+print(json.dumps({{"peak": peak_rss_mb(), "imports": imports, "weights": weight_bytes(lm.model) / 2**20, "nodes": nodes}}))
 """
-    got = _python(code)
-    ratio = got["rss"] / got["params"]
-    return row("peak RSS of one answer vs model parameter bytes", got["rss"] / 2**20, got["params"] / 2**20, ratio,
-               "<= 1.5", ratio <= 1.5, "MiB", "fresh process: imports + model + one answer")
+
+
+def peak_rss(extra: list[str] = ()) -> dict:
+    """Peak RSS of one answer in a fresh process vs its floor: the interpreter with every import done plus the weights."""
+    got = _python(_RSS_CODE.format(root=str(PROGRAM_80), extra=list(extra)))
+    floor = got["imports"] + got["weights"]
+    ratio = got["peak"] / floor
+    rises, last = [], got["imports"]
+    for node, peak in got["nodes"]:  # where the peak grew, node by node
+        if peak - last >= 5:
+            rises.append(f"{node} +{peak - last:.0f}")
+        last = max(last, peak)
+    label = " ".join(extra) or "default config"
+    return row(f"peak RSS of one answer vs (interpreter with imports + weights), {label}", got["peak"], floor, ratio,
+               "<= 1.25", ratio <= 1.25, "MiB",
+               f"fresh process; imports {got['imports']:.0f} MiB, weights {got['weights']:.0f} MiB; peak grew at: "
+               f"{', '.join(rises) or 'nowhere'} (MiB)")
+
+
+def peak_rss_rows() -> list[dict]:
+    return [peak_rss(), peak_rss(["model.dtype=bfloat16"])]
+
+
+# 8 -------------------------------------------------------------------------------------------------------------
+DECODE_TOKENS = 64
+DECODE_PROMPT = "How does Hydra compose the config from the defaults list?"
+
+
+class _Clock:
+    """A logits processor that notes its first call: the prompt's forward pass (prefill) is done by then."""
+
+    def __init__(self):
+        self.first = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
+def _plain_generate(lm, ids: list[int], tokens: int = DECODE_TOKENS, **extra) -> dict:
+    """transformers' own generate, greedy, exactly ``tokens`` new tokens: prefill seconds and decode tokens/s."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = _Clock()
+    input_ids = torch.tensor([ids])
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                max_new_tokens=tokens, min_new_tokens=tokens, logits_processor=LogitsProcessorList([clock]),
+                                pad_token_id=lm.tokenizer.pad_token_id, **extra)
+    end = time.perf_counter()
+    new = out.shape[1] - input_ids.shape[1]
+    return {"prefill": clock.first - started, "tps": new / (end - clock.first), "tokens": new,
+            "ids": out[0, input_ids.shape[1]:].tolist()}
+
+
+def _copy_bandwidth() -> float:
+    """Bytes moved per second (read + write) by a 256 MiB tensor copy, best of 5, torch's threads as set."""
+    import torch
+
+    src = torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - started)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def _bytes_per_token(lm, context: int) -> tuple[int, int]:
+    """Weights read for one token (every parameter once: the tied LM head reads the embedding table) and the KV cache
+    read at ``context`` positions."""
+    from stages.common.precision import weight_bytes
+
+    cfg = lm.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * context * next(lm.model.parameters()).element_size()
+    return weight_bytes(lm.model), kv
+
+
+def _answer_args(extra: list[str] = ()) -> list[str]:
+    n = str(DECODE_TOKENS)
+    return [f"program_root={PROGRAM_80}", f"prompt={DECODE_PROMPT}", f"decode.max_new_tokens={n}",
+            f"decode.min_new_tokens={n}", f"fallback.max_new_tokens_floor={n}", *extra]
+
+
+def decode_floor() -> list[dict]:
+    """Our decode vs plain transformers.generate on the same prompt and weights vs the memory-bandwidth floor; the
+    mix mode's cost per token; prompt-lookup decoding. Interleaved, best of two for ours and the peer."""
+    import numpy as np
+    import torch
+
+    from pipeline import api, resources
+    from stages.common.adapters import TARGETS, infer_targets
+    from stages.common.mixing import AdapterMix, MixSettings
+    from stages.common.synthesis import synthesize
+
+    api.run(_answer_args())  # warm: model, index and artifacts cached
+    lm = resources.values("model")[-1]
+    ours, plain, ids = [], [], []
+    for _ in range(2):
+        _, result = api.run(_answer_args())
+        draft = result.output("decode", "draft")
+        ours.append(draft.tokens_per_second)
+        ids = result.output("prompt", "prompt").ids
+        plain.append(_plain_generate(lm, ids)["tps"])
+    weights, kv = _bytes_per_token(lm, len(ids) + DECODE_TOKENS // 2)
+    bandwidth = _copy_bandwidth()
+    floor = bandwidth / (weights + kv)
+    best_ours, best_plain = max(ours), max(plain)
+    threads = torch.get_num_threads()
+    rows = [
+        row("decode tokens/s: our answer vs plain transformers.generate (same prompt, same weights)", best_ours,
+            best_plain, best_ours / best_plain, ">= 0.95", best_ours / best_plain >= 0.95, "tokens/s",
+            f"{len(ids)}-token prompt, {DECODE_TOKENS} new tokens, float32, {threads} torch threads; ours "
+            f"{', '.join(f'{x:.1f}' for x in ours)}, plain {', '.join(f'{x:.1f}' for x in plain)} (ours: default "
+            f"answer config, adapter mixed with hooks, grounding processors on)"),
+        row("decode tokens/s: plain generate vs memory-bandwidth floor", best_plain, floor, best_plain / floor,
+            "report", True, "tokens/s",
+            f"floor = copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write, 256 MiB) / (weights {weights / 2**20:.0f} MiB "
+            f"+ KV cache {kv / 2**20:.0f} MiB read per token)"),
+    ]
+    tmap = infer_targets(lm.model)
+    adapters = synthesize(np.random.default_rng(0).standard_normal(1536), tmap.num_layers, tmap.shapes, list(TARGETS), 12, 0)
+    settings = MixSettings(0.25, 16.0, 12, {}, [1.0] * tmap.num_layers, {}, 0.05)
+    per_mode = {}
+    for mode in ("none", "hooks", "merge"):
+        mix = AdapterMix(lm, tmap, mode, adapters, None, 16.0) if mode != "none" else None
+        if mix:
+            mix.apply(settings)
+        try:
+            per_mode[mode] = _plain_generate(lm, ids)["tps"]
+        finally:
+            if mix:
+                mix.restore()
+    for mode in ("hooks", "merge"):
+        rows.append(row(f"decode tokens/s with the adapter mixed (mix.mode={mode}) vs unmixed", per_mode[mode],
+                        per_mode["none"], per_mode[mode] / per_mode["none"], "report", True, "tokens/s",
+                        "plain generate, rank 12 x 7 targets x 30 layers; hooks: two small matmuls per target per token"))
+    lookups = [(_plain_generate(lm, ids), _plain_generate(lm, ids, prompt_lookup_num_tokens=10)) for _ in range(1)]
+    base, lookup = lookups[0]
+    rows.append(row("decode tokens/s: prompt-lookup decoding (10 tokens) vs plain greedy", lookup["tps"], base["tps"],
+                    lookup["tps"] / base["tps"], "report", True, "tokens/s",
+                    f"plain generate, same prompt; same tokens: {lookup['ids'] == base['ids']} (in our decode only with "
+                    "decode.constrain=[]: the grounding processors are stateful)"))
+    return rows
+
+
+PRECISIONS = [("float32", []), ("bfloat16", ["model.dtype=bfloat16"]), ("int8", ["model.quantize=int8"])]
+
+
+def precision() -> list[dict]:
+    """Weight dtype and int8 quantization: prefill seconds and decode tokens/s of plain generate on our prompt, and
+    held-out program perplexity (pipeline=perplexity, plain and mixed) — an option is kept only within 2% of float32."""
+    from pipeline import api, resources
+
+    measured = {}
+    ids: list[int] = []
+    for name, overrides in PRECISIONS:
+        resources.clear("model")
+        _, result = api.run(_answer_args([*overrides, "mix.mode=hooks"]))
+        ids = ids or result.output("prompt", "prompt").ids
+        lm = resources.values("model")[-1]
+        gen = _plain_generate(lm, ids)
+        _, ppl = api.run(["pipeline=perplexity", f"program_root={PROGRAM_80}", *overrides, "mix.mode=hooks"])
+        report = ppl.output("ppl_report", "report")
+        measured[name] = {**gen, "plain": report["plain"], "mixed": report["mixed"],
+                          "answer_tps": result.output("decode", "draft").tokens_per_second}
+    resources.clear("model")
+    base = measured["float32"]
+    rows = []
+    for name, _ in PRECISIONS[1:]:
+        got = measured[name]
+        change = (got["plain"] - base["plain"]) / base["plain"]
+        change_mixed = (got["mixed"] - base["mixed"]) / base["mixed"]
+        ok = abs(change) <= 0.02 and abs(change_mixed) <= 0.02
+        rows.append(row(f"decode tokens/s with {name} weights vs float32 (plain generate)", got["tps"], base["tps"],
+                        got["tps"] / base["tps"], "perplexity within 2%", ok, "tokens/s",
+                        f"prefill {got['prefill']:.2f} s vs {base['prefill']:.2f} s ({len(ids)} tokens); held-out "
+                        f"perplexity plain {base['plain']:.3f} -> {got['plain']:.3f} ({change:+.2%}), mixed "
+                        f"{base['mixed']:.3f} -> {got['mixed']:.3f} ({change_mixed:+.2%}); our answer's decode "
+                        f"{got['answer_tps']:.1f} vs {base['answer_tps']:.1f} tokens/s"))
+    return rows
 
 
 BENCHES = {"overhead": overhead, "model_load": model_load, "multirun": multirun, "indexing": indexing,
            "index_big": index_big,
-           "mix": mix_vs_peft, "retrieval": retrieval, "rss": peak_rss}
+           "mix": mix_vs_peft, "retrieval": retrieval, "rss": peak_rss_rows, "decode": decode_floor,
+           "precision": precision}
 
 
 FIELDS = ["name", "value", "peer", "ratio", "target", "met", "unit", "detail", "bench"]

@@ -41,6 +41,7 @@ def quantize_int8(model: Any) -> int:
     import torch
 
     try:
+        quiet_torchao_import()
         with _quiet("torchao"):
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
@@ -83,6 +84,17 @@ def _tensor_bytes(tensor: Any) -> int:
         return tensor.numel() * tensor.element_size()
     names, _ = tensor.__tensor_flatten__()
     return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+
+
+def quiet_torchao_import() -> None:
+    """transformers imports torchao (when installed) as it loads any checkpoint; import it first, without the
+    warnings it logs about optional GPU kernels a CPU machine lacks."""
+    import importlib.util
+    import sys
+
+    if "torchao" not in sys.modules and importlib.util.find_spec("torchao") is not None:
+        with _quiet("torchao"), _quiet("torch.utils._pytree"):
+            import torchao  # noqa: F401
 
 
 @contextlib.contextmanager
