@@ -9,7 +9,8 @@ evidence or the question) and its prose (`prose`: a word written like code, snak
 name of the evidence or the question);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
 evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
-tokens that occur in the evidence. Logits are checked for NaN/inf at every step (a one-line error, weights
+tokens that occur in the evidence; `cad_alpha` > 0 is context-aware decoding (the logits contrasted with those of
+the same prompt without the evidence, one more forward pass per token). Logits are checked for NaN/inf at every step (a one-line error, weights
 restored by `unmix`).
 
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
@@ -45,12 +46,13 @@ class Decode(Stage):
                  constrain: list[Literal["lead", "citations", "code", "prose"]] = ["lead", "citations", "code", "prose"],
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 2.0, lead_calibrate: bool = True,
-                 copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0):
+                 copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
+                 seed: int = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
         self.constrain, self.copy_bias = list(constrain), copy_bias
-        self.lead, self.lead_prior, self.lead_calibrate = lead, lead_prior, lead_calibrate
+        self.lead, self.lead_prior, self.lead_calibrate, self.cad_alpha = lead, lead_prior, lead_calibrate, cad_alpha
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -69,6 +71,7 @@ class Decode(Stage):
             "lead_prior": self.lead_prior,
             "lead_calibrate": self.lead_calibrate,
             "copy_bias": self.copy_bias,
+            "cad_alpha": self.cad_alpha,
         }
 
     def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
@@ -99,6 +102,13 @@ class RetryDecode(Decode):
         settings["do_sample"] = False
         settings["max_new_tokens"] = max(self.floor, settings["max_new_tokens"])
         return settings
+
+    def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
+        draft = super().run(lm, prompt, handle)["draft"]
+        # nothing of the first attempt's prefill can be reused: other weights, another prompt
+        draft.notes.append("retry: prompt encoded again (the boosted remix changed the weights, the stronger "
+                           "scaffold the prompt)")
+        return {"draft": draft}
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
@@ -166,6 +176,15 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
 
     clock = _Clock()
     chain = LogitsProcessorList([clock, _FiniteCheck()])
+    if settings["cad_alpha"] and prompt.plain_ids:
+        # context-aware decoding = classifier-free guidance with the prompt without evidence as the negative prompt:
+        # log p(x | evidence) + α (log p(x | evidence) - log p(x | no evidence)); one more forward per token
+        import torch
+        from transformers import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+        device = next(lm.model.parameters()).device
+        plain = torch.tensor([prompt.plain_ids + ids[len(prompt.ids):]], device=device)
+        chain.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(1.0 + settings["cad_alpha"], lm.model, plain))
     if settings["repetition_penalty"] != 1.0:
         ignore = None if settings["penalize_prompt"] else len(ids)
         chain.append(RepetitionPenaltyLogitsProcessor(float(settings["repetition_penalty"]), prompt_ignore_length=ignore))

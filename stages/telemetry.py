@@ -79,7 +79,7 @@ class WriteTelemetry(Stage):
             "tokens": {"prompt": answer.draft.prompt_tokens, "generated": answer.draft.generated_tokens} if answer else {},
             "model": lm.model_id if lm else None,
             "device": lm.device if lm else None,
-            "notes": answer.draft.notes if answer else [],
+            "notes": [note for d in (draft, retry_draft) if d is not None for note in d.notes] if answer else [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         blob = json.dumps(record, indent=2, default=str)

@@ -243,3 +243,16 @@ def test_words_written_like_code_are_names_of_the_evidence(default_tokenizer, sa
     written = [w for w in (words[:-1] if last and words and words[-1] == last else words) if CODE_SHAPE.fullmatch(w)]
     assert written, text  # the boost made it try
     assert set(written) <= parts, (set(written) - parts, text)
+
+
+def test_context_aware_decoding_contrasts_with_the_prompt_without_evidence(tiny_lm, index_with_windows):
+    from stages.decode import Decode
+
+    index, evidence = index_with_windows
+    prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
+    assert prompt.plain_ids and len(prompt.plain_ids) < len(prompt.ids)
+    assert "[ctx] path:" not in tiny_lm.tokenizer.decode(prompt.plain_ids)
+    plain = Decode(max_new_tokens=16, min_new_tokens=16).run(tiny_lm, prompt)["draft"]
+    cad = Decode(max_new_tokens=16, min_new_tokens=16, cad_alpha=2.0).run(tiny_lm, prompt)["draft"]
+    assert cad.lead == plain.lead  # the lead is chosen before decoding
+    assert cad.text != plain.text and cad.generated_tokens == 16

@@ -169,6 +169,7 @@ class Prompt:
     names: list[str] = dataclasses.field(default_factory=list)  # identifiers inline code may name
     lead_rank: list[int] = dataclasses.field(default_factory=list)  # packed-window position of each lead choice
     neutral_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt, a neutral question
+    plain_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt without the evidence
 
     def summary(self) -> dict[str, Any]:
         return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
