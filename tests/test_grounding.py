@@ -246,13 +246,22 @@ def test_words_written_like_code_are_names_of_the_evidence(default_tokenizer, sa
 
 
 def test_context_aware_decoding_contrasts_with_the_prompt_without_evidence(tiny_lm, index_with_windows):
-    from stages.decode import Decode
+    from transformers import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+    from stages.decode import Decode, processors
 
     index, evidence = index_with_windows
     prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
     assert prompt.plain_ids and len(prompt.plain_ids) < len(prompt.ids)
     assert "[ctx] path:" not in tiny_lm.tokenizer.decode(prompt.plain_ids)
-    plain = Decode(max_new_tokens=16, min_new_tokens=16).run(tiny_lm, prompt)["draft"]
-    cad = Decode(max_new_tokens=16, min_new_tokens=16, cad_alpha=2.0).run(tiny_lm, prompt)["draft"]
-    assert cad.lead == plain.lead  # the lead is chosen before decoding
-    assert cad.text != plain.text and cad.generated_tokens == 16
+    settings = Decode(cad_alpha=2.0).settings(prompt)
+    chain, _, _ = processors(tiny_lm, prompt, prompt.ids, settings, False)
+    cad = [p for p in chain if isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor)]
+    assert len(cad) == 1 and cad[0].guidance_scale == 3.0
+    assert cad[0].unconditional_context["input_ids"][0].tolist() == prompt.plain_ids
+    with torch.no_grad():
+        logits = tiny_lm.model(torch.tensor([prompt.ids])).logits[:, -1]
+    contrasted = cad[0](torch.tensor([prompt.ids]), logits.clone())
+    assert not torch.allclose(contrasted, torch.log_softmax(logits, -1))
+    draft = Decode(max_new_tokens=8, min_new_tokens=8, cad_alpha=2.0).run(tiny_lm, prompt)["draft"]
+    assert draft.generated_tokens == 8 and draft.text.startswith(draft.lead["lead"])
