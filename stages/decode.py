@@ -216,17 +216,21 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
     prompt's KV cache, minus its score after the same prompt asking nothing in particular (`lead_calibrate`: what
     the choice owes to the question, not to how common the name is), minus `lead_prior` per packed-window position
     of its window. Returns the choice, its token ids, the prompt's cache (decoding goes on from it) and a record."""
-    from stages.common.continuations import encode_prefix, score_continuations
+    from stages.common.continuations import common_prefix, encode_prefix, score_continuations
 
     tok = lm.tokenizer
     names = [choice.rsplit(" [", 1)[0] for choice in prompt.lead]  # "`qualname`"
     name_ids = tok(names, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    state = encode_prefix(lm.model, ids)
+    neutral_ids = prompt.neutral_ids + ids[len(prompt.ids):] if settings["lead_calibrate"] and prompt.neutral_ids else []
+    # the two prompts share everything before the question (scaffold.question_first=false): encode that once
+    shared = common_prefix(ids, neutral_ids)
+    base = encode_prefix(lm.model, ids[:shared]) if 0 < shared < min(len(ids), len(neutral_ids)) else None
+    state = encode_prefix(lm.model, ids, base=base) if base else encode_prefix(lm.model, ids)
     scores = [sum(s) for s in score_continuations(lm.model, state, name_ids)]
-    if settings["lead_calibrate"] and prompt.neutral_ids:
-        neutral = encode_prefix(lm.model, prompt.neutral_ids + ids[len(prompt.ids):])
+    if neutral_ids:
+        neutral = encode_prefix(lm.model, neutral_ids, base=base, fork=False) if base else encode_prefix(lm.model, neutral_ids)
         scores = [a - sum(b) for a, b in zip(scores, score_continuations(lm.model, neutral, name_ids))]
-        del neutral
+        del neutral, base
     ranks = prompt.lead_rank or [0] * len(prompt.lead)
     total = [score - settings["lead_prior"] * rank for score, rank in zip(scores, ranks)]
     best = max(range(len(total)), key=lambda i: (total[i], -i))
