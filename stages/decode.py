@@ -10,8 +10,8 @@ name of the evidence or the question);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
 evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
 tokens that occur in the evidence; `cad_alpha` > 0 is context-aware decoding (the logits contrasted with those of
-the same prompt without the evidence, one more forward pass per token). Logits are checked for NaN/inf at every step (a one-line error, weights
-restored by `unmix`).
+the same prompt without the evidence, one more forward pass per token). Logits are checked for NaN/inf at every
+step (a one-line error, weights restored by `unmix`).
 
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 from pipeline.errors import PipelineError
 from pipeline.stage import Range, Stage
 from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie
-from stages.common.mixing import AdapterMix
+from stages.common.mixing import AdapterMix, exclusive
 from stages.common.streaming import console_streamer
 from stages.common.types import Draft, LanguageModel, Prompt
 
@@ -123,12 +123,13 @@ def move_to_cpu(lm: LanguageModel, handle: AdapterMix | None) -> None:
     import torch
 
     settings = handle.settings if handle is not None and handle.handle.active else None
-    if handle is not None:
-        handle.restore()
-    lm.model.to("cpu", dtype=torch.float32)
-    lm.device = "cpu"
-    if settings is not None:
-        handle.apply(settings)
+    with exclusive(lm.model):  # no other answer may take the model between unmix and re-mix
+        if handle is not None:
+            handle.restore()
+        lm.model.to("cpu", dtype=torch.float32)
+        lm.device = "cpu"
+        if settings is not None:
+            handle.apply(settings)
 
 
 class _FiniteCheck:
