@@ -13,6 +13,8 @@ tokens that occur in the evidence; `cad_alpha` > 0 is context-aware decoding (th
 the same prompt without the evidence, one more forward pass per token). Logits are checked for NaN/inf at every
 step (a one-line error, weights restored by `unmix`).
 
+`max_paragraphs` ends the reply after that many paragraphs (the lead's included).
+
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
 """
@@ -47,12 +49,13 @@ class Decode(Stage):
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
-                 seed: int = 0):
+                 max_paragraphs: Annotated[int, Range(ge=1)] | None = None, seed: int = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
         self.constrain, self.copy_bias = list(constrain), copy_bias
         self.lead, self.lead_prior, self.lead_calibrate, self.cad_alpha = lead, lead_prior, lead_calibrate, cad_alpha
+        self.max_paragraphs = max_paragraphs
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -72,6 +75,7 @@ class Decode(Stage):
             "lead_calibrate": self.lead_calibrate,
             "copy_bias": self.copy_bias,
             "cad_alpha": self.cad_alpha,
+            "max_paragraphs": self.max_paragraphs,
         }
 
     def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
@@ -155,6 +159,28 @@ class _CopyBias:
 
     def __call__(self, input_ids, scores):
         return scores + self.bonus[: scores.shape[-1]].to(scores.device, scores.dtype)
+
+
+class _ParagraphStop:
+    """A transformers `StoppingCriteria`: stop once the reply (after the prompt) has ended ``paragraphs`` paragraphs,
+    i.e. written that many blank lines after some text. The answer form is a lead and a short explanation."""
+
+    def __init__(self, texts: list[str], prompt_length: int, paragraphs: int):
+        self.texts, self.prompt_length, self.paragraphs = texts, prompt_length, paragraphs
+        self.written, self.consumed, self.ended = "", 0, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[0, self.prompt_length:].tolist()
+        for token in new[self.consumed:]:
+            self.written += self.texts[token] if 0 <= token < len(self.texts) else ""
+            while "\n\n" in self.written:
+                before, _, self.written = self.written.partition("\n\n")
+                self.ended += bool(before.strip())
+        self.consumed = len(new)
+        return torch.full((input_ids.shape[0],), self.ended >= self.paragraphs, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class _Clock:
@@ -268,9 +294,16 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     )
     if settings["do_sample"]:
         torch.manual_seed(seed)
+    stops = []
+    if settings["max_paragraphs"]:
+        from transformers import StoppingCriteriaList
+
+        from stages.common.grounding import token_texts
+
+        stops = StoppingCriteriaList([_ParagraphStop(token_texts(tok), len(ids), settings["max_paragraphs"])])
     with torch.no_grad():
         output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   generation_config=config, logits_processor=chain,
+                                   generation_config=config, logits_processor=chain, stopping_criteria=stops,
                                    streamer=console_streamer(tok, prompt.attempt, prompt.prefill + lead),
                                    **({cache_kwarg(lm.model): cache} if cache is not None else {}))
     seconds = time.perf_counter() - started

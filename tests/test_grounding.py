@@ -265,3 +265,20 @@ def test_context_aware_decoding_contrasts_with_the_prompt_without_evidence(tiny_
     assert not torch.allclose(contrasted, torch.log_softmax(logits, -1))
     draft = Decode(max_new_tokens=8, min_new_tokens=8, cad_alpha=2.0).run(tiny_lm, prompt)["draft"]
     assert draft.generated_tokens == 8 and draft.text.startswith(draft.lead["lead"])
+
+
+def test_paragraph_stop_ends_the_reply_after_its_paragraphs(default_tokenizer):
+    from stages.common.grounding import token_texts
+    from stages.decode import _ParagraphStop
+
+    tok = default_tokenizer
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    reply = tok("\n\n`f` [a.py:1-2] does it.\n\nMore text here.\n\nAnd more.", add_special_tokens=False)["input_ids"]
+    stop = _ParagraphStop(token_texts(tok), len(prompt), 2)
+    ended_at = None
+    for n in range(1, len(reply) + 1):
+        if bool(stop(torch.tensor([prompt + reply[:n]]), None)[0]):
+            ended_at = n
+            break
+    assert ended_at is not None
+    assert tok.decode(reply[:ended_at]).rstrip().endswith("More text here.")  # a leading blank line is no paragraph
