@@ -8,6 +8,7 @@ program index are process-wide resources, reused by every question.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,8 @@ from omegaconf import OmegaConf
 from pipeline.cache import write_atomic
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import Range, RunContext, Stage
-from stages.common.evaluation import QuestionSet, Record, SystemRun, load_questions, score, spread
+from stages.common.evaluation import (QuestionSet, Record, SystemRun, check_templates, load_questions, phrase,
+                                      score, spread)
 from stages.common.types import ProgramIndex
 
 METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
@@ -27,12 +29,17 @@ METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "eviden
 
 
 class LoadQuestions(Stage):
-    """Read the JSONL set, check every answer span against the program, keep an evenly spread `limit`."""
+    """Read the JSONL set, check every answer span against the program, keep an evenly spread `limit`, and put
+    each question in the configured `phrasing` (bare sentence, a question template around it, or keywords)."""
 
     outputs = {"questions": QuestionSet}
 
-    def __init__(self, limit: Annotated[int, Range(ge=1)] | None = None):
-        self.limit = limit
+    def __init__(self, limit: Annotated[int, Range(ge=1)] | None = None,
+                 phrasing: Literal["bare", "template", "keywords"] = "bare",
+                 templates: list[str] = ["Which part of the code does this: {question}? Cite the file and lines."],
+                 keywords: Annotated[int, Range(ge=1)] = 4):
+        self.limit, self.phrasing, self.keywords = limit, phrasing, keywords
+        self.templates = check_templates(templates)
 
     def run(self, source: str | None, index: ProgramIndex) -> dict:
         if not source:
@@ -45,7 +52,9 @@ class LoadQuestions(Stage):
             if q.end > index.files[q.path].lines:
                 raise InputError(f"questions '{source}' question {number}: {q.path}:{q.start}-{q.end} is past the "
                                  f"end of the file ({index.files[q.path].lines} lines)")
-        return {"questions": QuestionSet(str(source), spread(questions, self.limit), len(questions))}
+        chosen = [dataclasses.replace(q, question=phrase(q.question, self.phrasing, self.templates, self.keywords),
+                                      sentence=q.question) for q in spread(questions, self.limit)]
+        return {"questions": QuestionSet(str(source), chosen, len(questions), self.phrasing)}
 
 
 class RunGraphPerQuestion(Stage):
@@ -55,7 +64,7 @@ class RunGraphPerQuestion(Stage):
 
     def __init__(self, mode: Literal["answer", "retrieval"] = "retrieval",
                  graphs: dict = {"answer": "answer", "retrieval": "retrieve"},
-                 refs: dict = {"selection": "rerank.selection", "evidence": "pack.evidence", "answer": "repair.answer"},
+                 refs: dict = {"selection": "rescore.selection", "evidence": "pack.evidence", "answer": "repair.answer"},
                  progress: bool = True):
         self.graph = graphs.get(mode)
         if not self.graph:
@@ -130,13 +139,15 @@ class EvalReport(Stage):
             metrics[run.name]["setup_seconds"] = round(run.setup_seconds, 4)
         per_question = []
         for i, q in enumerate(qs):
-            item = {"question": q.question, "path": q.path, "start": q.start, "end": q.end}
+            item = {"question": q.question, "sentence": q.sentence or q.question, "path": q.path, "start": q.start,
+                    "end": q.end}
             for run in systems:
                 r = run.records[i]
                 item[run.name] = {"file_rank": _rank([p == q.path for p in r.files]),
                                   "window_rank": _rank([q.hit_by(*w) for w in r.windows])}
             per_question.append(item)
-        report = {"questions": questions.source, "evaluated": len(qs), "total": questions.total, "k": self.k,
+        report = {"questions": questions.source, "phrasing": questions.phrasing, "evaluated": len(qs),
+                  "total": questions.total, "k": self.k,
                   "overrides": list(context.overrides), "metric": self.metric,
                   "systems": {run.name: run.detail for run in systems}, "metrics": metrics,
                   "per_question": per_question}
@@ -145,7 +156,7 @@ class EvalReport(Stage):
         rows = [f"{'metric':<22}" + "".join(f"{n:>10}" for n in names)]
         for key in metrics[names[0]]:
             rows.append(f"{key:<22}" + "".join(f"{_cell(metrics[n].get(key)):>10}" for n in names))
-        header = (f"eval: {len(qs)} of {questions.total} questions from {questions.source}\n"
+        header = (f"eval: {len(qs)} of {questions.total} questions from {questions.source}, phrasing {questions.phrasing}\n"
                   + "\n".join(f"  {run.name}: {run.detail}" for run in systems))
         value = metrics["ours"].get(self.metric)
         return {"table": header + "\n" + "\n".join(rows), "metric": float("nan") if value is None else float(value),

@@ -22,7 +22,7 @@ def cut(index: ProgramIndex, window: Window, score: float = 0.0) -> PackedWindow
     return PackedWindow(window.path, window.start, end, "\n".join(lines[window.start - 1 : end]), score)
 
 
-def fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evidence:
+def fit(candidates: list[PackedWindow], tokenizer, context_tokens: int, tokenizer_name: str = "") -> Evidence:
     """Add blocks in order while they fit; a block that does not fit is left out, smaller later ones may."""
     packed, used, smallest = [], 0, None
     for window in candidates:
@@ -38,7 +38,7 @@ def fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evide
         raise ConfigError(
             f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate needs {smallest} tokens)"
         )
-    return Evidence(packed, used)
+    return Evidence(packed, used, tokenizer_name)
 
 
 def rank_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float]) -> dict[str, list[tuple[float, Window]]]:
@@ -83,7 +83,8 @@ class PackWindows(Stage):
         self.relevance = check_relevance("pack", relevance)
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        by_file = rank_windows(index, prompt, self.relevance)
+        # windows ranked by select/rerank themselves (select=hybrid, rerank=lm) are shown in their order
+        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
         firsts, seconds = [], []
         for path in selection.files:
             ranked = by_file.get(path, [])
@@ -96,7 +97,7 @@ class PackWindows(Stage):
             if self.windows_per_file > 1 and rest:
                 seconds.append(cut(index, rest[0][1], rest[0][0]))
         candidates = interleave(firsts, seconds, self.second_window_weight)
-        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens)}
+        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens, lm.model_id)}
 
 
 class PackHeads(Stage):
@@ -110,7 +111,7 @@ class PackHeads(Stage):
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
         heads = {w.path: w for w in index.windows if w.kind == "head"}
         candidates = [cut(index, heads[p]) for p in selection.files if p in heads]
-        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens)}
+        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens, lm.model_id)}
 
 
 class PackFunctionFirst(Stage):
@@ -129,7 +130,7 @@ class PackFunctionFirst(Stage):
         self.relevance = check_relevance("pack", relevance)  # orders the candidates before the model scores them
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        by_file = rank_windows(index, prompt, self.relevance)
+        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
         candidates: list[Window] = []
         for path in selection.files:
             for _, window in by_file.get(path, []):
@@ -144,7 +145,7 @@ class PackFunctionFirst(Stage):
             scored.append(PackedWindow(packed.path, packed.start, packed.end, packed.text, round(score, 4)))
         keep = sorted((w for w in scored if w.score >= self.threshold), key=lambda w: -w.score)
         rest = sorted((w for w in scored if w.score < self.threshold), key=lambda w: -w.score)
-        return {"evidence": fit(keep + rest, lm.tokenizer, self.context_tokens)}
+        return {"evidence": fit(keep + rest, lm.tokenizer, self.context_tokens, lm.model_id)}
 
 
 def noise(text: str) -> float:
@@ -182,4 +183,4 @@ class PackNothing(Stage):
     outputs = {"evidence": Evidence}
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        return {"evidence": Evidence([], 0)}
+        return {"evidence": Evidence([], 0, lm.model_id)}

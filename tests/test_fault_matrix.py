@@ -324,7 +324,7 @@ def test_verbose_shows_the_traceback(workspace):
 # ---- runtime -----------------------------------------------------------------------------------------------
 
 ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "select", "rerank",
-                "capacity", "targets", "sub", "mix", "pack", "prompt", "decode", "cite", "remix", "prompt_retry",
+                "capacity", "targets", "sub", "mix", "rescore", "pack", "prompt", "decode", "cite", "remix", "prompt_retry",
                 "decode_retry", "cite_retry", "choose", "repair", "unmix"]
 
 
