@@ -24,6 +24,7 @@ from stages.common.evaluation import (QuestionSet, Record, SystemRun, check_temp
                                       score, spread)
 from stages.common.types import ProgramIndex
 
+log = logging.getLogger(__name__)
 METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
                   "citation_hit", "citation_precision", "seconds"]
 
@@ -84,7 +85,7 @@ class RunGraphPerQuestion(Stage):
         overrides.append(f"pipeline={self.graph}")
         loggers = [logging.getLogger(name) for name in ("pipeline", "stages")]
         levels = [logger.level for logger in loggers]
-        records = []
+        records, tokenizers = [], []
         try:
             for logger in loggers:
                 logger.setLevel(logging.WARNING)  # one progress bar, not a log line per node per question
@@ -97,10 +98,14 @@ class RunGraphPerQuestion(Stage):
                 except PipelineError as err:
                     raise PipelineError(f"question {number} ({question.path}:{question.start}): {err}") from err
                 records.append(self._record(result, time.perf_counter() - started))
+                evidence = result.output(*self.refs["evidence"]) if "evidence" in self.refs else None
+                if evidence is not None and evidence.tokenizer and evidence.tokenizer not in tokenizers:
+                    tokenizers.append(evidence.tokenizer)
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-        return {"run": SystemRun("ours", records, 0.0, f"pipeline={self.graph}")}
+        detail = f"pipeline={self.graph}" + (f", windows packed with the {', '.join(tokenizers)} tokenizer" if tokenizers else "")
+        return {"run": SystemRun("ours", records, 0.0, detail, tokenizers)}
 
     def _record(self, result, seconds: float) -> Record:
         selection = result.output(*self.refs["selection"]) if "selection" in self.refs else None
@@ -128,8 +133,10 @@ class EvalReport(Stage):
 
     outputs = {"table": str, "metric": float, "report": dict}
 
-    def __init__(self, k: Annotated[int, Range(ge=1)] = 5, metric: METRICS = "evidence_recall@k"):
+    def __init__(self, k: Annotated[int, Range(ge=1)] = 5, metric: METRICS = "evidence_recall@k",
+                 reference_tokenizer: str | None = "SmolLM2-135M-Instruct"):
         self.k, self.metric = k, metric.replace("@k", f"@{k}")
+        self.reference_tokenizer = reference_tokenizer
 
     def run(self, context: RunContext, questions: QuestionSet, ours: SystemRun, baseline: SystemRun | None = None) -> dict:
         systems = [run for run in (ours, baseline) if run is not None]
@@ -149,7 +156,7 @@ class EvalReport(Stage):
         report = {"questions": questions.source, "phrasing": questions.phrasing, "evaluated": len(qs),
                   "total": questions.total, "k": self.k,
                   "overrides": list(context.overrides), "metric": self.metric,
-                  "systems": {run.name: run.detail for run in systems}, "metrics": metrics,
+                  "systems": {run.name: run.detail for run in systems}, "tokenizer": ours.tokenizers, "metrics": metrics,
                   "per_question": per_question}
         write_atomic(Path(context.run_dir) / "eval.json", json.dumps(report, indent=2))
         names = [run.name for run in systems]
@@ -158,6 +165,14 @@ class EvalReport(Stage):
             rows.append(f"{key:<22}" + "".join(f"{_cell(metrics[n].get(key)):>10}" for n in names))
         header = (f"eval: {len(qs)} of {questions.total} questions from {questions.source}, phrasing {questions.phrasing}\n"
                   + "\n".join(f"  {run.name}: {run.detail}" for run in systems))
+        other = [t for t in ours.tokenizers if self.reference_tokenizer and t != self.reference_tokenizer]
+        if other:
+            # packing counts tokens: a byte-level tokenizer fits far fewer windows in the same budget
+            warning = (f"warning: windows were packed with the {', '.join(other)} tokenizer, not the default model's "
+                       f"({self.reference_tokenizer}, eval.reference_tokenizer): {metrics['ours']['windows_shown']} "
+                       "windows shown per question, so recall is not comparable with results packed by the default model")
+            log.warning(warning)
+            header += "\n" + warning
         value = metrics["ours"].get(self.metric)
         return {"table": header + "\n" + "\n".join(rows), "metric": float("nan") if value is None else float(value),
                 "report": report}

@@ -57,6 +57,7 @@ class SystemRun:
     records: list[Record]
     setup_seconds: float = 0.0  # one-off cost (e.g. building the BM25 index)
     detail: str = ""  # how it ran, for the report (graph, tokenizer)
+    tokenizers: list[str] = dataclasses.field(default_factory=list)  # whose tokenizer counted the packed windows
 
     def summary(self) -> dict[str, Any]:
         return {"system": self.name, "questions": len(self.records), "detail": self.detail}
