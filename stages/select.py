@@ -41,12 +41,12 @@ class QuestionSelect(Stage):
         return {"selection": self.select(index, prompt, score_windows(index, prompt, self.relevance))}
 
     def select(self, index: ProgramIndex, prompt: str, windows: dict[int, float],
-               ranking: dict[str, list[tuple[float, Window]]] | None = None) -> Selection:
+               ranking: dict[str, list[tuple[float, Window]]] | None = None, tests_weighed: bool = False) -> Selection:
         """Files ranked by their best window's score (window position -> score >= 0; 0 = no match)."""
         scores: dict[str, float] = {}
         for i, value in windows.items():
             path = index.windows[i].path
-            if is_test_path(path):
+            if not tests_weighed and is_test_path(path):
                 value *= self.test_weight  # a test mentions what it tests: the definition should come first
             scores[path] = max(value, scores.get(path, 0.0))
         matched = [p for p, v in scores.items() if v > 0]
@@ -90,17 +90,23 @@ class HybridSelect(QuestionSelect):
         vectors = window_vectors(index, enc, self.max_tokens, self.cache_dir, self.progress)
         dense = vectors @ enc.encode([prompt], self.max_tokens)[0]
         sparse = score_windows(index, prompt, self.relevance)
-        fused = fuse(sparse, dense, self.dense_weight, self.fusion, self.rrf_k)
+        # tests weigh less on the fused scale itself (z-scores: a share of their lead over the average window), before
+        # the shift to >= 0 that would turn test_weight into a much larger penalty
+        tests = index.derived("select.test_windows", lambda: np.array([is_test_path(w.path) for w in index.windows]))
+        fused = fuse(sparse, dense, self.dense_weight, self.fusion, self.rrf_k, shift=False)
+        fused = np.where(tests & (fused > 0), fused * self.test_weight, fused)
+        fused = fused - fused.min() if len(fused) else fused
         ranking: dict[str, list[tuple[float, Window]]] = {}
         for i, window in enumerate(index.windows):
             ranking.setdefault(window.path, []).append((round(float(fused[i]), 6), window))
         for ranked in ranking.values():
             ranked.sort(key=lambda item: (-item[0], item[1].start))
-        return {"selection": self.select(index, prompt, dict(enumerate(fused.tolist())), ranking)}
+        return {"selection": self.select(index, prompt, dict(enumerate(fused.tolist())), ranking, tests_weighed=True)}
 
 
-def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, fusion: str, rrf_k: int) -> np.ndarray:
-    """Fused window scores, shifted so that the lowest is 0 (select and pack treat 0 as "no match")."""
+def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, fusion: str, rrf_k: int,
+         shift: bool = True) -> np.ndarray:
+    """Fused window scores; with ``shift`` moved so that the lowest is 0 (select and pack treat 0 as "no match")."""
     bm = np.zeros(len(dense), dtype=np.float64)
     for i, value in sparse.items():
         bm[i] = value
@@ -111,7 +117,7 @@ def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, fusion: str
         fused = weight / (rrf_k + rank_dense) + (1 - weight) / (rrf_k + rank_bm)
     else:
         fused = weight * _standard(dense.astype(np.float64)) + (1 - weight) * _standard(bm)
-    return fused - fused.min() if len(fused) else fused
+    return fused - fused.min() if shift and len(fused) else fused
 
 
 def _standard(values: np.ndarray) -> np.ndarray:
