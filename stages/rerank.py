@@ -12,7 +12,7 @@ from typing import Annotated
 import numpy as np
 
 from pipeline.stage import Range, Stage
-from stages.common.scoring import check_relevance, score_windows, terms, window_fields
+from stages.common.scoring import check_relevance, score_windows, standardise, terms, window_fields
 from stages.common.types import LanguageModel, ProgramIndex, Selection, Window
 
 
@@ -140,7 +140,7 @@ class LMRescore(Stage):
         likelihood = question_likelihood(lm, index, [w for _, w in chosen], prompt, self.question_prefix,
                                          self.max_window_tokens, self.batch_size)
         prior = np.array([score for score, _ in chosen], dtype=np.float64)
-        fused = self.weight * _standard(likelihood) + (1 - self.weight) * _standard(prior)
+        fused = self.weight * standardise(likelihood) + (1 - self.weight) * standardise(prior)
         fused = fused - fused.min() + 1.0  # > 0: every candidate may be shown (pack treats 0 as "no match")
         rescored = {w: float(f) for (_, w), f in zip(chosen, fused)}
         out: dict[str, list[tuple[float, Window]]] = {}
@@ -168,11 +168,6 @@ def _relevance_ranking(index: ProgramIndex, selection: Selection, prompt: str,
     for ranked in out.values():
         ranked.sort(key=lambda item: (-item[0], item[1].start))
     return out
-
-
-def _standard(values: np.ndarray) -> np.ndarray:
-    spread = values.std()
-    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
 
 
 def question_likelihood(lm: LanguageModel, index: ProgramIndex, windows: list[Window], question: str, prefix: str,

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
 from stages.common.program import is_test_path
-from stages.common.scoring import score_windows
+from stages.common.scoring import score_windows, standardise
 from stages.common.text import token_set, tokens
 from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
@@ -116,13 +116,8 @@ def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, fusion: str
         rank_bm[np.argsort(-bm, kind="stable")] = np.arange(len(dense))
         fused = weight / (rrf_k + rank_dense) + (1 - weight) / (rrf_k + rank_bm)
     else:
-        fused = weight * _standard(dense.astype(np.float64)) + (1 - weight) * _standard(bm)
+        fused = weight * standardise(dense.astype(np.float64)) + (1 - weight) * standardise(bm)
     return fused - fused.min() if shift and len(fused) else fused
-
-
-def _standard(values: np.ndarray) -> np.ndarray:
-    spread = values.std()
-    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
 
 
 def _module_centrality(index: ProgramIndex, path: str, central: dict) -> float:
