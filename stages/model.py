@@ -69,6 +69,9 @@ def on_demand(tokenizer, model_id: str, device: str, load_model: Callable[[], tu
 
 def shared_lm(key: tuple, factory: Callable[[], LanguageModel], weights: str) -> LanguageModel:
     """The process-wide model for ``key``; `weights=eager` loads the weights now, `on_demand` at their first use."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would break the CLI's one-line errors
     lm = resources.shared("model", key, factory)
     if weights == "eager":
         lm.model  # noqa: B018 - reading it loads the weights, so a load failure belongs to the model node

@@ -218,30 +218,33 @@ def test_likelihood_lead_decodes_on_from_the_prompt_cache_exactly(tiny_lm, index
 @pytest.mark.parametrize("sample", [False, True])
 def test_words_written_like_code_are_names_of_the_evidence(default_tokenizer, sample):
     """Outside slots, a snake_case / camelCase / inner-capital word must be a known name, whole: never a made-up one,
-    never a known name cut short. Plain words pass."""
+    never a known name cut short. Plain words pass. The same tempted walk without the guard writes made-up ones."""
     from stages.common.identifiers import CODE_SHAPE
 
     tok = default_tokenizer
     texts = token_texts_of(tok)
     known = ["get_best_encoding", "is_ascii_encoding", "HelpFormatter", "codecs.lookup", "ctx", "make_context"]
+    parts = {p for name in known for p in name.split(".")}
     # tempt it: pieces of the known names, and tokens that would glue words into code-like ones
     pieces = {i for name in known for i in tok(name, add_special_tokens=False)["input_ids"]}
     risky = sorted(pieces | {i for i, t in enumerate(texts) if t[:1] in "_" and len(t) > 1 or t[:1].isupper()})
-    rng = random.Random(11 if sample else 12)
     prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
-    processor = GroundingProcessor(tok, len(prompt), {}, None, known)
-    ids = list(prompt)
-    for _ in range(300):
-        token, scores = step(processor, ids, len(prompt), len(tok), rng, sorted(pieces) + rng.sample(risky, 300), sample)
-        assert torch.isfinite(scores).any()
-        ids.append(token)
-    processor.update(torch.tensor([ids]))
-    text = tok.decode(ids[len(prompt):])
-    parts = {p for name in known for p in name.split(".")}
-    words = re.findall(r"[A-Za-z0-9_]+", text)
-    last = processor.rows[0].word  # a word still being written when decoding stopped may be a prefix
-    written = [w for w in (words[:-1] if last and words and words[-1] == last else words) if CODE_SHAPE.fullmatch(w)]
-    assert written, text  # the boost made it try
+
+    def code_words(processor) -> tuple[list[str], str]:
+        rng = random.Random(11 if sample else 12)
+        ids = list(prompt)
+        for _ in range(300):
+            token, scores = step(processor, ids, len(prompt), len(tok), rng, sorted(pieces) + rng.sample(risky, 300),
+                                 sample)
+            assert torch.isfinite(scores).any()
+            ids.append(token)
+        text = tok.decode(ids[len(prompt):])
+        words = re.findall(r"[A-Za-z0-9_]+", text)
+        return [w for w in words[:-1] if CODE_SHAPE.fullmatch(w)], text  # the last word may be a prefix
+
+    unguarded, text = code_words(lambda ids, scores: scores)
+    assert set(unguarded) - parts, text  # the temptation works: without the guard it makes names up
+    written, text = code_words(GroundingProcessor(tok, len(prompt), {}, None, known))
     assert set(written) <= parts, (set(written) - parts, text)
 
 

@@ -48,7 +48,9 @@ class SentenceEncoder:
 
     def __init__(self, folder: Path, batch_size: int = 32):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # "Loading weights" on stderr would break the CLI's one-line errors
         self.folder, self.batch_size = folder, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
