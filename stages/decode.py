@@ -13,7 +13,8 @@ tokens that occur in the evidence; `cad_alpha` > 0 is context-aware decoding (th
 the same prompt without the evidence, one more forward pass per token). Logits are checked for NaN/inf at every
 step (a one-line error, weights restored by `unmix`).
 
-`max_paragraphs` ends the reply after that many paragraphs (the lead's included).
+`max_paragraphs` ends the reply after that many paragraphs (the lead's included); `stop_at_repeated_line` ends it
+when it writes a line it already wrote (and drops that line): a small model's loops.
 
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
@@ -49,13 +50,14 @@ class Decode(Stage):
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
-                 max_paragraphs: Annotated[int, Range(ge=1)] | None = None, seed: int = 0):
+                 max_paragraphs: Annotated[int, Range(ge=1)] | None = None, stop_at_repeated_line: bool = True,
+                 seed: int = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
         self.constrain, self.copy_bias = list(constrain), copy_bias
         self.lead, self.lead_prior, self.lead_calibrate, self.cad_alpha = lead, lead_prior, lead_calibrate, cad_alpha
-        self.max_paragraphs = max_paragraphs
+        self.max_paragraphs, self.stop_at_repeated_line = max_paragraphs, stop_at_repeated_line
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -76,6 +78,7 @@ class Decode(Stage):
             "copy_bias": self.copy_bias,
             "cad_alpha": self.cad_alpha,
             "max_paragraphs": self.max_paragraphs,
+            "stop_at_repeated_line": self.stop_at_repeated_line,
         }
 
     def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
@@ -161,26 +164,58 @@ class _CopyBias:
         return scores + self.bonus[: scores.shape[-1]].to(scores.device, scores.dtype)
 
 
-class _ParagraphStop:
-    """A transformers `StoppingCriteria`: stop once the reply (after the prompt) has ended ``paragraphs`` paragraphs,
-    i.e. written that many blank lines after some text. The answer form is a lead and a short explanation."""
+class _ReplyStop:
+    """A transformers `StoppingCriteria` over the reply's text: stop once it has ended ``paragraphs`` paragraphs
+    (written that many blank lines after some text; the answer form is a lead and a short explanation), and, with
+    ``repeated_lines``, once it completes a line it already wrote (a small model's loop: the rest would repeat too).
+    ``before`` is the reply text the prompt already holds (the scaffold's prefill and the chosen lead)."""
 
-    def __init__(self, texts: list[str], prompt_length: int, paragraphs: int):
-        self.texts, self.prompt_length, self.paragraphs = texts, prompt_length, paragraphs
+    def __init__(self, texts: list[str], prompt_length: int, paragraphs: int | None, repeated_lines: bool,
+                 before: str = ""):
+        self.texts, self.prompt_length = texts, prompt_length
+        self.paragraphs, self.repeated_lines = paragraphs, repeated_lines
         self.written, self.consumed, self.ended = "", 0, 0
+        self.line, self.lines = "", {_line_key(line) for line in before.split("\n")} - {""}
+        self.repeated = False
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         new = input_ids[0, self.prompt_length:].tolist()
         for token in new[self.consumed:]:
-            self.written += self.texts[token] if 0 <= token < len(self.texts) else ""
+            piece = self.texts[token] if 0 <= token < len(self.texts) else ""
+            self.written += piece
             while "\n\n" in self.written:
                 before, _, self.written = self.written.partition("\n\n")
                 self.ended += bool(before.strip())
+            self.line += piece
+            while "\n" in self.line:
+                done, _, self.line = self.line.partition("\n")
+                key = _line_key(done)
+                if key:
+                    self.repeated |= self.repeated_lines and key in self.lines
+                    self.lines.add(key)
         self.consumed = len(new)
-        return torch.full((input_ids.shape[0],), self.ended >= self.paragraphs, dtype=torch.bool,
-                          device=input_ids.device)
+        stop = self.repeated or (self.paragraphs is not None and self.ended >= self.paragraphs)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _line_key(line: str) -> str:
+    """A line as the loop check compares it; short lines (a fence, a brace, "Example:") may repeat freely."""
+    key = " ".join(line.split())
+    return key if len(key) >= 12 else ""
+
+
+def drop_repeated_lines(text: str) -> str:
+    """``text`` up to the first line that repeats an earlier one (what `_ReplyStop` stopped at)."""
+    seen, kept = set(), []
+    for line in text.split("\n"):
+        key = _line_key(line)
+        if key and key in seen:
+            break
+        seen.add(key)
+        kept.append(line)
+    return "\n".join(kept)
 
 
 class _Clock:
@@ -294,13 +329,15 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     )
     if settings["do_sample"]:
         torch.manual_seed(seed)
-    stops = []
-    if settings["max_paragraphs"]:
+    stops, reply_stop = [], None
+    if settings["max_paragraphs"] or settings["stop_at_repeated_line"]:
         from transformers import StoppingCriteriaList
 
         from stages.common.grounding import token_texts
 
-        stops = StoppingCriteriaList([_ParagraphStop(token_texts(tok), len(ids), settings["max_paragraphs"])])
+        reply_stop = _ReplyStop(token_texts(tok), len(ids), settings["max_paragraphs"],
+                                settings["stop_at_repeated_line"], prompt.prefill + lead)
+        stops = StoppingCriteriaList([reply_stop])
     with torch.no_grad():
         output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    generation_config=config, logits_processor=chain, stopping_criteria=stops,
@@ -311,6 +348,8 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
         grounding.update(output)
     new = output[0, input_ids.shape[1]:]
     text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
+    if reply_stop is not None and reply_stop.repeated:
+        text = drop_repeated_lines(text)
     prefill_seconds = (clock.first - started) if clock.first else seconds
     return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),
             "seconds": seconds, "prefill_seconds": prefill_seconds, "lead": record,

@@ -89,7 +89,7 @@ class BuildPrompt(Stage):
 
     def __init__(self, system: str = SYSTEM, require_citations: bool = True, citations_per_paragraph: bool = False,
                  min_citations: Annotated[int, Range(ge=0)] = 1, scaffold: Literal["standard", "strong"] = "standard",
-                 form: Literal["free", "lead"] = "lead", question_first: bool = True,
+                 form: Literal["free", "lead"] = "lead", question_first: bool = False,
                  adapter_aware_decoding: bool = False, prefill_pointer: bool = False,
                  attempt: Annotated[int, Range(ge=1)] = 1):
         self.system, self.require_citations, self.per_paragraph = system, require_citations, citations_per_paragraph

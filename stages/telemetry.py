@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.cache import write_atomic
 from pipeline.stage import RunContext, Stage
-from stages.common.types import Answer, Draft, Evidence, LanguageModel, Selection
+from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, Selection
 
 
 class WriteTelemetry(Stage):
@@ -23,7 +23,7 @@ class WriteTelemetry(Stage):
     def run(self, context: RunContext, prompt: str = "", answer: Answer | None = None,
             selection: Selection | None = None, evidence: Evidence | None = None, lm: LanguageModel | None = None,
             mix_report: dict | None = None, remix_report: dict | None = None, draft: Draft | None = None,
-            retry_draft: Draft | None = None) -> dict:
+            retry_draft: Draft | None = None, first_report: CitationReport | None = None) -> dict:
         record: dict[str, Any] = {
             "status": "failed" if context.failure else "ok",
             "error": context.failure,
@@ -44,6 +44,8 @@ class WriteTelemetry(Stage):
             "citations_must": answer.report.must if answer else 0,
             "citation_precision": (sum(c.valid for c in citations) / len(citations)) if citations else 0.0,
             "first_check_passed": answer.report.passed if answer and not answer.fallback_used else None,
+            # why the retry ran (the first draft's check), also when the retry's answer was kept
+            "first_check": {"passed": first_report.passed, "reason": first_report.reason} if first_report else None,
             "retries": answer.retries if answer else 0,
             "fallback_used": answer.fallback_used if answer else False,
         })

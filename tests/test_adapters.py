@@ -279,6 +279,8 @@ def test_fallback_runs_only_when_the_first_check_fails(tmp_path, program, monkey
     status = {t.node: t.status for t in failed.trace}
     assert failed.output("cite", "passed") is False
     assert status["remix"] == status["decode_retry"] == status["cite_retry"] == "ok"
+    first = json.loads((tmp_path / "fails" / "telemetry.json").read_text())["first_check"]
+    assert first["passed"] is False and "99" in first["reason"]  # telemetry says why the retry ran
     monkeypatch.setattr(stages.decode, "generate", _citing_generate)
     _, passed = run(tmp_path, f"program_root={program}", "prompt=add numbers", tag="passes")
     status = {t.node: t.status for t in passed.trace}

@@ -270,18 +270,40 @@ def test_context_aware_decoding_contrasts_with_the_prompt_without_evidence(tiny_
     assert draft.generated_tokens == 8 and draft.text.startswith(draft.lead["lead"])
 
 
+def _stopped_at(stop, prompt: list[int], reply: list[int]) -> int | None:
+    for n in range(1, len(reply) + 1):
+        if bool(stop(torch.tensor([prompt + reply[:n]]), None)[0]):
+            return n
+    return None
+
+
 def test_paragraph_stop_ends_the_reply_after_its_paragraphs(default_tokenizer):
     from stages.common.grounding import token_texts
-    from stages.decode import _ParagraphStop
+    from stages.decode import _ReplyStop
 
     tok = default_tokenizer
     prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
     reply = tok("\n\n`f` [a.py:1-2] does it.\n\nMore text here.\n\nAnd more.", add_special_tokens=False)["input_ids"]
-    stop = _ParagraphStop(token_texts(tok), len(prompt), 2)
-    ended_at = None
-    for n in range(1, len(reply) + 1):
-        if bool(stop(torch.tensor([prompt + reply[:n]]), None)[0]):
-            ended_at = n
-            break
+    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), 2, False), prompt, reply)
     assert ended_at is not None
     assert tok.decode(reply[:ended_at]).rstrip().endswith("More text here.")  # a leading blank line is no paragraph
+    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply) is None  # no loop
+
+
+def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeat(default_tokenizer):
+    from stages.common.grounding import token_texts
+    from stages.decode import _ReplyStop, drop_repeated_lines
+
+    tok = default_tokenizer
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    lead = "`Console` [console.py:2044-2057]"
+    body = "\nIt writes the buffer.\nExample:\nExample:\nIt writes the buffer.\n" + (lead + "\n") * 5
+    reply = tok(body, add_special_tokens=False)["input_ids"]
+    # a short line ("Example:") may repeat; the first long line written twice ends the reply
+    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply)
+    assert ended_at is not None and tok.decode(reply[:ended_at]).endswith("Example:\nIt writes the buffer.\n")
+    assert drop_repeated_lines(lead + tok.decode(reply[:ended_at])) == lead + "\nIt writes the buffer.\nExample:\nExample:"
+    # the lead is part of what was written: the model repeating it is a loop too
+    looped = tok("\n" + lead + "\n", add_special_tokens=False)["input_ids"]
+    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True, lead), prompt, looped) is not None
+    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, looped) is None
