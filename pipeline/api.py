@@ -153,7 +153,7 @@ def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, ove
     args = ["pipeline=retrieve", *model_overrides(model_id), f"program_root={_literal(str(program_root))}",
             f"prompt={_literal(prompt)}", *knob_overrides(knobs), *overrides]
     evidence, result = run(args)
-    selection = result.output("rerank", "selection")
+    selection = result.output("rescore", "selection")
     return {
         "files_selected": list(selection.files),
         "windows_packed": [w.span() for w in evidence.windows],

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import resource
 import time
+import traceback
 from typing import Any
 
 from .errors import StageFailed
@@ -136,13 +137,18 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
             record.outputs[port] = summarize(value)
         log.info("node %-14s %6.2fs", name, record.seconds)
 
-    result = RunResult(values, trace)
     if failure:
+        # a failed run returns no values: drop them, and the locals of the failed stage's frames (its traceback
+        # keeps them alive as long as the error lives), so whatever they hold (a mix still in the model when its
+        # cleanup node failed) is finalised now; the traceback keeps its file and line numbers
         node_name, err = failure
+        traceback.clear_frames(err.__traceback__)
+        values.clear()
+        kwargs = produced = None  # noqa: F841
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise err
         raise StageFailed(node_name, err) from err
-    return result
+    return RunResult(values, trace)
 
 
 def precheck(graph: Graph) -> tuple[str, BaseException] | None:

@@ -9,8 +9,12 @@ evidence or the question) and its prose (`prose`: a word written like code, snak
 name of the evidence or the question);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
 evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
-tokens that occur in the evidence. Logits are checked for NaN/inf at every step (a one-line error, weights
-restored by `unmix`).
+tokens that occur in the evidence; `cad_alpha` > 0 is context-aware decoding (the logits contrasted with those of
+the same prompt without the evidence, one more forward pass per token). Logits are checked for NaN/inf at every
+step (a one-line error, weights restored by `unmix`).
+
+`max_paragraphs` ends the reply after that many paragraphs (the lead's included); `stop_at_repeated_line` ends it
+when it writes a line it already wrote (and drops that line): a small model's loops.
 
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
@@ -24,7 +28,7 @@ from typing import Annotated, Literal
 from pipeline.errors import PipelineError
 from pipeline.stage import Range, Stage
 from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie
-from stages.common.mixing import AdapterMix
+from stages.common.mixing import AdapterMix, exclusive
 from stages.common.streaming import console_streamer
 from stages.common.types import Draft, LanguageModel, Prompt
 
@@ -44,14 +48,16 @@ class Decode(Stage):
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
                  constrain: list[Literal["lead", "citations", "code", "prose"]] = ["lead", "citations", "code", "prose"],
                  lead: Literal["likelihood", "greedy"] = "likelihood",
-                 lead_prior: Annotated[float, Range(ge=0)] = 2.0, lead_calibrate: bool = True,
-                 copy_bias: Annotated[float, Range(ge=0)] = 0.0, seed: int = 0,
-                 prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0):
+                 lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
+                 copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
+                 max_paragraphs: Annotated[int, Range(ge=1)] | None = None, stop_at_repeated_line: bool = True,
+                 seed: int = 0, prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
         self.constrain, self.copy_bias = list(constrain), copy_bias
-        self.lead, self.lead_prior, self.lead_calibrate = lead, lead_prior, lead_calibrate
+        self.lead, self.lead_prior, self.lead_calibrate, self.cad_alpha = lead, lead_prior, lead_calibrate, cad_alpha
+        self.max_paragraphs, self.stop_at_repeated_line = max_paragraphs, stop_at_repeated_line
         self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
 
     def settings(self, prompt: Prompt) -> dict:
@@ -71,6 +77,9 @@ class Decode(Stage):
             "lead_prior": self.lead_prior,
             "lead_calibrate": self.lead_calibrate,
             "copy_bias": self.copy_bias,
+            "cad_alpha": self.cad_alpha,
+            "max_paragraphs": self.max_paragraphs,
+            "stop_at_repeated_line": self.stop_at_repeated_line,
             "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
 
@@ -104,6 +113,13 @@ class RetryDecode(Decode):
         settings["max_new_tokens"] = max(self.floor, settings["max_new_tokens"])
         return settings
 
+    def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
+        draft = super().run(lm, prompt, handle)["draft"]
+        # nothing of the first attempt's prefill can be reused: other weights, another prompt
+        draft.notes.append("retry: prompt encoded again (the boosted remix changed the weights, the stronger "
+                           "scaffold the prompt)")
+        return {"draft": draft}
+
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
     import torch
@@ -117,12 +133,13 @@ def move_to_cpu(lm: LanguageModel, handle: AdapterMix | None) -> None:
     import torch
 
     settings = handle.settings if handle is not None and handle.handle.active else None
-    if handle is not None:
-        handle.restore()
-    lm.model.to("cpu", dtype=torch.float32)
-    lm.device = "cpu"
-    if settings is not None:
-        handle.apply(settings)
+    with exclusive(lm.model):  # no other answer may take the model between unmix and re-mix
+        if handle is not None:
+            handle.restore()
+        lm.model.to("cpu", dtype=torch.float32)
+        lm.device = "cpu"
+        if settings is not None:
+            handle.apply(settings)
 
 
 class _FiniteCheck:
@@ -150,6 +167,60 @@ class _CopyBias:
         return scores + self.bonus[: scores.shape[-1]].to(scores.device, scores.dtype)
 
 
+class _ReplyStop:
+    """A transformers `StoppingCriteria` over the reply's text: stop once it has ended ``paragraphs`` paragraphs
+    (written that many blank lines after some text; the answer form is a lead and a short explanation), and, with
+    ``repeated_lines``, once it completes a line it already wrote (a small model's loop: the rest would repeat too).
+    ``before`` is the reply text the prompt already holds (the scaffold's prefill and the chosen lead)."""
+
+    def __init__(self, texts: list[str], prompt_length: int, paragraphs: int | None, repeated_lines: bool,
+                 before: str = ""):
+        self.texts, self.prompt_length = texts, prompt_length
+        self.paragraphs, self.repeated_lines = paragraphs, repeated_lines
+        self.written, self.consumed, self.ended = "", 0, 0
+        self.line, self.lines = "", {_line_key(line) for line in before.split("\n")} - {""}
+        self.repeated = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[0, self.prompt_length:].tolist()
+        for token in new[self.consumed:]:
+            piece = self.texts[token] if 0 <= token < len(self.texts) else ""
+            self.written += piece
+            while "\n\n" in self.written:
+                before, _, self.written = self.written.partition("\n\n")
+                self.ended += bool(before.strip())
+            self.line += piece
+            while "\n" in self.line:
+                done, _, self.line = self.line.partition("\n")
+                key = _line_key(done)
+                if key:
+                    self.repeated |= self.repeated_lines and key in self.lines
+                    self.lines.add(key)
+        self.consumed = len(new)
+        stop = self.repeated or (self.paragraphs is not None and self.ended >= self.paragraphs)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _line_key(line: str) -> str:
+    """A line as the loop check compares it; short lines (a fence, a brace, "Example:") may repeat freely."""
+    key = " ".join(line.split())
+    return key if len(key) >= 12 else ""
+
+
+def drop_repeated_lines(text: str) -> str:
+    """``text`` up to the first line that repeats an earlier one (what `_ReplyStop` stopped at)."""
+    seen, kept = set(), []
+    for line in text.split("\n"):
+        key = _line_key(line)
+        if key and key in seen:
+            break
+        seen.add(key)
+        kept.append(line)
+    return "\n".join(kept)
+
+
 class _Clock:
     """Notes when the first decoding step starts: the prompt's forward pass (prefill) is done by then."""
 
@@ -170,6 +241,15 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
 
     clock = _Clock()
     chain = LogitsProcessorList([clock, _FiniteCheck()])
+    if settings["cad_alpha"] and prompt.plain_ids:
+        # context-aware decoding = classifier-free guidance with the prompt without evidence as the negative prompt:
+        # log p(x | evidence) + α (log p(x | evidence) - log p(x | no evidence)); one more forward per token
+        import torch
+        from transformers import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+        device = next(lm.model.parameters()).device
+        plain = torch.tensor([prompt.plain_ids + ids[len(prompt.ids):]], device=device)
+        chain.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(1.0 + settings["cad_alpha"], lm.model, plain))
     if settings["repetition_penalty"] != 1.0:
         ignore = None if settings["penalize_prompt"] else len(ids)
         chain.append(RepetitionPenaltyLogitsProcessor(float(settings["repetition_penalty"]), prompt_ignore_length=ignore))
@@ -201,17 +281,21 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
     prompt's KV cache, minus its score after the same prompt asking nothing in particular (`lead_calibrate`: what
     the choice owes to the question, not to how common the name is), minus `lead_prior` per packed-window position
     of its window. Returns the choice, its token ids, the prompt's cache (decoding goes on from it) and a record."""
-    from stages.common.continuations import encode_prefix, score_continuations
+    from stages.common.continuations import common_prefix, encode_prefix, score_continuations
 
     tok = lm.tokenizer
     names = [choice.rsplit(" [", 1)[0] for choice in prompt.lead]  # "`qualname`"
     name_ids = tok(names, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    state = encode_prefix(lm.model, ids)
+    neutral_ids = prompt.neutral_ids + ids[len(prompt.ids):] if settings["lead_calibrate"] and prompt.neutral_ids else []
+    # the two prompts share everything before the question (scaffold.question_first=false): encode that once
+    shared = common_prefix(ids, neutral_ids)
+    base = encode_prefix(lm.model, ids[:shared]) if 0 < shared < min(len(ids), len(neutral_ids)) else None
+    state = encode_prefix(lm.model, ids, base=base) if base else encode_prefix(lm.model, ids)
     scores = [sum(s) for s in score_continuations(lm.model, state, name_ids)]
-    if settings["lead_calibrate"] and prompt.neutral_ids:
-        neutral = encode_prefix(lm.model, prompt.neutral_ids + ids[len(prompt.ids):])
+    if neutral_ids:
+        neutral = encode_prefix(lm.model, neutral_ids, base=base, fork=False) if base else encode_prefix(lm.model, neutral_ids)
         scores = [a - sum(b) for a, b in zip(scores, score_continuations(lm.model, neutral, name_ids))]
-        del neutral
+        del neutral, base
     ranks = prompt.lead_rank or [0] * len(prompt.lead)
     total = [score - settings["lead_prior"] * rank for score, rank in zip(scores, ranks)]
     best = max(range(len(total)), key=lambda i: (total[i], -i))
@@ -247,18 +331,31 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
         **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if settings["do_sample"] else {}),
     )
     # prompt-lookup decoding (issue 13): drafts copied from the prompt, verified in one forward; the grounding
-    # processor keeps state from step to step and cannot see drafts rejected, so it is off while constraints hold
+    # processor and context-aware decoding's second model pass keep state from step to step and cannot see drafts
+    # rejected, so lookup is off while either is on
     lookup, notes = settings.get("prompt_lookup_num_tokens", 0), []
     if lookup and grounding is not None:
         notes.append("prompt lookup off: grounding constraints are active (decode.constrain=[] allows it)")
+        lookup = 0
+    if lookup and settings["cad_alpha"] and prompt.plain_ids:
+        notes.append("prompt lookup off: context-aware decoding is on (decode.cad_alpha=0 allows it)")
         lookup = 0
     if lookup:
         config.prompt_lookup_num_tokens = lookup
     if settings["do_sample"]:
         torch.manual_seed(seed)
+    stops, reply_stop = [], None
+    if settings["max_paragraphs"] or settings["stop_at_repeated_line"]:
+        from transformers import StoppingCriteriaList
+
+        from stages.common.grounding import token_texts
+
+        reply_stop = _ReplyStop(token_texts(tok), len(ids), settings["max_paragraphs"],
+                                settings["stop_at_repeated_line"], prompt.prefill + lead)
+        stops = StoppingCriteriaList([reply_stop])
     with torch.no_grad():
         output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   generation_config=config, logits_processor=chain,
+                                   generation_config=config, logits_processor=chain, stopping_criteria=stops,
                                    streamer=console_streamer(tok, prompt.attempt, prompt.prefill + lead),
                                    **({cache_kwarg(lm.model): cache} if cache is not None else {}))
     seconds = time.perf_counter() - started
@@ -266,6 +363,8 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
         grounding.update(output)
     new = output[0, input_ids.shape[1]:]
     text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
+    if reply_stop is not None and reply_stop.repeated:
+        text = drop_repeated_lines(text)
     prefill_seconds = (clock.first - started) if clock.first else seconds
     return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),
             "seconds": seconds, "prefill_seconds": prefill_seconds, "lead": record,

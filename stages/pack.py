@@ -26,11 +26,13 @@ def cut(index: ProgramIndex, window: Window, score: float = 0.0) -> PackedWindow
 
 def fit(candidates: list[PackedWindow], lm: LanguageModel, context_tokens: int) -> Evidence:
     """Add blocks in order while they fit; a block that does not fit is left out, smaller later ones may."""
-    with exclusive(lm.model):  # a fast tokenizer is not safe to share between threads
-        return _fit(candidates, lm.tokenizer, context_tokens)
+    # a fast tokenizer is not safe to share between threads; lock the tokenizer, not the weights (which a
+    # retrieval-only graph never loads)
+    with exclusive(lm.tokenizer):
+        return _fit(candidates, lm.tokenizer, context_tokens, lm.model_id)
 
 
-def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evidence:
+def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int, tokenizer_name: str = "") -> Evidence:
     packed, used, smallest = [], 0, None
     for window in candidates:
         if any(p.path == window.path and p.start <= window.start and window.end <= p.end for p in packed):
@@ -48,7 +50,7 @@ def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evid
             f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate, "
             f"{window.path}:{window.start}-{window.end}, needs {cost} tokens)"
         )
-    return Evidence(packed, used)
+    return Evidence(packed, used, tokenizer_name)
 
 
 def rank_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float]) -> dict[str, list[tuple[float, Window]]]:
@@ -93,7 +95,8 @@ class PackWindows(Stage):
         self.relevance = check_relevance("pack", relevance)
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        by_file = rank_windows(index, prompt, self.relevance)
+        # windows ranked by select/rerank themselves (select=hybrid, rerank=lm) are shown in their order
+        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
         firsts, seconds = [], []
         for path in selection.files:
             ranked = by_file.get(path, [])
@@ -139,7 +142,7 @@ class PackFunctionFirst(Stage):
         self.relevance = check_relevance("pack", relevance)  # orders the candidates before the model scores them
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        by_file = rank_windows(index, prompt, self.relevance)
+        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
         candidates: list[Window] = []
         for path in selection.files:
             for _, window in by_file.get(path, []):
@@ -193,4 +196,4 @@ class PackNothing(Stage):
     outputs = {"evidence": Evidence}
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        return {"evidence": Evidence([], 0)}
+        return {"evidence": Evidence([], 0, lm.model_id)}

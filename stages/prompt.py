@@ -89,7 +89,7 @@ class BuildPrompt(Stage):
 
     def __init__(self, system: str = SYSTEM, require_citations: bool = True, citations_per_paragraph: bool = False,
                  min_citations: Annotated[int, Range(ge=0)] = 1, scaffold: Literal["standard", "strong"] = "standard",
-                 form: Literal["free", "lead"] = "lead", question_first: bool = True,
+                 form: Literal["free", "lead"] = "lead", question_first: bool = False,
                  adapter_aware_decoding: bool = False, prefill_pointer: bool = False,
                  attempt: Annotated[int, Range(ge=1)] = 1):
         self.system, self.require_citations, self.per_paragraph = system, require_citations, citations_per_paragraph
@@ -138,12 +138,15 @@ class BuildPrompt(Stage):
         spans = [f"{w.path}:{w.start}-{w.end}" for w in evidence.windows]
         citations = list(dict.fromkeys(spans + [choice.rsplit("[", 1)[1][:-1] for choice in definitions]))
         names = evidence_names(evidence, index, prompt)
+        # the same prompt without the evidence: what context-aware decoding (decode.cad_alpha) contrasts with
+        plain_ids = self.encode(lm.tokenizer, self.messages(prompt, "", rules))[1]
         return {"prompt": Prompt(messages, text, prefill, self.attempt, hints, ids=ids, citations=citations,
                                  lead=lead, names=names, lead_rank=[definitions[c] for c in lead],
-                                 neutral_ids=neutral_ids)}
+                                 neutral_ids=neutral_ids, plain_ids=plain_ids)}
 
     def messages(self, question: str, blocks: str, rules: list[str]) -> list[dict[str, str]]:
-        content = (f"Question: {question}\n\n" if self.question_first else "") + f"{blocks}\n\nQuestion: {question}"
+        evidence = f"{blocks}\n\n" if blocks else ""
+        content = (f"Question: {question}\n\n" if self.question_first and blocks else "") + f"{evidence}Question: {question}"
         content += "\n\n" + " ".join(rules)
         return [{"role": "system", "content": self.system}, {"role": "user", "content": content}]
 

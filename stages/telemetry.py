@@ -5,13 +5,14 @@ It runs also after a failure (node `always: true`): then `status` is `failed` an
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.cache import write_atomic
 from pipeline.stage import RunContext, Stage
-from stages.common.types import Answer, Draft, Evidence, LanguageModel, Selection
+from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, Selection
 
 
 class WriteTelemetry(Stage):
@@ -23,7 +24,7 @@ class WriteTelemetry(Stage):
     def run(self, context: RunContext, prompt: str = "", answer: Answer | None = None,
             selection: Selection | None = None, evidence: Evidence | None = None, lm: LanguageModel | None = None,
             mix_report: dict | None = None, remix_report: dict | None = None, draft: Draft | None = None,
-            retry_draft: Draft | None = None) -> dict:
+            retry_draft: Draft | None = None, first_report: CitationReport | None = None) -> dict:
         record: dict[str, Any] = {
             "status": "failed" if context.failure else "ok",
             "error": context.failure,
@@ -33,6 +34,10 @@ class WriteTelemetry(Stage):
             "files_selected": selection.files if selection else [],
             "modules_selected": selection.modules if selection else [],
             "windows_packed": [w.span() for w in evidence.windows] if evidence else [],
+            # what ranked them: the selection score of each selected file, and of each packed window when the
+            # selection ranked windows itself (select=hybrid, rerank=lm); null where nothing scored it
+            "file_scores": {f: _rounded(selection.scores.get(f)) for f in selection.files} if selection else {},
+            "window_scores": _window_scores(selection, evidence),
         }
         citations = answer.citations if answer else []
         record.update({
@@ -44,6 +49,8 @@ class WriteTelemetry(Stage):
             "citations_must": answer.report.must if answer else 0,
             "citation_precision": (sum(c.valid for c in citations) / len(citations)) if citations else 0.0,
             "first_check_passed": answer.report.passed if answer and not answer.fallback_used else None,
+            # why the retry ran (the first draft's check), also when the retry's answer was kept
+            "first_check": {"passed": first_report.passed, "reason": first_report.reason} if first_report else None,
             "retries": answer.retries if answer else 0,
             "fallback_used": answer.fallback_used if answer else False,
         })
@@ -79,7 +86,7 @@ class WriteTelemetry(Stage):
             "tokens": {"prompt": answer.draft.prompt_tokens, "generated": answer.draft.generated_tokens} if answer else {},
             "model": lm.model_id if lm else None,
             "device": lm.device if lm else None,
-            "notes": answer.draft.notes if answer else [],
+            "notes": [note for d in (draft, retry_draft) if d is not None for note in d.notes] if answer else [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         blob = json.dumps(record, indent=2, default=str)
@@ -87,3 +94,15 @@ class WriteTelemetry(Stage):
         if self.telemetry_out:
             write_atomic(Path(self.telemetry_out), blob)
         return {"telemetry": record}
+
+
+def _rounded(value) -> float | None:
+    return round(float(value), 4) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _window_scores(selection: Selection | None, evidence: Evidence | None) -> list[float | None]:
+    if evidence is None:
+        return []
+    ranked = (selection.window_ranking or {}) if selection else {}
+    scores = {(w.path, w.start, w.end): score for pairs in ranked.values() for score, w in pairs}
+    return [_rounded(scores.get((w.path, w.start, w.end))) for w in evidence.windows]

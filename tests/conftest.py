@@ -149,16 +149,14 @@ KETTLE = {
     "kettle.py": (
         '"""Kettle control."""\n\n\n'
         "def boil_water(litres):\n"
-        '    """Boil the given litres of water."""\n'
-        "    return litres * 90\n\n\n"
-        "def pour_water(cup):\n"
-        "    return cup\n\n\n"
+        "    return heat(litres, target=100)\n\n\n"
+        "def heat(amount, target):\n"
+        "    return amount * target\n\n\n"
         "class Kettle:\n"
         "    def descale(self):\n"
-        "        # remove lime\n"
         "        return self\n"
     ),
-    "dir with space/cup é.py": "class Cup:\n    \"\"\"A cup that holds water.\"\"\"\n\n    def fill(self, water):\n        return water\n",
+    "dir with space/cup é.py": "class Cup:\n    \"\"\"A cup.\"\"\"\n\n    def fill(self, water):\n        return water\n",
 }
 
 

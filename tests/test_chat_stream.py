@@ -53,13 +53,13 @@ def run_in_terminal(args: list[str], timeout: float = 240) -> tuple[int, str]:
 
 def test_the_answer_streams_on_a_terminal_with_the_retry_marked(tmp_path, make_tree):
     program = make_tree(tmp_path / "prog", PROGRAM)
-    args = ["pipeline.run", *TINY, f"program_root={program}", "prompt=how does add work",
+    args = ["pipeline.run", *TINY, f"program_root={program}", "prompt=how does add work", "cite.min_citations=99",
             f"hydra.run.dir={tmp_path / 'run'}", f"paths.outputs={tmp_path / 'out'}"]
     code, screen = run_in_terminal(args)
     assert code == 0, screen[-3000:]
     tele = json.loads((tmp_path / "run" / "telemetry.json").read_text())
     assert DRAFT_BANNER.strip() in screen
-    # the tiny model never cites: the first check fails, the retry runs and is announced before its tokens
+    # no answer cites 99 windows: the first check fails, the retry runs and is announced before its tokens
     assert tele["retries"] == 1 and RETRY_BANNER.strip() in screen
     assert screen.index(DRAFT_BANNER.strip()) < screen.index(RETRY_BANNER.strip()) < screen.index("── answer (citations checked) ──")
     assert f"report: {tmp_path / 'run' / 'report.html'}" in screen

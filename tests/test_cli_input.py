@@ -64,7 +64,7 @@ def test_questions_already_quoted_for_hydra_sweep_as_hydra_would():
 @pytest.mark.parametrize("override,expected", [
     ("mix.alpah=3", "error: unknown config key 'mix.alpah' (did you mean mix.alpha?)"),
     ("selct=zoom", "error: unknown config key 'selct' (did you mean select?)"),
-    ("select=zom", "error: select=zom: no option 'zom' in group 'select' (did you mean select=zoom?); options: question, zoom"),
+    ("select=zom", "error: select=zom: no option 'zom' in group 'select' (did you mean select=zoom?); options: hybrid, question, zoom"),
     ("x=(", "error: cannot parse the override 'x=('"),
     ("hydra.verbos=true", "error: unknown config key 'hydra.verbos' (did you mean hydra.verbose?)"),
 ])
@@ -86,7 +86,7 @@ def test_help_starts_with_our_usage_then_hydras(ws):
     code, out, err = call(["--help"])
     assert code == 0, err
     assert out.startswith("usage: python -m pipeline.run")
-    assert 'prompt="<question>"' in out and "select=question|zoom" in out and "examples:" in out
+    assert 'prompt="<question>"' in out and "select=hybrid|question|zoom" in out and "examples:" in out
     assert out.index("examples:") < out.index("== Configuration groups ==")
 
 

@@ -323,7 +323,7 @@ CONFIG_ERRORS = [
     ("dangling output", ["pipeline.nodes.rerank.in.selection=select.picked"], "node 'select' has no output 'picked'"),
     ("type mismatch", ["pipeline.nodes.rerank.in.selection=index.index"], "type mismatch"),
     ("bad override type", ["select.top_k=abc"], "config key 'top_k' must be an integer"),
-    ("unknown config key", ["++select.topk=3"], "config key 'topk' is not accepted by QuestionSelect"),
+    ("unknown config key", ["++select.topk=3"], "config key 'topk' is not accepted by HybridSelect"),
     ("rank 0", ["capacity.rank=0"], "config key 'rank' must be >= 1"),
     ("gsub > 1", ["capacity.gsub=1.5"], "config key 'gsub' must be <= 1"),
     ("negative alpha", ["mix.alpha=-1"], "config key 'alpha' must be >= 0"),
@@ -430,8 +430,9 @@ def test_verbose_shows_the_traceback(workspace):
 # ---- runtime -----------------------------------------------------------------------------------------------
 
 ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "select", "rerank",
-                "capacity", "targets", "sub", "mix", "pack", "prompt", "decode", "cite", "remix", "prompt_retry",
-                "decode_retry", "cite_retry", "choose", "repair", "unmix"]
+                "capacity", "targets", "sub", "mix", "rescore", "pack", "prompt", "decode", "names", "cite", "remix",
+                "prompt_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair", "unmix"]
+RETRY_NODES = {"remix", "prompt_retry", "decode_retry", "names_retry", "cite_retry"}
 
 
 @pytest.mark.parametrize("node", ANSWER_NODES)
@@ -456,7 +457,8 @@ def test_an_exception_in_any_stage(workspace, tiny_lm, monkeypatch, node):
 
     monkeypatch.setattr(stage_cls, "run", explode)
     snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-    code, out, err = call(base_args(workspace))
+    retry = ["cite.min_citations=99"] if node in RETRY_NODES else []  # the first check fails: the retry runs
+    code, out, err = call(base_args(workspace) + retry)
     report = workspace["tmp"] / "run" / "report.html"  # the one line also says where the failed run's report is
     assert code == 2 and err.strip() == f"error: node '{node}': RuntimeError: boom in {node} (report: {report})"
     assert f'data-node="{node}" data-status="failed"' in report.read_text()

@@ -218,28 +218,92 @@ def test_likelihood_lead_decodes_on_from_the_prompt_cache_exactly(tiny_lm, index
 @pytest.mark.parametrize("sample", [False, True])
 def test_words_written_like_code_are_names_of_the_evidence(default_tokenizer, sample):
     """Outside slots, a snake_case / camelCase / inner-capital word must be a known name, whole: never a made-up one,
-    never a known name cut short. Plain words pass."""
+    never a known name cut short. Plain words pass. The same tempted walk without the guard writes made-up ones."""
     from stages.common.identifiers import CODE_SHAPE
 
     tok = default_tokenizer
     texts = token_texts_of(tok)
     known = ["get_best_encoding", "is_ascii_encoding", "HelpFormatter", "codecs.lookup", "ctx", "make_context"]
+    parts = {p for name in known for p in name.split(".")}
     # tempt it: pieces of the known names, and tokens that would glue words into code-like ones
     pieces = {i for name in known for i in tok(name, add_special_tokens=False)["input_ids"]}
     risky = sorted(pieces | {i for i, t in enumerate(texts) if t[:1] in "_" and len(t) > 1 or t[:1].isupper()})
-    rng = random.Random(11 if sample else 12)
     prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
-    processor = GroundingProcessor(tok, len(prompt), {}, None, known)
-    ids = list(prompt)
-    for _ in range(300):
-        token, scores = step(processor, ids, len(prompt), len(tok), rng, sorted(pieces) + rng.sample(risky, 300), sample)
-        assert torch.isfinite(scores).any()
-        ids.append(token)
-    processor.update(torch.tensor([ids]))
-    text = tok.decode(ids[len(prompt):])
-    parts = {p for name in known for p in name.split(".")}
-    words = re.findall(r"[A-Za-z0-9_]+", text)
-    last = processor.rows[0].word  # a word still being written when decoding stopped may be a prefix
-    written = [w for w in (words[:-1] if last and words and words[-1] == last else words) if CODE_SHAPE.fullmatch(w)]
-    assert written, text  # the boost made it try
+
+    def code_words(processor) -> tuple[list[str], str]:
+        rng = random.Random(11 if sample else 12)
+        ids = list(prompt)
+        for _ in range(300):
+            token, scores = step(processor, ids, len(prompt), len(tok), rng, sorted(pieces) + rng.sample(risky, 300),
+                                 sample)
+            assert torch.isfinite(scores).any()
+            ids.append(token)
+        text = tok.decode(ids[len(prompt):])
+        words = re.findall(r"[A-Za-z0-9_]+", text)
+        return [w for w in words[:-1] if CODE_SHAPE.fullmatch(w)], text  # the last word may be a prefix
+
+    unguarded, text = code_words(lambda ids, scores: scores)
+    assert set(unguarded) - parts, text  # the temptation works: without the guard it makes names up
+    written, text = code_words(GroundingProcessor(tok, len(prompt), {}, None, known))
     assert set(written) <= parts, (set(written) - parts, text)
+
+
+def test_context_aware_decoding_contrasts_with_the_prompt_without_evidence(tiny_lm, index_with_windows):
+    from transformers import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+    from stages.decode import Decode, processors
+
+    index, evidence = index_with_windows
+    prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
+    assert prompt.plain_ids and len(prompt.plain_ids) < len(prompt.ids)
+    assert "[ctx] path:" not in tiny_lm.tokenizer.decode(prompt.plain_ids)
+    settings = Decode(cad_alpha=2.0).settings(prompt)
+    chain, _, _ = processors(tiny_lm, prompt, prompt.ids, settings, False)
+    cad = [p for p in chain if isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor)]
+    assert len(cad) == 1 and cad[0].guidance_scale == 3.0
+    assert cad[0].unconditional_context["input_ids"][0].tolist() == prompt.plain_ids
+    with torch.no_grad():
+        logits = tiny_lm.model(torch.tensor([prompt.ids])).logits[:, -1]
+    contrasted = cad[0](torch.tensor([prompt.ids]), logits.clone())
+    assert not torch.allclose(contrasted, torch.log_softmax(logits, -1))
+    draft = Decode(max_new_tokens=8, min_new_tokens=8, cad_alpha=2.0).run(tiny_lm, prompt)["draft"]
+    assert draft.generated_tokens == 8 and draft.text.startswith(draft.lead["lead"])
+
+
+def _stopped_at(stop, prompt: list[int], reply: list[int]) -> int | None:
+    for n in range(1, len(reply) + 1):
+        if bool(stop(torch.tensor([prompt + reply[:n]]), None)[0]):
+            return n
+    return None
+
+
+def test_paragraph_stop_ends_the_reply_after_its_paragraphs(default_tokenizer):
+    from stages.common.grounding import token_texts
+    from stages.decode import _ReplyStop
+
+    tok = default_tokenizer
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    reply = tok("\n\n`f` [a.py:1-2] does it.\n\nMore text here.\n\nAnd more.", add_special_tokens=False)["input_ids"]
+    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), 2, False), prompt, reply)
+    assert ended_at is not None
+    assert tok.decode(reply[:ended_at]).rstrip().endswith("More text here.")  # a leading blank line is no paragraph
+    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply) is None  # no loop
+
+
+def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeat(default_tokenizer):
+    from stages.common.grounding import token_texts
+    from stages.decode import _ReplyStop, drop_repeated_lines
+
+    tok = default_tokenizer
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    lead = "`Console` [console.py:2044-2057]"
+    body = "\nIt writes the buffer.\nExample:\nExample:\nIt writes the buffer.\n" + (lead + "\n") * 5
+    reply = tok(body, add_special_tokens=False)["input_ids"]
+    # a short line ("Example:") may repeat; the first long line written twice ends the reply
+    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply)
+    assert ended_at is not None and tok.decode(reply[:ended_at]).endswith("Example:\nIt writes the buffer.\n")
+    assert drop_repeated_lines(lead + tok.decode(reply[:ended_at])) == lead + "\nIt writes the buffer.\nExample:\nExample:"
+    # the lead is part of what was written: the model repeating it is a loop too
+    looped = tok("\n" + lead + "\n", add_special_tokens=False)["input_ids"]
+    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True, lead), prompt, looped) is not None
+    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, looped) is None

@@ -14,6 +14,7 @@ from stages.common.synthesis import synthesize
 from stages.model import TinyRandomLlama
 from tests.test_adapters import PROGRAM
 
+NO_TORCHAO = "torchao is an optional extra (pip install 'pca-pipeline[quantize]'); model.quantize=int8 needs it"
 settings = MixSettings(0.0, 12.0, 12, {}, [1.0, 1.0], {}, None)  # scale 1, no cap
 
 
@@ -65,7 +66,7 @@ def test_bfloat16_mix_computes_the_delta_in_float32_casts_once_and_restores_bit_
 
 
 def test_int8_quantization_mixes_with_hooks_and_refuses_merge():
-    pytest.importorskip("torchao")
+    pytest.importorskip("torchao", reason=NO_TORCHAO)
     ref = _lm()
     lm = _lm(quantize="int8")
     linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -98,16 +99,28 @@ def _answer(tmp_path, make_tree, *overrides, tag="run"):
 @pytest.mark.parametrize("overrides", [["model.dtype=bfloat16"], ["model.quantize=int8", "mix.mode=hooks"]])
 def test_answers_run_end_to_end_in_other_precisions(tmp_path, make_tree, overrides):
     if "model.quantize=int8" in overrides:
-        pytest.importorskip("torchao")
+        pytest.importorskip("torchao", reason=NO_TORCHAO)
     _, result = _answer(tmp_path, make_tree, *overrides)
     assert result.output("decode", "draft").generated_tokens == 12
     assert result.output("unmix", "restored") is True
 
 
 def test_merge_with_int8_is_one_clear_error(tmp_path, make_tree):
-    pytest.importorskip("torchao")
+    pytest.importorskip("torchao", reason=NO_TORCHAO)
     with pytest.raises(StageFailed, match="mix.mode=merge cannot write"):
         _answer(tmp_path, make_tree, "model.quantize=int8", "mix.mode=merge")
+
+
+def test_int8_without_torchao_is_one_config_error_naming_the_key_and_the_install(tmp_path, make_tree, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        _answer(tmp_path, make_tree, "model.quantize=int8", "mix.mode=hooks")
+    message = str(err.value)
+    assert "model.quantize=int8" in message and "pca-pipeline[quantize]" in message and "\n" not in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
 
 
 def test_threads_knob_sets_torch_threads():

@@ -27,14 +27,33 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def encode_prefix(model, ids: list[int]) -> PrefixState:
+def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: bool = True) -> PrefixState:
+    """Run ``ids`` through the model and keep the cache. With ``base`` (a state whose ids start ``ids``), only the
+    rest is run, on a copy of its cache (``fork``) or on the cache itself (``base`` is then used up)."""
+    import copy
+
     import torch
 
     device = next(model.parameters()).device
+    start, cache = 0, None
+    if base is not None:
+        if base.ids != list(ids[:len(base.ids)]) or len(base.ids) >= len(ids):
+            raise ValueError("base must hold a proper prefix of ids")
+        start, cache = len(base.ids), copy.deepcopy(base.cache) if fork else base.cache
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.tensor([ids[start:]], device=device), use_cache=True, logits_to_keep=1,
+                    **({cache_kwarg(model): cache} if cache is not None else {}))
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     return PrefixState(list(ids), cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def score_continuations(model, prefix: PrefixState, candidates: list[list[int]], chunk_tokens: int = 2048) -> list[list[float]]:

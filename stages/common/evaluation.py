@@ -7,12 +7,13 @@ question: the files it ranked and the windows it would show, best first.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from stages.common.lines import split_lines
 
 
@@ -23,6 +24,7 @@ class Question:
     start: int
     end: int
     symbol: str = ""
+    sentence: str = ""  # the set's own sentence when ``question`` is another phrasing of it
 
     def hit_by(self, path: str, start: int, end: int) -> bool:
         return path == self.path and start <= self.end and self.start <= end
@@ -33,9 +35,10 @@ class QuestionSet:
     source: str
     questions: list[Question]
     total: int  # questions in the file, before any limit
+    phrasing: str = "bare"
 
     def summary(self) -> dict[str, Any]:
-        return {"source": self.source, "questions": len(self.questions), "total": self.total}
+        return {"source": self.source, "questions": len(self.questions), "total": self.total, "phrasing": self.phrasing}
 
 
 @dataclasses.dataclass
@@ -60,6 +63,7 @@ class SystemRun:
     records: list[Record]
     setup_seconds: float = 0.0  # one-off cost (e.g. building the BM25 index)
     detail: str = ""  # how it ran, for the report (graph, tokenizer)
+    tokenizers: list[str] = dataclasses.field(default_factory=list)  # whose tokenizer counted the packed windows
 
     def summary(self) -> dict[str, Any]:
         return {"system": self.name, "questions": len(self.records), "detail": self.detail}
@@ -93,6 +97,50 @@ def load_questions(path: str | Path) -> list[Question]:
     if not questions:
         raise InputError(f"questions '{path}' has no questions")
     return questions
+
+
+# How a question is put to the system (SPEC §9: recall must hold across phrasings). `bare` is the set's own
+# sentence; `template` wraps it in one of the configured question templates (chosen per question by a stable hash
+# of its text, so a subset keeps its phrasing); `keywords` keeps only its longest content words, as typed into a
+# search box. The words dropped for keywords are English function words, nothing learnt from any program.
+PHRASINGS = ("bare", "template", "keywords")
+_FUNCTION_WORDS = frozenset("""a about above after again all also an and any are as at be been before being below
+    between both but by can could did do does doing down during each either else ever every few for from further had
+    has have having he her here hers him his how however i if in into is it its itself just least less let like may
+    me might more most much must my neither no nor not now of off often on once one only or other our out over own
+    per rather same shall she should since so some such than that the their them then there these they this those
+    though through thus to too under until up upon us very via was we were what when where whether which while who
+    whom whose why will with within without would yet you your""".split())
+_KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def check_templates(templates: list[str]) -> list[str]:
+    """The question templates; each must hold ``{question}`` (the set's sentence, without its final stop)."""
+    if not templates:
+        raise ConfigError("eval.templates is empty; give at least one template with {question} in it")
+    for template in templates:
+        if template.count("{question}") != 1:
+            raise ConfigError(f"eval.templates: {template!r} must contain {{question}} exactly once")
+    return list(templates)
+
+
+def keywords(sentence: str, count: int) -> str:
+    """The ``count`` longest content words of ``sentence`` (ties: earlier first), in their original order."""
+    words = list(dict.fromkeys(w for w in _KEYWORD.findall(sentence) if w.lower() not in _FUNCTION_WORDS and len(w) > 1))
+    chosen = set(sorted(words, key=lambda w: (-len(w), words.index(w)))[:count])
+    return " ".join(w for w in words if w in chosen) or sentence
+
+
+def phrase(sentence: str, phrasing: str, templates: list[str], keyword_count: int = 4) -> str:
+    """``sentence`` put to the system in ``phrasing`` (one of PHRASINGS)."""
+    if phrasing == "bare":
+        return sentence
+    if phrasing == "keywords":
+        return keywords(sentence, keyword_count)
+    if phrasing == "template":
+        template = templates[int(hashlib.blake2b(sentence.encode(), digest_size=8).hexdigest(), 16) % len(templates)]
+        return template.replace("{question}", sentence.strip().rstrip(".!?:;").strip())
+    raise ConfigError(f"eval.phrasing must be one of {', '.join(PHRASINGS)}, got {phrasing!r}")
 
 
 def spread(items: list, limit: int | None) -> list:

@@ -249,6 +249,9 @@ class WordGuard:
                 self.by_lead.setdefault(part, []).append(i)
         self.longest = max((len(part) for part in self.by_lead), default=0)
         self.continuing = [i for i, part in enumerate(lead) if part]
+        self.lead_shapes: dict[str, list[int]] = {}
+        for i in self.continuing:
+            self.lead_shapes.setdefault(_shape(lead[i]), []).append(i)
         self.opening = set(i for i, part in enumerate(lead) if not part)  # tokens that end the word being written
         # whatever the word being written: a token holding a whole unknown code-like word, or starting one
         self.static = ({i for i, w in self.words.inner if w not in self.known}
@@ -268,12 +271,16 @@ class WordGuard:
         return self.code_like(word) and word not in self.prefixes
 
     def code_like_after(self, word: str) -> set[int]:
-        """Tokens that make ``word`` + their lead code-like (the same for every word of one shape)."""
+        """Tokens that make ``word`` + their lead code-like (the same for every word of one shape, and for every token
+        of one lead shape: a run-on word of a long generation costs one pattern match per lead shape, not per token)."""
         shape = _shape(word)
-        hit = self.words.by_shape.get(shape)
+        by_shape = self.words.by_shape
+        hit = by_shape.get(shape)
         if hit is None:
-            lead = self.words.lead
-            hit = self.words.by_shape[shape] = {i for i in self.continuing if self.code_like(shape + lead[i])}
+            if len(by_shape) > 4096:  # a long run of new shapes (garbage words) must not grow it without bound
+                by_shape.clear()
+            hit = by_shape[shape] = {i for lead, ids in self.lead_shapes.items()
+                                     if self.code_like(_shape(shape + lead)) for i in ids}
         return hit
 
     def known_after(self, word: str) -> set[int]:

@@ -15,7 +15,8 @@ from stages.common.types import ProgramIndex
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+"
-_SNAKE = r"_*[A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*(?:_+[A-Za-z0-9]+)+_*|__[A-Za-z0-9]+__|_[A-Za-z][A-Za-z0-9]*"
+# written to match in linear time (no nested choice of where a run ends): a run-on word of a long answer stays cheap
+_SNAKE = r"_*[0-9]*[A-Za-z][A-Za-z0-9]*+(?:_++[A-Za-z0-9]++)+_*|__[A-Za-z0-9]+__|_[A-Za-z][A-Za-z0-9]*"
 _CAMEL = r"[a-z][a-z0-9]*[A-Z][A-Za-z0-9]*"
 _PASCAL = r"[A-Z][a-z0-9]+[A-Z][A-Za-z0-9]*|[A-Z]{2,}[a-z]{2,}[A-Za-z0-9]*"  # not a plural acronym (URLs, IDs)
 # outside backticks: one of the shapes above, as a whole word (not part of a longer word or a path)

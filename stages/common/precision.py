@@ -36,6 +36,19 @@ def set_threads(threads: int) -> None:
             torch.set_num_threads(threads)
 
 
+QUANTIZE_INSTALL = "pip install 'pca-pipeline[quantize]' (torchao==0.18.0)"
+
+
+def require_quantizer(quantize: str) -> None:
+    """At config time, before any weights load: ``model.quantize=int8`` needs torchao, an optional extra (installed,
+    transformers imports it at every model load and it logs warnings about GPU kernels this CPU machine lacks)."""
+    import importlib.util
+
+    if quantize == "int8" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"model.quantize=int8 needs torchao, which is not installed: {QUANTIZE_INSTALL}, "
+                          "or model.quantize=none")
+
+
 def quantize_int8(model: Any) -> int:
     """Quantize the model's linear layers in place (int8 weights, dynamic int8 activations); returns how many."""
     import torch
@@ -45,7 +58,7 @@ def quantize_int8(model: Any) -> int:
         with _quiet("torchao"):
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
-        raise ConfigError("model.quantize=int8 needs torchao: pip install torchao==0.18.0 (or model.quantize=none)") from None
+        raise ConfigError(f"model.quantize=int8 needs torchao: {QUANTIZE_INSTALL}, or model.quantize=none") from None
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         # tied: the LM head gets its own tensor, so the embedding lookup keeps the float table

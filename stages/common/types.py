@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,6 +128,9 @@ class Selection:
     symbols: list[str]  # qualnames that matched (question) or seeded (zoom)
     matched_files: int  # files the prompt matched at all (the Q term of entropy capacity)
     nodes: list[str] = dataclasses.field(default_factory=list)  # graph nodes of the region
+    # per file, its windows best first with the score that ranked them, when select/rerank ranked windows
+    # themselves (select=hybrid, rerank=lm); pack then shows those windows. None: pack ranks windows by relevance.
+    window_ranking: dict[str, list[tuple[float, Window]]] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"files": self.files[:8], "modules": len(self.modules), "matched_files": self.matched_files}
@@ -157,6 +161,7 @@ class Evidence:
 
     windows: list[PackedWindow]
     tokens: int
+    tokenizer: str = ""  # whose tokenizer counted `tokens` (the model id): it decides how many windows fit
 
     def covers(self, path: str, start: int, end: int) -> bool:
         return any(w.path == path and w.start <= end and start <= w.end for w in self.windows)
@@ -178,6 +183,7 @@ class Prompt:
     names: list[str] = dataclasses.field(default_factory=list)  # identifiers inline code may name
     lead_rank: list[int] = dataclasses.field(default_factory=list)  # packed-window position of each lead choice
     neutral_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt, a neutral question
+    plain_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt without the evidence
 
     def summary(self) -> dict[str, Any]:
         return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
@@ -272,17 +278,33 @@ class Answer:
         return {"chars": len(self.text), "citations": len(self.citations), "retries": self.retries}
 
 
-@dataclasses.dataclass
 class LanguageModel:
-    """A loaded causal LM and its tokenizer (shared across the jobs of a multirun)."""
+    """A causal LM and its tokenizer (shared across the jobs of a multirun).
 
-    model: Any
-    tokenizer: Any
-    model_id: str
-    device: str
+    With a ``loader`` and no ``model``, only the tokenizer is loaded: the weights load on the first read of
+    ``.model`` (graphs that only count tokens, such as retrieval, never read it)."""
+
+    def __init__(self, model: Any, tokenizer: Any, model_id: str, device: str,
+                 loader: Callable[[], tuple[Any, str]] | None = None):
+        if model is None and loader is None:
+            raise ValueError("LanguageModel needs a model or a loader")
+        self._model, self._loader, self._lock = model, loader, threading.Lock()
+        self.tokenizer, self.model_id, self.device = tokenizer, model_id, device
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model, self.device = self._loader()
+        return self._model
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._model is not None
 
     def summary(self) -> dict[str, Any]:
-        return {"model": self.model_id, "device": self.device}
+        return {"model": self.model_id, "device": self.device, "weights": "loaded" if self.weights_loaded else "not loaded"}
 
 
 @dataclasses.dataclass
