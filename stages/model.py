@@ -135,69 +135,9 @@ def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, dev
 def _load_converted(folder: Path, dtype: str, device_map: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if device_map is None:  # our own copy, on one device: read straight into the parameters (see read_checkpoint)
-        try:
-            return read_checkpoint(folder, dtype), AutoTokenizer.from_pretrained(folder)
-        except LeanLoadRefused as err:
-            log.info("reading %s with transformers instead (%s)", folder, err)
     quiet_torchao_import()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=device_map)
     return model, AutoTokenizer.from_pretrained(folder)
-
-
-class LeanLoadRefused(Exception):
-    """The checkpoint is not one ``read_checkpoint`` can fill a model from (transformers loads it instead)."""
-
-
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def read_checkpoint(folder: Path, dtype: str):
-    """Build the model from its config with uninitialised parameters and read every tensor of its safetensors
-    files straight into them (``readinto``: no memory map, no second copy). ``from_pretrained`` maps the file and
-    copies out of it, so the process holds the weights twice while it loads (measured: +290 MB at the peak for
-    SmolLM2's 513 MB); here the peak is the weights plus one tensor (only when the file's dtype is not ``dtype``).
-    Every parameter and persistent buffer must be read (a tied one through its twin), else it refuses."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
-
-    target = _torch_dtype(dtype)
-    config = AutoConfig.from_pretrained(folder)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=target)
-    state = model.state_dict()
-    filled: set[int] = set()
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length))
-            base = 8 + length
-            for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if isinstance(kv[1], dict) and "data_offsets" in kv[1] else -1):
-                if name == "__metadata__":
-                    continue
-                tensor = state.get(name)
-                kind = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
-                start, end = entry["data_offsets"]
-                if tensor is None or kind is None or list(tensor.shape) != list(entry["shape"]) or not tensor.is_contiguous():
-                    raise LeanLoadRefused(f"tensor '{name}' of {path.name} does not fit the model")
-                source = _torch_dtype(kind)
-                into = tensor if tensor.dtype == source else torch.empty(tensor.shape, dtype=source)
-                view = into.view(-1).view(torch.uint8).numpy()
-                handle.seek(base + start)
-                if end - start != view.nbytes or handle.readinto(memoryview(view)) != view.nbytes:
-                    raise LeanLoadRefused(f"tensor '{name}' of {path.name} is shorter than its header says")
-                if into is not tensor:
-                    tensor.copy_(into)
-                filled.add(tensor.data_ptr())
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()  # the LM head shares the embedding table the file holds once
-    missing = [n for n, t in model.state_dict().items() if t.data_ptr() not in filled]
-    if missing:
-        raise LeanLoadRefused(f"no tensor for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    return model
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:
