@@ -239,6 +239,7 @@ class SmolLM2(Stage):
 
     def run(self) -> dict:
         set_threads(self.threads)
+        quiet_torchao_import()
         path, device = self.gguf_path(), pick_device(self.device)
         key = (str(path), self.dtype, device, self.device_map, self.quantize)
         lm = shared_lm(key, lambda: gguf_on_demand(path, self.cache_dir, self.dtype, device, self.device_map,
@@ -266,6 +267,7 @@ class HFCheckpoint(Stage):
         if not path.exists():
             raise InputError(f"model.id '{self.id}' is not a local folder or GGUF file (no hub downloads here)")
         set_threads(self.threads)
+        quiet_torchao_import()
         device = pick_device(self.device)
         key = (str(path.resolve()), self.dtype, device, self.device_map, self.quantize)
         if path.is_file() and path.suffix == ".gguf":
@@ -309,6 +311,7 @@ class TinyRandomLlama(Stage):
 
     def run(self) -> dict:
         set_threads(self.threads)
+        quiet_torchao_import()
         key = (self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.seed, self.device,
                self.dtype, self.quantize)
         return {"lm": shared_lm(key, self._build, self.weights)}

@@ -54,8 +54,7 @@ def quantize_int8(model: Any) -> int:
     import torch
 
     try:
-        quiet_torchao_import()
-        with _quiet("torchao"):
+        with _quiet("torchao"), _quiet("torch.utils._pytree"):
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
         raise ConfigError(f"model.quantize=int8 needs torchao: {QUANTIZE_INSTALL}, or model.quantize=none") from None
@@ -100,14 +99,16 @@ def _tensor_bytes(tensor: Any) -> int:
 
 
 def quiet_torchao_import() -> None:
-    """transformers imports torchao (when installed) as it loads any checkpoint; import it first, without the
-    warnings it logs about optional GPU kernels a CPU machine lacks."""
+    """When torchao is installed (the optional `quantize` extra), transformers imports it with its modeling code
+    (transformers.modeling_utils -> quantizers), and torchao logs warnings about GPU kernel libraries a CPU machine
+    lacks (plus torch's pytree deprecations). Do that import first, quietly; a no-op without torchao."""
     import importlib.util
     import sys
 
     if "torchao" not in sys.modules and importlib.util.find_spec("torchao") is not None:
         with _quiet("torchao"), _quiet("torch.utils._pytree"):
             import torchao  # noqa: F401
+            import transformers.modeling_utils  # noqa: F401
 
 
 @contextlib.contextmanager
