@@ -406,8 +406,10 @@ def _bytes_per_token(lm, context: int) -> tuple[int, int]:
 
 def _answer_args(extra: list[str] = ()) -> list[str]:
     n = str(DECODE_TOKENS)
+    # exactly n tokens on both sides: the reply stops (paragraphs, repeated line) would end ours early
     return [f"program_root={PROGRAM_80}", f"prompt={DECODE_PROMPT}", f"decode.max_new_tokens={n}",
-            f"decode.min_new_tokens={n}", f"fallback.max_new_tokens_floor={n}", *extra]
+            f"decode.min_new_tokens={n}", f"fallback.max_new_tokens_floor={n}", "decode.max_paragraphs=null",
+            "decode.stop_at_repeated_line=false", *extra]
 
 
 def decode_floor() -> list[dict]:
@@ -462,7 +464,8 @@ def decode_floor() -> list[dict]:
     for mode in ("hooks", "merge"):
         rows.append(row(f"decode tokens/s with the adapter mixed (mix.mode={mode}) vs unmixed", per_mode[mode],
                         per_mode["none"], per_mode[mode] / per_mode["none"], "report", True, "tokens/s",
-                        "plain generate, rank 12 x 7 targets x 30 layers; hooks: two small matmuls per target per token"))
+                        "plain generate, rank 12 x 7 targets x 30 layers; " + ("two small matmuls per target per token"
+                                                                                if mode == "hooks" else "delta written into the weights: no cost per token")))
     lookups = [(_plain_generate(lm, ids), _plain_generate(lm, ids, prompt_lookup_num_tokens=10)) for _ in range(1)]
     base, lookup = lookups[0]
     rows.append(row("decode tokens/s: prompt-lookup decoding (10 tokens) vs plain greedy", lookup["tps"], base["tps"],
@@ -472,7 +475,12 @@ def decode_floor() -> list[dict]:
     return rows
 
 
-PRECISIONS = [("float32", []), ("bfloat16", ["model.dtype=bfloat16"]), ("int8", ["model.quantize=int8"])]
+def _precisions() -> list[tuple[str, list[str]]]:
+    """float32, bfloat16, and int8 where torchao (the optional `quantize` extra) is installed."""
+    import importlib.util
+
+    got = [("float32", []), ("bfloat16", ["model.dtype=bfloat16"])]
+    return got + ([("int8", ["model.quantize=int8"])] if importlib.util.find_spec("torchao") is not None else [])
 
 
 def precision() -> list[dict]:
@@ -482,7 +490,8 @@ def precision() -> list[dict]:
 
     measured = {}
     ids: list[int] = []
-    for name, overrides in PRECISIONS:
+    precisions = _precisions()
+    for name, overrides in precisions:
         resources.clear("model")
         _, result = api.run(_answer_args([*overrides, "mix.mode=hooks"]))
         ids = ids or result.output("prompt", "prompt").ids
@@ -495,7 +504,7 @@ def precision() -> list[dict]:
     resources.clear("model")
     base = measured["float32"]
     rows = []
-    for name, _ in PRECISIONS[1:]:
+    for name, _ in precisions[1:]:
         got = measured[name]
         change = (got["plain"] - base["plain"]) / base["plain"]
         change_mixed = (got["mixed"] - base["mixed"]) / base["mixed"]
