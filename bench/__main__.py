@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import importlib.util
 import csv
 import json
 import os
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from pipeline import PROJECT_ROOT
 
-SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+# the site-packages that holds hydra (not sys.prefix's: a venv layered over another by a .pth file has its own)
+SITE = Path(importlib.util.find_spec("hydra").origin).parent.parent
 PROGRAM_80 = SITE / "hydra"  # ~80 Python files, a real program we did not write
 TREE_2000 = SITE / "sympy"  # ~1,500 Python files (~3,000 files) for the indexing row
 OUT = PROJECT_ROOT / "outputs" / "bench"
