@@ -215,11 +215,14 @@ def index_big() -> dict:
     """~10,000 files (several site-packages hard-linked under one root): cold index in a fresh process, its peak RSS,
     beside the bare ast.parse loop over the same .py files."""
     tree = OUT / "tree10k"
+    wanted = sorted(n for n in BIG_TREE_PACKAGES if (SITE / n).is_dir())
+    if tree.is_dir() and sorted(p.name for p in tree.iterdir()) != wanted:  # made from another package list
+        subprocess.run(["rm", "-rf", str(tree)], check=True)
     if not tree.is_dir():
         tmp = OUT / "tree10k.partial"
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
         tmp.mkdir(parents=True)
-        for name in [n for n in BIG_TREE_PACKAGES if (SITE / n).is_dir()]:  # hard links: no copy (cp -r if refused)
+        for name in wanted:  # hard links: no copy (cp -r if refused)
             done = subprocess.run(["cp", "-al", str((SITE / name).resolve()), str(tmp / name)], capture_output=True)
             if done.returncode:
                 subprocess.run(["cp", "-r", str((SITE / name).resolve()), str(tmp / name)], check=True)
