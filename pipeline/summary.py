@@ -26,7 +26,7 @@ KEY_COLUMNS = ["status", "trace.seconds", "elapsed_sec", "citations_valid", "cit
                "citations_model_valid", "unknown_identifier_rate", "grounded", "decoding.tokens_per_second",
                "retries", "tokens.generated", "ppl.plain", "ppl.mixed", "ppl.change", "*.file_recall@*",
                "*.evidence_recall@*", "*.citation_hit", "*.model_citation_rate", "*.model_citation_hit",
-               "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
+               "*.first_citation_hit", "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
 PREFERRED_METRICS = ["ours.evidence_recall@5", "ppl.mixed", "citations_valid", "elapsed_sec", "trace.seconds"]
 
 
