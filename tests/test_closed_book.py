@@ -1,0 +1,133 @@
+"""Issue 17 on the tiny model: exact batched candidate scoring and the closed-book symbol test graph."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import api
+from pipeline.errors import PipelineError
+from stages.common.likelihood import ranks, score_continuations
+
+PROGRAM = {
+    "shapes.py": "\n".join(
+        f"def area_{i}(width, height):\n    \"\"\"Compute the area number {i}.\"\"\"\n    return width * height + {i}\n\n"
+        for i in range(8)) + "\nclass Shape:\n    def draw(self):\n        return 'shape'\n",
+    "colors.py": "def blend(a, b):\n    return (a + b) / 2\n\n\ndef _darken(color):\n    return color * 0.5\n",
+}
+
+
+def naive(lm, prompt, candidate):
+    """log p(candidate | prompt) from one plain forward of prompt + candidate."""
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([prompt + candidate])).logits[0].float(), -1)
+    return sum(float(logp[len(prompt) - 1 + j, token]) for j, token in enumerate(candidate))
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    rng = np.random.default_rng(0)
+    shared = [[5], [5, 7], [5, 7, 9], [5, 8], [6, 7, 8, 9, 10], [6, 7], [11], [5, 7]]  # prefixes, a duplicate
+    return shared + [rng.integers(5, 250, int(rng.integers(1, 6))).tolist() for _ in range(25)]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 4, 256])
+def test_scores_equal_one_forward_per_candidate(tiny_lm, candidates, max_tokens):
+    prompt = list(range(20, 32))
+    reference = np.array([naive(tiny_lm, prompt, c) for c in candidates])
+    got = score_continuations(tiny_lm, prompt, candidates, max_tokens=max_tokens)
+    assert got.shape == (len(candidates),) and np.allclose(got, reference, atol=1e-4)
+    mean = score_continuations(tiny_lm, prompt, candidates, max_tokens=max_tokens, reduce="mean")
+    assert np.allclose(mean, reference / np.array([len(c) for c in candidates]), atol=1e-4)
+
+
+def test_scores_through_a_forward_hook_and_eager_attention(tiny_lm, candidates):
+    """What is mixed in (a hook here, as the mix stage adds) takes part; eager attention gets an additive mask."""
+    import copy
+
+    model = copy.deepcopy(tiny_lm.model)
+    prompt = list(range(40, 47))
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: o + 0.05)
+    try:
+        reference = np.array([naive(type(tiny_lm)(model, None, "x", "cpu"), prompt, c) for c in candidates])
+        assert np.allclose(score_continuations(model, prompt, candidates), reference, atol=1e-4)
+        model.set_attn_implementation("eager")
+        assert np.allclose(score_continuations(model, prompt, candidates, max_tokens=3), reference, atol=1e-4)
+    finally:
+        handle.remove()
+
+
+def test_bad_inputs_are_named(tiny_lm):
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        score_continuations(tiny_lm, [], [[1]])
+    with pytest.raises(ValueError, match="candidate 1 has no tokens"):
+        score_continuations(tiny_lm, [3], [[1], []])
+    assert score_continuations(tiny_lm, [3], []).shape == (0,)
+
+
+def test_ranks_share_the_better_rank_on_ties():
+    assert ranks(np.array([0.5, 2.0, 0.5, -1.0])).tolist() == [2, 1, 2, 4]
+
+
+def questions_for(program, tmp_path, names):
+    from stages.index import build_index
+
+    index = build_index(str(program), [], 10**6, 80, None)
+    by_name = {s.name: s for s in index.symbols}
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What does {n} do?", "path": by_name[n].path,
+                                        "start": by_name[n].start, "end": by_name[n].end, "symbol": n}) + "\n"
+                            for n in names))
+    return path, index
+
+
+def closed_book(tmp_path, program, questions, *overrides, tag="run"):
+    args = ["pipeline=closed_book", "model=tiny_random", f"program_root={program}", f"questions={questions}",
+            f"paths.outputs={tmp_path / 'out'}", "closed_book.progress=false", *overrides]
+    return api.run(args, run_dir=tmp_path / tag)
+
+
+def test_closed_book_ranks_every_definition_name(tmp_path, make_tree, tiny_lm, compose):
+    from hydra.utils import instantiate
+
+    program = make_tree(tmp_path / "prog", PROGRAM)
+    questions, index = questions_for(program, tmp_path, ["area_3", "blend", "draw", "Shape"])
+    report, result = closed_book(tmp_path, program, questions, "synth=none")
+    written = json.loads((tmp_path / "run" / "closed_book.json").read_text())
+    names = sorted({s.name for s in index.symbols})
+    assert report["plain"]["candidates"] == len(names) == 12 and report["plain"]["questions"] == 4
+    assert report["plain"] == report["mixed"] and written["synth"] == "none"  # nothing mixed in
+    # each rank is the gold name's place among all names, scored exactly as a separate forward would
+    stage = instantiate(compose().closed_book)  # the configured prompt and candidate templates
+    for row in written["per_question"]:
+        prompt = stage._prompt_ids(tiny_lm, program.name, row["question"])
+        scores = np.array([naive(tiny_lm, prompt, tiny_lm.tokenizer(f"`{n}`", add_special_tokens=False)["input_ids"])
+                           for n in names])
+        assert row["rank"] == 1 + int(np.sum(scores > scores[names.index(row["gold"])] + 1e-6))
+        assert row["top"][0] == names[int(np.argmax(scores))]
+    m = report["plain"]
+    ranked = np.array([r["rank"] for r in written["per_question"]])
+    assert m["mrr"] == pytest.approx(np.mean(1 / ranked), abs=1e-4) and m["top5"] == np.mean(ranked <= 5)
+
+
+def test_closed_book_mixed_differs_with_an_adapter(tmp_path, make_tree):
+    program = make_tree(tmp_path / "prog", PROGRAM)
+    questions, _ = questions_for(program, tmp_path, ["area_3", "blend"])
+    report, _ = closed_book(tmp_path, program, questions, "synth=hashed", "closed_book.score=pmi")
+    assert report["score"] == "pmi" and report["synth"] == "hashed"
+    per_question = json.loads((tmp_path / "run" / "closed_book.json").read_text())["per_question"]
+    assert all(1 <= r["rank"] <= 12 and 1 <= r["plain_rank"] <= 12 for r in per_question)
+
+
+def test_closed_book_bad_inputs(tmp_path, make_tree):
+    program = make_tree(tmp_path / "prog", PROGRAM)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "x?", "path": "colors.py", "start": 1, "end": 2,
+                                     "symbol": "not_a_name"}) + "\n")
+    with pytest.raises(PipelineError, match="'not_a_name' is not a name of the program"):
+        closed_book(tmp_path, program, questions, "synth=none")
+    good, _ = questions_for(program, tmp_path, ["blend"])
+    with pytest.raises(PipelineError, match="closed_book.candidate"):
+        closed_book(tmp_path, program, good, "synth=none", "closed_book.candidate=`{nam}`", tag="b")
