@@ -31,6 +31,11 @@ VARIANTS: dict[str, list[str]] = {
                       "synth.lr=2e-3"],
     "packed_cosine_4e-3": ["synth.layout=packed", "synth.schedule=cosine", "synth.warmup_steps=3",
                            "synth.autocast=bfloat16", "synth.lr=4e-3"],
+    "packed_4e-3": ["synth.layout=packed", "synth.schedule=constant", "synth.autocast=bfloat16", "synth.lr=4e-3"],
+    "packed_summaries": ["synth.layout=packed", "synth.schedule=constant", "synth.autocast=bfloat16", "synth.lr=2e-3",
+                         "synth.summaries=true"],
+    "packed_mlp": ["synth.layout=packed", "synth.schedule=constant", "synth.autocast=bfloat16", "synth.lr=2e-3",
+                   "synth.targets=[gate_proj,up_proj,down_proj]"],
     "packed_cosine_summaries": ["synth.layout=packed", "synth.schedule=cosine", "synth.warmup_steps=3",
                                 "synth.autocast=bfloat16", "synth.lr=2e-3", "synth.summaries=true"],
 }

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 
+from pipeline import resources
 from pipeline.cache import write_atomic
 from pipeline.errors import InputError
 from pipeline.stage import Range, RunContext, Stage
@@ -29,6 +30,15 @@ log = logging.getLogger(__name__)
 def candidate_names(index: ProgramIndex) -> list[str]:
     """Every distinct definition name of the program (functions, classes, methods), sorted."""
     return sorted({sym.name for sym in index.symbols})
+
+
+def keywords(index: ProgramIndex) -> dict[str, str]:
+    """name -> the Python keyword that defines it (`class` when any definition of that name is a class)."""
+    out: dict[str, str] = {}
+    for sym in index.symbols:
+        if out.get(sym.name) != "class":
+            out[sym.name] = "class" if sym.kind == "class" else "def"
+    return out
 
 
 def gold_name(index: ProgramIndex, question) -> str:
@@ -49,8 +59,8 @@ class ClosedBookRanking(Stage):
                                      "{question}\nAnswer with its name only.",
                  chat: bool = True, prefix: str = "", candidate: str = "`{name}`",
                  score: Literal["sum", "mean", "pmi"] = "sum", max_tokens: Annotated[int, Range(ge=1)] = 256,
-                 top: Annotated[int, Range(ge=1)] = 5, progress: bool = True):
-        for name, template, fields in (("prompt", prompt, ("program", "question")), ("candidate", candidate, ("name",))):
+                 top: Annotated[int, Range(ge=1)] = 5, progress: bool = True, reuse_plain: bool = False):
+        for name, template, fields in (("prompt", prompt, ("program", "question")), ("candidate", candidate, ("name", "keyword"))):
             try:
                 template.format(**{f: "" for f in fields})
             except (KeyError, IndexError, ValueError) as err:
@@ -59,6 +69,7 @@ class ClosedBookRanking(Stage):
             raise InputError(f"closed_book.candidate {candidate!r} must contain {{name}}")
         self.prompt, self.chat, self.prefix, self.candidate = prompt, chat, prefix, candidate
         self.score, self.max_tokens, self.top, self.progress = score, max_tokens, top, progress
+        self.reuse_plain = reuse_plain  # set by the graph on the node wired to the unmixed model only
 
     def _prompt_ids(self, lm: LanguageModel, program: str, question: str) -> list[int]:
         tok = lm.tokenizer
@@ -71,13 +82,23 @@ class ClosedBookRanking(Stage):
         return tok(text + self.prefix, add_special_tokens=False)["input_ids"]
 
     def run(self, index: ProgramIndex, questions: QuestionSet, lm: LanguageModel) -> dict:
+        if not self.reuse_plain:
+            return {"ranking": self._rank(index, questions, lm)}
+        # the plain model's ranking is the same in every job of a sweep over adapters: compute it once per process
+        key = (id(lm.model), lm.model_id, index.fingerprint, self.prompt, self.chat, self.prefix, self.candidate,
+               self.score, self.top, tuple((q.question, q.path, q.start, q.symbol) for q in questions.questions))
+        return {"ranking": resources.shared("closed-book-plain", key, lambda: self._rank(index, questions, lm), keep=4)}
+
+    def _rank(self, index: ProgramIndex, questions: QuestionSet, lm: LanguageModel) -> dict:
         from tqdm import tqdm
 
         names = candidate_names(index)
         if not names:
             raise InputError(f"program_root '{index.root}' defines no function or class to rank")
         tok = lm.tokenizer
-        candidates = [tok(self.candidate.format(name=n), add_special_tokens=False)["input_ids"] for n in names]
+        keyword = keywords(index)
+        candidates = [tok(self.candidate.format(name=n, keyword=keyword[n]), add_special_tokens=False)["input_ids"]
+                      for n in names]
         position = {n: i for i, n in enumerate(names)}
         program = index.root.name
         prior = None
@@ -96,7 +117,7 @@ class ClosedBookRanking(Stage):
             best = np.argsort(-scores, kind="stable")[: self.top]
             rows.append({"question": q.question, "path": q.path, "start": q.start, "gold": gold, "rank": rank,
                          "top": [names[i] for i in best]})
-        return {"ranking": {"candidates": len(names), "score": self.score, "questions": rows}}
+        return {"candidates": len(names), "score": self.score, "questions": rows}
 
 
 def metrics(ranking: dict, k: int) -> dict:

@@ -131,3 +131,39 @@ def test_closed_book_bad_inputs(tmp_path, make_tree):
     good, _ = questions_for(program, tmp_path, ["blend"])
     with pytest.raises(PipelineError, match="closed_book.candidate"):
         closed_book(tmp_path, program, good, "synth=none", "closed_book.candidate=`{nam}`", tag="b")
+
+
+def test_plain_ranking_is_computed_once_for_a_sweep_over_adapters(tmp_path, make_tree):
+    from pipeline import resources
+
+    program = make_tree(tmp_path / "prog", PROGRAM)
+    questions, _ = questions_for(program, tmp_path, ["area_3", "blend"])
+    before = resources.stats("closed-book-plain")
+    first, _ = closed_book(tmp_path, program, questions, "synth=none", tag="a")
+    second, _ = closed_book(tmp_path, program, questions, "synth=hashed", tag="b")
+    after = resources.stats("closed-book-plain")
+    assert after["misses"] == before["misses"] + 1 and after["hits"] == before["hits"] + 1
+    assert first["plain"] == second["plain"]
+
+
+def test_closed_book_multirun_over_synthesizers_and_summary(tmp_path, make_tree, cli):
+    import subprocess
+    import sys
+
+    from pipeline import PROJECT_ROOT
+
+    program = make_tree(tmp_path / "prog", PROGRAM)
+    questions, _ = questions_for(program, tmp_path, ["area_3", "blend", "Shape"])
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", "pipeline=closed_book", "synth=none,hashed,fitted", "model=tiny_random", f"program_root={program}",
+                f"questions={questions}", "closed_book.progress=false",
+                f"paths.outputs={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports = [json.loads((sweep / str(n) / "closed_book.json").read_text()) for n in range(3)]
+    assert [r["synth"] for r in reports] == ["none", "hashed", "fitted"]
+    assert reports[0]["plain"] == reports[1]["plain"] == reports[2]["plain"]
+    summary = subprocess.run([sys.executable, "-m", "pipeline.summary", str(sweep), "--metric", "cb.mixed.mrr"],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    header = (sweep / "summary.csv").read_text().splitlines()[0]
+    assert "cb.mixed.top5" in header and "cb.plain.mrr" in header and (sweep / "summary_cb.mixed.mrr.png").is_file()
