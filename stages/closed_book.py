@@ -22,6 +22,7 @@ from pipeline.errors import InputError
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.evaluation import QuestionSet
 from stages.common.likelihood import ranks, score_continuations
+from stages.common.text import token_set
 from stages.common.types import LanguageModel, ProgramIndex
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,12 @@ def keywords(index: ProgramIndex) -> dict[str, str]:
         if out.get(sym.name) != "class":
             out[sym.name] = "class" if sym.kind == "class" else "def"
     return out
+
+
+def shares_words(name: str, question: str) -> bool:
+    """Whether a part of the name (snake/camel split) starts like a word of the question (first 4 letters)."""
+    words = {w[:4] for w in token_set(question)}
+    return any(part[:4] in words for part in token_set(name))
 
 
 def gold_name(index: ProgramIndex, question) -> str:
@@ -116,17 +123,23 @@ class ClosedBookRanking(Stage):
             rank = int(ranks(scores)[position[gold]])
             best = np.argsort(-scores, kind="stable")[: self.top]
             rows.append({"question": q.question, "path": q.path, "start": q.start, "gold": gold, "rank": rank,
-                         "top": [names[i] for i in best]})
+                         "top": [names[i] for i in best], "shares_words": shares_words(gold, q.question)})
         return {"candidates": len(names), "score": self.score, "questions": rows}
 
 
-def metrics(ranking: dict, k: int) -> dict:
+def metrics(ranking: dict, k: int, split: bool = True) -> dict:
+    """top-1, top-k, MRR and ranks; with `split`, the same for the questions whose name shares no word with them."""
     ranked = np.array([row["rank"] for row in ranking["questions"]], dtype=np.float64)
     if not len(ranked):
         return {"questions": 0}
-    return {"questions": int(len(ranked)), "candidates": ranking["candidates"], "top1": round(float(np.mean(ranked <= 1)), 4),
-            f"top{k}": round(float(np.mean(ranked <= k)), 4), "mrr": round(float(np.mean(1.0 / ranked)), 4),
-            "mean_rank": round(float(ranked.mean()), 2), "median_rank": float(np.median(ranked))}
+    out = {"questions": int(len(ranked)), "candidates": ranking["candidates"],
+           "top1": round(float(np.mean(ranked <= 1)), 4), f"top{k}": round(float(np.mean(ranked <= k)), 4),
+           "mrr": round(float(np.mean(1.0 / ranked)), 4), "mean_rank": round(float(ranked.mean()), 2),
+           "median_rank": float(np.median(ranked))}
+    if split:  # names that cannot be guessed from the question's words: what the model must know of the program
+        unlike = {**ranking, "questions": [r for r in ranking["questions"] if not r.get("shares_words")]}
+        out["no_shared_words"] = metrics(unlike, k, split=False)
+    return out
 
 
 class ClosedBookReport(Stage):

@@ -167,3 +167,12 @@ def test_closed_book_multirun_over_synthesizers_and_summary(tmp_path, make_tree,
     assert summary.returncode == 0, summary.stderr
     header = (sweep / "summary.csv").read_text().splitlines()[0]
     assert "cb.mixed.top5" in header and "cb.plain.mrr" in header and (sweep / "summary_cb.mixed.mrr.png").is_file()
+
+
+def test_shared_words_split():
+    from stages.closed_book import shares_words
+
+    assert shares_words("is_ascii_encoding", "Checks if a given encoding is ascii.")
+    assert shares_words("TerminalWidth", "Return the width of the terminal.")
+    assert shares_words("_FixupStream", "The new io interface needs more from streams.")  # stream(s)
+    assert not shares_words("_FixupStream", "The new io interface needs more than it gets.")
