@@ -94,13 +94,13 @@ def test_closed_book_ranks_every_definition_name(tmp_path, make_tree, tiny_lm, c
 
     program = make_tree(tmp_path / "prog", PROGRAM)
     questions, index = questions_for(program, tmp_path, ["area_3", "blend", "draw", "Shape"])
-    report, result = closed_book(tmp_path, program, questions, "synth=none")
+    report, result = closed_book(tmp_path, program, questions, "synth=none", "closed_book.score=sum")
     written = json.loads((tmp_path / "run" / "closed_book.json").read_text())
     names = sorted({s.name for s in index.symbols})
     assert report["plain"]["candidates"] == len(names) == 12 and report["plain"]["questions"] == 4
     assert report["plain"] == report["mixed"] and written["synth"] == "none"  # nothing mixed in
     # each rank is the gold name's place among all names, scored exactly as a separate forward would
-    stage = instantiate(compose().closed_book)  # the configured prompt and candidate templates
+    stage = instantiate(compose("closed_book.score=sum").closed_book)  # the configured prompt and candidate templates
     for row in written["per_question"]:
         prompt = stage._prompt_ids(tiny_lm, program.name, row["question"])
         scores = np.array([naive(tiny_lm, prompt, tiny_lm.tokenizer(f"`{n}`", add_special_tokens=False)["input_ids"])
@@ -115,7 +115,7 @@ def test_closed_book_ranks_every_definition_name(tmp_path, make_tree, tiny_lm, c
 def test_closed_book_mixed_differs_with_an_adapter(tmp_path, make_tree):
     program = make_tree(tmp_path / "prog", PROGRAM)
     questions, _ = questions_for(program, tmp_path, ["area_3", "blend"])
-    report, _ = closed_book(tmp_path, program, questions, "synth=hashed", "closed_book.score=pmi")
+    report, _ = closed_book(tmp_path, program, questions, "synth=hashed")
     assert report["score"] == "pmi" and report["synth"] == "hashed"
     per_question = json.loads((tmp_path / "run" / "closed_book.json").read_text())["per_question"]
     assert all(1 <= r["rank"] <= 12 and 1 <= r["plain_rank"] <= 12 for r in per_question)
