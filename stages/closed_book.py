@@ -92,7 +92,7 @@ class ClosedBookRanking(Stage):
         if not self.reuse_plain:
             return {"ranking": self._rank(index, questions, lm)}
         # the plain model's ranking is the same in every job of a sweep over adapters: compute it once per process
-        key = (id(lm.model), lm.model_id, index.fingerprint, self.prompt, self.chat, self.prefix, self.candidate,
+        key = (id(lm.model), lm.model_id, index.fingerprint, index.root.name, self.prompt, self.chat, self.prefix, self.candidate,
                self.score, self.top, tuple((q.question, q.path, q.start, q.symbol) for q in questions.questions))
         return {"ranking": resources.shared("closed-book-plain", key, lambda: self._rank(index, questions, lm), keep=4)}
 
