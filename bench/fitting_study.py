@@ -36,6 +36,13 @@ VARIANTS: dict[str, list[str]] = {
                          "synth.summaries=true"],
     "packed_mlp": ["synth.layout=packed", "synth.schedule=constant", "synth.autocast=bfloat16", "synth.lr=2e-3",
                    "synth.targets=[gate_proj,up_proj,down_proj]"],
+    "seg_4e-3": ["synth.layout=segments", "synth.schedule=constant", "synth.autocast=bfloat16", "synth.lr=4e-3"],
+    "seg_summaries": ["synth.layout=segments", "synth.schedule=constant", "synth.autocast=bfloat16", "synth.lr=2e-3",
+                      "synth.summaries=true"],
+    "seg_mlp": ["synth.layout=segments", "synth.schedule=constant", "synth.autocast=bfloat16", "synth.lr=2e-3",
+                "synth.targets=[gate_proj,up_proj,down_proj]"],
+    "seg_cosine_4e-3": ["synth.layout=segments", "synth.schedule=cosine", "synth.warmup_steps=3",
+                        "synth.autocast=bfloat16", "synth.lr=4e-3"],
     "packed_cosine_summaries": ["synth.layout=packed", "synth.schedule=cosine", "synth.warmup_steps=3",
                                 "synth.autocast=bfloat16", "synth.lr=2e-3", "synth.summaries=true"],
 }
