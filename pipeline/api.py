@@ -5,7 +5,9 @@ The knob table lives in `conf/api.yaml` (data, not code), so the framework still
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from . import CONF_DIR
-from .app import as_text, result_value, run_config
+from .app import result_value, run_config
+from .cli import text_override_value
 from .errors import ConfigError
 from .execute import RunResult
 
+_COMPOSE = threading.Lock()
 
 def _literal(value: Any) -> str:
     """A value in Hydra's override grammar (strings quoted, so commas and spaces survive)."""
@@ -30,9 +34,8 @@ def _literal(value: Any) -> str:
         return "[" + ",".join(_literal(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
-    # a prompt about OmegaConf ("what does ${x} do?") is text, not an interpolation
-    text = as_text(str(value).replace("\\", "\\\\").replace("'", "\\'"))
-    return f"'{text}'"
+    # a prompt about OmegaConf ("what does ${x} do?") is text, not an interpolation; quotes and backslashes too
+    return text_override_value(str(value))
 
 
 def knob_overrides(knobs: dict[str, Any], table: dict | None = None) -> list[str]:
@@ -79,13 +82,17 @@ def compose(overrides: list[str], config_name: str = "config"):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        if GlobalHydra.instance().is_initialized():
-            return hydra_compose(config_name, overrides=overrides)
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
+    with _COMPOSE:  # Hydra keeps one GlobalHydra per process: threads take turns
+        outer = GlobalHydra.instance().hydra
+        # whatever app is running (the user's own @hydra.main, or ours), compose *our* config beside it
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                return hydra_compose(config_name, overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(str(err).splitlines()[0]) from err
+        finally:
+            GlobalHydra.instance().hydra = outer
 
 
 def run(overrides: list[str], run_dir: str | Path | None = None, verbose: bool = False,
@@ -101,6 +108,16 @@ def run(overrides: list[str], run_dir: str | Path | None = None, verbose: bool =
     return result_value(cfg, result), result
 
 
+def _check_arg(name: str, value: Any, what: str, required: bool = False) -> None:
+    """A one-line ConfigError for an argument of the wrong kind (a list as model_id, None as the prompt)."""
+    if value is None and not required:
+        return
+    ok = isinstance(value, str) if name == "prompt" else isinstance(value, (str, os.PathLike))
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"{name} must be {what}, got {type(value).__name__} {shown}")
+
+
 def generate_answer(model_id: str | None = None, adapters_npz: str | None = None, program_root: str | None = None,
                     prompt: str | None = None, *, overrides: list[str] = (), verbose: bool = False,
                     **knobs: Any) -> str:
@@ -110,7 +127,11 @@ def generate_answer(model_id: str | None = None, adapters_npz: str | None = None
     ``adapters_npz``: an artifact folder (or its adapters.npz); None builds or reuses the cached one.
     ``overrides``: any further Hydra overrides, e.g. ["synth=fitted"].
     """
-    args = model_overrides(model_id)
+    _check_arg("model_id", model_id, "a short name (smollm2, tiny_random), a local folder or a .gguf path")
+    _check_arg("adapters_npz", adapters_npz, "an artifact folder or an .npz path")
+    _check_arg("program_root", program_root, "a folder path")
+    _check_arg("prompt", prompt, "the question, a string", required=True)
+    args = model_overrides(None if model_id is None else str(model_id))
     if adapters_npz:
         args.append(f"adapters={_literal(str(adapters_npz))}")
     if program_root is not None:
@@ -125,10 +146,14 @@ def generate_answer(model_id: str | None = None, adapters_npz: str | None = None
 def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, overrides: list[str] = (),
              **knobs: Any) -> dict[str, Any]:
     """Selection, rerank and packing only (no decoding): files, packed windows and per-node timings."""
+    _check_arg("program_root", program_root, "a folder path", required=True)
+    _check_arg("prompt", prompt, "the question, a string", required=True)
+    _check_arg("model_id", model_id, "a short name (smollm2, tiny_random), a local folder or a .gguf path")
+    model_id = None if model_id is None else str(model_id)
     args = ["pipeline=retrieve", *model_overrides(model_id), f"program_root={_literal(str(program_root))}",
             f"prompt={_literal(prompt)}", *knob_overrides(knobs), *overrides]
     evidence, result = run(args)
-    selection = result.output("rerank", "selection")
+    selection = result.output("rescore", "selection")
     return {
         "files_selected": list(selection.files),
         "windows_packed": [w.span() for w in evidence.windows],

@@ -1,6 +1,7 @@
 """What every Hydra app shares: compose -> validate -> execute -> trace, and one-line errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 
 def as_text(value: str) -> str:
     """A string to put in a config that stays text: OmegaConf would read ``${...}`` as an interpolation."""
-    return value.replace("${", "\\${")
+    from .cli import escape_interpolation
+
+    return escape_interpolation(value)
 
 
 def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult:
@@ -51,24 +54,78 @@ def result_value(cfg: DictConfig, result: RunResult) -> Any:
 
 
 def hydra_main(cfg: DictConfig) -> Any:
-    """Body of `python -m pipeline.run` (and the other apps): print the result, or one line on failure."""
+    """Body of `python -m pipeline.run` (and the other apps): run, write the report, print the result and
+    where everything went; on failure one line (with where its report is) and exit code 2."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     hydra_cfg = HydraConfig.get()
     verbose = bool(hydra_cfg.verbose)
+    single = hydra_cfg.mode != RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        result = run_config(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
-    except PipelineError as err:
+        with console(sys.stdout if single and sys.stdout.isatty() else None) as terminal:
+            result = run_config(cfg, run_dir, [str(o) for o in hydra_cfg.overrides.task])
+    except (PipelineError, OmegaConfBaseException) as err:
         if verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        where = write_report(cfg, run_dir)
+        print(f"error: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if verbose:
             raise
         print("error: interrupted (model weights restored)", file=sys.stderr)
         sys.exit(130)
+    where = write_report(cfg, run_dir)
     value = result_value(cfg, result)
     if value is not None:
+        if terminal is not None and terminal.wrote:  # the draft was streamed: the checked answer follows
+            print("\n\n── answer (citations checked) ──")
         print(value)
+    if single:  # on stderr: stdout ends with the result, for scripts (`... | tail -1`)
+        print(f"run folder: {run_dir}" + (f"\nreport: {where}" if where else ""), file=sys.stderr)
     return value
+
+
+class Console:
+    """A terminal lent to the stages for the length of a run (`resources.get("console", "stream")`): a stage
+    may stream text to it (the answer as it decodes). Only an interactive single run or a chat lends one."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.wrote = stream, False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.wrote = True
+            self.stream.write(text)
+            self.stream.flush()
+
+
+@contextlib.contextmanager
+def console(stream: Any):
+    from . import resources
+
+    lent = Console(stream) if stream is not None else None
+    previous = resources.get("console", "stream")
+    resources.put("console", "stream", lent)
+    try:
+        yield lent
+    finally:
+        resources.put("console", "stream", previous)
+
+
+def write_report(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The run's report.html when `report=html` (a failure to write it is a warning, never the run's error)."""
+    section = cfg.get("report")
+    if section is None or str(section.get("format", "none")) != "html" or not (run_dir / "trace.json").is_file():
+        return None
+    from .report import write_run_report
+    from .runfolder import ReportError, settings_of
+
+    try:
+        return write_run_report(run_dir, settings_of(cfg))
+    except (ReportError, OSError) as err:
+        log.warning("no report: %s", str(err).splitlines()[0])
+        return None

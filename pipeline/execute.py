@@ -5,11 +5,12 @@ import dataclasses
 import logging
 import resource
 import time
+import traceback
 from typing import Any
 
 from .errors import StageFailed
 from .graph import INPUTS, Graph
-from .stage import RunContext
+from .stage import RunContext, Stage
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
         graph.instantiate()
     values: dict[tuple[str, str], Any] = {(INPUTS, k): v for k, v in graph.inputs.items()}
     trace: list[NodeTrace] = []
-    failure: tuple[str, BaseException] | None = None
+    # a graph input refused up front fails its node before anything runs (no model loads); the always-nodes
+    # (cleanup, telemetry) still run, as after any failure
+    failure: tuple[str, BaseException] | None = precheck(graph)
+    if failure:
+        context.failure = str(StageFailed(*failure))
 
     for name in graph.order:
         if name == INPUTS:
@@ -77,6 +82,10 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
         node = graph.nodes[name]
         record = NodeTrace(name, node.target, "skipped")
         trace.append(record)
+        if failure and name == failure[0]:
+            record.status, record.reason = "failed", f"precheck: {_first_line(failure[1])}"
+            context.statuses[name] = "failed"
+            continue
         if failure and not node.always:
             record.reason = f"after failure of '{failure[0]}'"
             context.statuses[name] = "skipped"
@@ -128,13 +137,38 @@ def execute(graph: Graph, context: RunContext) -> RunResult:
             record.outputs[port] = summarize(value)
         log.info("node %-14s %6.2fs", name, record.seconds)
 
-    result = RunResult(values, trace)
     if failure:
+        # a failed run returns no values: drop them, and the locals of the failed stage's frames (its traceback
+        # keeps them alive as long as the error lives), so whatever they hold (a mix still in the model when its
+        # cleanup node failed) is finalised now; the traceback keeps its file and line numbers
         node_name, err = failure
+        traceback.clear_frames(err.__traceback__)
+        values.clear()
+        kwargs = produced = None  # noqa: F841
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise err
         raise StageFailed(node_name, err) from err
-    return result
+    return RunResult(values, trace)
+
+
+def precheck(graph: Graph) -> tuple[str, BaseException] | None:
+    """Each stage's ``precheck`` of the graph inputs wired to it, in graph order: the first (node, error)."""
+    for name in graph.order:
+        node = graph.nodes.get(name)
+        if node is None or type(node.stage).precheck is Stage.precheck:
+            continue
+        given = {port: graph.inputs[src_port] for port, (src, src_port) in node.wires.items() if src == INPUTS}
+        if not given:
+            continue
+        try:
+            node.stage.precheck(**given)
+        except Exception as err:  # reported like a failure of the node itself
+            return name, err
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _check_outputs(name: str, stage_cls: type, produced: Any) -> None:

@@ -181,7 +181,7 @@ def _check_source(ref: tuple[str, str], nodes: dict[str, Node], inputs: dict[str
     if src == INPUTS:
         if port not in inputs:
             raise ConfigError(f"{owner}: graph input '{port}' does not exist; inputs: {', '.join(inputs) or '(none)'}")
-        return type(inputs[port]) if inputs[port] is not None else Any
+        return type(inputs[port])  # null is NoneType: only a port that accepts None takes it
     if src not in nodes:
         close = difflib.get_close_matches(src, list(nodes), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -205,6 +205,9 @@ def _check_wiring(node: Node, nodes: dict[str, Node], inputs: dict[str, Any]) ->
             )
         produced = _check_source(ref, nodes, inputs, owner)
         accepted = ports[port].type
+        if ref[0] == INPUTS and inputs[ref[1]] is None and not type_fits(produced, accepted):
+            raise ConfigError(f"{ref[1]} is null, but node '{node.name}' needs a {type_name(accepted)}: "
+                              f"set {ref[1]}=<value>")
         if not type_fits(produced, accepted):
             raise ConfigError(
                 f"{owner}: type mismatch, {ref[0]}.{ref[1]} produces {type_name(produced)} "

@@ -70,7 +70,7 @@ def draw(graph: Graph, out: Path) -> Path:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig):
+def app(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -83,6 +83,14 @@ def main(cfg: DictConfig):
     print(describe(graph))
     out = Path(cfg.dag_out) if cfg.get("dag_out") else Path(HydraConfig.get().runtime.output_dir) / "dag.png"
     print(f"drawing: {draw(graph, out)}")
+
+
+def main() -> None:
+    from pipeline.cli import launch, usage
+
+    launch(app, usage("python -m pipeline.show", "Print and draw the composed, validated DAG; nothing runs.",
+                      ["python -m pipeline.show select=zoom rerank=none dag_out=dag.png"], ["pipeline", "select"]),
+           "config")
 
 
 if __name__ == "__main__":

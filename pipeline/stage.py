@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
@@ -45,6 +46,15 @@ class Range:
 
 
 @dataclasses.dataclass(frozen=True)
+class NonFinite:
+    """Allows nan and ±inf for one float config value: ``Annotated[float, NonFinite()]``.
+
+    Without it every float config value must be finite: a nan or inf knob would otherwise flow into weights,
+    scores and deltas and end as a garbage answer reported as success.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
 class Port:
     name: str
     type: Any
@@ -71,6 +81,13 @@ class Stage:
 
     def run(self, **inputs: Any) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def precheck(self, **inputs: Any) -> None:
+        """Optional: refuse bad graph inputs before any node runs (before any model loads).
+
+        Called once per run with those input ports that are wired straight to graph inputs (values known up
+        front, e.g. ``program_root``); raise a ``PipelineError`` naming the culprit. Must be cheap.
+        """
 
     @classmethod
     def input_ports(cls) -> dict[str, Port]:
@@ -140,14 +157,17 @@ def check_config(owner: str, cls: type[Stage], values: dict[str, Any]) -> None:
             raise ConfigError(f"{owner}: config key '{key}' {problem}")
 
 
-def type_problem(annotation: Any, value: Any) -> str | None:
-    """Why ``value`` does not fit ``annotation`` (None when it fits). Covers the shapes YAML can produce."""
+def type_problem(annotation: Any, value: Any, non_finite: bool = False) -> str | None:
+    """Why ``value`` does not fit ``annotation`` (None when it fits). Covers the shapes YAML can produce.
+
+    A float must be finite unless the annotation carries ``NonFinite()`` (``non_finite``)."""
     if annotation is Any:
         return None
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
         base, *extras = typing.get_args(annotation)
-        problem = type_problem(base, value)
+        non_finite = non_finite or any(isinstance(extra, NonFinite) for extra in extras)
+        problem = type_problem(base, value, non_finite)
         if problem:
             return problem
         for extra in extras:
@@ -157,9 +177,10 @@ def type_problem(annotation: Any, value: Any) -> str | None:
                     return violation
         return None
     if origin in (typing.Union, types.UnionType):
-        problems = [type_problem(arg, value) for arg in typing.get_args(annotation)]
+        problems = [type_problem(arg, value, non_finite) for arg in typing.get_args(annotation)]
         if all(problems):
-            return f"must be {_type_name(annotation)}, got {value!r}"
+            finite = [p for p in problems if "finite" in p]  # a float of the right type, but nan/inf
+            return finite[0] if finite else f"must be {_type_name(annotation)}, got {value!r}"
         return None
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
@@ -174,7 +195,7 @@ def type_problem(annotation: Any, value: Any) -> str | None:
         args = typing.get_args(annotation)
         if args and args[-1] is not Ellipsis:
             for item in value:
-                problem = type_problem(args[0], item)
+                problem = type_problem(args[0], item, non_finite)
                 if problem:
                     return f"item {problem}"
         return None
@@ -182,6 +203,8 @@ def type_problem(annotation: Any, value: Any) -> str | None:
         return None if isinstance(value, dict) else f"must be a mapping, got {value!r}"
     if annotation is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not non_finite and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
         return None if ok else f"must be a number, got {value!r}"
     if annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)

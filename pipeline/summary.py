@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import fnmatch
 import json
 import math
@@ -23,9 +24,11 @@ SOURCES = {"telemetry.json": ("", None), "perplexity.json": ("ppl.", None), "eva
            "closed_book.json": ("cb.", None)}
 # shown in the terminal when present (the CSV has every column); patterns match eval's per-system metrics
 KEY_COLUMNS = ["status", "trace.seconds", "elapsed_sec", "citations_valid", "citations_total", "citation_precision", "citations_model",
+               "citations_model_valid", "unknown_identifier_rate", "grounded", "decoding.tokens_per_second",
                "retries", "tokens.generated", "ppl.plain", "ppl.mixed", "ppl.change", "ppl.files_plain", "ppl.files_mixed",
                "ppl.files_change", "cb.plain.top5", "cb.mixed.top1", "cb.mixed.top5", "cb.mixed.mrr", "*.file_recall@*",
-               "*.evidence_recall@*", "*.citation_hit", "*.seconds"]
+               "*.evidence_recall@*", "*.citation_hit", "*.model_citation_rate", "*.model_citation_hit",
+               "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
 PREFERRED_METRICS = ["ours.evidence_recall@5", "ppl.mixed", "citations_valid", "elapsed_sec", "trace.seconds"]
 
 
@@ -109,7 +112,11 @@ def pick_metric(rows: list[dict], wanted: str | None) -> str:
     numeric = sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if wanted:
         if wanted not in numeric:
-            raise SummaryError(f"--metric '{wanted}' is not a numeric result of these jobs; available: {', '.join(numeric)}")
+            close = difflib.get_close_matches(wanted, numeric, n=3, cutoff=0.5)
+            close += [n for n in numeric if wanted.lower() in n.lower() and n not in close][:3 - len(close)]
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise SummaryError(f"--metric '{wanted}' is not a numeric result of these jobs{hint}; "
+                               f"available: {', '.join(numeric)}")
         return wanted
     for name in PREFERRED_METRICS:
         if name in numeric:
@@ -159,7 +166,10 @@ def plot(rows: list[dict], varying: list[str], metric: str, path: Path) -> None:
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_xlabel(", ".join(varying) or "job")
-    ax.set_title(f"{metric} per job")
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    same = len(finite) == len(values) > 1 and len(set(finite)) == 1
+    # a flat plot shows nothing: say so in the title (and the caller says so in the terminal)
+    ax.set_title(f"{metric} per job" + (f": all {len(finite)} values are equal ({finite[0]:.4g})" if same else ""))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -175,8 +185,11 @@ def summarize(root: Path, metric: str | None = None, csv_path: Path | None = Non
     write_csv(rows, varying, csv_path)
     plot(rows, varying, metric, png_path)
     header = f"{len(rows)} jobs in {root}" + (f"; all with {' '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else "")
+    values = [row.get(metric) for row in rows]
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    flat = f" (all {len(rows)} values are equal: {cell(values[0])})" if numeric and len(rows) > 1 and len(set(values)) == 1 else ""
     text = "\n".join([header, render(rows, ["job", *varying, *shown_columns(rows, metric)]),
-                      f"csv: {csv_path}", f"plot ({metric}): {png_path}"])
+                      f"csv: {csv_path}", f"plot ({metric}): {png_path}{flat}"])
     return text, csv_path, png_path
 
 

@@ -7,20 +7,25 @@ with `allow_pickle=False` and checks it against the loaded model.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import logging
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cache import fingerprint, publish_dir
+from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
 from pipeline.errors import InputError
 from pipeline.stage import Stage
-from stages.common.adapters import AdapterSet, check_factors, infer_targets, load_npz, save_npz
+from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz, save_npz
 from stages.common.curves import write_curve
+from stages.common.program import read_small
 from stages.common.types import ArtifactLocation, Artifacts, LanguageModel, ProgramEmbedding, ProgramIndex
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 
 
@@ -39,33 +44,97 @@ class LocateArtifacts(Stage):
         key = fingerprint({"program": index.fingerprint, "build": self.build_config, "model": _model_key(lm),
                            "schema": SCHEMA_VERSION})
         if self.path:
-            given = Path(self.path).expanduser()
-            folder = given.parent if given.suffix == ".npz" else given
-            if not folder.exists():
-                raise InputError(f"adapters '{self.path}' does not exist")
-            return {"location": ArtifactLocation(folder, True, key, fixed=True), "missing": False}
+            return {"location": given_location(self.path, key), "missing": False}
         folder = self.root / f"{index.root.name or 'program'}-{key[:8]}"
+        clean_stale_partials(self.root)  # folders of builds that were killed half-way
         exists = (folder / "manifest.json").is_file() and (folder / "adapters.npz").is_file()
+        if exists:
+            problem = folder_problem(folder)
+            if problem:  # a cache heals itself: a corrupt entry is removed and rebuilt, never loaded again and again
+                log.warning("cached artifacts '%s' are corrupt (%s); removing them and rebuilding", folder, problem)
+                discard(folder)
+                exists = False
         return {"location": ArtifactLocation(folder, exists, key), "missing": not exists}
 
 
-def git_commit(root: Path) -> str | None:
-    """The checked-out commit, read from .git without running git (never execute anything of the program)."""
-    head = root / ".git" / "HEAD"
+def given_location(path: str, key: str) -> ArtifactLocation:
+    """`adapters=<folder>` uses <folder>/adapters.npz; `adapters=<file>.npz` uses exactly that file."""
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise InputError(f"adapters '{path}' does not exist; pass an artifact folder or an .npz file")
+    if given.is_dir():
+        return ArtifactLocation(given, True, key, fixed=True)
+    if given.suffix != ".npz":
+        raise InputError(f"adapters '{path}' is a file but not an .npz; pass an artifact folder or an .npz file")
+    return ArtifactLocation(given.parent, True, key, fixed=True, adapters_file=given)
+
+
+ARTIFACT_FILES = ("adapters.npz", "embedding.npz", "sources.jsonl", "windows.jsonl")
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why a cached artifact folder cannot be trusted (None when it is whole): an unreadable manifest, a file
+    whose sha256 differs from the one the manifest recorded (truncated, overwritten), or, for folders from
+    before the hashes were recorded, an npz whose zip CRCs fail."""
     try:
-        ref = head.read_text().strip()
-        if not ref.startswith("ref:"):
-            return ref or None
-        name = ref.split(None, 1)[1]
-        ref_file = root / ".git" / name
-        if ref_file.is_file():
-            return ref_file.read_text().strip()
-        packed = root / ".git" / "packed-refs"
-        for line in packed.read_text().splitlines() if packed.is_file() else []:
-            if line.endswith(" " + name):
-                return line.split()[0]
-    except OSError:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"manifest.json: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if not isinstance(manifest, dict):
+        return "manifest.json is not a JSON object"
+    recorded = manifest.get("files")
+    if isinstance(recorded, dict):
+        for name, digest in recorded.items():
+            try:
+                actual = file_sha256(folder / name)
+            except OSError as err:
+                return f"{name}: {err.strerror or err}"
+            if actual != digest:
+                return f"{name} does not match the sha256 in manifest.json"
         return None
+    for name in ("adapters.npz", "embedding.npz"):
+        if not (folder / name).is_file():
+            continue
+        try:
+            with zipfile.ZipFile(folder / name) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            return f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'}"
+        if bad:
+            return f"{name}: member '{bad}' fails its CRC"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(root: Path) -> str | None:
+    """The checked-out commit, read from .git without running git (never execute anything of the program).
+
+    Only small regular files inside the program are read: a `.git/HEAD` that is a FIFO or a link out of the
+    root is not followed."""
+
+    def read(rel: str) -> str:
+        data = read_small(root, root / ".git" / rel, 1 << 20)
+        return "" if data is None else data.decode("utf-8", errors="replace").strip()
+
+    ref = read("HEAD")
+    if not ref.startswith("ref:"):
+        return ref or None
+    name = ref[4:].strip()
+    if not name or ".." in name.split("/"):
+        return None
+    commit = read(name)
+    if commit:
+        return commit
+    for line in read("packed-refs").splitlines():
+        if line.endswith(" " + name):
+            return line.split()[0]
     return None
 
 
@@ -95,13 +164,15 @@ class StoreArtifacts(Stage):
                 manifest["synth"]["curve"] = [p.name for p in write_curve(tmp, curve, index.root.name)]
             save_npz(tmp / "embedding.npz", embedding.vectors)
             save_npz(tmp / "adapters.npz", adapters.factors)
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
             (tmp / "sources.jsonl").write_text("".join(
                 json.dumps({"path": r.path, "sha256": r.sha256, "bytes": r.bytes}) + "\n" for r in index.files.values()))
             (tmp / "windows.jsonl").write_text("".join(json.dumps(w.as_dict()) + "\n" for w in index.windows))
             for module, module_adapters in (bank or {}).items():
                 (tmp / "bank" / module).mkdir(parents=True)
                 save_npz(tmp / "bank" / module / "adapters.npz", module_adapters.factors)
+            # what a later run checks before it trusts this folder (a truncated file is rebuilt, not loaded)
+            manifest["files"] = {name: file_sha256(tmp / name) for name in ARTIFACT_FILES}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         return {"stored": ArtifactLocation(location.path, True, location.key)}
 
 
@@ -116,14 +187,21 @@ class LoadArtifacts(Stage):
     outputs = {"artifacts": Artifacts}
 
     def run(self, location: ArtifactLocation, lm: LanguageModel, stored: ArtifactLocation | None = None) -> dict:
-        return {"artifacts": load_artifacts(location.path, lm, require_manifest=not location.fixed)}
+        return {"artifacts": load_artifacts(location.path, lm, require_manifest=not location.fixed,
+                                            npz=location.adapters_file)}
 
 
-def load_artifacts(folder: Path, lm: LanguageModel, require_manifest: bool = True) -> Artifacts:
+def load_artifacts(folder: Path, lm: LanguageModel, require_manifest: bool = True, npz: Path | None = None) -> Artifacts:
+    """Read an artifact folder (or, with ``npz``, exactly that adapter file) and check it against the model.
+
+    A named file other than the folder's own adapters.npz is read alone: the folder's manifest and embedding
+    describe its adapters.npz, not that file."""
     tmap = infer_targets(lm.model)
+    npz = Path(npz) if npz else folder / "adapters.npz"
+    own = npz == folder / "adapters.npz"
     manifest_file = folder / "manifest.json"
     manifest: dict[str, Any] = {}
-    if manifest_file.is_file():
+    if own and manifest_file.is_file():
         try:
             manifest = json.loads(manifest_file.read_text())
         except ValueError as err:
@@ -136,13 +214,13 @@ def load_artifacts(folder: Path, lm: LanguageModel, require_manifest: bool = Tru
                              f"({manifest.get('num_layers')} layers), not {lm.model_id!r} ({tmap.num_layers} layers)")
     elif require_manifest:
         raise InputError(f"'{folder}' has no manifest.json")
-    arrays = load_npz(folder / "adapters.npz")
+    arrays = load_npz(npz, check=factor_check(tmap.shapes, tmap.num_layers))  # headers first: no zip bomb
     empty_by_design = (manifest.get("synth") or {}).get("name") == "none"  # synth=none stores no factors
-    adapters = check_factors(arrays, tmap.shapes, tmap.num_layers, str(folder / "adapters.npz"), empty_by_design)
+    adapters = check_factors(arrays, tmap.shapes, tmap.num_layers, str(npz), empty_by_design)
     adapters.meta = dict(manifest.get("synth") or {"synth": "external"})
     adapters.meta["synth"] = adapters.meta.pop("name", adapters.meta.get("synth"))
     embedding = None
-    if (folder / "embedding.npz").is_file():
+    if own and (folder / "embedding.npz").is_file():
         vectors = load_npz(folder / "embedding.npz")
         if "z" in vectors:
             embedding = ProgramEmbedding(vectors, int(vectors["z"].shape[0]), int(manifest.get("seed", 0)),

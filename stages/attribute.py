@@ -2,6 +2,7 @@
 
 - Every invalid citation is replaced in the text by `[not in evidence: path:A-B]` and kept in telemetry with
   `valid: false, removed: true` (both `repair=overlap` and `repair=none`).
+- Every code-like name the program does not contain (the `names` check) is followed by `[not in program]`.
 - `repair=overlap`: a paragraph that still has no valid citation gets the packed window it overlaps most
   (share of the paragraph's tokens found in the window; ties -> earlier window) appended as `[path:A-B]`,
   only when that share reaches `threshold`. Such citations are marked `source: attributed`.
@@ -13,6 +14,7 @@ from typing import Annotated
 
 from pipeline.stage import Range, Stage
 from stages.common.citations import paragraphs, parse_citations
+from stages.common.identifiers import mark_unknown
 from stages.common.text import token_set
 from stages.common.types import Answer, Citation, Evidence, PackedWindow, ProgramIndex
 
@@ -37,6 +39,12 @@ def mark_invalid(answer: Answer, index: ProgramIndex) -> tuple[str, list[Citatio
         cursor = end
     pieces.append(answer.text[cursor:])
     return "".join(pieces), kept, valid_spans
+
+
+def mark(answer: Answer, index: ProgramIndex) -> tuple[str, list[Citation]]:
+    """The text a reader may see: invalid citations and unknown names marked (no citation added)."""
+    text, citations, _ = mark_invalid(answer, index)
+    return mark_unknown(text, answer.report.unknown_names), citations
 
 
 def best_window(paragraph: str, windows: list[PackedWindow], window_tokens: list[set[str]]) -> tuple[float, PackedWindow | None]:
@@ -72,7 +80,7 @@ class AttributeByOverlap(Stage):
                 added.append(Citation(window.path, window.start, window.end, True, "attributed", False,
                                       f"token overlap {share:.2f}"))
         pieces.append(text[cursor:])
-        final = "".join(pieces)
+        final = mark_unknown("".join(pieces), answer.report.unknown_names)
         return {"answer": dataclasses.replace(answer, text=final, citations=citations + added)}
 
 
@@ -82,5 +90,5 @@ class MarkInvalidOnly(Stage):
     outputs = {"answer": Answer}
 
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
-        text, citations, _ = mark_invalid(answer, index)
+        text, citations = mark(answer, index)
         return {"answer": dataclasses.replace(answer, text=text, citations=citations)}

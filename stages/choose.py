@@ -1,12 +1,18 @@
-"""Stage `choose` (SPEC §5 fallback): the answer is the better attempt by valid citations.
+"""Stage `choose` (SPEC §5 fallback): the answer is the better attempt.
 
-The retry inputs are optional: when the first check passed, the retry branch was skipped and the first
+Better = passed its checks, then more valid citations, fewer invalid ones, fewer unknown names. The retry inputs
+are optional: when the first check passed, the retry branch was skipped and the first
 attempt is the answer.
 """
 from __future__ import annotations
 
 from pipeline.stage import Stage
 from stages.common.types import Answer, CitationReport, Draft
+
+
+def rank(report: CitationReport) -> tuple:
+    """Passed first, then more valid citations, fewer invalid ones, fewer unknown names."""
+    return (report.passed, report.valid, -(report.total - report.valid), -len(report.unknown_names))
 
 
 class ChooseBetter(Stage):
@@ -16,8 +22,7 @@ class ChooseBetter(Stage):
             retry_report: CitationReport | None = None) -> dict:
         if retry_draft is None or retry_report is None:
             return {"answer": Answer(draft.text, report.citations, draft, report, 0, False)}
-        first_key = (report.passed, report.valid, -(report.total - report.valid))
-        retry_key = (retry_report.passed, retry_report.valid, -(retry_report.total - retry_report.valid))
+        first_key, retry_key = rank(report), rank(retry_report)
         if retry_key > first_key:
             return {"answer": Answer(retry_draft.text, retry_report.citations, retry_draft, retry_report, 1, True)}
         return {"answer": Answer(draft.text, report.citations, draft, report, 1, False)}

@@ -1,7 +1,8 @@
 """Stage `cite` (SPEC §5): parse the draft's `path:START-END` citations and check them (pass/fail).
 
 A citation is valid when its path is a file of the program, its lines exist, and its span overlaps a packed
-window; pass = at least `min_citations` valid (or one per paragraph) and no invalid one.
+window; pass = at least `min_citations` valid (or one per paragraph), no invalid one, and (when the `names` node
+feeds it) at most `max_unknown_names` code-like names that the program does not contain.
 """
 from __future__ import annotations
 
@@ -9,17 +10,25 @@ from typing import Annotated
 
 from pipeline.stage import Range, Stage
 from stages.common.citations import check
+from stages.common.identifiers import NameCheck
 from stages.common.types import CitationReport, Draft, Evidence, ProgramIndex
 
 
 class CheckCitations(Stage):
     outputs = {"report": CitationReport, "passed": bool}
 
-    def __init__(self, min_citations: Annotated[int, Range(ge=0)] = 3, citations_per_paragraph: bool = False,
-                 must_cite: list[str] = []):
+    def __init__(self, min_citations: Annotated[int, Range(ge=0)] = 1, citations_per_paragraph: bool = False,
+                 must_cite: list[str] = [], max_unknown_names: Annotated[int, Range(ge=0)] | None = 0):
         self.min_citations, self.per_paragraph, self.must_cite = min_citations, citations_per_paragraph, list(must_cite)
+        self.max_unknown_names = max_unknown_names
 
-    def run(self, draft: Draft, index: ProgramIndex, evidence: Evidence) -> dict:
+    def run(self, draft: Draft, index: ProgramIndex, evidence: Evidence, names: NameCheck | None = None) -> dict:
         report = check(draft.text, index, evidence, self.min_citations, self.per_paragraph, self.must_cite,
                        draft.source_at)
+        if names is not None:
+            report.names = names
+            if self.max_unknown_names is not None and len(names.unknown) > self.max_unknown_names:
+                report.passed = False
+                report.reason = (report.reason + "; " if report.reason else "") + (
+                    f"{len(names.unknown)} unknown names ({', '.join(names.unknown[:5])})")
         return {"report": report, "passed": report.passed}

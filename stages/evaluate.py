@@ -8,6 +8,7 @@ program index are process-wide resources, reused by every question.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,20 +20,28 @@ from omegaconf import OmegaConf
 from pipeline.cache import write_atomic
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import Range, RunContext, Stage
-from stages.common.evaluation import QuestionSet, Record, SystemRun, load_questions, score, spread
+from stages.common.evaluation import (QuestionSet, Record, SystemRun, check_templates, load_questions, phrase,
+                                      score, spread)
 from stages.common.types import ProgramIndex
 
+log = logging.getLogger(__name__)
 METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
-                  "citation_hit", "citation_precision", "seconds"]
+                  "citation_hit", "citation_precision", "model_citation_rate", "model_citation_hit", "symbol_hit",
+                  "unknown_identifier_rate", "retry_rate", "tokens_per_second", "seconds"]
 
 
 class LoadQuestions(Stage):
-    """Read the JSONL set, check every answer span against the program, keep an evenly spread `limit`."""
+    """Read the JSONL set, check every answer span against the program, keep an evenly spread `limit`, and put
+    each question in the configured `phrasing` (bare sentence, a question template around it, or keywords)."""
 
     outputs = {"questions": QuestionSet}
 
-    def __init__(self, limit: Annotated[int, Range(ge=1)] | None = None):
-        self.limit = limit
+    def __init__(self, limit: Annotated[int, Range(ge=1)] | None = None,
+                 phrasing: Literal["bare", "template", "keywords"] = "bare",
+                 templates: list[str] = ["Which part of the code does this: {question}? Cite the file and lines."],
+                 keywords: Annotated[int, Range(ge=1)] = 4):
+        self.limit, self.phrasing, self.keywords = limit, phrasing, keywords
+        self.templates = check_templates(templates)
 
     def run(self, source: str | None, index: ProgramIndex) -> dict:
         if not source:
@@ -45,7 +54,9 @@ class LoadQuestions(Stage):
             if q.end > index.files[q.path].lines:
                 raise InputError(f"questions '{source}' question {number}: {q.path}:{q.start}-{q.end} is past the "
                                  f"end of the file ({index.files[q.path].lines} lines)")
-        return {"questions": QuestionSet(str(source), spread(questions, self.limit), len(questions))}
+        chosen = [dataclasses.replace(q, question=phrase(q.question, self.phrasing, self.templates, self.keywords),
+                                      sentence=q.question) for q in spread(questions, self.limit)]
+        return {"questions": QuestionSet(str(source), chosen, len(questions), self.phrasing)}
 
 
 class RunGraphPerQuestion(Stage):
@@ -55,7 +66,8 @@ class RunGraphPerQuestion(Stage):
 
     def __init__(self, mode: Literal["answer", "retrieval"] = "retrieval",
                  graphs: dict = {"answer": "answer", "retrieval": "retrieve"},
-                 refs: dict = {"selection": "rerank.selection", "evidence": "pack.evidence", "answer": "repair.answer"},
+                 refs: dict = {"selection": "rescore.selection", "evidence": "pack.evidence", "answer": "repair.answer",
+                               "telemetry": "telemetry.telemetry"},
                  progress: bool = True):
         self.graph = graphs.get(mode)
         if not self.graph:
@@ -75,7 +87,7 @@ class RunGraphPerQuestion(Stage):
         overrides.append(f"pipeline={self.graph}")
         loggers = [logging.getLogger(name) for name in ("pipeline", "stages")]
         levels = [logger.level for logger in loggers]
-        records = []
+        records, tokenizers = [], []
         try:
             for logger in loggers:
                 logger.setLevel(logging.WARNING)  # one progress bar, not a log line per node per question
@@ -88,21 +100,32 @@ class RunGraphPerQuestion(Stage):
                 except PipelineError as err:
                     raise PipelineError(f"question {number} ({question.path}:{question.start}): {err}") from err
                 records.append(self._record(result, time.perf_counter() - started))
+                evidence = result.output(*self.refs["evidence"]) if "evidence" in self.refs else None
+                if evidence is not None and evidence.tokenizer and evidence.tokenizer not in tokenizers:
+                    tokenizers.append(evidence.tokenizer)
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-        return {"run": SystemRun("ours", records, 0.0, f"pipeline={self.graph}")}
+        detail = f"pipeline={self.graph}" + (f", windows packed with the {', '.join(tokenizers)} tokenizer" if tokenizers else "")
+        return {"run": SystemRun("ours", records, 0.0, detail, tokenizers)}
 
     def _record(self, result, seconds: float) -> Record:
         selection = result.output(*self.refs["selection"]) if "selection" in self.refs else None
         evidence = result.output(*self.refs["evidence"]) if "evidence" in self.refs else None
         answer = result.output(*self.refs["answer"]) if "answer" in self.refs else None
+        telemetry = (result.output(*self.refs["telemetry"]) if "telemetry" in self.refs else None) or {}
+        decoding = telemetry.get("decoding") or {}
         return Record(
             files=list(selection.files) if selection else [],
             windows=[(w.path, w.start, w.end) for w in evidence.windows] if evidence else [],
             seconds=seconds,
             citations=[c.as_dict() for c in answer.citations] if answer else None,
             retries=answer.retries if answer else None,
+            answer=answer.text if answer else None,
+            names=int(telemetry.get("code_identifiers") or 0),
+            unknown=list(telemetry.get("unknown_identifiers") or []),
+            new_tokens=int(decoding.get("new_tokens") or 0),
+            decode_seconds=float(decoding.get("decode_seconds") or 0.0),
         )
 
 
@@ -119,8 +142,10 @@ class EvalReport(Stage):
 
     outputs = {"table": str, "metric": float, "report": dict}
 
-    def __init__(self, k: Annotated[int, Range(ge=1)] = 5, metric: METRICS = "evidence_recall@k"):
+    def __init__(self, k: Annotated[int, Range(ge=1)] = 5, metric: METRICS = "evidence_recall@k",
+                 reference_tokenizer: str | None = "SmolLM2-135M-Instruct"):
         self.k, self.metric = k, metric.replace("@k", f"@{k}")
+        self.reference_tokenizer = reference_tokenizer
 
     def run(self, context: RunContext, questions: QuestionSet, ours: SystemRun, baseline: SystemRun | None = None) -> dict:
         systems = [run for run in (ours, baseline) if run is not None]
@@ -130,23 +155,33 @@ class EvalReport(Stage):
             metrics[run.name]["setup_seconds"] = round(run.setup_seconds, 4)
         per_question = []
         for i, q in enumerate(qs):
-            item = {"question": q.question, "path": q.path, "start": q.start, "end": q.end}
+            item = {"question": q.question, "sentence": q.sentence or q.question, "path": q.path, "start": q.start,
+                    "end": q.end}
             for run in systems:
                 r = run.records[i]
                 item[run.name] = {"file_rank": _rank([p == q.path for p in r.files]),
                                   "window_rank": _rank([q.hit_by(*w) for w in r.windows])}
             per_question.append(item)
-        report = {"questions": questions.source, "evaluated": len(qs), "total": questions.total, "k": self.k,
+        report = {"questions": questions.source, "phrasing": questions.phrasing, "evaluated": len(qs),
+                  "total": questions.total, "k": self.k,
                   "overrides": list(context.overrides), "metric": self.metric,
-                  "systems": {run.name: run.detail for run in systems}, "metrics": metrics,
+                  "systems": {run.name: run.detail for run in systems}, "tokenizer": ours.tokenizers, "metrics": metrics,
                   "per_question": per_question}
         write_atomic(Path(context.run_dir) / "eval.json", json.dumps(report, indent=2))
         names = [run.name for run in systems]
         rows = [f"{'metric':<22}" + "".join(f"{n:>10}" for n in names)]
         for key in metrics[names[0]]:
             rows.append(f"{key:<22}" + "".join(f"{_cell(metrics[n].get(key)):>10}" for n in names))
-        header = (f"eval: {len(qs)} of {questions.total} questions from {questions.source}\n"
+        header = (f"eval: {len(qs)} of {questions.total} questions from {questions.source}, phrasing {questions.phrasing}\n"
                   + "\n".join(f"  {run.name}: {run.detail}" for run in systems))
+        other = [t for t in ours.tokenizers if self.reference_tokenizer and t != self.reference_tokenizer]
+        if other:
+            # packing counts tokens: a byte-level tokenizer fits far fewer windows in the same budget
+            warning = (f"warning: windows were packed with the {', '.join(other)} tokenizer, not the default model's "
+                       f"({self.reference_tokenizer}, eval.reference_tokenizer): {metrics['ours']['windows_shown']} "
+                       "windows shown per question, so recall is not comparable with results packed by the default model")
+            log.warning(warning)
+            header += "\n" + warning
         value = metrics["ours"].get(self.metric)
         return {"table": header + "\n" + "\n".join(rows), "metric": float("nan") if value is None else float(value),
                 "report": report}

@@ -2,12 +2,16 @@
 
 Per-file facts are cached on disk by ``(path, sha256)`` in one JSON file per program root, and the whole
 index is kept in-process for the next job of a multirun when no file changed (size and mtime).
+
+The walk is bounded (``max_files``, ``max_total_bytes``: a root such as ``/`` is refused with a message, not
+read for hours), never enters a pseudo filesystem (/proc, /sys, /dev), never opens what is not a regular file,
+and leaves out our own outputs folder (``exclude``), this run's folder and any Hydra run folder inside the program.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,13 +20,14 @@ import networkx as nx
 from pipeline import resources
 from pipeline.cache import fingerprint, write_atomic
 from pipeline.errors import InputError
-from pipeline.stage import Range, Stage
-from stages.common.program import DEFAULT_IGNORE, ignored, is_test_path, module_name, resolve_root, walk
+from pipeline.stage import Range, RunContext, Stage
+from stages.common.program import (DEFAULT_IGNORE, Entry, Limits, is_test_path, module_name, read_entries,
+                                   resolve_root, scan)
 from stages.common.pyfacts import python_facts, text_facts
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 
 log = logging.getLogger(__name__)
-FACTS_VERSION = 2
+FACTS_VERSION = 3  # 3: lines counted at \n, \r\n, \r only (stages/common/lines.py)
 
 
 class IndexProgram(Stage):
@@ -35,54 +40,60 @@ class IndexProgram(Stage):
         window_lines: Annotated[int, Range(ge=1)] = 80,
         cache_dir: str | None = None,
         progress: bool = True,
+        max_files: Annotated[int, Range(ge=1)] = 50_000,
+        max_total_bytes: Annotated[int, Range(ge=1)] = 500_000_000,
+        max_line_chars: Annotated[int, Range(ge=1)] = 10_000,
+        exclude: list[str] = [],
     ):
         self.progress = progress
         self.ignore = list(ignore)
         self.max_file_bytes = max_file_bytes
         self.window_lines = window_lines
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.limits = Limits(max_file_bytes, max_files, max_total_bytes, max_line_chars,
+                             tuple(str(p) for p in exclude if p))
 
-    def run(self, program_root: str) -> dict:
+    def precheck(self, program_root: str) -> None:
+        resolve_root(program_root)  # a missing, non-folder or /proc root fails before any model loads
+
+    def run(self, program_root: str, context: RunContext = None) -> dict:
+        limits = self.limits
+        if context is not None:  # this run's own folder (hydra.run.dir may lie inside the program) is never evidence
+            limits = dataclasses.replace(limits, exclude=(*limits.exclude, str(context.run_dir)))
         return {"index": build_index(program_root, self.ignore, self.max_file_bytes, self.window_lines, self.cache_dir,
-                                     self.progress)}
+                                     self.progress, limits=limits)}
 
 
 def build_index(program_root: str, ignore: list[str], max_file_bytes: int, window_lines: int,
-                cache_dir: Path | None, progress: bool = False) -> ProgramIndex:
+                cache_dir: Path | None, progress: bool = False, *, limits: Limits | None = None) -> ProgramIndex:
     root = resolve_root(program_root)
-    settings = (str(root), tuple(ignore), max_file_bytes, window_lines)
-    stamp = _stamp(root, ignore)
+    limits = dataclasses.replace(limits, max_file_bytes=max_file_bytes) if limits else Limits(max_file_bytes)
+    # not keyed by the excluded folders (each job of a multirun has its own run folder): the stamp below is taken
+    # after exclusion, so an index is reused exactly when the files it would read are unchanged
+    settings = (str(root), tuple(ignore), window_lines, dataclasses.replace(limits, exclude=()))
+    entries, skipped = scan(root, ignore, limits)
+    stamp = tuple((e.rel, e.stat.st_size, e.stat.st_mtime_ns, e.stat.st_mode) for e in entries)
     cached = resources.get("program-index", settings)
     if cached is not None and cached[0] == stamp:
         return cached[1]
-    index = _build(root, ignore, max_file_bytes, window_lines, cache_dir, progress)
+    index = _build(root, entries, skipped, limits, window_lines, cache_dir, progress)
     resources.put("program-index", settings, (stamp, index), keep=4)
     return index
 
 
-def _stamp(root: Path, ignore: list[str]) -> tuple:
-    """(path, size, mtime) of every entry: cheap evidence that nothing changed since the last job."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not ignored(d, os.path.relpath(os.path.join(dirpath, d), root), ignore))
-        files = [f for f in filenames if not ignored(f, os.path.relpath(os.path.join(dirpath, f), root), ignore)]
-        for name in sorted(files) + dirnames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            entries.append((dirpath, name, st.st_size, st.st_mtime_ns, st.st_mode))
-    return tuple(entries)
-
-
-def _build(root: Path, ignore: list[str], max_file_bytes: int, window_lines: int, cache_dir: Path | None,
-           progress: bool) -> ProgramIndex:
+def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Limits, window_lines: int,
+           cache_dir: Path | None, progress: bool) -> ProgramIndex:
     from tqdm.auto import tqdm
 
-    sources, skipped = walk(root, ignore, max_file_bytes)
+    sources, skipped = read_entries(root, entries, skipped, limits)
     if not sources:
-        why = f" ({len(skipped)} skipped: {', '.join(sorted(set(skipped.values())))})" if skipped else ""
+        why = f" ({len(skipped)} skipped: {', '.join(sorted(set(skipped.values()))[:6])})" if skipped else ""
         raise InputError(f"program_root '{root}' has no indexable text files{why}")
+    unreadable = sorted(p for p, why in skipped.items() if why.startswith("unreadable"))
+    if unreadable:  # expected skips (binary, ignored, too large) stay quiet; a file the user cannot read does not
+        shown = ", ".join(f"{p} ({skipped[p]})" for p in unreadable[:5])
+        log.warning("skipped %d unreadable path(s) of %s: %s%s", len(unreadable), root, shown,
+                    " ..." if len(unreadable) > 5 else "")
     cache_file = cache_dir / "index" / f"{fingerprint([str(root), window_lines, FACTS_VERSION], 24)}.json" if cache_dir else None
     old = _load_cache(cache_file)
     package_prefix = root.name if (root / "__init__.py").is_file() and root.name.isidentifier() else None

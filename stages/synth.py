@@ -17,7 +17,7 @@ from stages.common.adapters import TARGETS, AdapterSet, infer_targets
 from stages.common.corpus import perplexity, split, spread, training_pieces
 from stages.common.embedding import embed
 from stages.common.fitting import Autocast, Schedule, fit_lora
-from stages.common.mixing import AdapterMix, MixSettings
+from stages.common.mixing import AdapterMix, MixSettings, exclusive
 from stages.common.synthesis import synthesize
 from stages.common.types import LanguageModel, ProgramEmbedding, ProgramIndex
 
@@ -93,14 +93,15 @@ class FittedSynth(Stage):
         evaluation = corpus.evaluation(self.eval_pieces)
         targets = [t for t in self.targets if t in tmap.shapes]
         torch.manual_seed(self.seed)
-        plain = {name: perplexity(lm.model, chosen, self.batch_size) if chosen else float("nan")
-                 for name, chosen in evaluation.items()}
-        monitor = {name: spread(chosen, self.curve_pieces) for name, chosen in evaluation.items()}
-        fit = fit_lora(lm.model, tmap, train, targets, self.rank, self.lr, self.batch_size, self.steps,
-                       self.time_budget_s, self.seed, self.train_alpha / self.rank, progress=self.progress,
-                       schedule=self.schedule, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
-                       autocast=self.autocast, monitor=monitor, monitor_every=self.curve_every,
-                       early_stop_patience=self.early_stop_patience, eval_batch_size=self.batch_size)
+        with exclusive(lm.model):  # training hooks in the shared model: no other thread's answer may see them
+            plain = {name: perplexity(lm.model, chosen, self.batch_size) if chosen else float("nan")
+                     for name, chosen in evaluation.items()}
+            monitor = {name: spread(chosen, self.curve_pieces) for name, chosen in evaluation.items()}
+            fit = fit_lora(lm.model, tmap, train, targets, self.rank, self.lr, self.batch_size, self.steps,
+                           self.time_budget_s, self.seed, self.train_alpha / self.rank, progress=self.progress,
+                           schedule=self.schedule, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+                           autocast=self.autocast, monitor=monitor, monitor_every=self.curve_every,
+                           early_stop_patience=self.early_stop_patience, eval_batch_size=self.batch_size)
         fold = self.fold_rank / self.fold_alpha  # undoes the mix's alpha/rank at its default knobs
         factors: dict[str, np.ndarray] = {}
         for (layer, target), (a, b) in fit.factors.items():

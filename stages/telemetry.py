@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.cache import write_atomic
 from pipeline.stage import RunContext, Stage
-from stages.common.types import Answer, Evidence, LanguageModel, Selection
+from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, Selection
 
 
 class WriteTelemetry(Stage):
@@ -22,7 +22,8 @@ class WriteTelemetry(Stage):
 
     def run(self, context: RunContext, prompt: str = "", answer: Answer | None = None,
             selection: Selection | None = None, evidence: Evidence | None = None, lm: LanguageModel | None = None,
-            mix_report: dict | None = None, remix_report: dict | None = None) -> dict:
+            mix_report: dict | None = None, remix_report: dict | None = None, draft: Draft | None = None,
+            retry_draft: Draft | None = None, first_report: CitationReport | None = None) -> dict:
         record: dict[str, Any] = {
             "status": "failed" if context.failure else "ok",
             "error": context.failure,
@@ -43,9 +44,32 @@ class WriteTelemetry(Stage):
             "citations_must": answer.report.must if answer else 0,
             "citation_precision": (sum(c.valid for c in citations) / len(citations)) if citations else 0.0,
             "first_check_passed": answer.report.passed if answer and not answer.fallback_used else None,
+            # why the retry ran (the first draft's check), also when the retry's answer was kept
+            "first_check": {"passed": first_report.passed, "reason": first_report.reason} if first_report else None,
             "retries": answer.retries if answer else 0,
             "fallback_used": answer.fallback_used if answer else False,
         })
+        model_valid = sum(c.valid and c.source == "model" for c in citations)
+        names = answer.report.names if answer and answer.report.names is not None else None
+        record.update({
+            "citations_model_valid": model_valid,
+            "grounded": bool(answer and answer.report.passed and any(c.valid for c in citations)),
+            "code_identifiers": len(names.names) if names else 0,
+            "unknown_identifiers": list(names.unknown) if names else [],
+            "unknown_identifier_rate": round(names.rate, 4) if names else 0.0,
+        })
+        drafts = [d for d in (draft, retry_draft) if d is not None]
+        decoding = sum(d.seconds - d.prefill_seconds for d in drafts)
+        generated = sum(d.generated_tokens for d in drafts)
+        record["decoding"] = {
+            "attempts": len(drafts), "new_tokens": generated,
+            "prefill_seconds": round(sum(d.prefill_seconds for d in drafts), 4),
+            "decode_seconds": round(decoding, 4),
+            "tokens_per_second": round(generated / decoding, 3) if decoding > 0 else 0.0,
+            "constrained_citations": sum(d.constrained_citations for d in drafts),
+            "constrained_names": sum(d.constrained_names for d in drafts),
+        }
+        record["lead"] = answer.draft.lead if answer else {}
         record.update({"rank": None, "gsub": None, "alpha": None, "entropy": None, "delta_norms": {}})
         if mix_report:
             record.update(mix_report)
@@ -57,7 +81,7 @@ class WriteTelemetry(Stage):
             "tokens": {"prompt": answer.draft.prompt_tokens, "generated": answer.draft.generated_tokens} if answer else {},
             "model": lm.model_id if lm else None,
             "device": lm.device if lm else None,
-            "notes": answer.draft.notes if answer else [],
+            "notes": [note for d in (draft, retry_draft) if d is not None for note in d.notes] if answer else [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         blob = json.dumps(record, indent=2, default=str)

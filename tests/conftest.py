@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -92,6 +94,21 @@ def fresh_index_memory():
     resources.clear("program-index")
 
 
+def call_main(main, args: list[str], prog: str = "pipeline.run") -> tuple[int, str, str]:
+    """`python -m <prog> <args>` in this process (a loaded model stays loaded): exit code, stdout, stderr."""
+    argv, sys.argv = sys.argv, [prog, *args]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
 def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m pipeline.run <args>` in a subprocess, from the project root."""
     env = dict(os.environ)
@@ -105,3 +122,56 @@ def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProces
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer (SmolLM2), read once from the GGUF and kept as tokenizer files under
+    outputs/cache/tokenizers (loading it from the GGUF takes 15-40 s; from the files, well under a second)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    cfg = compose_config()
+    spec = importlib.util.find_spec(cfg.model.package)
+    gguf = Path(spec.origin).parent / cfg.model.gguf_file
+    saved = PROJECT_ROOT / "outputs" / "cache" / "tokenizers" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (saved / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        from pipeline.cache import publish_dir
+
+        with publish_dir(saved) as tmp:
+            tokenizer.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(saved)
+
+
+KETTLE = {
+    "kettle.py": (
+        '"""Kettle control."""\n\n\n'
+        "def boil_water(litres):\n"
+        "    return heat(litres, target=100)\n\n\n"
+        "def heat(amount, target):\n"
+        "    return amount * target\n\n\n"
+        "class Kettle:\n"
+        "    def descale(self):\n"
+        "        return self\n"
+    ),
+    "dir with space/cup é.py": "class Cup:\n    \"\"\"A cup.\"\"\"\n\n    def fill(self, water):\n        return water\n",
+}
+
+
+@pytest.fixture(scope="session")
+def index_with_windows(tmp_path_factory):
+    """A small program (a path with a space and a non-ASCII letter too) and every window of it packed."""
+    from stages.common.types import Evidence, PackedWindow
+
+    index = index_tree(tmp_path_factory.mktemp("kettle"), KETTLE)
+    windows = [PackedWindow(w.path, w.start, w.end, "\n".join(index.lines(w.path)[w.start - 1:w.end]))
+               for w in index.windows if w.kind != "head"]
+    return index, Evidence(windows, 0)
+
+
+def generation(text: str, prompt_tokens: int = 5, generated_tokens: int = 5, seconds: float = 0.0) -> dict:
+    """What `stages.decode.generate` returns, for tests that replace the model's decoding with a fixed text."""
+    return {"text": text, "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens, "seconds": seconds,
+            "prefill_seconds": 0.0, "constrained_citations": 0}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import generation
 from pipeline import api
 from pipeline.errors import StageFailed
 from stages.common.adapters import infer_targets
@@ -267,16 +268,19 @@ def _citing_generate(lm, prompt, settings, seed):
 
     spans = re.findall(r"\[ctx\] path: (\S+:\d+-\d+)", prompt.text)
     text = "\n\n".join(f"Claim {i} is shown in {span}." for i, span in enumerate((spans * 3)[:3]))
-    return text, 10, 10, 0.01
+    return generation(text, 10, 10, 0.01)
 
 
 def test_fallback_runs_only_when_the_first_check_fails(tmp_path, program, monkeypatch):
     import stages.decode
 
-    _, failed = run(tmp_path, f"program_root={program}", "prompt=add numbers", tag="fails")
+    # the tiny model's constrained lead cites one window; asking for 99 makes the first check fail
+    _, failed = run(tmp_path, f"program_root={program}", "prompt=add numbers", "cite.min_citations=99", tag="fails")
     status = {t.node: t.status for t in failed.trace}
     assert failed.output("cite", "passed") is False
     assert status["remix"] == status["decode_retry"] == status["cite_retry"] == "ok"
+    first = json.loads((tmp_path / "fails" / "telemetry.json").read_text())["first_check"]
+    assert first["passed"] is False and "99" in first["reason"]  # telemetry says why the retry ran
     monkeypatch.setattr(stages.decode, "generate", _citing_generate)
     _, passed = run(tmp_path, f"program_root={program}", "prompt=add numbers", tag="passes")
     status = {t.node: t.status for t in passed.trace}
@@ -287,7 +291,8 @@ def test_fallback_runs_only_when_the_first_check_fails(tmp_path, program, monkey
 
 
 def test_remix_boosts_top_layers_and_gsub(tmp_path, program):
-    _, result = run(tmp_path, f"program_root={program}", "prompt=add numbers", "mix.alpha_warmup=true")
+    _, result = run(tmp_path, f"program_root={program}", "prompt=add numbers", "mix.alpha_warmup=true",
+                    "cite.min_citations=99")  # the first check fails: the retry re-mixes
     first, second = result.output("mix", "report"), result.output("remix", "report")
     assert first["alpha"] == 8 and second["alpha"] == 16
     assert second["gsub"] == pytest.approx(min(0.95, 1.1 * 0.75))

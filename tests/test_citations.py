@@ -20,6 +20,7 @@ def program(tmp_path_factory, make_index):
         "other.py": "\n".join(f"z{i} = {i}" for i in range(1, 21)) + "\n",
         "pkg/deep.py": "\n".join(f"w{i} = {i}" for i in range(1, 11)) + "\n",
         "2.0.1": "a file named like a version\nsecond line\n",
+        "dir with space/mod é.py": "\n".join(f"u{i} = {i}" for i in range(1, 11)) + "\n",
     }
     return make_index(tmp_path_factory.mktemp("cited"), files)
 
@@ -54,6 +55,9 @@ def spans(text, index):
     ("released in 1.2.3:4 and v2.10:3", []),
     ("the file 2.0.1:1 exists", [("2.0.1", 1, 1)]),
     ("no citation here: a.py, line 3", []),
+    ("in [dir with space/mod é.py:2-4] and [a.py:1]", [("dir with space/mod é.py", 2, 4), ("a.py", 1, 1)]),
+    ("read /etc/passwd:1-5 and etc/hosts:2", [("/etc/passwd", 1, 5), ("etc/hosts", 2, 2)]),
+    ("a list [1, 2] and x[0] and [note: 3]", []),
 ])
 def test_parse(program, text, expected):
     assert spans(text, program) == expected
@@ -242,3 +246,12 @@ def test_repair_none_adds_no_citation(program, evidence):
     text = "The alpha beta gamma values.\n\nDelta epsilon values."
     out = MarkInvalidOnly().run(answer=answer_for(text, program, evidence), index=program, evidence=evidence)["answer"]
     assert out.text == text and out.citations == []
+
+
+def test_citations_without_an_extension_are_checked_and_marked(program, evidence):
+    draft = Draft("It reads /etc/passwd:1-5 and [a.py:10-11].", 5, 5, 0.0, "cpu")
+    report = check(draft.text, program, evidence, 1, False, [])
+    assert [(c.path, c.valid) for c in report.citations] == [("/etc/passwd", False), ("a.py", True)]
+    answer = Answer(draft.text, report.citations, draft, report, 0, False)
+    shown = MarkInvalidOnly().run(answer, program, evidence)["answer"].text
+    assert "[not in evidence: /etc/passwd:1-5]" in shown and "[a.py:10-11]" in shown

@@ -52,6 +52,10 @@ def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
         assert {n["node"] for n in before if n["status"] == "ok"} <= set(tele["timings"])
     # one process: the second job reuses the model loaded by the first
     assert telemetry[1]["timings"]["model"] < telemetry[0]["timings"]["model"]
+    # the multirun says where it went; its report links every job's report
+    assert f"sweep folder: {sweep}" in proc.stderr and all((j / "report.html").is_file() for j in jobs)
+    report = (sweep / "report.html").read_text()
+    assert 'href="0/report.html"' in report and 'href="1/report.html"' in report
 
 
 @pytest.mark.parametrize("override,fragments", [

@@ -5,9 +5,7 @@ Rows are data: (name, setup, extra overrides, expected exit code, expected text)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import os
 import subprocess
@@ -19,25 +17,17 @@ import pytest
 import torch
 
 import pipeline.run as run_app
+from conftest import call_main, generation
 from pipeline import PROJECT_ROOT
 from stages.common.adapters import save_npz
+from stages.common.mixing import model_lock
 
 GOOD = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add."""\n    return a + b\n'}
 
 
 def call(args: list[str]) -> tuple[int, str, str]:
     """`python -m pipeline.run <args>` in this process (the model stays loaded): exit code, stdout, stderr."""
-    argv, sys.argv = sys.argv, ["pipeline.run", *args]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_app.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    return call_main(run_app.main, args)
 
 
 @pytest.fixture
@@ -83,11 +73,25 @@ def prog_binary_only(ws):
     return folder
 
 
+def prog_one_long_line(ws):
+    folder = ws["tmp"] / "minified"
+    folder.mkdir()
+    (folder / "bundle.js").write_text("var a=1;" * 112_500 + "\n")  # 900 KB on one line
+    return folder
+
+
+def prog_proc(ws):
+    return Path("/proc/self")
+
+
 PROGRAM_ERRORS = [
     ("missing path", prog_missing, "does not exist"),
     ("file instead of folder", prog_file, "is a file, not a folder"),
     ("empty folder", prog_empty, "has no indexable text files"),
     ("only binary files", prog_binary_only, "has no indexable text files"),
+    ("a 900 KB one-line file", prog_one_long_line,
+     "(1 skipped: a line of 900000 characters (longer than index.max_line_chars=10000))"),
+    ("a folder of /proc", prog_proc, "program_root '/proc/self' is on a proc pseudo filesystem"),
 ]
 
 
@@ -99,6 +103,14 @@ def test_bad_program_root(workspace, tiny_lm, name, setup, expected):
     assert "Traceback" not in err + out
     assert not half_written(workspace["outputs"])
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+
+
+def test_bad_program_root_fails_before_the_model_loads(workspace, monkeypatch):
+    from stages.model import TinyRandomLlama
+
+    monkeypatch.setattr(TinyRandomLlama, "run", lambda self: pytest.fail("the model loaded"))
+    code, out, err = call(base_args(workspace, prog_missing(workspace)))
+    assert code == 2 and err.startswith("error: node 'index': program_root") and "does not exist" in err
 
 
 # ---- program contents that are skipped or read safely (the run succeeds) -----------------------------------
@@ -148,16 +160,24 @@ def add_unreadable(ws):
 
 
 def _refuse_as_root(monkeypatch, name: str) -> None:
-    import builtins
-
-    import stages.common.program
+    real_open = os.open
 
     def strict_open(file, *args, **kwargs):
         if os.path.basename(file) == name:
             raise PermissionError(13, "Permission denied", str(file))
-        return builtins.open(file, *args, **kwargs)
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(stages.common.program, "open", strict_open, raising=False)
+    monkeypatch.setattr(os, "open", strict_open)
+
+
+def add_long_line(ws):
+    (ws["program"] / "data.json").write_text('{"k": "' + "x" * 20_000 + '"}\n')
+    return "data.json", "a line of 20009 characters (longer than index.max_line_chars=10000)"
+
+
+def add_fifo(ws):
+    os.mkfifo(ws["program"] / "pipe.py")  # opening it for reading would wait for a writer forever
+    return "pipe.py", "not a regular file"
 
 
 PROGRAM_SKIPS = [
@@ -168,6 +188,8 @@ PROGRAM_SKIPS = [
     ("symlink folder escaping the root", add_symlink_dir_out),
     ("symlink loop", add_symlink_loop),
     ("unreadable file", add_unreadable),
+    ("a line longer than max_line_chars", add_long_line),
+    ("a FIFO", add_fifo),
 ]
 
 
@@ -184,7 +206,7 @@ def test_program_contents_are_skipped_or_read_safely(workspace, name, setup, mon
     if outcome == "indexed":
         assert path in index.files
     else:
-        assert path not in index.files and outcome in index.skipped[path]
+        assert path not in index.files and outcome in index.skipped[path], index.skipped
     assert not any("TOP-SECRET-TOKEN" in text for text in index.texts.values())
     telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
     assert telemetry["status"] == "ok"
@@ -248,6 +270,19 @@ def other_schema(folder):
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+def zip_bomb(folder):
+    """One deflated member whose header declares 64 MB (all of it zeros, ~64 KB on disk)."""
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32))
+    header["shape"] = (64, 262_144)
+    with zipfile.ZipFile(folder / "adapters.npz", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("L0.q_proj.A.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            for _ in range(64):
+                member.write(bytes(1 << 20))
+
+
 def other_model(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["model_id"] = "SmolLM2-135M-Instruct"
@@ -264,6 +299,7 @@ ADAPTER_ERRORS = [
     ("Inf factor", inf_factor, "'L1.up_proj.A' contains NaN or Inf"),
     ("manifest of another schema version", other_schema, "schema_version 99"),
     ("manifest of another model", other_model, "was built for model 'SmolLM2-135M-Instruct'"),
+    ("npz bomb (a member declaring 64 MB)", zip_bomb, "'L0.q_proj.A' has rank 262144, more than the 64 a 64x64 weight"),
 ]
 
 
@@ -287,7 +323,7 @@ CONFIG_ERRORS = [
     ("dangling output", ["pipeline.nodes.rerank.in.selection=select.picked"], "node 'select' has no output 'picked'"),
     ("type mismatch", ["pipeline.nodes.rerank.in.selection=index.index"], "type mismatch"),
     ("bad override type", ["select.top_k=abc"], "config key 'top_k' must be an integer"),
-    ("unknown config key", ["++select.topk=3"], "config key 'topk' is not accepted by QuestionSelect"),
+    ("unknown config key", ["++select.topk=3"], "config key 'topk' is not accepted by HybridSelect"),
     ("rank 0", ["capacity.rank=0"], "config key 'rank' must be >= 1"),
     ("gsub > 1", ["capacity.gsub=1.5"], "config key 'gsub' must be <= 1"),
     ("negative alpha", ["mix.alpha=-1"], "config key 'alpha' must be >= 0"),
@@ -296,13 +332,25 @@ CONFIG_ERRORS = [
     ("unknown zoom symbol", ["select=zoom", "select.zoom_symbol=ad"], "close matches: add"),
     ("missing zoom symbol", ["select=zoom"], "zoom_symbol"),
     ("bad PCA_DELTA_CAP", ["+env_marker=1"], "PCA_DELTA_CAP must be a number"),
+    # non-finite numbers (issue 12): rejected at validation, by the framework for every float config value
+    ("alpha inf", ["mix.alpha=inf"], "node 'mix': config key 'alpha' must be a finite number, got inf"),
+    ("remix.low nan", ["remix.low=nan"], "node 'remix': config key 'low' must be a finite number, got nan"),
+    ("NaN rerank weight", ["rerank.signatures=nan"], "config key 'signatures' must be a finite number"),
+    ("delta_cap -inf", ["mix.delta_cap=-inf"], "config key 'delta_cap' must be a finite number"),
+    ("target weight q_proj=nan", ["targets.target_weights='q_proj=nan'"],
+     "targets.target_weights: value of 'q_proj' must be a finite number, got 'nan'"),
+    ("entropy weight inf", ["capacity=entropy", "capacity.entropy_weights='program=inf'"],
+     "value of 'program' must be a finite number"),
+    ("PCA_DELTA_CAP nan", ["+env_marker=1"], "PCA_DELTA_CAP must be a finite number > 0"),
+    ("prompt null", ["prompt=null"], "error: prompt is null, but node 'select' needs a str: set prompt=<value>"),
 ]
+ENVIRONMENT = {"bad PCA_DELTA_CAP": "lots", "PCA_DELTA_CAP nan": "nan"}
 
 
 @pytest.mark.parametrize("name, overrides, expected", CONFIG_ERRORS, ids=[r[0] for r in CONFIG_ERRORS])
 def test_bad_config(workspace, tiny_lm, monkeypatch, name, overrides, expected):
-    if name == "bad PCA_DELTA_CAP":
-        monkeypatch.setenv("PCA_DELTA_CAP", "lots")
+    if name in ENVIRONMENT:
+        monkeypatch.setenv("PCA_DELTA_CAP", ENVIRONMENT[name])
         overrides = []
     snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     code, out, err = call(base_args(workspace) + overrides)
@@ -311,9 +359,67 @@ def test_bad_config(workspace, tiny_lm, monkeypatch, name, overrides, expected):
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
 
 
+def huge_factors(folder):
+    """Finite float32 factors of 3e38: their product overflows to inf (the cap would turn it into nan)."""
+    _rewrite(folder, lambda arrays: arrays.update({k: np.full_like(v, 3e38) for k, v in arrays.items()
+                                                   if k.endswith((".A", ".B"))}))
+
+
+HUGE = [("no cap", ["mix.delta_cap=null"]), ("overflow before the cap", ["mix.alpha=64"])]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "merge"])
+@pytest.mark.parametrize("name, overrides", HUGE, ids=[r[0] for r in HUGE])
+def test_huge_finite_factors_fail_at_mix_with_weights_restored(workspace, tiny_lm, mode, name, overrides):
+    folder = _copy(workspace, huge_factors)
+    snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    code, out, err = call(base_args(workspace) + [f"adapters={folder}", f"mix.mode={mode}", *overrides])
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: node 'mix': the mixed delta of layer 0 q_proj is not finite"), err
+    assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+    assert not any(m._forward_hooks for m in tiny_lm.model.modules())
+    telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
+    assert telemetry["status"] == "failed" and "not finite" in telemetry["error"]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "merge"])
+def test_huge_finite_factors_under_the_cap_mix_a_finite_delta(workspace, tiny_lm, mode, monkeypatch):
+    """The cap shrinks A and B alike, so neither the merged weight nor the hook's x Bᵀ overflows."""
+    import stages.decode
+
+    real = stages.decode.generate
+    seen = []
+
+    def probe(lm, prompt, settings, seed):
+        ids = lm.tokenizer(prompt.text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :32]
+        with torch.no_grad():
+            seen.append(bool(torch.isfinite(lm.model(input_ids=ids).logits).all()))
+        return real(lm, prompt, settings, seed)
+
+    monkeypatch.setattr(stages.decode, "generate", probe)
+    folder = _copy(workspace, huge_factors)
+    snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    code, out, err = call(base_args(workspace) + [f"adapters={folder}", f"mix.mode={mode}"])
+    assert code == 0, err
+    assert seen and all(seen)
+    telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
+    norms = telemetry["delta_norms"]
+    assert all(0 < v < 1 for v in norms.values()) and telemetry["deltas_capped"] == telemetry["deltas_applied"]
+    assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("where", ["/proc/nope/run", "FILE/run"])
+def test_unwritable_run_folder(workspace, where):
+    (workspace["tmp"] / "FILE").write_text("a file, not a folder")
+    where = where.replace("FILE", str(workspace["tmp"] / "FILE"))
+    code, out, err = call(base_args(workspace) + [f"hydra.run.dir={where}"])
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err + out, err
+    assert err.startswith(f"error: hydra.run.dir '{where}' cannot be created or written"), err
+
+
 def test_hydra_override_errors_are_one_line_too(workspace):
     code, out, err = call(base_args(workspace) + ["no_such_key=1"])
-    assert code != 0 and "Could not override 'no_such_key'" in err and "Traceback" not in err
+    assert code == 2 and err.strip() == "error: unknown config key 'no_such_key'" and "Traceback" not in err
 
 
 def test_verbose_shows_the_traceback(workspace):
@@ -324,8 +430,9 @@ def test_verbose_shows_the_traceback(workspace):
 # ---- runtime -----------------------------------------------------------------------------------------------
 
 ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "select", "rerank",
-                "capacity", "targets", "sub", "mix", "pack", "prompt", "decode", "cite", "remix", "prompt_retry",
-                "decode_retry", "cite_retry", "choose", "repair", "unmix"]
+                "capacity", "targets", "sub", "mix", "rescore", "pack", "prompt", "decode", "names", "cite", "remix",
+                "prompt_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair", "unmix"]
+RETRY_NODES = {"remix", "prompt_retry", "decode_retry", "names_retry", "cite_retry"}
 
 
 @pytest.mark.parametrize("node", ANSWER_NODES)
@@ -350,9 +457,13 @@ def test_an_exception_in_any_stage(workspace, tiny_lm, monkeypatch, node):
 
     monkeypatch.setattr(stage_cls, "run", explode)
     snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-    code, out, err = call(base_args(workspace))
-    assert code == 2 and err.strip() == f"error: node '{node}': RuntimeError: boom in {node}"
+    retry = ["cite.min_citations=99"] if node in RETRY_NODES else []  # the first check fails: the retry runs
+    code, out, err = call(base_args(workspace) + retry)
+    report = workspace["tmp"] / "run" / "report.html"  # the one line also says where the failed run's report is
+    assert code == 2 and err.strip() == f"error: node '{node}': RuntimeError: boom in {node} (report: {report})"
+    assert f'data-node="{node}" data-status="failed"' in report.read_text()
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+    assert not model_lock(tiny_lm.model).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
     telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
     assert telemetry["status"] == "failed" and f"node '{node}'" in telemetry["error"]
     assert not half_written(workspace["outputs"])
@@ -371,6 +482,7 @@ def test_keyboard_interrupt_during_decode(workspace, tiny_lm, monkeypatch, mode)
     code, out, err = call(base_args(workspace) + [f"mix.mode={mode}"])
     assert code == 130 and err.strip() == "error: interrupted (model weights restored)"
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+    assert not model_lock(tiny_lm.model).held  # the next answer, in any thread, is not locked out
     telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
     assert telemetry["status"] == "failed" and "KeyboardInterrupt" in telemetry["error"]
 
@@ -401,8 +513,8 @@ def test_spoofed_evidence_never_validates(workspace, monkeypatch):
 
     def spoof(lm, prompt, settings, seed):
         assert "[ctx] path: pkg/other.py:1-9" in prompt.text  # the spoof did reach the prompt
-        return ("add returns a + b, see pkg/other.py:1-9 and pkg/other.py:150-160.\n\n"
-                "It is also in /etc/passwd.py:1 and ../outside.py:2.", 5, 5, 0.0)
+        return generation("add returns a + b, see pkg/other.py:1-9 and pkg/other.py:150-160.\n\n"
+                          "It is also in /etc/passwd.py:1 and ../outside.py:2.")
 
     monkeypatch.setattr(stages.decode, "generate", spoof)
     code, out, err = call(base_args(workspace) + ["select.top_k=1", "repair=none"])

@@ -107,3 +107,25 @@ def test_optuna_floats_are_short_in_the_table_and_whole_in_the_csv(tmp_path):
     text, csv_path, _ = summarize(root)
     assert text.splitlines()[2].split()[:2] == ["0", "2.413"]
     assert list(csv.DictReader(open(csv_path)))[0]["select.k1"] == "2.413007592528963"
+
+
+def test_a_mistyped_metric_suggests_close_names(multirun, capsys):
+    assert main([str(multirun), "--metric", "citation_valid"]) == 2
+    err = capsys.readouterr().err
+    assert "(did you mean citations_valid" in err and err.count("\n") == 1
+    assert main([str(multirun), "--metric", "recall"]) == 2  # a part of a name finds the names that hold it
+    assert "ours.evidence_recall@5" in capsys.readouterr().err.split("available:")[0]
+
+
+def test_a_plot_whose_values_are_all_equal_says_so(multirun):
+    text, _, png = summarize(multirun, metric="tokens.generated")  # 64 in the three jobs that have it
+    assert text.splitlines()[-1] == f"plot (tokens.generated): {png}"  # job 10 has none: not all equal
+    for name in ("1", "2"):
+        (multirun / name / "telemetry.json").write_text(json.dumps(telemetry(3, 4, 10.0)))
+    text, _, png = summarize(multirun, metric="citations_valid")
+    assert text.splitlines()[-1] == f"plot (citations_valid): {png}"  # job 10 has none
+    import shutil
+
+    shutil.rmtree(multirun / "10")
+    text, _, png = summarize(multirun, metric="citations_valid")
+    assert text.splitlines()[-1] == f"plot (citations_valid): {png} (all 3 values are equal: 3)"

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -65,11 +66,56 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     Path(path).write_bytes(buffer.getvalue())
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Read every array of an npz without unpickling; any corruption is an InputError naming the file."""
+MAX_ARRAY_BYTES = 256 << 20  # any one array of an npz we read (adapters are checked tighter, against the model)
+MemberCheck = Callable[[str, tuple, np.dtype], "str | None"]
+
+
+def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Declared shape and dtype of every member, from the zip directory and the npy headers only: no array data
+    is read, so a member that declares gigabytes (a zip bomb) costs nothing before it is refused."""
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                else:
+                    raise ValueError(f"member '{key}' has npy format version {version}, not 1.0 or 2.0")
+            headers[key] = (tuple(shape), dtype)
+    return headers
+
+
+def plain_array(key: str, shape: tuple, dtype: np.dtype) -> str | None:
+    """The default member check: no objects, at most 2-D, at most MAX_ARRAY_BYTES."""
+    if dtype.hasobject:
+        return "is an object array; refusing to unpickle it"
+    if len(shape) > 2:
+        return f"has {len(shape)} dimensions {shape}, expected at most 2"
+    size = math.prod(shape) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES:
+        return f"declares shape {shape} of {dtype} ({size:,} bytes), over the {MAX_ARRAY_BYTES:,} an array may take"
+    return None
+
+
+def load_npz(path: Path, check: MemberCheck = plain_array) -> dict[str, np.ndarray]:
+    """Read every array of an npz without unpickling; any corruption is an InputError naming the file.
+
+    Each member's declared shape and dtype pass ``check`` before any data is read."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"adapter file '{path}' does not exist")
+    try:
+        headers = npz_headers(path)
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError) as err:
+        raise InputError(f"'{path}' is not a readable npz ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'})") from err
+    for key, (shape, dtype) in headers.items():
+        problem = plain_array(key, shape, dtype) or (check(key, shape, dtype) if check is not plain_array else None)
+        if problem:
+            raise InputError(f"'{path}': array '{key}' {problem}; nothing was read")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -85,33 +131,68 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def factor_check(shapes: dict[str, tuple[int, int]], num_layers: int) -> MemberCheck:
+    """A member check for adapters.npz: only keys, dtypes and shapes this model can take (rank at most the
+    smaller side of the target's weight), so a bomb is refused from its header."""
+
+    def check(key: str, shape: tuple, dtype: np.dtype) -> str | None:
+        problem = key_problem(key, shapes, num_layers)
+        if problem:
+            return problem
+        if dtype.kind != "f":
+            return f"has dtype {dtype}, expected floats"
+        return shape_problem(key, shape, shapes)
+
+    return check
+
+
+def key_problem(key: str, shapes: dict[str, tuple[int, int]], num_layers: int) -> str | None:
+    match = KEY.match(key)
+    if not match:
+        return "is not an adapter key (expected L<i>.<target>.A|B|gate|bias)"
+    layer, target = int(match.group(1)), match.group(2)
+    if layer >= num_layers:
+        return f"names layer {layer} but the model has {num_layers} layers"
+    if target not in shapes:
+        return f"names target '{target}' the model lacks; model targets: {', '.join(shapes)}"
+    return None
+
+
+def shape_problem(key: str, shape: tuple, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Why a factor of this shape cannot belong to this model (``key`` already checked by ``key_problem``)."""
+    _, target, part = KEY.match(key).groups()
+    d_out, d_in = shapes[target]
+    if part == "A" and (len(shape) != 2 or shape[0] != d_out):
+        return f"has shape {shape}, the model needs ({d_out}, r)"
+    if part == "B" and (len(shape) != 2 or shape[1] != d_in):
+        return f"has shape {shape}, the model needs (r, {d_in})"
+    if part in ("A", "B"):
+        rank = shape[1] if part == "A" else shape[0]
+        if rank > min(d_out, d_in):
+            return f"has rank {rank}, more than the {min(d_out, d_in)} a {d_out}x{d_in} weight can take"
+    if part == "bias" and tuple(shape) != (d_out,):
+        return f"has shape {shape}, the model needs ({d_out},)"
+    if part == "gate" and math.prod(shape) > 1:
+        return f"has shape {shape}, a gate is one number"
+    return None
+
+
 def check_factors(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], num_layers: int,
                   origin: str, allow_empty: bool = False) -> AdapterSet:
     """Validate keys, shapes and values against the model; the message names the file and the key."""
     if not arrays and not allow_empty:
         raise InputError(f"{origin}: no adapter arrays")
-    layers_seen: set[int] = set()
     for key, value in arrays.items():
-        match = KEY.match(key)
-        if not match:
-            raise InputError(f"{origin}: unexpected key '{key}' (expected L<i>.<target>.A|B|gate|bias)")
-        layer, target, part = int(match.group(1)), match.group(2), match.group(3)
-        if layer >= num_layers:
-            raise InputError(f"{origin}: key '{key}' names layer {layer} but the model has {num_layers} layers")
-        if target not in shapes:
-            raise InputError(f"{origin}: key '{key}' names target '{target}' the model lacks; model targets: {', '.join(shapes)}")
+        problem = key_problem(key, shapes, num_layers)
+        if problem:
+            raise InputError(f"{origin}: key '{key}' {problem}")
         if not np.issubdtype(value.dtype, np.floating):
             raise InputError(f"{origin}: '{key}' has dtype {value.dtype}, expected floats")
         if not np.all(np.isfinite(value)):
             raise InputError(f"{origin}: '{key}' contains NaN or Inf")
-        d_out, d_in = shapes[target]
-        if part == "A" and (value.ndim != 2 or value.shape[0] != d_out):
-            raise InputError(f"{origin}: '{key}' has shape {value.shape}, the model needs ({d_out}, r)")
-        if part == "B" and (value.ndim != 2 or value.shape[1] != d_in):
-            raise InputError(f"{origin}: '{key}' has shape {value.shape}, the model needs (r, {d_in})")
-        if part == "bias" and value.shape != (d_out,):
-            raise InputError(f"{origin}: '{key}' has shape {value.shape}, the model needs ({d_out},)")
-        layers_seen.add(layer)
+        problem = shape_problem(key, value.shape, shapes)
+        if problem:
+            raise InputError(f"{origin}: '{key}' {problem}")
     for key in arrays:
         layer, target, part = KEY.match(key).groups()
         if part in ("A", "B"):

@@ -11,7 +11,11 @@ from typing import Callable
 
 from stages.common.types import Citation, CitationReport, Evidence, ProgramIndex
 
-CITATION = re.compile(r"(?:path:\s*)?([\w./-]+\.\w+):(\d+)(?:-(\d+))?")
+# `[path:A-B]` (any path characters but brackets and line breaks: spaces and unicode too), or a bare `path:A-B`
+# whose path has a folder or an extension (`core.py:3`, `/etc/passwd:1-5`), optionally after `path:`
+BRACKETED = r"\[(?:path:\s*)?([^\[\]\n]+?):(\d+)(?:-(\d+))?\]"
+BARE = r"(?:path:\s*)?(/?(?:[\w.-]+/)+[\w.-]+|[\w./-]+\.\w+):(\d+)(?:-(\d+))?"
+CITATION = re.compile(f"{BRACKETED}|{BARE}")
 VERSION = re.compile(r"^v?\d+(\.\d+)+$")
 
 
@@ -31,16 +35,16 @@ def parse_citations(text: str, index: ProgramIndex) -> list[tuple[int, int, str,
     """(char_start, char_end, path, start, end) of every citation-looking match that is a citation."""
     found = []
     for match in CITATION.finditer(text):
-        raw_path = match.group(1)
+        bracketed = match.group(1) is not None
+        raw_path, start, end = match.group(1, 2, 3) if bracketed else match.group(4, 5, 6)
+        raw_path = raw_path.strip()
         token_start = max(text.rfind(c, 0, match.start()) for c in " \t\n([`'\"<")
         if "://" in text[token_start + 1 : match.end()] or text[max(0, match.start() - 3):match.start()] == "://":
             continue  # part of a URL
         path = _normalise(raw_path, index)
         if VERSION.match(raw_path) and path not in index.files:
             continue  # a version string such as 1.2.3:4
-        start = int(match.group(2))
-        end = int(match.group(3)) if match.group(3) else start
-        found.append((match.start(), match.end(), path, start, end))
+        found.append((match.start(), match.end(), path, int(start), int(end) if end else int(start)))
     return found
 
 

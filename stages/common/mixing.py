@@ -4,6 +4,12 @@ For layer i and target t:  Δ = (1-gsub)·A_base B_base + gsub·A_sub B_sub  (on
 is missing), × target weight × layer multiplier × alpha/rank, using the first ``keep`` rank components of
 each pair; if ‖Δ‖_F > cap·‖W‖_F it is scaled down to that. Δ stays low-rank (A_cat, B_cat) throughout.
 
+One loaded model is shared by every answer of the process (a multirun, an application's threads), so its users
+are serialised by a per-model lock (``exclusive``): an ``AdapterMix`` holds it from its first ``apply`` (mix) to
+its ``restore`` (unmix, a node that runs even after a failure or Ctrl-C); a mix that is dropped without a restore
+(a custom graph without unmix) is restored and its lock released when it is garbage collected. A second thread's
+answer waits at its mix until the first one has unmixed. The lock is re-entrant within a thread.
+
 Two ways to apply it, both restoring the model bit for bit:
 - ``hooks``: forward hooks add ``x B_catᵀ A_catᵀ`` to the module output; the weights are never written.
 - ``merge``: each touched module's weight tensor is swapped for a new one, ``W + A_cat B_cat``; restore swaps
@@ -11,14 +17,17 @@ Two ways to apply it, both restoring the model bit for bit:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import threading
 import weakref
 from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.errors import InputError
 from stages.common.adapters import AdapterSet, TargetMap
 
 log = logging.getLogger(__name__)
@@ -56,7 +65,8 @@ def layer_third(layer: int, num_layers: int) -> int:
 def gram_norm(a: np.ndarray, b: np.ndarray) -> float:
     """‖a b‖_F without forming a b: sqrt(sum((aᵀa) ∘ (b bᵀ)))."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return math.sqrt(max(0.0, float(np.sum((a64.T @ a64) * (b64 @ b64.T)))))
+    total = float(np.sum((a64.T @ a64) * (b64 @ b64.T)))
+    return total if math.isnan(total) else math.sqrt(max(0.0, total))  # nan stays nan, never 0.0
 
 
 def weight_norms(tmap: TargetMap) -> dict[tuple[int, str], float]:
@@ -91,20 +101,39 @@ def build_deltas(base: AdapterSet | None, sub: AdapterSet | None, tmap: TargetMa
             if not parts:
                 continue
             scale = settings.weights.get(target, 1.0) * settings.layer_multipliers[layer] * settings.alpha / settings.rank
-            a_cat = np.concatenate([p[0] for p in parts], axis=1) * scale
-            b_cat = np.concatenate([p[1] for p in parts], axis=0)
-            norm = gram_norm(a_cat, b_cat)
-            capped = False
-            if settings.delta_cap is not None and norm > settings.delta_cap * norms[(layer, target)] > 0:
-                factor = settings.delta_cap * norms[(layer, target)] / norm
-                a_cat, norm, capped = a_cat * factor, norm * factor, True
-            bias = None
-            for adapters in (base, sub):
-                extra = adapters.bias(layer, target) if adapters else None
-                if extra is not None and settings.beta:
-                    bias = (bias if bias is not None else 0) + settings.beta * extra
-            deltas[(layer, target)] = LowRankDelta(a_cat.astype(np.float32), b_cat.astype(np.float32), norm, capped, bias)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as one error
+                a_cat = np.concatenate([p[0] for p in parts], axis=1) * scale
+                b_cat = np.concatenate([p[1] for p in parts], axis=0)
+                norm = gram_norm(a_cat, b_cat)
+                capped = False
+                if settings.delta_cap is not None and norm > settings.delta_cap * norms[(layer, target)] > 0:
+                    factor = settings.delta_cap * norms[(layer, target)] / norm
+                    # both factors shrink by √factor: scaling A alone leaves B as large as it came (3e38 B with a
+                    # tiny A overflows x Bᵀ in the hook although the product is small)
+                    root = math.sqrt(factor)
+                    a_cat, b_cat, norm, capped = a_cat * root, b_cat * root, norm * factor, True
+                bias = None
+                for adapters in (base, sub):
+                    extra = adapters.bias(layer, target) if adapters else None
+                    if extra is not None and settings.beta:
+                        bias = (bias if bias is not None else 0) + settings.beta * extra
+                delta = LowRankDelta(a_cat.astype(np.float32), b_cat.astype(np.float32), norm, capped, bias)
+            check_finite(delta, layer, target)
+            deltas[(layer, target)] = delta
     return deltas
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite(delta: LowRankDelta, layer: int, target: str) -> None:
+    """A delta with nan/inf (huge but finite factors overflow float32) must never reach the model's weights."""
+    finite = (math.isfinite(delta.norm) and delta.norm <= FLOAT32_MAX and bool(np.isfinite(delta.a).all())
+              and bool(np.isfinite(delta.b).all()) and (delta.bias is None or bool(np.isfinite(delta.bias).all())))
+    if not finite:
+        raise InputError(
+            f"the mixed delta of layer {layer} {target} is not finite (‖Δ‖_F = {delta.norm:.3g}): the adapter "
+            "factors or the mix knobs are too large for float32 (not applied)")
 
 
 def delta_norms(deltas: dict[tuple[int, str], LowRankDelta], tmap: TargetMap, num_layers: int) -> dict[str, float]:
@@ -124,6 +153,83 @@ def _workspace(module: Any, like: Any) -> Any:
     if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
         buffer = _WORKSPACES[module] = like.new_empty(like.shape)
     return buffer
+
+
+class ModelLock:
+    """Serialises the users of one loaded model across threads; re-entrant per thread.
+
+    Unlike ``threading.RLock`` it may be released by another thread than the one that took it: the garbage
+    collector may finalise an abandoned mix anywhere, and its lock must still come back.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self, lease: "Lease | None" = None) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner not in (None, me):
+                log.info("waiting for another answer to finish with the model")
+                while self._owner not in (None, me):
+                    self._cond.wait()
+            self._owner, self._depth = me, self._depth + 1
+            if lease is not None:
+                lease.held = True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._depth == 0:
+                raise RuntimeError("model lock released more often than taken")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    @property
+    def held(self) -> bool:
+        return self._owner is not None
+
+
+_LOCKS: "weakref.WeakKeyDictionary[Any, ModelLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> ModelLock:
+    """The lock of one loaded model (created on first use, gone with the model)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = ModelLock()
+        return lock
+
+
+@contextlib.contextmanager
+def exclusive(model: Any):
+    """Use the shared model alone for a while (scoring, training, tokenizing): no other thread's mix is in it."""
+    lock = model_lock(model)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class Lease:
+    """One holder's share of a ``ModelLock``: taken at most once, given back at most once."""
+
+    def __init__(self, lock: ModelLock) -> None:
+        self.lock, self.held = lock, False
+
+    def take(self) -> None:
+        if not self.held:
+            self.lock.acquire(self)
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
 
 
 class MixHandle:
@@ -213,22 +319,48 @@ class AdapterMix:
                  full_alpha: float):
         self.lm, self.tmap, self.base, self.sub, self.full_alpha = lm, tmap, base, sub, full_alpha
         self.handle = MixHandle(tmap, mode)
-        self.norms = weight_norms(tmap)  # of the unmixed weights
+        self.lease = Lease(model_lock(lm.model))
+        self.norms: dict[tuple[int, str], float] | None = None  # of the unmixed weights, read under the lock
         self.settings: MixSettings | None = None
+        # never forgotten: a mix dropped without restore() puts the weights back and frees the model when collected
+        weakref.finalize(self, _abandon, self.handle, self.lease)
 
     def apply(self, settings: MixSettings) -> dict[str, Any]:
-        deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
-        self.handle.apply(deltas)
+        """Mix (or re-mix) into the model; holds the model's lock from here to ``restore``."""
+        self.lease.take()
+        try:
+            if self.norms is None:
+                self.norms = weight_norms(self.tmap)
+            deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
+            self.handle.apply(deltas)
+        finally:
+            if not self.handle.active:  # nothing of ours is in the model: let the next answer in
+                self.lease.give_back()
         self.settings = settings
         return {
             "rank": settings.rank, "gsub": settings.gsub, "alpha": settings.alpha, "beta": settings.beta,
             "mix_mode": self.handle.mode, "ablate": list(settings.ablate),
             "delta_norms": delta_norms(deltas, self.tmap, self.tmap.num_layers),
             "deltas_capped": sum(d.capped for d in deltas.values()), "deltas_applied": len(deltas),
+            # forward hooks in the model while this mix is in (under its lock: this answer's own, no other's)
+            "hooks_active": sum(len(m._forward_hooks) for m in self.lm.model.modules()),
         }
 
     def restore(self) -> None:
-        self.handle.restore()
+        """Put every weight back bit for bit, then release the model to the next answer."""
+        try:
+            self.handle.restore()
+        finally:
+            self.lease.give_back()
 
     def summary(self) -> dict[str, Any]:
         return self.handle.summary()
+
+
+def _abandon(handle: MixHandle, lease: Lease) -> None:
+    if lease.held or handle.active:
+        log.warning("an adapter mix was dropped without unmix; restoring the model's weights")
+    try:
+        handle.restore()
+    finally:
+        lease.give_back()

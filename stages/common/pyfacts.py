@@ -8,13 +8,15 @@ import ast
 import warnings
 from typing import Any
 
+from stages.common.lines import count_lines
+
 
 def head_window(lines: int, window_lines: int) -> list:
     return [1, max(1, min(lines, window_lines)), "head", "head"]
 
 
 def text_facts(text: str, window_lines: int) -> dict[str, Any]:
-    lines = len(text.splitlines())
+    lines = count_lines(text)
     return {"lines": lines, "parsed": False, "symbols": [], "imports": [], "calls": [],
             "windows": [head_window(lines, window_lines)] if lines else []}
 

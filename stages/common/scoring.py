@@ -121,3 +121,9 @@ def score_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float])
             norm = k1 * (1 - b + b * wf.lengths[i] / wf.average)
             scores[i] += idf * tf * (k1 + 1) / (tf + norm)
     return dict(scores)
+
+
+def standardise(values):
+    """z-scores of a float array (all zeros when the values do not vary): puts two rankings on one scale."""
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else values * 0.0

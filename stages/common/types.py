@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import networkx as nx
 
 from stages.common.adapters import AdapterSet
+from stages.common.lines import split_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ class ProgramIndex:
         return {rec.module: rec.path for rec in self.files.values() if rec.module}
 
     def lines(self, path: str) -> list[str]:
-        return self.derived(f"lines:{path}", lambda: self.texts[path].splitlines())
+        return self.derived(f"lines:{path}", lambda: split_lines(self.texts[path]))
 
     def windows_of(self, path: str) -> list[Window]:
         by_path = self.derived("windows_by_path", self._windows_by_path)
@@ -97,7 +99,7 @@ class ProgramIndex:
 
     def summary(self) -> dict[str, Any]:
         return {"files": len(self.files), "symbols": len(self.symbols), "windows": len(self.windows),
-                "skipped": len(self.skipped)}
+                "skipped": len(self.skipped), "skipped_paths": dict(sorted(self.skipped.items())[:20])}
 
 
 def _group(symbols: list[Symbol]) -> dict[str, list[Symbol]]:
@@ -117,6 +119,9 @@ class Selection:
     symbols: list[str]  # qualnames that matched (question) or seeded (zoom)
     matched_files: int  # files the prompt matched at all (the Q term of entropy capacity)
     nodes: list[str] = dataclasses.field(default_factory=list)  # graph nodes of the region
+    # per file, its windows best first with the score that ranked them, when select/rerank ranked windows
+    # themselves (select=hybrid, rerank=lm); pack then shows those windows. None: pack ranks windows by relevance.
+    window_ranking: dict[str, list[tuple[float, Window]]] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"files": self.files[:8], "modules": len(self.modules), "matched_files": self.matched_files}
@@ -147,6 +152,7 @@ class Evidence:
 
     windows: list[PackedWindow]
     tokens: int
+    tokenizer: str = ""  # whose tokenizer counted `tokens` (the model id): it decides how many windows fit
 
     def covers(self, path: str, start: int, end: int) -> bool:
         return any(w.path == path and w.start <= end and start <= w.end for w in self.windows)
@@ -162,9 +168,17 @@ class Prompt:
     prefill: str = ""  # start of the assistant's reply, fed to the model before it continues
     attempt: int = 1
     decode_hints: dict[str, float] = dataclasses.field(default_factory=dict)  # deltas for sampling knobs
+    ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # token ids of `text`, data kept as data
+    citations: list[str] = dataclasses.field(default_factory=list)  # `path:A-B` a citation may name
+    lead: list[str] = dataclasses.field(default_factory=list)  # choices the reply may start with (form=lead)
+    names: list[str] = dataclasses.field(default_factory=list)  # identifiers inline code may name
+    lead_rank: list[int] = dataclasses.field(default_factory=list)  # packed-window position of each lead choice
+    neutral_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt, a neutral question
+    plain_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt without the evidence
 
     def summary(self) -> dict[str, Any]:
-        return {"chars": len(self.text), "attempt": self.attempt, "prefill": self.prefill}
+        return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
+                "citations": len(self.citations), "lead": len(self.lead), "names": len(self.names)}
 
 
 @dataclasses.dataclass
@@ -177,12 +191,22 @@ class Draft:
     attempt: int = 1
     notes: list[str] = dataclasses.field(default_factory=list)
     prefill_chars: int = 0  # the first characters were written by the scaffold, not by the model
+    prefill_seconds: float = 0.0  # the prompt's forward pass (the rest of `seconds` is decoding)
+    constrained_citations: int = 0  # citations completed under the grounding constraint
+    constrained_names: int = 0  # inline-code names completed under it
+    lead: dict[str, Any] = dataclasses.field(default_factory=dict)  # how decode.lead=likelihood chose the lead
 
     def source_at(self, offset: int) -> str:
         return "attributed" if offset < self.prefill_chars else "model"
 
+    @property
+    def tokens_per_second(self) -> float:
+        decoding = self.seconds - self.prefill_seconds
+        return self.generated_tokens / decoding if decoding > 0 else 0.0
+
     def summary(self) -> dict[str, Any]:
-        return {"generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 3), "attempt": self.attempt}
+        return {"generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 3),
+                "prefill_seconds": round(self.prefill_seconds, 3), "attempt": self.attempt}
 
 
 @dataclasses.dataclass
@@ -207,6 +231,11 @@ class CitationReport:
     required: int
     must: int = 0
     reason: str = ""
+    names: Any = None  # the draft's NameCheck (stages/common/identifiers.py) when the `names` node ran
+
+    @property
+    def unknown_names(self) -> list[str]:
+        return list(self.names.unknown) if self.names is not None else []
 
     @property
     def total(self) -> int:
@@ -240,17 +269,33 @@ class Answer:
         return {"chars": len(self.text), "citations": len(self.citations), "retries": self.retries}
 
 
-@dataclasses.dataclass
 class LanguageModel:
-    """A loaded causal LM and its tokenizer (shared across the jobs of a multirun)."""
+    """A causal LM and its tokenizer (shared across the jobs of a multirun).
 
-    model: Any
-    tokenizer: Any
-    model_id: str
-    device: str
+    With a ``loader`` and no ``model``, only the tokenizer is loaded: the weights load on the first read of
+    ``.model`` (graphs that only count tokens, such as retrieval, never read it)."""
+
+    def __init__(self, model: Any, tokenizer: Any, model_id: str, device: str,
+                 loader: Callable[[], tuple[Any, str]] | None = None):
+        if model is None and loader is None:
+            raise ValueError("LanguageModel needs a model or a loader")
+        self._model, self._loader, self._lock = model, loader, threading.Lock()
+        self.tokenizer, self.model_id, self.device = tokenizer, model_id, device
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model, self.device = self._loader()
+        return self._model
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._model is not None
 
     def summary(self) -> dict[str, Any]:
-        return {"model": self.model_id, "device": self.device}
+        return {"model": self.model_id, "device": self.device, "weights": "loaded" if self.weights_loaded else "not loaded"}
 
 
 @dataclasses.dataclass
@@ -278,9 +323,14 @@ class ArtifactLocation:
     exists: bool
     key: str
     fixed: bool = False  # given by the user (adapters=...), never rebuilt
+    adapters_file: Path | None = None  # the npz the user named (adapters=/d/mine.npz); None: path/adapters.npz
+
+    @property
+    def npz(self) -> Path:
+        return self.adapters_file or self.path / "adapters.npz"
 
     def summary(self) -> dict[str, Any]:
-        return {"path": str(self.path), "exists": self.exists}
+        return {"path": str(self.path), "exists": self.exists, "adapters": str(self.npz)}
 
 
 @dataclasses.dataclass

