@@ -1,8 +1,8 @@
 """Stages of the closed-book symbol test (`pipeline=closed_book`, issue 17): does the model know the program?
 
 For every question of a SPEC §9 set, with no evidence in the prompt, every definition name of the program is
-scored by the model's likelihood of answering with it (one prompt forward, candidates batched over its KV cache:
-`stages.common.likelihood`), and the gold definition's rank is recorded. Wired to `model.lm` it measures the plain
+scored by the model's likelihood of answering with it (one prompt forward, candidates packed over its KV cache:
+`stages.common.continuations`), and the gold definition's rank is recorded. Wired to `model.lm` it measures the plain
 model, to `mix.lm` the model as an answer would mix it (the real mix path), so `-m synth=none,hashed,fitted`
 compares adapters. `score=pmi` subtracts each name's log-likelihood under the same prompt with an empty question
 (one more forward for the whole run), so a name the model favours whatever is asked gains nothing.
@@ -21,7 +21,8 @@ from pipeline.cache import write_atomic
 from pipeline.errors import InputError
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.evaluation import QuestionSet
-from stages.common.likelihood import ranks, score_continuations
+from stages.common.continuations import encode_prefix, score_continuations
+from stages.common.mixing import exclusive
 from stages.common.text import token_set
 from stages.common.types import LanguageModel, ProgramIndex
 
@@ -65,7 +66,7 @@ class ClosedBookRanking(Stage):
     def __init__(self, prompt: str = "In the Python program `{program}`, which function, class or method does this: "
                                      "{question}\nAnswer with its name only.",
                  chat: bool = True, prefix: str = "", candidate: str = "`{name}`",
-                 score: Literal["sum", "mean", "pmi"] = "sum", max_tokens: Annotated[int, Range(ge=1)] = 256,
+                 score: Literal["sum", "mean", "pmi"] = "sum", chunk_tokens: Annotated[int, Range(ge=1)] = 512,
                  top: Annotated[int, Range(ge=1)] = 5, progress: bool = True, reuse_plain: bool = False):
         for name, template, fields in (("prompt", prompt, ("program", "question")), ("candidate", candidate, ("name", "keyword"))):
             try:
@@ -75,7 +76,7 @@ class ClosedBookRanking(Stage):
         if "{name}" not in candidate:
             raise InputError(f"closed_book.candidate {candidate!r} must contain {{name}}")
         self.prompt, self.chat, self.prefix, self.candidate = prompt, chat, prefix, candidate
-        self.score, self.max_tokens, self.top, self.progress = score, max_tokens, top, progress
+        self.score, self.chunk_tokens, self.top, self.progress = score, chunk_tokens, top, progress
         self.reuse_plain = reuse_plain  # set by the graph on the node wired to the unmixed model only
 
     def _prompt_ids(self, lm: LanguageModel, program: str, question: str) -> list[int]:
@@ -88,13 +89,19 @@ class ClosedBookRanking(Stage):
             text = content
         return tok(text + self.prefix, add_special_tokens=False)["input_ids"]
 
+    def _scores(self, lm: LanguageModel, prompt_ids: list[int], candidates: list[list[int]], reduce: str) -> np.ndarray:
+        per_token = score_continuations(lm.model, encode_prefix(lm.model, prompt_ids), candidates, self.chunk_tokens)
+        return np.array([sum(s) / len(s) if reduce == "mean" else sum(s) for s in per_token], dtype=np.float64)
+
     def run(self, index: ProgramIndex, questions: QuestionSet, lm: LanguageModel) -> dict:
         if not self.reuse_plain:
-            return {"ranking": self._rank(index, questions, lm)}
+            with exclusive(lm.model):  # the model as this graph mixed it (or plain), never another thread's mix
+                return {"ranking": self._rank(index, questions, lm)}
         # the plain model's ranking is the same in every job of a sweep over adapters: compute it once per process
         key = (id(lm.model), lm.model_id, index.fingerprint, index.root.name, self.prompt, self.chat, self.prefix, self.candidate,
                self.score, self.top, tuple((q.question, q.path, q.start, q.symbol) for q in questions.questions))
-        return {"ranking": resources.shared("closed-book-plain", key, lambda: self._rank(index, questions, lm), keep=4)}
+        with exclusive(lm.model):
+            return {"ranking": resources.shared("closed-book-plain", key, lambda: self._rank(index, questions, lm), keep=4)}
 
     def _rank(self, index: ProgramIndex, questions: QuestionSet, lm: LanguageModel) -> dict:
         from tqdm import tqdm
@@ -110,14 +117,14 @@ class ClosedBookRanking(Stage):
         program = index.root.name
         prior = None
         if self.score == "pmi":  # the same prompt with no question: what the model says whatever is asked
-            prior = score_continuations(lm, self._prompt_ids(lm, program, ""), candidates, self.max_tokens)
+            prior = self._scores(lm, self._prompt_ids(lm, program, ""), candidates, "sum")
         rows = []
         for q in tqdm(questions.questions, desc="closed book", unit="q", disable=not self.progress):
             gold = gold_name(index, q)
             if gold not in position:
                 raise InputError(f"question '{q.question[:60]}': its definition '{gold}' is not a name of the program")
-            scores = score_continuations(lm, self._prompt_ids(lm, program, q.question), candidates, self.max_tokens,
-                                         "mean" if self.score == "mean" else "sum")
+            scores = self._scores(lm, self._prompt_ids(lm, program, q.question), candidates,
+                                  "mean" if self.score == "mean" else "sum")
             if prior is not None:
                 scores = scores - prior
             rank = int(ranks(scores)[position[gold]])
@@ -125,6 +132,12 @@ class ClosedBookRanking(Stage):
             rows.append({"question": q.question, "path": q.path, "start": q.start, "gold": gold, "rank": rank,
                          "top": [names[i] for i in best], "shares_words": shares_words(gold, q.question)})
         return {"candidates": len(names), "score": self.score, "questions": rows}
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of every score among all of them (1 = highest; a tie shares the better rank)."""
+    order = np.sort(scores)[::-1]
+    return np.searchsorted(-order, -scores, side="left") + 1
 
 
 def metrics(ranking: dict, k: int, split: bool = True) -> dict:

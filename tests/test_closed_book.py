@@ -9,7 +9,7 @@ import torch
 
 from pipeline import api
 from pipeline.errors import PipelineError
-from stages.common.likelihood import ranks, score_continuations
+from stages.closed_book import ranks
 
 PROGRAM = {
     "shapes.py": "\n".join(
@@ -26,45 +26,16 @@ def naive(lm, prompt, candidate):
     return sum(float(logp[len(prompt) - 1 + j, token]) for j, token in enumerate(candidate))
 
 
-@pytest.fixture(scope="module")
-def candidates():
-    rng = np.random.default_rng(0)
-    shared = [[5], [5, 7], [5, 7, 9], [5, 8], [6, 7, 8, 9, 10], [6, 7], [11], [5, 7]]  # prefixes, a duplicate
-    return shared + [rng.integers(5, 250, int(rng.integers(1, 6))).tolist() for _ in range(25)]
+def test_stage_scores_are_sums_or_means_of_exact_token_scores(tiny_lm, compose):
+    """The stage's candidate scores (stages.common.continuations, tested exact there) reduced per candidate."""
+    from hydra.utils import instantiate
 
-
-@pytest.mark.parametrize("max_tokens", [1, 4, 256])
-def test_scores_equal_one_forward_per_candidate(tiny_lm, candidates, max_tokens):
-    prompt = list(range(20, 32))
+    prompt, candidates = list(range(20, 32)), [[5], [5, 7], [5, 7, 9], [6, 7, 8, 9, 10], [5, 7]]
     reference = np.array([naive(tiny_lm, prompt, c) for c in candidates])
-    got = score_continuations(tiny_lm, prompt, candidates, max_tokens=max_tokens)
-    assert got.shape == (len(candidates),) and np.allclose(got, reference, atol=1e-4)
-    mean = score_continuations(tiny_lm, prompt, candidates, max_tokens=max_tokens, reduce="mean")
+    stage = instantiate(compose("closed_book.chunk_tokens=3").closed_book)
+    assert np.allclose(stage._scores(tiny_lm, prompt, candidates, "sum"), reference, atol=1e-4)
+    mean = stage._scores(tiny_lm, prompt, candidates, "mean")
     assert np.allclose(mean, reference / np.array([len(c) for c in candidates]), atol=1e-4)
-
-
-def test_scores_through_a_forward_hook_and_eager_attention(tiny_lm, candidates):
-    """What is mixed in (a hook here, as the mix stage adds) takes part; eager attention gets an additive mask."""
-    import copy
-
-    model = copy.deepcopy(tiny_lm.model)
-    prompt = list(range(40, 47))
-    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: o + 0.05)
-    try:
-        reference = np.array([naive(type(tiny_lm)(model, None, "x", "cpu"), prompt, c) for c in candidates])
-        assert np.allclose(score_continuations(model, prompt, candidates), reference, atol=1e-4)
-        model.set_attn_implementation("eager")
-        assert np.allclose(score_continuations(model, prompt, candidates, max_tokens=3), reference, atol=1e-4)
-    finally:
-        handle.remove()
-
-
-def test_bad_inputs_are_named(tiny_lm):
-    with pytest.raises(ValueError, match="prompt has no tokens"):
-        score_continuations(tiny_lm, [], [[1]])
-    with pytest.raises(ValueError, match="candidate 1 has no tokens"):
-        score_continuations(tiny_lm, [3], [[1], []])
-    assert score_continuations(tiny_lm, [3], []).shape == (0,)
 
 
 def test_ranks_share_the_better_rank_on_ties():
