@@ -64,26 +64,28 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def score_continuations(model, prefix: PrefixState, candidates: list[list[int]], chunk_tokens: int = 2048) -> list[list[float]]:
     """Per candidate, the log-probability of each of its tokens after the prompt (the cache is left as it was).
 
-    At most ``chunk_tokens`` candidate tokens go through one forward (a longer candidate goes alone); the logits
-    of a chunk are chunk x vocabulary floats, so this bounds memory too. An empty candidate scores [].
+    A candidate's first token is scored by the prompt's last position; only its other tokens' predecessors (all
+    but its last token) go through the model. At most ``chunk_tokens`` of them go through one forward (a longer
+    candidate goes alone), which bounds the chunk x vocabulary logits too. An empty candidate scores [].
     """
     import torch
 
     device = next(model.parameters()).device
     eager = getattr(model.config, "_attn_implementation", None) == "eager"
     length = len(prefix.ids)
-    scores: list[list[float]] = [[] for _ in candidates]
-    order = [i for i in range(len(candidates)) if candidates[i]]
+    scores: list[list[float]] = [[float(prefix.next_logprobs[c[0]])] if c else [] for c in candidates]
+    order = [i for i in range(len(candidates)) if len(candidates[i]) > 1]
     while order:
         batch, total = [], 0
-        while order and (not batch or total + len(candidates[order[0]]) <= chunk_tokens):
+        while order and (not batch or total + len(candidates[order[0]]) - 1 <= chunk_tokens):
             batch.append(order.pop(0))
-            total += len(candidates[batch[-1]])
+            total += len(candidates[batch[-1]]) - 1
         tokens, positions, blocks = [], [], []
         for i in batch:
-            blocks.append((len(tokens), len(candidates[i])))
-            tokens.extend(candidates[i])
-            positions.extend(range(length, length + len(candidates[i])))
+            fed = candidates[i][:-1]
+            blocks.append((len(tokens), len(fed)))
+            tokens.extend(fed)
+            positions.extend(range(length, length + len(fed)))
         mask = torch.zeros(1, 1, total, length + total, dtype=torch.bool, device=device)
         mask[..., :length] = True
         for start, size in blocks:
@@ -96,10 +98,10 @@ def score_continuations(model, prefix: PrefixState, candidates: list[list[int]],
                         position_ids=torch.tensor([positions], device=device), use_cache=True,
                         **{cache_kwarg(model): prefix.cache})
         prefix.cache.crop(-(prefix.cache.get_seq_length() - length))
-        logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+        logits = out.logits[0].float()
+        rows = [start + j for start, size in blocks for j in range(size)]
+        wanted = [candidates[i][j + 1] for i, (_, size) in zip(batch, blocks) for j in range(size)]
+        picked = (logits[rows, wanted] - torch.logsumexp(logits, dim=-1)[rows]).tolist()
         for i, (start, size) in zip(batch, blocks):
-            ids = candidates[i]
-            first = float(prefix.next_logprobs[ids[0]])
-            rest = [float(logprobs[start + j - 1, ids[j]]) for j in range(1, size)]
-            scores[i] = [first, *rest]
+            scores[i].extend(picked[start:start + size])
     return scores
