@@ -56,7 +56,12 @@ def _pick(flat: dict[str, Any], patterns: list[str]) -> list[tuple[str, Any]]:
 
 
 def _spans(run: RunFolder) -> list[dict]:
-    return [w for w in (run.key("windows") or []) if isinstance(w, dict) and {"path", "start", "end"} <= set(w)]
+    """The packed windows, each with its selection score when the run recorded one (`window_scores`)."""
+    windows = [w for w in (run.key("windows") or []) if isinstance(w, dict) and {"path", "start", "end"} <= set(w)]
+    scores = run.key("window_scores")
+    if isinstance(scores, list) and len(scores) == len(windows):
+        windows = [{**w, "score": s} if isinstance(s, (int, float)) else w for w, s in zip(windows, scores)]
+    return windows
 
 
 def _window_for(windows: list[dict], path: str, start: int, end: int) -> int | None:

@@ -28,7 +28,7 @@ KEY_COLUMNS = ["status", "trace.seconds", "elapsed_sec", "citations_valid", "cit
                "retries", "tokens.generated", "ppl.plain", "ppl.mixed", "ppl.change", "ppl.files_plain", "ppl.files_mixed",
                "ppl.files_change", "cb.plain.top5", "cb.mixed.top1", "cb.mixed.top5", "cb.mixed.mrr", "*.file_recall@*",
                "*.evidence_recall@*", "*.citation_hit", "*.model_citation_rate", "*.model_citation_hit",
-               "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
+               "*.first_citation_hit", "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
 PREFERRED_METRICS = ["ours.evidence_recall@5", "ppl.mixed", "citations_valid", "elapsed_sec", "trace.seconds"]
 
 

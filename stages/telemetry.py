@@ -5,6 +5,7 @@ It runs also after a failure (node `always: true`): then `status` is `failed` an
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ class WriteTelemetry(Stage):
             "files_selected": selection.files if selection else [],
             "modules_selected": selection.modules if selection else [],
             "windows_packed": [w.span() for w in evidence.windows] if evidence else [],
+            # what ranked them: the selection score of each selected file, and of each packed window when the
+            # selection ranked windows itself (select=hybrid, rerank=lm); null where nothing scored it
+            "file_scores": {f: _rounded(selection.scores.get(f)) for f in selection.files} if selection else {},
+            "window_scores": _window_scores(selection, evidence),
         }
         citations = answer.citations if answer else []
         record.update({
@@ -89,3 +94,15 @@ class WriteTelemetry(Stage):
         if self.telemetry_out:
             write_atomic(Path(self.telemetry_out), blob)
         return {"telemetry": record}
+
+
+def _rounded(value) -> float | None:
+    return round(float(value), 4) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _window_scores(selection: Selection | None, evidence: Evidence | None) -> list[float | None]:
+    if evidence is None:
+        return []
+    ranked = (selection.window_ranking or {}) if selection else {}
+    scores = {(w.path, w.start, w.end): score for pairs in ranked.values() for score, w in pairs}
+    return [_rounded(scores.get((w.path, w.start, w.end))) for w in evidence.windows]

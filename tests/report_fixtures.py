@@ -40,7 +40,8 @@ def telemetry(**changes) -> dict:
         "overrides": ["model=tiny_random", "prompt='How is <config> parsed? \\${x}'"],
         "files_selected": ["pkg/core.py", "pkg/__init__.py"], "modules_selected": ["pkg.core", "pkg"],
         "windows_packed": [{"path": "pkg/core.py", "start": 1, "end": 7},
-                           {"path": "pkg/core.py", "start": 9, "end": 16, "score": 3.25}],
+                           {"path": "pkg/core.py", "start": 9, "end": 16}],
+        "window_scores": [None, 3.25], "file_scores": {"pkg/core.py": 7.125, "pkg/__init__.py": None},
         "citations": [
             {"path": "pkg/core.py", "start": 4, "end": 6, "valid": True, "source": "model", "removed": False, "reason": ""},
             {"path": "pkg/core.py", "start": 9, "end": 16, "valid": True, "source": "attributed", "removed": False,

@@ -32,6 +32,8 @@ def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
         assert tele["answer"] is not None and tele["answer"] in proc.stdout
         assert tele["files_selected"] and tele["windows_packed"]
         assert {w["path"] for w in tele["windows_packed"]} <= set(tele["files_selected"])
+        assert set(tele["file_scores"]) == set(tele["files_selected"])  # what ranked them, for the report
+        assert len(tele["window_scores"]) == len(tele["windows_packed"])
         assert trace["failure"] is None and trace["overrides"] == tele["overrides"]
         statuses = {n["node"]: n["status"] for n in trace["nodes"]}
         assert set(statuses.values()) <= {"ok", "skipped"}

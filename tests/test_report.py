@@ -36,7 +36,9 @@ def test_citations_link_to_their_windows_and_bad_ones_are_marked(tmp_path, progr
     # the windows' code is highlighted, numbered from the window's first line, cited lines shaded
     window1 = html[html.index('id="w1"'):]
     assert re.search(r'<span class="linenos">\s*9</span>', window1) and 'class="hll"' in window1
-    assert "parse_config" in window1 and "3.25" in window1  # its score
+    assert "parse_config" in window1 and "score 3.25" in window1  # its score
+    assert "score" not in html[html.index('id="w0"'):html.index('id="w1"')]  # a window nothing scored
+    assert re.search(r"<td>pkg/core\.py</td><td[^>]*>7\.125</td>", html)  # the file's selection score
     # the headline facts, the adapter, the graph with every node and its status
     assert 'id="grounded"' in html and "tokens_per_second" in html
     assert "q_proj" in html and "Adapter" in html
