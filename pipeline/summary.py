@@ -1,7 +1,7 @@
 """`python -m pipeline.summary <multirun folder> [--metric NAME]`: one row per job of a sweep (SPEC §8).
 
 Each job folder of a Hydra multirun holds `.hydra/overrides.yaml` and whatever its graph wrote: `telemetry.json`
-(answer graph), `perplexity.json`, `eval.json`, and `trace.json` (any graph: status, node seconds). The overrides and their scalar results become a table, printed
+(answer graph), `perplexity.json`, `eval.json`, `closed_book.json` and `trace.json` (any graph: status, node seconds). The overrides and their scalar results become a table, printed
 (the overrides that vary and the key metrics) and saved whole as CSV, and `--metric` is plotted per job (PNG).
 This reads files only; it knows no stage.
 """
@@ -20,13 +20,15 @@ from typing import Any
 import yaml
 
 # result file -> (column prefix, the sub-mapping that holds its results or None for the top level)
-SOURCES = {"telemetry.json": ("", None), "perplexity.json": ("ppl.", None), "eval.json": ("", "metrics")}
+SOURCES = {"telemetry.json": ("", None), "perplexity.json": ("ppl.", None), "eval.json": ("", "metrics"),
+           "closed_book.json": ("cb.", None)}
 # shown in the terminal when present (the CSV has every column); patterns match eval's per-system metrics
 KEY_COLUMNS = ["status", "trace.seconds", "elapsed_sec", "citations_valid", "citations_total", "citation_precision", "citations_model",
                "citations_model_valid", "unknown_identifier_rate", "grounded", "decoding.tokens_per_second",
-               "retries", "tokens.generated", "ppl.plain", "ppl.mixed", "ppl.change", "*.file_recall@*",
+               "retries", "tokens.generated", "ppl.plain", "ppl.mixed", "ppl.change", "ppl.files_plain", "ppl.files_mixed",
+               "ppl.files_change", "cb.plain.top5", "cb.mixed.top1", "cb.mixed.top5", "cb.mixed.mrr", "*.file_recall@*",
                "*.evidence_recall@*", "*.citation_hit", "*.model_citation_rate", "*.model_citation_hit",
-               "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
+               "*.first_citation_hit", "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
 PREFERRED_METRICS = ["ours.evidence_recall@5", "ppl.mixed", "citations_valid", "elapsed_sec", "trace.seconds"]
 
 

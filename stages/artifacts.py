@@ -21,6 +21,7 @@ from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_d
 from pipeline.errors import InputError
 from pipeline.stage import Stage
 from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz, save_npz
+from stages.common.curves import write_curve
 from stages.common.program import read_small
 from stages.common.types import ArtifactLocation, Artifacts, LanguageModel, ProgramEmbedding, ProgramIndex
 
@@ -151,12 +152,16 @@ class StoreArtifacts(Stage):
             "num_layers": model["num_layers"], "d_model": int(lm.model.config.hidden_size),
             "target_shapes": model["shapes"], "targets": adapters.targets, "rank": adapters.rank,
             "embed_dim": embedding.dim, "seed": embedding.seed, "channel_weights": embedding.weights,
-            "synth": {"name": adapters.meta.get("synth"), **{k: v for k, v in adapters.meta.items() if k != "synth"}},
+            "synth": {"name": adapters.meta.get("synth"),
+                      **{k: v for k, v in adapters.meta.items() if k not in ("synth", "curve")}},
             "build_config": self.build_config, "program_root": str(index.root), "commit": git_commit(index.root),
             "file_count": len(index.files), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "package_version": _version(), "bank_modules": sorted(bank) if bank else [],
         }
         with publish_dir(location.path) as tmp:
+            curve = adapters.meta.get("curve") or []
+            if curve:  # the fitted synthesizer's training curve (curve.jsonl, curve.csv, curve.png)
+                manifest["synth"]["curve"] = [p.name for p in write_curve(tmp, curve, index.root.name)]
             save_npz(tmp / "embedding.npz", embedding.vectors)
             save_npz(tmp / "adapters.npz", adapters.factors)
             (tmp / "sources.jsonl").write_text("".join(

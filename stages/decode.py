@@ -14,7 +14,7 @@ the same prompt without the evidence, one more forward pass per token). Logits a
 step (a one-line error, weights restored by `unmix`).
 
 `max_paragraphs` ends the reply after that many paragraphs (the lead's included); `stop_at_repeated_line` ends it
-when it writes a line it already wrote (and drops that line): a small model's loops.
+when it writes a line a third time, and drops every repeated line: a small model's loops.
 
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
@@ -170,7 +170,8 @@ class _CopyBias:
 class _ReplyStop:
     """A transformers `StoppingCriteria` over the reply's text: stop once it has ended ``paragraphs`` paragraphs
     (written that many blank lines after some text; the answer form is a lead and a short explanation), and, with
-    ``repeated_lines``, once it completes a line it already wrote (a small model's loop: the rest would repeat too).
+    ``repeated_lines``, once it completes a line for the `LOOP_REPEATS`-th time (a small model's loop: the rest
+    would repeat too; one repeat is often the lead restated before the model goes on).
     ``before`` is the reply text the prompt already holds (the scaffold's prefill and the chosen lead)."""
 
     def __init__(self, texts: list[str], prompt_length: int, paragraphs: int | None, repeated_lines: bool,
@@ -178,7 +179,9 @@ class _ReplyStop:
         self.texts, self.prompt_length = texts, prompt_length
         self.paragraphs, self.repeated_lines = paragraphs, repeated_lines
         self.written, self.consumed, self.ended = "", 0, 0
-        self.line, self.lines = "", {_line_key(line) for line in before.split("\n")} - {""}
+        self.line, self.lines = "", {}
+        for key in filter(None, map(_line_key, before.split("\n"))):
+            self.lines[key] = self.lines.get(key, 0) + 1
         self.repeated = False
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -196,11 +199,14 @@ class _ReplyStop:
                 done, _, self.line = self.line.partition("\n")
                 key = _line_key(done)
                 if key:
-                    self.repeated |= self.repeated_lines and key in self.lines
-                    self.lines.add(key)
+                    self.lines[key] = self.lines.get(key, 0) + 1
+                    self.repeated |= self.repeated_lines and self.lines[key] >= LOOP_REPEATS
         self.consumed = len(new)
         stop = self.repeated or (self.paragraphs is not None and self.ended >= self.paragraphs)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+LOOP_REPEATS = 3  # a line written this often is a loop: once more than a lead the model restates, then goes on
 
 
 def _line_key(line: str) -> str:
@@ -210,12 +216,12 @@ def _line_key(line: str) -> str:
 
 
 def drop_repeated_lines(text: str) -> str:
-    """``text`` up to the first line that repeats an earlier one (what `_ReplyStop` stopped at)."""
+    """``text`` without the lines that repeat an earlier one (each line's first writing stays)."""
     seen, kept = set(), []
     for line in text.split("\n"):
         key = _line_key(line)
         if key and key in seen:
-            break
+            continue
         seen.add(key)
         kept.append(line)
     return "\n".join(kept)
@@ -363,7 +369,7 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
         grounding.update(output)
     new = output[0, input_ids.shape[1]:]
     text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
-    if reply_stop is not None and reply_stop.repeated:
+    if settings["stop_at_repeated_line"]:
         text = drop_repeated_lines(text)
     prefill_seconds = (clock.first - started) if clock.first else seconds
     return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),

@@ -26,8 +26,8 @@ from stages.common.types import ProgramIndex
 
 log = logging.getLogger(__name__)
 METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
-                  "citation_hit", "citation_precision", "model_citation_rate", "model_citation_hit", "symbol_hit",
-                  "unknown_identifier_rate", "retry_rate", "tokens_per_second", "seconds"]
+                  "citation_hit", "citation_precision", "model_citation_rate", "model_citation_hit",
+                  "first_citation_hit", "symbol_hit", "unknown_identifier_rate", "retry_rate", "tokens_per_second", "seconds"]
 
 
 class LoadQuestions(Stage):

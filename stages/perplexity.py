@@ -1,8 +1,10 @@
 """Stage `perplexity` (SPEC §4b): how well the model, as currently mixed, knows the program's own text.
 
-It scores the held-out pieces of the program (the split the fitted synthesizer never trains on) with the
-model it is given: wire it to `model.lm` for the plain model and to `mix.lm` for the mixed one, so the
-number goes through the real mix path (capacity, target weights, schedules, delta cap, gsub blend).
+It scores two splits the fitted synthesizer never trains on (`stages.common.corpus.split`, the same function
+and knobs the synthesizer uses): held-out segments of trained files, and whole held-out files
+(`held_out_files`, generalisation to code the adapter never saw). Wire it to `model.lm` for the plain model and
+to `mix.lm` for the mixed one, so the numbers go through the real mix path (capacity, target weights,
+schedules, delta cap, gsub blend). Given the artifacts, it checks that the build held out the same files.
 """
 from __future__ import annotations
 
@@ -12,39 +14,55 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pipeline.cache import write_atomic
+from pipeline.errors import ConfigError
 from pipeline.stage import Range, RunContext, Stage
-from stages.common.corpus import perplexity, pieces
+from stages.common.corpus import perplexity, split, spread
 from stages.common.mixing import exclusive
-from stages.common.types import LanguageModel, ProgramIndex
+from stages.common.types import Artifacts, LanguageModel, ProgramIndex
 
 
 class ProgramPerplexity(Stage):
-    outputs = {"perplexity": float}
+    outputs = {"perplexity": float, "files_perplexity": float}
 
     def __init__(self, seq_len: Annotated[int, Range(ge=8)] = 256, val_every: Annotated[int, Range(ge=2)] = 5,
-                 seed: int = 0, split: Literal["held_out", "train"] = "held_out",
+                 seed: int = 0, held_out_files: Annotated[float, Range(ge=0, le=0.5)] = 0.1,
+                 split: Literal["held_out", "train"] = "held_out",
                  max_pieces: Annotated[int, Range(ge=1)] = 64, batch_size: Annotated[int, Range(ge=1)] = 4):
         self.seq_len, self.val_every, self.seed, self.split = seq_len, val_every, seed, split
-        self.max_pieces, self.batch_size = max_pieces, batch_size
+        self.held_out_files, self.max_pieces, self.batch_size = held_out_files, max_pieces, batch_size
 
-    def run(self, index: ProgramIndex, lm: LanguageModel) -> dict:
-        train, held_out = pieces(index, lm.tokenizer, self.seq_len, self.val_every, seed=self.seed)
-        chosen = (held_out if self.split == "held_out" else train)[: self.max_pieces]
-        if not chosen:
-            return {"perplexity": float("nan")}
+    def run(self, index: ProgramIndex, lm: LanguageModel, artifacts: Artifacts | None = None) -> dict:
+        corpus = split(index, lm.tokenizer, self.seq_len, self.val_every, self.held_out_files, self.seed)
+        synth = (artifacts.manifest.get("synth") or {}) if artifacts is not None else {}
+        if synth.get("name") == "fitted":  # a fitted build trained on every file it did not list as held out
+            trained_on = set(corpus.files) - set(synth.get("held_out_files") or [])
+            if trained_on:
+                raise ConfigError(f"perplexity.held_out_files={self.held_out_files} holds out "
+                                  f"'{sorted(trained_on)[0]}', which the build at '{artifacts.path}' trained on; "
+                                  "set corpus.held_out_files (the synthesizer and this stage both read it) or rebuild")
+        chosen = corpus.evaluation(self.max_pieces)["held_out"] if self.split == "held_out" else spread(corpus.train, self.max_pieces)
+        files = corpus.evaluation(self.max_pieces)["held_out_files"]
         with exclusive(lm.model):  # the model as this graph mixed it (or plain), never another thread's mix
-            return {"perplexity": perplexity(lm.model, chosen, self.batch_size)}
+            return {"perplexity": perplexity(lm.model, chosen, self.batch_size) if chosen else float("nan"),
+                    "files_perplexity": perplexity(lm.model, files, self.batch_size) if files else float("nan")}
+
+
+def _change(plain: float, mixed: float) -> float:
+    return (mixed - plain) / plain if plain and not math.isnan(plain) and not math.isnan(mixed) else float("nan")
 
 
 class PerplexityReport(Stage):
-    """Plain vs mixed perplexity, printed and written to `perplexity.json` in the run folder."""
+    """Plain vs mixed perplexity on both held-out splits, printed and written to `perplexity.json`."""
 
     outputs = {"report": dict}
 
-    def run(self, context: RunContext, plain: float, mixed: float, mix_report: dict | None = None) -> dict:
-        change = (mixed - plain) / plain if plain and not math.isnan(plain) else float("nan")
-        report = {"plain": round(plain, 4), "mixed": round(mixed, 4), "change": round(change, 4),
-                  "overrides": list(context.overrides)}
+    def run(self, context: RunContext, plain: float, mixed: float, files_plain: float | None = None,
+            files_mixed: float | None = None, mix_report: dict | None = None) -> dict:
+        report = {"plain": round(plain, 4), "mixed": round(mixed, 4), "change": round(_change(plain, mixed), 4)}
+        if files_plain is not None and files_mixed is not None:
+            report.update({"files_plain": round(files_plain, 4), "files_mixed": round(files_mixed, 4),
+                           "files_change": round(_change(files_plain, files_mixed), 4)})
+        report["overrides"] = list(context.overrides)
         if mix_report:
             report.update({k: mix_report.get(k) for k in ("synth", "rank", "gsub", "alpha", "ablate", "delta_norms")})
         write_atomic(Path(context.run_dir) / "perplexity.json", json.dumps(report, indent=2, default=str))

@@ -32,6 +32,10 @@ def test_answer_metrics_from_hand_made_records():
     metrics = answer_metrics(list(zip([Q1, Q2, Q3], RECORDS)))
     assert metrics["model_citation_rate"] == pytest.approx(2 / 3, abs=1e-4)  # answers 1 and 2
     assert metrics["model_citation_hit"] == pytest.approx(1 / 3, abs=1e-4)  # only answer 1's model citation hits
+    assert metrics["first_citation_hit"] == pytest.approx(1 / 3, abs=1e-4)  # answer 1's first (its lead)
+    later = Record([], [], 1.0, [cite("_compat.py", 1, 9), cite("_compat.py", 43, 48)], 0, "", names=0)
+    assert answer_metrics([(Q1, later)])["model_citation_hit"] == 1.0  # a later citation hits ...
+    assert answer_metrics([(Q1, later)])["first_citation_hit"] == 0.0  # ... the first does not
     assert metrics["citation_hit"] == pytest.approx(2 / 3, abs=1e-4)  # answer 2's attributed one hits too
     assert metrics["symbol_hit"] == pytest.approx(2 / 3, abs=1e-4)  # answers 1 and 3
     assert metrics["unknown_identifier_rate"] == pytest.approx(3 / 8)  # 1 + 0 + 2 unknown of 4 + 2 + 2 names

@@ -1,6 +1,9 @@
 """Candidate continuations scored over one prompt's KV cache: exact against plain forward passes."""
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +41,42 @@ def test_a_shared_beginning_is_encoded_once_and_forked(tiny_lm):
             assert mine == pytest.approx(ref, abs=1e-4)
     with pytest.raises(ValueError):
         encode_prefix(tiny_lm.model, [1, 2, 3], base=base)
+
+
+@pytest.fixture(scope="module")
+def many_candidates():
+    rng = np.random.default_rng(0)
+    shared = [[5], [5, 7], [5, 7, 9], [5, 8], [6, 7, 8, 9, 10], [6, 7], [11], [5, 7]]  # shared beginnings, a duplicate
+    return shared + [rng.integers(5, 250, int(rng.integers(1, 6))).tolist() for _ in range(25)]
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 2048])
+def test_many_candidates_in_any_chunking_score_like_separate_passes(tiny_lm, many_candidates, chunk_tokens):
+    prompt = list(range(20, 32))
+    state = encode_prefix(tiny_lm.model, prompt)
+    got = score_continuations(tiny_lm.model, state, many_candidates, chunk_tokens=chunk_tokens)
+    for mine, ref in zip(got, plain_scores(tiny_lm.model, prompt, many_candidates)):
+        assert mine == pytest.approx(ref, abs=1e-4)
+
+
+def test_scores_through_a_forward_hook_and_eager_attention(tiny_lm, many_candidates):
+    """What is mixed in (a hook here, as the mix stage adds) takes part; eager attention gets an additive mask
+    (a boolean one would be added to its scores as 0/1 and hide nothing)."""
+    model = copy.deepcopy(tiny_lm.model)
+    prompt = list(range(40, 47))
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: o + 0.05)
+    try:
+        reference = plain_scores(model, prompt, many_candidates)
+        for implementation in ("sdpa", "eager"):
+            model.set_attn_implementation(implementation)
+            got = score_continuations(model, encode_prefix(model, prompt), many_candidates, chunk_tokens=7)
+            for mine, ref in zip(got, reference):
+                assert mine == pytest.approx(ref, abs=1e-4), implementation
+    finally:
+        handle.remove()
+
+
+def test_an_empty_prompt_is_refused_and_an_empty_candidate_scores_nothing(tiny_lm):
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        encode_prefix(tiny_lm.model, [])
+    assert score_continuations(tiny_lm.model, encode_prefix(tiny_lm.model, [3]), [[1], []])[1] == []

@@ -343,6 +343,13 @@ CONFIG_ERRORS = [
      "value of 'program' must be a finite number"),
     ("PCA_DELTA_CAP nan", ["+env_marker=1"], "PCA_DELTA_CAP must be a finite number > 0"),
     ("prompt null", ["prompt=null"], "error: prompt is null, but node 'select' needs a str: set prompt=<value>"),
+    # the fitted synthesizer's issue-17 knobs (validated before any model loads)
+    ("fitted layout unknown", ["synth=fitted", "synth.layout=windows"], "must be one of 'segments', 'packed'"),
+    ("fitted schedule unknown", ["synth=fitted", "synth.schedule=linear"], "must be one of 'constant', 'cosine'"),
+    ("held-out files over half", ["synth=fitted", "corpus.held_out_files=0.9"],
+     "node 'synth': config key 'held_out_files' must be <= 0.5"),
+    ("negative early-stop patience", ["synth=fitted", "synth.early_stop_patience=-1"],
+     "config key 'early_stop_patience' must be >= 0"),
 ]
 ENVIRONMENT = {"bad PCA_DELTA_CAP": "lots", "PCA_DELTA_CAP nan": "nan"}
 
@@ -500,6 +507,39 @@ def test_two_builds_of_the_same_program_at_once(workspace):
     with np.load(folders[0] / "adapters.npz", allow_pickle=False) as data:
         assert "L0.q_proj.A" in data.files
     assert results[0][0].strip().splitlines()[-1] == results[1][0].strip().splitlines()[-1] == str(folders[0])
+
+
+# ---- closed-book symbol test (pipeline=closed_book, issue 17) ---------------------------------------------
+
+def questions_file(ws, symbol="add", start=1):
+    path = ws["tmp"] / "q.jsonl"
+    path.write_text(json.dumps({"question": "What adds two numbers?", "path": "pkg/core.py", "start": start, "end": 3,
+                                "symbol": symbol}) + "\n")
+    return path
+
+
+CLOSED_BOOK_ERRORS = [
+    ("gold name not defined", lambda ws: questions_file(ws, symbol="subtract"), [],
+     "node 'cb_plain': question 'What adds two numbers?': its definition 'subtract' is not a name of the program"),
+    ("no definition at the line", lambda ws: questions_file(ws, symbol="", start=2), [],
+     "no definition starts at pkg/core.py:2"),
+    ("candidate without {name}", questions_file, ["closed_book.candidate='`x`'"], "must contain {name}"),
+    ("candidate with an unknown field", questions_file, ["closed_book.candidate='{name}{kind}'"],
+     "closed_book.candidate: bad template"),
+    ("unknown score", questions_file, ["closed_book.score=max"], "must be one of 'sum', 'mean', 'pmi'"),
+]
+
+
+@pytest.mark.parametrize("name, make_questions, overrides, expected", CLOSED_BOOK_ERRORS,
+                         ids=[r[0] for r in CLOSED_BOOK_ERRORS])
+def test_bad_closed_book_inputs(workspace, tiny_lm, name, make_questions, overrides, expected):
+    snap = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    args = ["pipeline=closed_book", f"questions={make_questions(workspace)}", "closed_book.progress=false"]
+    code, out, err = call(base_args(workspace) + args + overrides)
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert err.startswith("error: ") and "Traceback" not in err + out
+    assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
+    assert not model_lock(tiny_lm.model).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
 
 
 # ---- evidence spoofing -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline import api
+from pipeline.errors import PipelineError
 from stages.common.adapters import TARGETS, infer_targets, load_npz
 from stages.common.corpus import pieces, segments
 from stages.common.fitting import fit_lora
@@ -198,3 +199,128 @@ def test_adapter_ablation_multirun_summarises_perplexity_and_answers(tmp_path, m
     assert len(rows) == 10 and "ppl.mixed" in rows[0] and "ours.citation_hit" in rows[0]
     by_synth = {json.loads((j / "perplexity.json").read_text())["synth"] for j in jobs}
     assert by_synth == {"none", "hashed", "fitted"}
+
+
+# --- issue 17: held-out files, training data, schedule, curve --------------------------------------------------
+
+MANY = {f"mod_{i}.py": "".join(f"def f{i}_{j}(value):\n    \"\"\"Return value plus {j}.\"\"\"\n    return value + {j}\n\n\n"
+                               for j in range(3 * i + 2)) for i in range(12)}
+
+
+@pytest.fixture
+def many_files(tmp_path, make_tree):
+    return make_tree(tmp_path / "many", MANY)
+
+
+def test_held_out_files_are_a_stable_share_and_never_trained_on(many_files, tiny_lm):
+    from stages.common.corpus import choose_held_out_files, split, training_pieces
+    from stages.index import build_index
+
+    index = build_index(str(many_files), [], 10**6, 80, None)
+    corpus = split(index, tiny_lm.tokenizer, 64, 5, held_out_files=0.1, seed=0)
+    total = sum(len(p.ids) for p in corpus.train + corpus.held_out + corpus.held_out_files)
+    share = sum(len(p.ids) for p in corpus.held_out_files) / total
+    assert corpus.files and 0.1 <= share <= 0.2 + 1e-9
+    assert {p.path for p in corpus.held_out_files} == set(corpus.files)
+    for layout in ("segments", "packed"):
+        for summaries in (False, True):
+            train = training_pieces(corpus, index, tiny_lm.tokenizer, 64, layout, summaries)
+            trained_paths = {span[0] for p in train for span in p.spans()}
+            assert not trained_paths & set(corpus.files)
+            held_lines = {(p.path, n) for p in corpus.held_out for n in range(p.start, p.end + 1)}
+            assert not {(path, n) for p in train for path, a, b in p.spans() for n in range(a, b + 1) if a} & held_lines
+    # the same choice again, another with another seed; a file alone above twice the share is never chosen
+    assert split(index, tiny_lm.tokenizer, 64, 5, 0.1, 0).files == corpus.files
+    assert choose_held_out_files({"a.py": 90, "b.py": 10}, 0.1, 0) == ("b.py",)
+    assert choose_held_out_files({"a.py": 50, "b.py": 50}, 0.1, 0) == ()
+    assert split(index, tiny_lm.tokenizer, 64, 5, 0.0, 0).files == ()
+
+
+def test_packed_pieces_are_full_and_summaries_name_trained_definitions(many_files, tiny_lm):
+    from stages.common.corpus import split, training_pieces
+    from stages.index import build_index
+
+    index = build_index(str(many_files), [], 10**6, 80, None)
+    corpus = split(index, tiny_lm.tokenizer, 64, 5, 0.1, 0)
+    packed = training_pieces(corpus, index, tiny_lm.tokenizer, 64, "packed")
+    assert all(len(p.ids) == 64 for p in packed[:-1])
+    assert sum(len(p.ids) for p in packed) >= sum(len(p.ids) for p in corpus.train)  # + a newline per segment
+    text = tiny_lm.tokenizer.decode([t for p in training_pieces(corpus, index, tiny_lm.tokenizer, 64, "packed", True)
+                                     for t in p.ids])
+    held = {s.name for s in index.symbols if s.path in corpus.files}
+    shown = [s for s in index.symbols if f"`{s.path}` defines `{s.signature}`: {s.doc}" in text]
+    assert len(shown) > len(index.symbols) // 2 and not {s.path for s in shown} & set(corpus.files)
+    assert not any(f"defines `{name}(" in text for name in held)
+
+
+def test_learning_rate_schedule():
+    from stages.common.fitting import lr_at
+
+    assert lr_at(0, 0.0, 1.0, 10, 100.0, "constant", 0, 0.1) == 1.0
+    assert lr_at(0, 0.0, 1.0, 10, 100.0, "cosine", 3, 0.1) == pytest.approx(0.25)  # warm-up: 1/4, 2/4, 3/4
+    assert lr_at(5, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.1) == pytest.approx(0.55)  # half way: mid of 1 and 0.1
+    assert lr_at(5, 90.0, 1.0, 10, 100.0, "cosine", 0, 0.1) < 0.15  # the budget is nearly spent: anneal by clock
+    assert lr_at(10, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.1) == pytest.approx(0.1)
+
+
+def test_curve_and_early_stopping_keep_the_best_checkpoint(index, tiny_lm):
+    from stages.common.corpus import Piece
+
+    train, _ = pieces(index, tiny_lm.tokenizer, seq_len=64, val_every=5)
+    tmap = infer_targets(tiny_lm.model)
+    noise = np.random.default_rng(0).integers(0, 250, (2, 64))  # text unlike the program: fitting makes it worse
+    monitor = {"held_out": [Piece("noise", 1, 1, i, tuple(int(t) for t in row)) for i, row in enumerate(noise)]}
+    result = fit_lora(tiny_lm.model, tmap, train, list(TARGETS), rank=4, lr=0.05, batch_size=2, steps=30,
+                      time_budget_s=600, seed=0, scale=2.0, progress=False, monitor=monitor, monitor_every=2,
+                      early_stop_patience=2)
+    curve = result.curve
+    assert curve[0]["step"] == 0 and curve[0]["train_loss"] is None and all("ppl_held_out" in r for r in curve)
+    assert result.stopped_by == "early_stop" and result.steps < 30  # stopped after 2 checks without a better one
+    best = min(curve, key=lambda r: r["ppl_held_out"])
+    assert result.best_step == best["step"]
+    # the kept factors are the best checkpoint's: scoring them gives the best check's perplexity
+    from stages.common.corpus import perplexity
+
+    with torch.no_grad():
+        deltas = {key: torch.from_numpy(a) @ torch.from_numpy(b) for key, (a, b) in result.factors.items()}
+    trained = copy.deepcopy(tiny_lm.model)
+    tmap2 = infer_targets(trained)
+    with torch.no_grad():
+        for key, delta in deltas.items():
+            tmap2.modules[key][1].weight += delta
+    assert perplexity(trained, monitor["held_out"], 2) == pytest.approx(best["ppl_held_out"], rel=1e-3)
+
+
+def test_bf16_autocast_trains_float32_factors(index, tiny_lm):
+    train, _ = pieces(index, tiny_lm.tokenizer, seq_len=64, val_every=5)
+    result = fit_lora(tiny_lm.model, infer_targets(tiny_lm.model), train, ["down_proj"], rank=2, lr=3e-2,
+                      batch_size=4, steps=15, time_budget_s=120, seed=0, scale=2.0, progress=False,
+                      autocast="bfloat16", schedule="cosine", warmup_steps=2)
+    assert all(a.dtype == np.float32 for a, _ in result.factors.values())
+    assert np.mean(result.losses[-3:]) < result.losses[0]
+
+
+def test_perplexity_graph_reports_held_out_files_and_the_build_curve(tmp_path, many_files, monkeypatch):
+    monkeypatch.setenv("PCA_DELTA_CAP", "off")  # the tiny model's fitted delta passes the cap; the real one is far under
+    _, result = run(tmp_path, f"program_root={many_files}", *FAST, "synth.curve_every=1", "synth.curve_pieces=2",
+                    "prompt=function", pipeline="perplexity")
+    report = result.output("ppl_report", "report")
+    artifacts = result.output("load_artifacts", "artifacts")
+    manifest = artifacts.manifest["synth"]
+    assert manifest["held_out_files"] and report["files_plain"] > 0 and report["files_mixed"] > 0
+    assert report["files_mixed"] == pytest.approx(manifest["files_perplexity_fitted"], rel=1e-3)
+    assert report["files_plain"] == pytest.approx(manifest["files_perplexity_plain"], rel=1e-3)
+    rows = [json.loads(line) for line in (Path(str(artifacts.path)) / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all("ppl_held_out_files" in r for r in rows)
+    assert (Path(str(artifacts.path)) / "curve.png").stat().st_size > 0 and manifest["curve"][0] == "curve.jsonl"
+    # the build's cache key holds the held-out share: another share is another build
+    _, other = run(tmp_path, f"program_root={many_files}", *FAST, "corpus.held_out_files=0.2", "prompt=function",
+                   pipeline="perplexity", tag="other")
+    assert other.output("load_artifacts", "artifacts").path != artifacts.path
+
+
+def test_perplexity_refuses_files_the_build_trained_on(tmp_path, many_files):
+    first, _ = run(tmp_path, f"program_root={many_files}", *FAST)
+    with pytest.raises(PipelineError, match="which the build at .* trained on"):
+        run(tmp_path, f"program_root={many_files}", *FAST, f"adapters={first}", "perplexity.held_out_files=0.3",
+            "prompt=function", pipeline="perplexity", tag="mismatch")

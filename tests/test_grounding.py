@@ -290,20 +290,22 @@ def test_paragraph_stop_ends_the_reply_after_its_paragraphs(default_tokenizer):
     assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply) is None  # no loop
 
 
-def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeat(default_tokenizer):
+def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeats(default_tokenizer):
     from stages.common.grounding import token_texts
     from stages.decode import _ReplyStop, drop_repeated_lines
 
     tok = default_tokenizer
     prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
     lead = "`Console` [console.py:2044-2057]"
-    body = "\nIt writes the buffer.\nExample:\nExample:\nIt writes the buffer.\n" + (lead + "\n") * 5
+    body = ("\nIt writes the buffer.\nExample:\nExample:\nIt writes the buffer.\n" + lead + "\nThen [a.py:3-4].\n"
+            + (lead + "\n") * 5)
     reply = tok(body, add_special_tokens=False)["input_ids"]
-    # a short line ("Example:") may repeat; the first long line written twice ends the reply
-    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply)
-    assert ended_at is not None and tok.decode(reply[:ended_at]).endswith("Example:\nIt writes the buffer.\n")
-    assert drop_repeated_lines(lead + tok.decode(reply[:ended_at])) == lead + "\nIt writes the buffer.\nExample:\nExample:"
-    # the lead is part of what was written: the model repeating it is a loop too
-    looped = tok("\n" + lead + "\n", add_special_tokens=False)["input_ids"]
-    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True, lead), prompt, looped) is not None
-    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, looped) is None
+    # short lines ("Example:") repeat freely; a line restated once goes on; the third writing of one is a loop
+    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True, lead), prompt, reply)
+    written = tok.decode(reply[:ended_at]) if ended_at else ""
+    assert ended_at is not None and written.endswith("Then [a.py:3-4].\n" + lead + "\n")
+    assert drop_repeated_lines(lead + written) == lead + "\nIt writes the buffer.\nExample:\nExample:\nThen [a.py:3-4].\n"
+    # without the lead before it, the same reply needs one more writing of that line
+    later = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply)
+    assert later is not None and later > ended_at
+    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, reply) is None

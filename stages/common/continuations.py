@@ -4,6 +4,9 @@ The prompt is encoded once (`encode_prefix`); the candidates are then packed int
 each attending to the whole prompt and to its own earlier tokens only (a block-diagonal 4D mask, positions
 restarting after the prompt for every candidate), so N candidates cost one forward of their total length. The
 cache is cropped back to the prompt afterwards, so decoding can go on from it (the prompt is paid for once).
+Each score equals the one a separate forward of prompt + candidate gives (tested, sdpa and eager attention), and
+whatever is mixed into the model (hooks or merged weights) takes part: a mixed model scores through the real mix
+path. Users: the lead choice of `decode` and the closed-book symbol test (`stages/closed_book.py`).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: 
 
     import torch
 
+    if not len(ids):
+        raise ValueError("encode_prefix: the prompt has no tokens")
     device = next(model.parameters()).device
     start, cache = 0, None
     if base is not None:
@@ -57,36 +62,46 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def score_continuations(model, prefix: PrefixState, candidates: list[list[int]], chunk_tokens: int = 2048) -> list[list[float]]:
-    """Per candidate, the log-probability of each of its tokens after the prompt (the cache is left as it was)."""
+    """Per candidate, the log-probability of each of its tokens after the prompt (the cache is left as it was).
+
+    A candidate's first token is scored by the prompt's last position; only its other tokens' predecessors (all
+    but its last token) go through the model. At most ``chunk_tokens`` of them go through one forward (a longer
+    candidate goes alone), which bounds the chunk x vocabulary logits too. An empty candidate scores [].
+    """
     import torch
 
     device = next(model.parameters()).device
+    eager = getattr(model.config, "_attn_implementation", None) == "eager"
     length = len(prefix.ids)
-    scores: list[list[float]] = [[] for _ in candidates]
-    order = [i for i in range(len(candidates)) if candidates[i]]
+    scores: list[list[float]] = [[float(prefix.next_logprobs[c[0]])] if c else [] for c in candidates]
+    order = [i for i in range(len(candidates)) if len(candidates[i]) > 1]
     while order:
         batch, total = [], 0
-        while order and (not batch or total + len(candidates[order[0]]) <= chunk_tokens):
+        while order and (not batch or total + len(candidates[order[0]]) - 1 <= chunk_tokens):
             batch.append(order.pop(0))
-            total += len(candidates[batch[-1]])
+            total += len(candidates[batch[-1]]) - 1
         tokens, positions, blocks = [], [], []
         for i in batch:
-            blocks.append((len(tokens), len(candidates[i])))
-            tokens.extend(candidates[i])
-            positions.extend(range(length, length + len(candidates[i])))
+            fed = candidates[i][:-1]
+            blocks.append((len(tokens), len(fed)))
+            tokens.extend(fed)
+            positions.extend(range(length, length + len(fed)))
         mask = torch.zeros(1, 1, total, length + total, dtype=torch.bool, device=device)
         mask[..., :length] = True
         for start, size in blocks:
             mask[0, 0, start:start + size, length + start:length + start + size] = torch.ones(size, size, dtype=torch.bool).tril()
+        if eager:  # eager attention adds the mask to its scores: a bool mask would add 0/1, not hide anything
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         with torch.no_grad():
             out = model(input_ids=torch.tensor([tokens], device=device), attention_mask=mask,
                         position_ids=torch.tensor([positions], device=device), use_cache=True,
                         **{cache_kwarg(model): prefix.cache})
         prefix.cache.crop(-(prefix.cache.get_seq_length() - length))
-        logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+        logits = out.logits[0].float()
+        rows = [start + j for start, size in blocks for j in range(size)]
+        wanted = [candidates[i][j + 1] for i, (_, size) in zip(batch, blocks) for j in range(size)]
+        picked = (logits[rows, wanted] - torch.logsumexp(logits, dim=-1)[rows]).tolist()
         for i, (start, size) in zip(batch, blocks):
-            ids = candidates[i]
-            first = float(prefix.next_logprobs[ids[0]])
-            rest = [float(logprobs[start + j - 1, ids[j]]) for j in range(1, size)]
-            scores[i] = [first, *rest]
+            scores[i].extend(picked[start:start + size])
     return scores

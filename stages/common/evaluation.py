@@ -174,6 +174,7 @@ def score(questions: list[Question], records: list[Record], k: int) -> dict[str,
 
 
 ANSWER_METRICS = ["citation_hit", "citation_precision", "citations_model", "model_citation_rate", "model_citation_hit",
+                  "first_citation_hit",
                   "symbol_hit", "unknown_identifier_rate", "unknown_per_answer", "retries", "retry_rate",
                   "tokens_per_second"]
 
@@ -202,6 +203,9 @@ def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float |
         "model_citation_rate": _mean([float(any(c["valid"] and c.get("source") == "model" for c in r.citations))
                                       for _, r in answered]),
         "model_citation_hit": _mean([float(_hit(q, r.citations, "model")) for q, r in answered]),
+        # the first citation the model wrote (in the lead answer form: the lead's) is valid and hits
+        "first_citation_hit": _mean([float(_hit(q, [c for c in r.citations if c.get("source") == "model"][:1]))
+                                     for q, r in answered]),
         "symbol_hit": _mean([float(mentions(r.answer or "", q.symbol)) for q, r in with_symbol]),
         "unknown_identifier_rate": round(sum(len(r.unknown) for _, r in answered) / names, 4) if names else 0.0,
         "unknown_per_answer": _mean([float(len(r.unknown)) for _, r in answered]),
