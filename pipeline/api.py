@@ -145,15 +145,16 @@ def generate_answer(model_id: str | None = None, adapters_npz: str | None = None
 
 def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, overrides: list[str] = (),
              **knobs: Any) -> dict[str, Any]:
-    """Selection, rerank and packing only (no decoding): files, packed windows and per-node timings."""
+    """The retrieval graph only (selection and packing, no decoding): files, packed windows and per-node timings."""
     _check_arg("program_root", program_root, "a folder path", required=True)
     _check_arg("prompt", prompt, "the question, a string", required=True)
     _check_arg("model_id", model_id, "a short name (smollm2, tiny_random), a local folder or a .gguf path")
     model_id = None if model_id is None else str(model_id)
-    args = ["pipeline=retrieve", *model_overrides(model_id), f"program_root={_literal(str(program_root))}",
+    table = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "api.yaml"), resolve=False)["retrieve"]
+    args = [f"pipeline={table['graph']}", *model_overrides(model_id), f"program_root={_literal(str(program_root))}",
             f"prompt={_literal(prompt)}", *knob_overrides(knobs), *overrides]
     evidence, result = run(args)
-    selection = result.output("rescore", "selection")
+    selection = result.output(*str(table["selection"]).split(".", 1))
     return {
         "files_selected": list(selection.files),
         "windows_packed": [w.span() for w in evidence.windows],

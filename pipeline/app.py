@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -30,7 +31,8 @@ def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> Ru
     """Build, validate and run the graph of ``cfg``; the trace is written to ``run_dir/trace.json``."""
     graph = build_graph(cfg).instantiate()
     config = OmegaConf.to_container(cfg, resolve=False)
-    context = RunContext(Path(run_dir), list(overrides), config)
+    context = RunContext(Path(run_dir), list(overrides), config,
+                         run_graph=functools.partial(run_graph, config, list(overrides)))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     result = None
     try:
@@ -43,6 +45,27 @@ def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> Ru
         if result is not None:
             trace["nodes"] = result.trace_dict()
         write_atomic(Path(run_dir) / "trace.json", json.dumps(trace, indent=2, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _graph_section(name: str) -> DictConfig:
+    from .api import compose
+
+    return compose([f"pipeline={name}"]).pipeline
+
+
+def run_graph(config: dict, overrides: list[str], graph: str, values: dict[str, str], run_dir: str | Path,
+              drop: tuple[str, ...] = ()) -> RunResult:
+    """``RunContext.run_graph``: the graph file ``graph`` run with this run's config, ``values`` set (as text, never
+    interpolated) at their top-level keys; overrides of ``drop`` keys, of ``pipeline`` and of ``values`` are not
+    repeated in the inner run's trace."""
+    cfg = OmegaConf.create(config)
+    cfg.pipeline = _graph_section(graph).copy()
+    for key, value in values.items():
+        cfg[key] = as_text(value)
+    skipped = {"pipeline", *values, *drop}
+    kept = [o for o in overrides if o.split("=")[0].lstrip("+~") not in skipped]
+    return run_config(cfg, run_dir, [*kept, f"pipeline={graph}"])
 
 
 def result_value(cfg: DictConfig, result: RunResult) -> Any:

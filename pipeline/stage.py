@@ -17,7 +17,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from .errors import ConfigError
 
@@ -72,6 +72,10 @@ class RunContext:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     statuses: dict[str, str] = dataclasses.field(default_factory=dict)
     failure: str | None = None
+    # run another graph of this app with this run's config: ``run_graph(graph, {key: text}, run_dir, drop=())``
+    # -> RunResult. How a stage that drives graphs (the eval, once per question) runs one without importing the
+    # framework's apps; the framework sets it, None outside an app.
+    run_graph: Callable[..., Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class Stage:

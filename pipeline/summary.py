@@ -1,7 +1,8 @@
 """`python -m pipeline.summary <multirun folder> [--metric NAME]`: one row per job of a sweep (SPEC §8).
 
-Each job folder of a Hydra multirun holds `.hydra/overrides.yaml` and whatever its graph wrote: `telemetry.json`
-(answer graph), `perplexity.json`, `eval.json`, `closed_book.json` and `trace.json` (any graph: status, node seconds). The overrides and their scalar results become a table, printed
+Each job folder of a Hydra multirun holds `.hydra/overrides.yaml`, `trace.json` (any graph: status, node seconds)
+and the result files its graph wrote, as listed in `conf/summary.yaml` (`telemetry.json`, `eval.json`, ...). The
+overrides and their scalar results become a table, printed
 (the overrides that vary and the key metrics) and saved whole as CSV, and `--metric` is plotted per job (PNG).
 This reads files only; it knows no stage.
 """
@@ -19,17 +20,13 @@ from typing import Any
 
 import yaml
 
-# result file -> (column prefix, the sub-mapping that holds its results or None for the top level)
-SOURCES = {"telemetry.json": ("", None), "perplexity.json": ("ppl.", None), "eval.json": ("", "metrics"),
-           "closed_book.json": ("cb.", None)}
-# shown in the terminal when present (the CSV has every column); patterns match eval's per-system metrics
-KEY_COLUMNS = ["status", "trace.seconds", "elapsed_sec", "citations_valid", "citations_total", "citation_precision", "citations_model",
-               "citations_model_valid", "unknown_identifier_rate", "grounded", "decoding.tokens_per_second",
-               "retries", "tokens.generated", "ppl.plain", "ppl.mixed", "ppl.change", "ppl.files_plain", "ppl.files_mixed",
-               "ppl.files_change", "cb.plain.top5", "cb.mixed.top1", "cb.mixed.top5", "cb.mixed.mrr", "*.file_recall@*",
-               "*.evidence_recall@*", "*.citation_hit", "*.model_citation_rate", "*.model_citation_hit",
-               "*.first_citation_hit", "*.symbol_hit", "*.unknown_identifier_rate", "*.retry_rate", "*.tokens_per_second", "*.seconds"]
-PREFERRED_METRICS = ["ours.evidence_recall@5", "ppl.mixed", "citations_valid", "elapsed_sec", "trace.seconds"]
+from . import CONF_DIR
+
+# which result files a job may hold and which values are shown: data in conf/summary.yaml (stages' names, not ours)
+SETTINGS = yaml.safe_load((CONF_DIR / "summary.yaml").read_text(encoding="utf-8"))
+SOURCES = {name: (spec["prefix"], spec["section"]) for name, spec in SETTINGS["sources"].items()}
+KEY_COLUMNS: list[str] = SETTINGS["key_columns"]
+PREFERRED_METRICS: list[str] = SETTINGS["preferred_metrics"]
 
 
 class SummaryError(Exception):
@@ -122,7 +119,7 @@ def pick_metric(rows: list[dict], wanted: str | None) -> str:
         if name in numeric:
             return name
     if not numeric:
-        raise SummaryError("the jobs wrote no numeric results (no trace.json, telemetry.json, perplexity.json or eval.json)")
+        raise SummaryError(f"the jobs wrote no numeric results (no trace.json, {', '.join(SOURCES)})")
     return numeric[0]
 
 

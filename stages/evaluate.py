@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from omegaconf import OmegaConf
-
 from pipeline.cache import write_atomic
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import Range, RunContext, Stage
@@ -78,13 +76,8 @@ class RunGraphPerQuestion(Stage):
     def run(self, context: RunContext, questions: QuestionSet) -> dict:
         from tqdm import tqdm
 
-        from pipeline.api import compose
-        from pipeline.app import as_text, run_config
-
-        config = OmegaConf.create(context.config)
-        config.pipeline = compose([f"pipeline={self.graph}"]).pipeline
-        overrides = [o for o in context.overrides if o.split("=")[0].lstrip("+~") not in ("pipeline", "questions")]
-        overrides.append(f"pipeline={self.graph}")
+        if context.run_graph is None:
+            raise ConfigError("the eval's per-question runs need a framework that runs graphs (RunContext.run_graph)")
         loggers = [logging.getLogger(name) for name in ("pipeline", "stages")]
         levels = [logger.level for logger in loggers]
         records, tokenizers = [], []
@@ -93,10 +86,10 @@ class RunGraphPerQuestion(Stage):
                 logger.setLevel(logging.WARNING)  # one progress bar, not a log line per node per question
             bar = tqdm(questions.questions, desc=f"eval ({self.graph})", unit="q", disable=not self.progress)
             for number, question in enumerate(bar, start=1):
-                config.prompt = as_text(question.question)
                 started = time.perf_counter()
                 try:
-                    result = run_config(config, Path(context.run_dir) / "questions" / f"{number:04d}", overrides)
+                    result = context.run_graph(self.graph, {"prompt": question.question},
+                                               Path(context.run_dir) / "questions" / f"{number:04d}", drop=("questions",))
                 except PipelineError as err:
                     raise PipelineError(f"question {number} ({question.path}:{question.start}): {err}") from err
                 records.append(self._record(result, time.perf_counter() - started))
