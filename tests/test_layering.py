@@ -135,3 +135,16 @@ def test_the_checks_catch_what_they_forbid():
     assert naming_violations(framework, 'ref = "rescore.selection"\n')
     assert naming_violations(framework, 'cols = ["ppl.mixed"]\n')
     assert not naming_violations(framework, '"""rescore.selection in a docstring is prose"""\nx = "trace.json"\n')
+
+
+def test_retrieve_api_reads_its_graph_and_refs_from_conf(tmp_path, make_tree):
+    """pipeline.retrieve runs the graph conf/api.yaml names and returns what its `selection` ref points at."""
+    import pipeline
+
+    program = make_tree(tmp_path / "prog", {"kettle.py": "def boil_water(litres):\n    return litres * 4.2\n",
+                                            "cup.py": "class Cup:\n    def fill(self, water):\n        return water\n"})
+    found = pipeline.retrieve(str(program), "how is water boiled", model_id="tiny_random",
+                              overrides=[f"paths.outputs={tmp_path / 'out'}", "select=question"])
+    assert found["files_selected"][0] == "kettle.py"
+    assert any(span["path"] == "kettle.py" for span in found["windows_packed"]), found["windows_packed"]
+    assert "pack" in found["timings"]
