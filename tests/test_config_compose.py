@@ -180,4 +180,10 @@ def test_command_line_knobs_reach_the_stage():
 
 
 def test_min_citations_zero_is_accepted_everywhere_it_flows():
-    build_graph(compose_config("cite.min_citations=0")).instantiate()
+    """0 (no citation required) passes every Range check and reaches both checks and both prompts."""
+    graph = build_graph(compose_config("cite.min_citations=0")).instantiate()
+    flows = [n for n in ("cite", "cite_retry", "prompt", "prompt_retry") if n in graph.nodes]
+    assert flows == ["cite", "cite_retry", "prompt", "prompt_retry"]
+    assert [graph.nodes[n].stage.min_citations for n in flows] == [0, 0, 0, 0]
+    with pytest.raises(ConfigError, match="min_citations"):
+        build_graph(compose_config("cite.min_citations=-1")).instantiate()

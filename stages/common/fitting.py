@@ -1,6 +1,6 @@
 """Fitting LoRA factors on the program's own text (SPEC §4b): next-token loss, model frozen.
 
-The LoRA path is the same forward hook the mix stage uses (output += s·(x Bᵀ) Aᵀ), so the stored factors,
+The LoRA path is the mix stage's own forward hook (`mixing.lora_forward_hook`: output += s·(x Bᵀ) Aᵀ), so the stored factors,
 with s folded in, reproduce the trained model through the real mix path. CPU runs are deterministic: fixed
 seed, fixed data order, and a learning-rate schedule that follows the step count (see `lr_at`).
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from stages.common.adapters import TargetMap
 from stages.common.corpus import Piece, padded, perplexity
+from stages.common.mixing import lora_forward_hook
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,7 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
     per_module: dict[str, list] = {}
     for key, (a, b) in params.items():
         name, module, rows = tmap.modules[key]
-        per_module.setdefault(name, [module, []])[1].append((a, b, rows))
-
-    def make_hook(items):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            for a, b, rows in items:
-                delta = scale * ((x @ b.T) @ a.T)
-                if rows is None:
-                    output = output + delta
-                else:
-                    output = torch.cat([output[..., : rows.start], output[..., rows] + delta, output[..., rows.stop :]], -1)
-            return output
-        return hook
+        per_module.setdefault(name, [module, []])[1].append((a, b, rows, None))
 
     device_type = next(model.parameters()).device.type
     if autocast == "bfloat16":
@@ -110,7 +99,7 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
     else:
         amp = contextlib.nullcontext
     monitor = {name: chosen for name, chosen in (monitor or {}).items() if chosen}
-    handles = [module.register_forward_hook(make_hook(items)) for module, items in per_module.values()]
+    handles = [module.register_forward_hook(lora_forward_hook(items, scale)) for module, items in per_module.values()]
     optimizer = torch.optim.AdamW([p for pair in params.values() for p in pair], lr=lr, weight_decay=weight_decay)
     order_rng = np.random.default_rng(seed)
     order: list[int] = []

@@ -290,7 +290,7 @@ class MixHandle:
                 else:
                     hook_items = items
                 if hook_items:
-                    self._hooks.append(module.register_forward_hook(_make_hook(hook_items)))
+                    self._hooks.append(module.register_forward_hook(lora_forward_hook(hook_items)))
 
     def restore(self) -> None:
         import torch
@@ -308,12 +308,22 @@ class MixHandle:
         return {"mode": self.mode, "active": self.active, "applied": self.applied}
 
 
-def _make_hook(items: list):
+def lora_forward_hook(items: list, scale: float = 1.0):
+    """The forward hook of a LoRA path: ``output += scale · (x Bᵀ) Aᵀ (+ bias)`` for each ``(a, b, rows, bias)``
+    of ``items`` (``rows``: one half of a fused module's output; ``a`` None: a bias only). Computed in float32 and
+    cast once to the output's dtype; differentiable (the fitting stage trains its factors through this very hook,
+    so what it stores reproduces the trained model through the mix)."""
+    import torch
+
+    a32 = torch.float32
+
     def hook(module, inputs, output):
         x = inputs[0]
         x32 = x if x.dtype == a32 else x.float()
         for a, b, rows, bias in items:
             delta = (x32 @ b.T) @ a.T if a is not None else 0
+            if scale != 1.0 and a is not None:
+                delta = delta * scale
             if bias is not None:
                 delta = delta + bias
             if not isinstance(delta, int) and delta.dtype != output.dtype:
@@ -324,10 +334,6 @@ def _make_hook(items: list):
                 output = output.clone()
                 output[..., rows] += delta
         return output
-
-    import torch
-
-    a32 = torch.float32
 
     return hook
 
