@@ -7,6 +7,7 @@ the targets are about.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import ast
 import copy
 import importlib.util
@@ -18,11 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 from pipeline import PROJECT_ROOT
 
 # the site-packages that holds hydra (not sys.prefix's: a venv layered over another by a .pth file has its own)
-SITE = Path(importlib.util.find_spec("hydra").origin).parent.parent
+SITE = Path(str(getattr(importlib.util.find_spec("hydra"), "origin", ""))).parent.parent
 PROGRAM_80 = SITE / "hydra"  # ~80 Python files, a real program we did not write
 TREE_2000 = SITE / "sympy"  # ~1,500 Python files (~3,000 files) for the indexing row
 OUT = PROJECT_ROOT / "outputs" / "bench"
@@ -99,7 +101,7 @@ def _sweep(pipeline: str, sweep: dict[str, list[str]], extra: list[str]) -> tupl
     """Seconds for the sweep as one `-m` multirun, and for the same jobs as separate processes."""
     common = [f"pipeline={pipeline}", f"program_root={PROGRAM_80}", "prompt=How are config groups composed?",
               "hydra/job_logging=disabled", "hydra/hydra_logging=disabled", *extra]
-    jobs = [[]]
+    jobs: list[list[str]] = [[]]
     for key, values in sweep.items():
         jobs = [job + [f"{key}={v}"] for job in jobs for v in values]
     base = [sys.executable, "-m", "pipeline.run"]
@@ -270,7 +272,7 @@ def mix_vs_peft() -> list[dict]:
     with torch.no_grad():
         for (layer, target), (name, _, _) in tmap.modules.items():
             module = peft_model.base_model.model.get_submodule(name)
-            a, b = adapters.pair(layer, target)
+            a, b = adapters.pair(layer, target)  # type: ignore[misc]  # synthesized: every target has a pair
             module.lora_A["default"].weight.copy_(torch.from_numpy(b))
             module.lora_B["default"].weight.copy_(torch.from_numpy(a))
     peft_before = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" not in k}
@@ -328,7 +330,7 @@ print(json.dumps({{"peak": peak_rss_mb(), "imports": imports, "weights": weight_
 """
 
 
-def peak_rss(extra: list[str] = ()) -> dict:
+def peak_rss(extra: Sequence[str] = ()) -> dict:
     """Peak RSS of one answer in a fresh process vs its floor: the interpreter with every import done plus the weights."""
     got = _python(_RSS_CODE.format(root=str(PROGRAM_80), extra=list(extra)))
     floor = got["imports"] + got["weights"]
@@ -409,7 +411,7 @@ def _bytes_per_token(lm, context: int) -> tuple[int, int]:
     return weight_bytes(lm.model), kv
 
 
-def _answer_args(extra: list[str] = ()) -> list[str]:
+def _answer_args(extra: Sequence[str] = ()) -> list[str]:
     n = str(DECODE_TOKENS)
     # exactly n tokens on both sides: the reply stops (paragraphs, repeated line) would end ours early
     return [f"program_root={PROGRAM_80}", f"prompt={DECODE_PROMPT}", f"decode.max_new_tokens={n}",
@@ -457,12 +459,13 @@ def decode_floor() -> list[dict]:
     adapters = synthesize(np.random.default_rng(0).standard_normal(1536), tmap.num_layers, tmap.shapes, list(TARGETS), 12, 0)
     settings = MixSettings(0.25, 16.0, 12, {}, [1.0] * tmap.num_layers, {}, 0.05)
     per_mode = {}
-    for mode in ("none", "hooks", "merge"):
-        mix = AdapterMix(lm, tmap, mode, adapters, None, 16.0) if mode != "none" else None
+    modes: tuple[Literal["hooks", "merge"] | None, ...] = (None, "hooks", "merge")
+    for mix_mode in modes:
+        mix = AdapterMix(lm, tmap, mix_mode, adapters, None, 16.0) if mix_mode else None
         if mix:
             mix.apply(settings)
         try:
-            per_mode[mode] = _plain_generate(lm, ids)["tps"]
+            per_mode[mix_mode or "none"] = _plain_generate(lm, ids)["tps"]
         finally:
             if mix:
                 mix.restore()
@@ -564,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         result = BENCHES[name]()
-        rows.extend({**r, "bench": name} for r in (result if isinstance(result, list) else [result]))
+        rows.extend({**dict(r), "bench": name} for r in (result if isinstance(result, list) else [result]))
         _write(rows)  # after every row: a long run that is cut short keeps what it measured
     width = max(len(r["name"]) for r in rows)
     print(f"{'benchmark':<{width}}  {'value':>10}  {'peer':>10}  {'ratio':>8}  {'target':<22} met")

@@ -49,6 +49,13 @@ VARIANTS: dict[str, list[str]] = {
 COMMON = ["synth.time_budget_s=100000", "synth.progress=false", "synth.curve_every=6", "synth.curve_pieces=8"]
 
 
+
+def _stage(graph, node: str):
+    """An instantiated graph's stage object of ``node``."""
+    stage = graph.nodes[node].stage
+    assert stage is not None, f"graph not instantiated: {node}"
+    return stage
+
 def load_avg() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -70,11 +77,11 @@ def run(programs: list[str], variants: list[str], out: Path, steps: int, extra: 
             with initialize_config_dir(config_dir=str(pipeline.CONF_DIR), version_base="1.3"):
                 cfg = compose("config", overrides=overrides)
             graph = build_graph(cfg).instantiate()
-            lm = lm or graph.nodes["model"].stage.run()["lm"]
+            lm = lm or _stage(graph, "model").run()["lm"]
             index_cfg = cfg.index
             index = build_index(program, list(index_cfg.ignore), index_cfg.max_file_bytes, index_cfg.window_lines, None)
             load_before, cpu, wall = load_avg(), time.process_time(), time.perf_counter()
-            meta = graph.nodes["synth"].stage.run(embedding=None, lm=lm, index=index)["adapters"].meta
+            meta = _stage(graph, "synth").run(embedding=None, lm=lm, index=index)["adapters"].meta
             row = {"program": Path(program).name, "variant": name, "overrides": VARIANTS[base] + more + extra,
                    "threads": int(os.environ.get("OMP_NUM_THREADS", "0")), "load_before": load_before,
                    "load_after": load_avg(), "cpu_seconds": round(time.process_time() - cpu, 1),

@@ -160,7 +160,7 @@ def key_problem(key: str, shapes: dict[str, tuple[int, int]], num_layers: int) -
 
 def shape_problem(key: str, shape: tuple, shapes: dict[str, tuple[int, int]]) -> str | None:
     """Why a factor of this shape cannot belong to this model (``key`` already checked by ``key_problem``)."""
-    _, target, part = KEY.match(key).groups()
+    _, target, part = KEY.match(key).groups()  # type: ignore[union-attr]  # key_problem checked it
     d_out, d_in = shapes[target]
     if part == "A" and (len(shape) != 2 or shape[0] != d_out):
         return f"has shape {shape}, the model needs ({d_out}, r)"
@@ -194,7 +194,7 @@ def check_factors(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, in
         if problem:
             raise InputError(f"{origin}: '{key}' {problem}")
     for key in arrays:
-        layer, target, part = KEY.match(key).groups()
+        layer, target, part = KEY.match(key).groups()  # type: ignore[union-attr]  # checked above
         if part in ("A", "B"):
             other = f"L{layer}.{target}.{'B' if part == 'A' else 'A'}"
             if other not in arrays:

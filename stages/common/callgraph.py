@@ -96,7 +96,7 @@ class CallGraph:
         """``(src, dst, type)`` in insertion order, of the given types, with an end in ``touching`` when given."""
         mask = np.ones(self.num_edges, bool) if types is None else np.isin(self.types, [EDGE_TYPES.index(t) for t in types])
         if touching is not None:
-            wanted = np.zeros(len(self.ids), bool)
+            wanted: np.ndarray = np.zeros(len(self.ids), bool)
             wanted[[i for i in (self.position(n) for n in touching) if i is not None]] = True
             mask &= wanted[self.src] | wanted[self.dst]
         ids = self.ids

@@ -76,11 +76,14 @@ def score_continuations(model, prefix: PrefixState, candidates: list[list[int]],
     scores: list[list[float]] = [[float(prefix.next_logprobs[c[0]])] if c else [] for c in candidates]
     order = [i for i in range(len(candidates)) if len(candidates[i]) > 1]
     while order:
-        batch, total = [], 0
+        batch: list[int] = []
+        total = 0
         while order and (not batch or total + len(candidates[order[0]]) - 1 <= chunk_tokens):
             batch.append(order.pop(0))
             total += len(candidates[batch[-1]]) - 1
-        tokens, positions, blocks = [], [], []
+        tokens: list[int] = []
+        positions: list[int] = []
+        blocks = []
         for i in batch:
             fed = candidates[i][:-1]
             blocks.append((len(tokens), len(fed)))

@@ -60,7 +60,7 @@ class SentenceEncoder:
         import torch
         from tqdm.auto import tqdm
 
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        out: np.ndarray = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         with torch.inference_mode():
@@ -109,7 +109,7 @@ def _vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_d
                     dtype="S32")
     path = cache_dir / "dense" / f"{fingerprint([str(index.root), tag], 24)}.npz" if cache_dir else None
     known = _load(path, enc.dim)
-    vectors = np.zeros((len(texts), enc.dim), dtype=np.float32)
+    vectors: np.ndarray = np.zeros((len(texts), enc.dim), dtype=np.float32)
     missing = []
     for row, key in enumerate(keys):
         if key in known:

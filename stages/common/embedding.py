@@ -25,8 +25,8 @@ def stable_hash(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
 
 
-def hash_features(features: Counter, dim: int, seed: int) -> np.ndarray:
-    vec = np.zeros(dim, dtype=np.float64)
+def hash_features(features: dict[str, float], dim: int, seed: int) -> np.ndarray:
+    vec: np.ndarray = np.zeros(dim, dtype=np.float64)
     for key in sorted(features):  # sorted: float sums in a fixed order
         h = stable_hash(key, seed)
         vec[h % dim] += features[key] if (h >> 63) == 0 else -features[key]
@@ -39,9 +39,10 @@ def _normalised(vec: np.ndarray) -> np.ndarray:
 
 
 def channel_features(index: ProgramIndex, paths: set[str] | None, include_text: bool,
-                     text_max_bytes: int) -> dict[str, Counter]:
+                     text_max_bytes: int) -> dict[str, dict[str, float]]:
     keep = (lambda p: True) if paths is None else (lambda p: p in paths)
-    feats = {name: Counter() for name in CHANNELS}
+    # weighted counts (floats): a Counter's missing keys read 0 without being inserted
+    feats: dict[str, dict[str, float]] = {name: Counter() for name in CHANNELS}  # type: ignore[misc]
     symbols = [s for s in index.symbols if keep(s.path)]
     for sym in symbols:
         feats["sym"][f"{sym.kind}:{sym.name}"] += 1.0
@@ -88,7 +89,7 @@ def embed(index: ProgramIndex, paths: set[str] | None = None, dim: int = 1536, s
     """``{"z": program vector, "z_sym": ..., ...}`` as float32 arrays of length ``dim``."""
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     feats = channel_features(index, paths, include_text, text_max_bytes)
-    total = np.zeros(dim, dtype=np.float64)
+    total: np.ndarray = np.zeros(dim, dtype=np.float64)
     out: dict[str, np.ndarray] = {}
     for name in CHANNELS:
         vec = _normalised(hash_features(feats[name], dim, seed))

@@ -192,19 +192,19 @@ def mentions(text: str, name: str) -> bool:
 def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float | None]:
     """SPEC §9 answer metrics. Model citations are the ones the model wrote (`source: model`), apart from those
     citation repair attributed; the unknown-identifier rate is unknown names ÷ code-like names over all answers."""
-    cites = [c for _, r in answered for c in r.citations]
+    cites = [c for _, r in answered for c in (r.citations or [])]
     names = sum(r.names for _, r in answered)
     with_symbol = [(q, r) for q, r in answered if q.symbol]
     decoding = [r for _, r in answered if r.decode_seconds > 0]
     return {
-        "citation_hit": _mean([float(_hit(q, r.citations)) for q, r in answered]),
+        "citation_hit": _mean([float(_hit(q, (r.citations or []))) for q, r in answered]),
         "citation_precision": round(sum(c["valid"] for c in cites) / len(cites), 4) if cites else 0.0,
-        "citations_model": _mean([float(sum(c.get("source") == "model" for c in r.citations)) for _, r in answered]),
-        "model_citation_rate": _mean([float(any(c["valid"] and c.get("source") == "model" for c in r.citations))
+        "citations_model": _mean([float(sum(c.get("source") == "model" for c in (r.citations or []))) for _, r in answered]),
+        "model_citation_rate": _mean([float(any(c["valid"] and c.get("source") == "model" for c in (r.citations or [])))
                                       for _, r in answered]),
-        "model_citation_hit": _mean([float(_hit(q, r.citations, "model")) for q, r in answered]),
+        "model_citation_hit": _mean([float(_hit(q, (r.citations or []), "model")) for q, r in answered]),
         # the first citation the model wrote (in the lead answer form: the lead's) is valid and hits
-        "first_citation_hit": _mean([float(_hit(q, [c for c in r.citations if c.get("source") == "model"][:1]))
+        "first_citation_hit": _mean([float(_hit(q, [c for c in (r.citations or []) if c.get("source") == "model"][:1]))
                                      for q, r in answered]),
         "symbol_hit": _mean([float(mentions(r.answer or "", q.symbol)) for q, r in with_symbol]),
         "unknown_identifier_rate": round(sum(len(r.unknown) for _, r in answered) / names, 4) if names else 0.0,

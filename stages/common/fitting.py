@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -114,7 +114,7 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
     def check(step: int) -> bool:
         """Score the monitored sets; True when early stopping says stop."""
         nonlocal best, since_best
-        row = {"step": step, "seconds": round(clock, 3), "wall": round(time.perf_counter() - started, 3),
+        row: dict[str, Any] = {"step": step, "seconds": round(clock, 3), "wall": round(time.perf_counter() - started, 3),
                "lr": lr_at(step, clock, lr, steps, time_budget_s, schedule, warmup_steps, min_lr_ratio),
                "train_loss": float(np.mean(losses[curve[-1]["step"] if curve else 0 :])) if losses else None}
         for name, chosen in monitor.items():

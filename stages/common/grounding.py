@@ -18,7 +18,7 @@ sampling only ever sees allowed tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Any, Iterable
 
 END = -1
 CITATION_OPENER, CODE_OPENER = "[", "`"
@@ -285,7 +285,7 @@ class WordGuard:
 
     def known_after(self, word: str) -> set[int]:
         """Tokens whose lead keeps ``word`` a prefix of a known name (or, if the token ends the word, a known name)."""
-        node = self.trie
+        node: Any = self.trie  # a nested dict: char -> child ("" -> the token ids that end there)
         for ch in word:
             node = node.get(ch)
             if node is None:

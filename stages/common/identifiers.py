@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 
 from stages.common.types import ProgramIndex
 
@@ -41,7 +42,7 @@ class NameCheck:
         return {"names": len(self.names), "unknown": self.unknown[:10]}
 
 
-def code_names(text: str, skip: list[tuple[int, int]] = ()) -> list[str]:
+def code_names(text: str, skip: Sequence[tuple[int, int]] = ()) -> list[str]:
     """Distinct code-like names of ``text`` in order of appearance; character spans in ``skip`` (citations,
     markers the pipeline wrote) are ignored."""
     masked = list(text)
@@ -56,8 +57,8 @@ def code_names(text: str, skip: list[tuple[int, int]] = ()) -> list[str]:
         else:  # a fenced block: its first line names the language
             newline = match.group().find("\n")
             body, offset = ("", 0) if newline < 0 else (match.group()[newline:], match.start() + newline)
-        for name in re.finditer(rf"{DOTTED}|{IDENT.pattern}", body):
-            found.append((offset + name.start(), name.group()))
+        for hit in re.finditer(rf"{DOTTED}|{IDENT.pattern}", body):
+            found.append((offset + hit.start(), hit.group()))
         outside[match.start():match.end()] = " " * (match.end() - match.start())
     for match in CODE_WORD.finditer("".join(outside)):
         found.append((match.start(), match.group().rstrip(".")))
@@ -95,7 +96,7 @@ def is_known(name: str, known: frozenset[str], question_names: set[str]) -> bool
     return len(parts) > 1 and all(p in known or p in question_names for p in parts)
 
 
-def check_names(text: str, index: ProgramIndex, question: str, skip: list[tuple[int, int]] = ()) -> NameCheck:
+def check_names(text: str, index: ProgramIndex, question: str, skip: Sequence[tuple[int, int]] = ()) -> NameCheck:
     names = code_names(text, skip)
     known = known_names(index)
     question_names = set(IDENT.findall(question)) | set(re.findall(DOTTED, question))

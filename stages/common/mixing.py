@@ -68,7 +68,8 @@ def layer_third(layer: int, num_layers: int) -> int:
 
 def gram_norm(a: np.ndarray, b: np.ndarray) -> float:
     """‖a b‖_F without forming a b: sqrt(sum((aᵀa) ∘ (b bᵀ)))."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    a64: np.ndarray = a.astype(np.float64)
+    b64: np.ndarray = b.astype(np.float64)
     total = float(np.sum((a64.T @ a64) * (b64 @ b64.T)))
     return total if math.isnan(total) else math.sqrt(max(0.0, total))  # nan stays nan, never 0.0
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 from stages.common.lines import count_lines
 
@@ -73,7 +73,7 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 def _child_fields(cls: type) -> tuple[str, ...]:
     fields = _FIELDS.get(cls)
     if fields is None:
-        fields = _FIELDS[cls] = tuple(f for f in cls._fields if f not in ("ctx", "op", "type_comment"))
+        fields = _FIELDS[cls] = tuple(f for f in getattr(cls, "_fields", ()) if f not in ("ctx", "op", "type_comment"))
     return fields
 
 
@@ -87,7 +87,7 @@ class _Collector:
         self.calls: list[list[str]] = []
         self._scope: list[tuple[str, str]] = []  # (name, kind)
         self._caller = ""
-        self._handlers = {ast.FunctionDef: self._function, ast.AsyncFunctionDef: self._function,
+        self._handlers: dict[type, Callable[[Any], None]] = {ast.FunctionDef: self._function, ast.AsyncFunctionDef: self._function,
                           ast.ClassDef: self._class, ast.Import: self._import, ast.ImportFrom: self._import_from,
                           ast.Call: self._call}
 
@@ -115,7 +115,7 @@ class _Collector:
     def _qualname(self, name: str) -> str:
         return ".".join([n for n, _ in self._scope] + [name])
 
-    def _add(self, node: ast.AST, kind: str) -> None:
+    def _add(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef, kind: str) -> None:
         start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         doc = ast.get_docstring(node, clean=True) or ""
         annotations = []
@@ -138,7 +138,7 @@ class _Collector:
             "is_public": not node.name.startswith("_"), "annotations": sorted(set(annotations)),
         })
 
-    def _scoped(self, node: ast.AST, kind: str) -> None:
+    def _scoped(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef, kind: str) -> None:
         self._scope.append((node.name, kind))
         outer, self._caller = self._caller, ".".join(n for n, _ in self._scope)
         try:
@@ -147,7 +147,7 @@ class _Collector:
             self._scope.pop()
             self._caller = outer
 
-    def _function(self, node: ast.FunctionDef) -> None:
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         kind = "method" if self._scope and self._scope[-1][1] == "class" else "function"
         self._add(node, kind)
         self._scoped(node, "function")
@@ -220,13 +220,14 @@ def parse_many(texts: list[str], window_lines: int, workers: int) -> list[dict[s
     try:
         for share, proc in procs:  # a worker reads all of its share before it writes: no pipe can fill up both ways
             try:
-                proc.stdin.write(marshal.dumps((window_lines, [texts[i] for i in share])))
-                proc.stdin.close()
+                stdin: IO[bytes] = proc.stdin  # type: ignore[assignment]  # PIPE: never None
+                stdin.write(marshal.dumps((window_lines, [texts[i] for i in share])))
+                stdin.close()
             except OSError:
                 pass  # reported below, from its exit status
         for share, proc in procs:
-            data = proc.stdout.read()
-            errors = proc.stderr.read()
+            data = proc.stdout.read() if proc.stdout else b""
+            errors = proc.stderr.read() if proc.stderr else b""
             facts = marshal.loads(data) if proc.wait() == 0 and data else None
             if not isinstance(facts, list) or len(facts) != len(share):
                 why = errors.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]

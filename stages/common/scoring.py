@@ -73,7 +73,9 @@ def window_fields(index: ProgramIndex) -> WindowFields:
 
 def _build(index: ProgramIndex) -> WindowFields:
     postings: dict[str, dict[str, list[tuple[int, int]]]] = {f: defaultdict(list) for f in FIELDS}
-    lengths, df, by_path = [], Counter(), defaultdict(list)
+    lengths: list = []
+    df: Counter[str] = Counter()
+    by_path: dict[str, list] = defaultdict(list)
     path_terms = {}
     for i, window in enumerate(index.windows):
         inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end]

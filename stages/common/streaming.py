@@ -22,9 +22,11 @@ def console_streamer(tokenizer: Any, attempt: int = 1, prefill: str = "") -> Any
         return None
     from transformers import TextStreamer
 
+    stream = sink  # bound here: not None
+
     class ConsoleStreamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            sink.write(text)
+            stream.write(text)
 
     sink.write(RETRY_BANNER if attempt > 1 else DRAFT_BANNER)
     if prefill:

@@ -29,7 +29,7 @@ def layer_gate(kind: str, z: np.ndarray, layer: int, num_layers: int) -> float:
 
 
 def _segment_mean(z: np.ndarray, start: int, length: int) -> float:
-    idx = (start + np.arange(max(1, length))) % len(z)
+    idx: np.ndarray = (start + np.arange(max(1, length))) % len(z)
     return float(z[idx].mean())
 
 
@@ -63,8 +63,8 @@ def synthesize(z: np.ndarray, num_layers: int, shapes: dict[str, tuple[int, int]
             a = a * (1.0 + 0.15 * s_t)
             b = b * (1.0 - 0.15 * s_t)
             if map_cap is not None:
-                a = a * min(1.0, map_cap / max(np.linalg.norm(a), 1e-12))
-                b = b * min(1.0, map_cap / max(np.linalg.norm(b), 1e-12))
+                a = a * min(1.0, map_cap / max(float(np.linalg.norm(a)), 1e-12))
+                b = b * min(1.0, map_cap / max(float(np.linalg.norm(b)), 1e-12))
             factors[f"L{i}.{target}.A"] = a.astype(np.float32)
             factors[f"L{i}.{target}.B"] = b.astype(np.float32)
             factors[f"L{i}.{target}.gate"] = np.array(g, dtype=np.float32)

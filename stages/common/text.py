@@ -15,7 +15,7 @@ _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 
 
 def split_identifier(word: str) -> list[str]:
-    parts = []
+    parts: list[str] = []
     for piece in word.split("_"):
         parts.extend(p.lower() for p in _CAMEL.findall(piece))
     return [p for p in parts if p]

@@ -296,6 +296,7 @@ class LanguageModel:
         if self._model is None:
             with self._lock:
                 if self._model is None:
+                    assert self._loader is not None  # __init__: a model or a loader
                     self._model, self.device = self._loader()
         return self._model
 
