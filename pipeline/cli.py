@@ -148,8 +148,9 @@ def explain(err: BaseException, config_name: str, overrides: list[str]) -> str:
     text = str(err)
     cause = err.__cause__
     key_match = re.search(r"full_key: (\S+)", str(cause)) if cause is not None else None
-    if key_match and re.match(r"Could not override '([^']+)'", text):
-        key = re.match(r"Could not override '([^']+)'", text).group(1)
+    override_match = re.match(r"Could not override '([^']+)'", text)
+    if key_match and override_match:
+        key = override_match.group(1)
         return f"unknown config key '{key}'{suggest(key, _config_keys(config_name, overrides))}"
     if isinstance(err, MissingConfigException):
         found = re.search(r"Could not find '([^']+)/([^'/]+)'", text)

@@ -72,7 +72,7 @@ def _window_for(windows: list[dict], path: str, start: int, end: int) -> int | N
 
 
 def _citation_records(run: RunFolder) -> dict[tuple[str, int, int], dict]:
-    records = {}
+    records: dict[tuple[str, int, int], dict] = {}
     for c in run.key("citations") or []:
         if isinstance(c, dict) and {"path", "start"} <= set(c):
             records.setdefault((str(c["path"]), int(c["start"]), int(c.get("end") or c["start"])), c)

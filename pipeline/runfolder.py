@@ -86,7 +86,7 @@ def read_json(path: Path) -> tuple[Any, str | None]:
         return None, f"unreadable ({err.strerror or err})"
     try:
         return json.loads(text), None
-    except ValueError as err:
+    except json.JSONDecodeError as err:
         if text.lstrip().startswith("{"):
             data, stop = salvage_object(text)
             return data, (f"truncated or invalid at character {err.pos} of {len(text)} ({err.msg}); "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
@@ -137,7 +137,7 @@ class ClosedBookRanking(Stage):
 def ranks(scores: np.ndarray) -> np.ndarray:
     """1-based rank of every score among all of them (1 = highest; a tie shares the better rank)."""
     order = np.sort(scores)[::-1]
-    return np.searchsorted(-order, -scores, side="left") + 1
+    return np.asarray(np.searchsorted(-order, -scores, side="left")) + 1
 
 
 def metrics(ranking: dict, k: int, split: bool = True) -> dict:
@@ -165,9 +165,10 @@ class ClosedBookReport(Stage):
 
     def run(self, context: RunContext, plain: dict, mixed: dict, mix_report: dict | None = None) -> dict:
         key = f"top{self.k}"
-        report = {"plain": metrics(plain, self.k), "mixed": metrics(mixed, self.k), "score": mixed.get("score")}
-        low = report["plain"].get(key)
-        report[f"{key}_ratio"] = round(report["mixed"][key] / low, 4) if low else None  # None: plain never ranked it
+        plain_metrics, mixed_metrics = metrics(plain, self.k), metrics(mixed, self.k)
+        report: dict[str, Any] = {"plain": plain_metrics, "mixed": mixed_metrics, "score": mixed.get("score")}
+        low = plain_metrics.get(key)
+        report[f"{key}_ratio"] = round(mixed_metrics[key] / low, 4) if low else None  # None: plain never ranked it
         report["overrides"] = list(context.overrides)
         if mix_report:
             report.update({k: mix_report.get(k) for k in ("synth", "rank", "gsub", "alpha", "ablate")})

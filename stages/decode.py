@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pipeline.errors import PipelineError
 from pipeline.stage import Range, Stage
@@ -138,7 +138,7 @@ def move_to_cpu(lm: LanguageModel, handle: AdapterMix | None) -> None:
             handle.restore()
         lm.model.to("cpu", dtype=torch.float32)
         lm.device = "cpu"
-        if settings is not None:
+        if handle is not None and settings is not None:
             handle.apply(settings)
 
 
@@ -179,7 +179,7 @@ class _ReplyStop:
         self.texts, self.prompt_length = texts, prompt_length
         self.paragraphs, self.repeated_lines = paragraphs, repeated_lines
         self.written, self.consumed, self.ended = "", 0, 0
-        self.line, self.lines = "", {}
+        self.line, self.lines = "", dict[str, int]()
         for key in filter(None, map(_line_key, before.split("\n"))):
             self.lines[key] = self.lines.get(key, 0) + 1
         self.repeated = False
@@ -323,7 +323,7 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     device = next(lm.model.parameters()).device
     use_lead = "lead" in settings["constrain"] and bool(prompt.lead)
     started = time.perf_counter()
-    lead, cache, record = "", None, {}
+    lead, cache, record = "", None, dict[str, Any]()
     if use_lead and settings["lead"] == "likelihood":
         lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings)
         ids = ids + lead_ids

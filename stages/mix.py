@@ -79,6 +79,8 @@ class BoostedRemix(Stage):
         self.multipliers, self.gsub_factor, self.gsub_max = (low, mid, top), gsub_factor, gsub_max
 
     def run(self, handle: AdapterMix) -> dict:
+        if handle.settings is None:
+            raise ConfigError("remix needs a mix that was applied (the mix node's handle)")
         layers = handle.tmap.num_layers
         thirds = [layer_third(i, layers) for i in range(layers)]
         settings = dataclasses.replace(

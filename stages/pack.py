@@ -33,7 +33,8 @@ def fit(candidates: list[PackedWindow], lm: LanguageModel, context_tokens: int) 
 
 
 def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int, tokenizer_name: str = "") -> Evidence:
-    packed, used, smallest = [], 0, None
+    packed: list[PackedWindow] = []
+    used, smallest = 0, None
     for window in candidates:
         if any(p.path == window.path and p.start <= window.start and window.end <= p.end for p in packed):
             continue  # its lines are already in the context
@@ -44,7 +45,7 @@ def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int, tokeniz
             continue
         packed.append(window)
         used += cost
-    if candidates and not packed:
+    if smallest is not None and not packed:
         cost, window = smallest
         raise ConfigError(
             f"pack.context_tokens={context_tokens} is smaller than one window (the smallest candidate, "

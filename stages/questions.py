@@ -24,6 +24,9 @@ _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")  # the line breaks Pytho
 _ROLE = re.compile(r":[\w:.-]+:`~?([^`]+)`")  # :func:`echo` -> echo
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
+# what a question is made from: a documented def or class
+Definition = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+
 
 def first_sentence(doc: str) -> str:
     paragraph = doc.strip().split("\n\n")[0]
@@ -32,7 +35,7 @@ def first_sentence(doc: str) -> str:
     return _SENTENCE_END.split(text, maxsplit=1)[0].strip()
 
 
-def documented(tree: ast.AST) -> list[tuple[ast.AST, ast.Constant]]:
+def documented(tree: ast.AST) -> list[tuple[Definition, ast.Constant]]:
     """(definition, docstring node) of every def/class with a non-empty docstring, in source order."""
     found = []
     for node in ast.walk(tree):
@@ -48,11 +51,12 @@ def strip_docstrings(text: str, docs: list[ast.Constant]) -> str:
     """``text`` with each docstring replaced by ``""`` on its first line and blank lines after it."""
     lines = _LINE.findall(text)
     for doc in sorted(docs, key=lambda d: -d.lineno):  # bottom up: earlier spans are untouched by later edits
-        first, last = lines[doc.lineno - 1].encode(), lines[doc.end_lineno - 1].encode()  # ast columns are bytes
-        prefix, suffix = first[: doc.col_offset], last[doc.end_col_offset:]
+        end_line, end_col = doc.end_lineno or doc.lineno, doc.end_col_offset or 0  # set by ast.parse
+        first, last = lines[doc.lineno - 1].encode(), lines[end_line - 1].encode()  # ast columns are bytes
+        prefix, suffix = first[: doc.col_offset], last[end_col:]
         body = suffix.rstrip(b"\r\n")
         ending = suffix[len(body):].decode()
-        count = doc.end_lineno - doc.lineno + 1
+        count = end_line - doc.lineno + 1
         head = (prefix + b'""' + body).decode()
         block = [head + ending] if count == 1 else [head + "\n", *["\n"] * (count - 2), ending or "\n"]
         lines[doc.lineno - 1 : doc.end_lineno] = block
@@ -68,11 +72,11 @@ def _parse(text: str) -> ast.AST | None:
         return None
 
 
-def definitions(tree: ast.AST) -> list[ast.AST]:
+def definitions(tree: ast.AST) -> list[Definition]:
     return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
-def _same_starts(before: list[ast.AST], after: list[ast.AST]) -> bool:
+def _same_starts(before: list[Definition], after: list[Definition]) -> bool:
     """Every definition keeps its name and first line (a def whose body was only its docstring ends earlier)."""
     return [(n.name, n.lineno) for n in before] == [(n.name, n.lineno) for n in after]
 
@@ -100,7 +104,7 @@ class DocstringQuestions(Stage):
             data = src.data
             tree = _parse(src.text) if src.path.endswith(".py") else None
             chosen = [(d, doc) for d, doc in documented(tree) if self._wanted(d, doc)] if tree else []
-            if chosen:
+            if chosen and tree is not None:
                 stripped = strip_docstrings(src.text, [doc for _, doc in chosen])
                 after = _parse(stripped)
                 before = definitions(tree)
@@ -111,7 +115,7 @@ class DocstringQuestions(Stage):
                 in_copy = dict(zip(map(id, before), definitions(after)))
                 for definition, doc in chosen:
                     start = min([definition.lineno] + [d.lineno for d in definition.decorator_list])
-                    items.append({"question": first_sentence(doc.value), "path": src.path, "start": start,
+                    items.append({"question": first_sentence(str(doc.value)), "path": src.path, "start": start,
                                   "end": in_copy[id(definition)].end_lineno, "symbol": definition.name})
             target = program / src.path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +132,7 @@ class DocstringQuestions(Stage):
                 f"evaluate: python -m pipeline.run pipeline=eval program_root={program} questions={questions}")
         return {"questions": str(questions), "program": str(program), "text": text}
 
-    def _wanted(self, definition: ast.AST, doc: ast.Constant) -> bool:
+    def _wanted(self, definition: Definition, doc: ast.Constant) -> bool:
         if not self.include_private and definition.name.startswith("_"):
             return False
-        return len(first_sentence(doc.value).split()) >= self.min_words
+        return len(first_sentence(str(doc.value)).split()) >= self.min_words

@@ -86,7 +86,7 @@ class HeuristicRerank(Stage):
         order = sorted(selection.files, key=lambda p: (-scores[p], selection.files.index(p)))
         reranked = dataclasses.replace(
             selection, files=order, scores={p: round(scores[p], 4) for p in order},
-            modules=[index.files[p].module for p in order if index.files[p].module],
+            modules=[m for m in (index.files[p].module for p in order) if m],
         )
         return {"selection": reranked}
 
@@ -151,7 +151,7 @@ class LMRescore(Stage):
         order = sorted(selection.files, key=lambda p: (-best[p], selection.files.index(p)))
         reranked = dataclasses.replace(
             selection, files=order, scores={p: round(best[p], 4) for p in order}, window_ranking=out,
-            modules=[index.files[p].module for p in order if index.files[p].module],
+            modules=[m for m in (index.files[p].module for p in order) if m],
         )
         return {"selection": reranked}
 
@@ -184,7 +184,7 @@ def question_likelihood(lm: LanguageModel, index: ProgramIndex, windows: list[Wi
         sequences.append(header + code)
     model = lm.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = np.zeros(len(windows), dtype=np.float64)
+    out: np.ndarray = np.zeros(len(windows), dtype=np.float64)
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
             batch = [s + q_ids for s in sequences[start : start + batch_size]]

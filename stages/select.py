@@ -107,7 +107,7 @@ class HybridSelect(QuestionSelect):
 def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, fusion: str, rrf_k: int,
          shift: bool = True) -> np.ndarray:
     """Fused window scores; with ``shift`` moved so that the lowest is 0 (select and pack treat 0 as "no match")."""
-    bm = np.zeros(len(dense), dtype=np.float64)
+    bm: np.ndarray = np.zeros(len(dense), dtype=np.float64)
     for i, value in sparse.items():
         bm[i] = value
     if fusion == "rrf":
@@ -127,7 +127,7 @@ def _module_centrality(index: ProgramIndex, path: str, central: dict) -> float:
 
 def _selection(index: ProgramIndex, files: list[str], scores: dict[str, float], symbols: list[str],
                matched: int, nodes: list[str] | None = None) -> Selection:
-    modules = [index.files[p].module for p in files if index.files[p].module]
+    modules = [m for m in (index.files[p].module for p in files) if m]
     if nodes is None:
         wanted = set(files)
         nodes = index.callgraph.nodes_with_path(wanted)

@@ -23,7 +23,7 @@ from stages.common.weights import parse_weights
 
 RANK_FRACTION = {"o_proj": 1.0, "up_proj": 1.0, "down_proj": 0.9, "gate_proj": 0.8, "q_proj": 0.7, "k_proj": 0.65,
                  "v_proj": 0.6}
-TIERS = {"q_proj": (2, 3, 4), "k_proj": (2, 3, 4), "v_proj": (8, 12, 16), "o_proj": (8, 12, 16),
+TIERS: dict[str, tuple[int, ...]] = {"q_proj": (2, 3, 4), "k_proj": (2, 3, 4), "v_proj": (8, 12, 16), "o_proj": (8, 12, 16),
          "up_proj": (12, 16, 24), "down_proj": (12, 16, 24)}
 TIERS["gate_proj"] = tuple(min(8, up // 2) for up in TIERS["up_proj"])
 QUESTION_RULES = (
