@@ -32,17 +32,21 @@ def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> Ru
     config = OmegaConf.to_container(cfg, resolve=False)
     context = RunContext(Path(run_dir), list(overrides), config)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    result = None
     try:
-        result = execute(graph, context)
-        return result
-    finally:
-        trace = {"pipeline": graph.name, "overrides": list(overrides), "failure": context.failure,
-                 "nodes": [{"node": n, "status": context.statuses.get(n, "not run"),
-                            "seconds": round(context.timings.get(n, 0.0), 4)} for n in graph.order if n in graph.nodes]}
-        if result is not None:
-            trace["nodes"] = result.trace_dict()
-        write_atomic(Path(run_dir) / "trace.json", json.dumps(trace, indent=2, default=str))
+        return execute(graph, context)
+    finally:  # also after a failure: the run so far (every node's status, seconds, outputs and the reason)
+        write_atomic(Path(run_dir) / "trace.json", json.dumps(trace_of(graph, overrides, context), indent=2,
+                                                              default=str))
+
+
+def trace_of(graph, overrides: list[str], context: RunContext) -> dict:
+    """trace.json: the pipeline, the overrides, the first failure (node and one line) and one row per node."""
+    result = context.result
+    nodes = result.trace_dict() if result else []
+    visited = {row["node"] for row in nodes}
+    nodes += [{"node": n, "status": "not run", "seconds": 0.0} for n in graph.order if n in graph.nodes and n not in visited]
+    return {"pipeline": graph.name, "overrides": list(overrides), "failure": result.failure if result else None,
+            "failed_node": result.failed_node if result else None, "nodes": nodes}
 
 
 def result_value(cfg: DictConfig, result: RunResult) -> Any:
