@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from .cache import write_atomic
 from .errors import PipelineError
 from .execute import RunResult, execute
-from .graph import build_graph
+from .graph import Graph, build_graph
 from .stage import RunContext
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,16 @@ def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> Ru
                                                               default=str))
 
 
-def trace_of(graph, overrides: list[str], context: RunContext) -> dict:
+def trace_of(graph: Graph, overrides: list[str], context: RunContext) -> dict:
     """trace.json: the pipeline, the overrides, the first failure (node and one line) and one row per node."""
     result = context.result
-    nodes = result.trace_dict() if result else []
+    nodes = result.trace_dict() if result is not None else []
     visited = {row["node"] for row in nodes}
-    nodes += [{"node": n, "status": "not run", "seconds": 0.0} for n in graph.order if n in graph.nodes and n not in visited]
-    return {"pipeline": graph.name, "overrides": list(overrides), "failure": result.failure if result else None,
-            "failed_node": result.failed_node if result else None, "nodes": nodes}
+    nodes += [{"node": n, "status": "not run", "seconds": 0.0}
+              for n in graph.order if n in graph.nodes and n not in visited]
+    return {"pipeline": graph.name, "overrides": list(overrides),
+            "failure": result.failure if result is not None else None,
+            "failed_node": result.failed_node if result is not None else None, "nodes": nodes}
 
 
 def result_value(cfg: DictConfig, result: RunResult) -> Any:

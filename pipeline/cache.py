@@ -92,7 +92,8 @@ def _spec(module: str):
 
 
 # an import statement at any indentation (imports inside functions count); `from x import (a,\n b)` included.
-# Read from the text, not run; a match inside a string only adds a module that exists (a miss too many, never one too few)
+# Read from the text, not run: a match inside a string only adds a module that exists (one miss too many, never
+# one too few)
 _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]*)|import[ \t]+([^\n#;]*))",
                      re.MULTILINE)
 

@@ -82,17 +82,17 @@ class RunContext:
     @property
     def statuses(self) -> dict[str, str]:
         """node -> ok | skipped | failed, for the nodes visited so far (not the one running)."""
-        return self.result.statuses if self.result else {}
+        return self.result.statuses if self.result is not None else {}
 
     @property
     def timings(self) -> dict[str, float]:
         """node -> seconds, for the nodes whose stage ran so far."""
-        return self.result.timings if self.result else {}
+        return self.result.timings if self.result is not None else {}
 
     @property
     def failure(self) -> str | None:
         """The first failure of the run (one line naming the node), or None."""
-        return self.result.failure if self.result else None
+        return self.result.failure if self.result is not None else None
 
 
 class Stage:
