@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .cache import write_atomic
 from .errors import PipelineError
 from .execute import RunResult, execute
-from .graph import build_graph
+from .graph import Graph, build_graph
 from .stage import RunContext
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,23 @@ def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> Ru
     context = RunContext(Path(run_dir), list(overrides), config,
                          run_graph=functools.partial(run_graph, config, list(overrides)))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    result = None
     try:
-        result = execute(graph, context)
-        return result
-    finally:
-        trace = {"pipeline": graph.name, "overrides": list(overrides), "failure": context.failure,
-                 "nodes": [{"node": n, "status": context.statuses.get(n, "not run"),
-                            "seconds": round(context.timings.get(n, 0.0), 4)} for n in graph.order if n in graph.nodes]}
-        if result is not None:
-            trace["nodes"] = result.trace_dict()
-        write_atomic(Path(run_dir) / "trace.json", json.dumps(trace, indent=2, default=str))
+        return execute(graph, context)
+    finally:  # also after a failure: the run so far (every node's status, seconds, outputs and the reason)
+        write_atomic(Path(run_dir) / "trace.json", json.dumps(trace_of(graph, overrides, context), indent=2,
+                                                              default=str))
+
+
+def trace_of(graph: Graph, overrides: list[str], context: RunContext) -> dict:
+    """trace.json: the pipeline, the overrides, the first failure (node and one line) and one row per node."""
+    result = context.result
+    nodes = result.trace_dict() if result is not None else []
+    visited = {row["node"] for row in nodes}
+    nodes += [{"node": n, "status": "not run", "seconds": 0.0}
+              for n in graph.order if n in graph.nodes and n not in visited]
+    return {"pipeline": graph.name, "overrides": list(overrides),
+            "failure": result.failure if result is not None else None,
+            "failed_node": result.failed_node if result is not None else None, "nodes": nodes}
 
 
 @functools.lru_cache(maxsize=16)

@@ -19,6 +19,7 @@ class StageFailed(PipelineError):
     def __init__(self, node: str, error: BaseException):
         self.node = node
         self.error = error
+        self.result = None  # the run's RunResult (trace, failure; no values), set by the executor
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         if not isinstance(error, PipelineError):
             detail = f"{type(error).__name__}: {detail}"

@@ -17,9 +17,12 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # the executor imports this module
+    from .execute import RunResult
 
 _EMPTY = inspect.Parameter.empty
 
@@ -56,26 +59,44 @@ class NonFinite:
 
 @dataclasses.dataclass(frozen=True)
 class Port:
+    """An input port of a stage. An optional one (``required=False``) keeps its default in the ``run`` signature
+    only: the executor leaves an unproduced optional input out of the call, so Python applies that default."""
+
     name: str
     type: Any
     required: bool
-    default: Any = None
 
 
 @dataclasses.dataclass
 class RunContext:
-    """Injected into any ``run`` parameter annotated ``RunContext``: what the framework knows about the run."""
+    """Injected into any ``run`` parameter annotated ``RunContext``: what the framework knows about the run.
+
+    The run's progress has one record, its ``RunResult`` (set by the executor); ``statuses``, ``timings`` and
+    ``failure`` read it."""
 
     run_dir: Path
     overrides: list[str]
     config: dict
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    statuses: dict[str, str] = dataclasses.field(default_factory=dict)
-    failure: str | None = None
+    result: RunResult | None = None
     # run another graph of this app with this run's config: ``run_graph(graph, {key: text}, run_dir, drop=())``
     # -> RunResult. How a stage that drives graphs (the eval, once per question) runs one without importing the
     # framework's apps; the framework sets it, None outside an app.
     run_graph: Callable[..., Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def statuses(self) -> dict[str, str]:
+        """node -> ok | skipped | failed, for the nodes visited so far (not the one running)."""
+        return self.result.statuses if self.result is not None else {}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """node -> seconds, for the nodes whose stage ran so far."""
+        return self.result.timings if self.result is not None else {}
+
+    @property
+    def failure(self) -> str | None:
+        """The first failure of the run (one line naming the node), or None."""
+        return self.result.failure if self.result is not None else None
 
 
 class Stage:
@@ -104,7 +125,7 @@ class Stage:
             if annotation is RunContext:
                 continue
             required = param.default is _EMPTY
-            ports[name] = Port(name, annotation, required, None if required else param.default)
+            ports[name] = Port(name, annotation, required)
         return ports
 
     @classmethod

@@ -1,5 +1,10 @@
 """Build artifacts (SPEC §2): locate the folder of (program, build config, model), store it, load it.
 
+A folder is keyed by what made it (``artifact_key``): the program's index fingerprint (its files and the indexing
+code), the build config, the model's shapes, and the source fingerprint (pipeline/cache.py) of the code that writes
+the folder (this module) and of every stage the build config names with a ``_target_`` (embed, synth): an edit to
+synthesis or fitting code is a new key, so a stale adapter is never reused.
+
 `locate` decides whether the build nodes must run (`missing`); `store` writes the folder atomically (a
 temporary folder renamed into place, so two builds at once leave one complete folder); `load` reads it back
 with `allow_pickle=False` and checks it against the loaded model.
@@ -11,13 +16,14 @@ import hashlib
 import json
 import logging
 import zipfile
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
+from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir, source_fingerprint
 from pipeline.errors import InputError
 from pipeline.stage import Stage
 from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz, save_npz
@@ -26,12 +32,34 @@ from stages.common.program import read_small
 from stages.common.types import ArtifactLocation, Artifacts, LanguageModel, ProgramEmbedding, ProgramIndex
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the folder's file format, checked when a folder is loaded (adapters=<folder> is never rebuilt)
 
 
 def _model_key(lm: LanguageModel) -> dict[str, Any]:
     tmap = infer_targets(lm.model)
     return {"model": lm.model_id, "num_layers": tmap.num_layers, "shapes": {t: list(s) for t, s in tmap.shapes.items()}}
+
+
+def build_code(build_config: Any) -> dict[str, str]:
+    """module -> source fingerprint, for this module and every ``_target_`` found in ``build_config``."""
+    modules = {__name__: source_fingerprint(__name__)}
+    for target in _targets(build_config):
+        modules[target] = source_fingerprint(target)
+    return dict(sorted(modules.items()))
+
+
+def _targets(value: Any) -> list[str]:
+    if isinstance(value, Mapping):
+        found = [str(value["_target_"])] if isinstance(value.get("_target_"), str) else []
+        return found + [t for k, v in value.items() if k != "_target_" for t in _targets(v)]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [t for v in value for t in _targets(v)]
+    return []
+
+
+def artifact_key(index: ProgramIndex, build_config: Any, lm: LanguageModel) -> str:
+    return fingerprint({"program": index.fingerprint, "build": build_config, "model": _model_key(lm),
+                        "code": build_code(build_config)})
 
 
 class LocateArtifacts(Stage):
@@ -41,8 +69,7 @@ class LocateArtifacts(Stage):
         self.root, self.build_config, self.path = Path(root), dict(build_config), path
 
     def run(self, index: ProgramIndex, lm: LanguageModel) -> dict:
-        key = fingerprint({"program": index.fingerprint, "build": self.build_config, "model": _model_key(lm),
-                           "schema": SCHEMA_VERSION})
+        key = artifact_key(index, self.build_config, lm)
         if self.path:
             return {"location": given_location(self.path, key), "missing": False}
         folder = self.root / f"{index.root.name or 'program'}-{key[:8]}"
@@ -157,6 +184,7 @@ class StoreArtifacts(Stage):
             "build_config": self.build_config, "program_root": str(index.root), "commit": git_commit(index.root),
             "file_count": len(index.files), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "package_version": _version(), "bank_modules": sorted(bank) if bank else [],
+            "code": build_code(self.build_config),  # the source fingerprints in the key (what made this folder)
         }
         with publish_dir(location.path) as tmp:
             curve = adapters.meta.get("curve") or []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pipeline import resources
-from pipeline.cache import fingerprint
+from pipeline.cache import fingerprint, source_fingerprint
 from pipeline.errors import InputError
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.program import (DEFAULT_IGNORE, Entry, Limits, is_test_path, module_name, read_entries,
@@ -31,7 +31,12 @@ from stages.common.pyfacts import available_cores, parse_many, python_facts, tex
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 
 log = logging.getLogger(__name__)
-FACTS_VERSION = 4  # 3: lines counted at \n, \r\n, \r only (stages/common/lines.py); 4: arrays, not JSON
+
+
+def indexing_code() -> str:
+    """The source fingerprint of the code that indexes (this module and the stages.common modules it imports):
+    a stored index made by other code is rebuilt, never reused (pipeline/cache.py ``source_fingerprint``)."""
+    return source_fingerprint(__name__)
 
 
 class IndexProgram(Stage):
@@ -114,12 +119,15 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
         shown = ", ".join(f"{p} ({skipped[p]})" for p in unreadable[:5])
         log.warning("skipped %d unreadable path(s) of %s: %s%s", len(unreadable), root, shown,
                     " ..." if len(unreadable) > 5 else "")
-    cache_file = cache_dir / "index" / f"{fingerprint([str(root), window_lines, FACTS_VERSION], 24)}.npz" if cache_dir else None
-    stored = indexstore.load(cache_file, window_lines)
+    # one file per (root, window size); the code that made it is recorded inside: an edit rebuilds and overwrites it
+    cache_file = cache_dir / "index" / f"{fingerprint([str(root), window_lines], 24)}.npz" if cache_dir else None
+    code = indexing_code()
+    stored = indexstore.load(cache_file, window_lines, code)
     package_prefix = root.name if (root / "__init__.py").is_file() and root.name.isidentifier() else None
     modules = [module_name(src.path, package_prefix) for src in sources]
     texts = {s.path: s.text for s in sources}
-    program_fp = fingerprint(sorted((s.path, s.sha256) for s in sources))
+    # what the index was made from: the program's files and the indexing code (artifacts are keyed by it)
+    program_fp = fingerprint([sorted((s.path, s.sha256) for s in sources), code])
 
     if stored is not None and stored.keys() == [(s.path, s.sha256) for s in sources] and stored.modules == [m or "" for m in modules]:
         try:  # unchanged: everything comes from the stored arrays
@@ -166,7 +174,7 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
             windows.append(Window(src.path, start, end, anchor, kind))
     graph = _graph(files, symbols, {src.path: f for src, f in zip(sources, facts)})
     if cache_file and (fresh or stored is None or len(known) != len(sources)):
-        indexstore.save(cache_file, window_lines, list(files.values()), facts, graph)
+        indexstore.save(cache_file, window_lines, list(files.values()), facts, graph, code=code)
     log.info("indexed %d files (%d parsed now in %d process(es), %d from cache, %.2f s), %d skipped", len(sources), fresh,
              processes, len(sources) - fresh, time.perf_counter() - started, len(skipped))
     return ProgramIndex(root, files, symbols, windows, graph, program_fp, skipped, texts)

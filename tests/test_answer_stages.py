@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.execute import NodeTrace, RunResult
 from pipeline.stage import RunContext
 from stages.choose import ChooseBetter
 from stages.common.citations import check
@@ -196,7 +197,9 @@ def test_telemetry_record(tmp_path, program, selection, evidence, tiny_lm):
     w = evidence.windows[0]
     draft, report = attempt(f"It boils {w.path}:{w.start}-{w.end} and other.py:1.", program, evidence)
     answer = Answer(draft.text, report.citations, draft, report, 0, False)
-    ctx = RunContext(tmp_path / "run", ["a=1"], {}, timings={"select": 0.5, "decode": 1.25})
+    ran = [NodeTrace("select", "s.Select", "ok", 0.5), NodeTrace("praise", "s.Praise", "skipped"),
+           NodeTrace("decode", "s.Decode", "ok", 1.25)]
+    ctx = RunContext(tmp_path / "run", ["a=1"], {}, result=RunResult({}, ran))
     out_file = tmp_path / "copy" / "t.json"
     record = WriteTelemetry(telemetry_out=str(out_file)).run(ctx, QUESTION, answer, selection, evidence,
                                                              tiny_lm)["telemetry"]
@@ -211,7 +214,9 @@ def test_telemetry_record(tmp_path, program, selection, evidence, tiny_lm):
 
 
 def test_telemetry_after_a_failure(tmp_path):
-    ctx = RunContext(tmp_path, [], {}, failure="node 'decode': RuntimeError: boom")
+    result = RunResult({}, [])
+    result.fail("decode", RuntimeError("boom"))
+    ctx = RunContext(tmp_path, [], {}, result=result)
     record = WriteTelemetry().run(ctx)["telemetry"]
     assert record["status"] == "failed" and "decode" in record["error"]
     assert record["answer"] is None and record["citations"] == []

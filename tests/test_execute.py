@@ -1,8 +1,10 @@
 """The executor: topological order, `when` conditions, skipped producers, `always` nodes, failures and the trace."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -315,3 +317,107 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     assert peak_rss_mb() > 800
     assert 0 < float(child.stdout) < 300  # ru_maxrss would report the parent's > 800 MB here
     del ballast
+
+
+# ---------------------------------------------------------------- a failed run keeps its trace, not its values
+
+
+class Ballast:
+    """Stands for a model mix: its finaliser must run as soon as the run has failed (weights back, lock freed)."""
+
+    released: list[str] = []
+
+    def __init__(self, tag: str):
+        weakref.finalize(self, Ballast.released.append, tag)
+
+
+class Load(Stage):
+    outputs = {"ballast": Ballast}
+
+    def run(self) -> dict:
+        return {"ballast": Ballast("loaded")}
+
+
+class Crash(Stage):
+    outputs = {"cups": int}
+
+    def run(self, ballast: Ballast) -> dict:
+        held = ballast  # noqa: F841 - a local of the failing frame, as a stage's own variables are
+        raise ValueError("the ballast shifted")
+
+
+def test_failure_keeps_the_result_but_releases_the_values_at_once(tmp_path):
+    Ballast.released.clear()
+    graph = graph_of({"load": node(Load), "crash": node(Crash, **{"in": {"ballast": "load.ballast"}}),
+                      "report": node(Serve, "report", always=True)})
+    ctx = context(tmp_path)
+    with pytest.raises(StageFailed) as info:
+        execute(graph, ctx)
+    # the error is still alive here, and so is its result: the value it held is finalised all the same
+    assert Ballast.released == ["loaded"]
+    result = info.value.result
+    assert result is ctx.result and result.values == {}
+    assert (result.failed_node, result.failure) == ("crash", "node 'crash': ValueError: the ballast shifted")
+    rows = {row["node"]: row for row in result.trace_dict()}
+    assert rows["load"]["status"] == "ok" and rows["load"]["outputs"] == {"ballast": "Ballast"}
+    assert rows["crash"]["status"] == "failed" and rows["crash"]["reason"] == "ValueError: the ballast shifted"
+    assert rows["report"]["status"] == "ok"
+    json.dumps(result.trace_dict())
+
+
+def test_context_reads_the_one_record_of_the_run(tmp_path):
+    ctx = context(tmp_path)
+    with pytest.raises(StageFailed) as info:
+        execute(failing_graph(), ctx)
+    result = info.value.result
+    assert ctx.result is result
+    assert ctx.statuses == {t.node: t.status for t in result.trace}
+    assert ctx.timings == {t.node: t.seconds for t in result.trace if t.status != "skipped"} != {}
+    assert ctx.failure == result.failure == str(info.value)
+    assert not {"timings", "statuses", "failure"} & {f.name for f in dataclasses.fields(RunContext)}
+
+
+class Picky(Stage):
+    outputs = {"cups": int}
+
+    def precheck(self, cups: int) -> None:
+        raise ValueError(f"{cups} cups is too many")
+
+    def run(self, cups: int) -> dict:
+        EVENTS.append("picky")
+        return {"cups": cups}
+
+
+def test_a_precheck_refusal_is_a_failed_node_that_did_not_run(tmp_path):
+    graph = graph_of({"picky": node(Picky, **{"in": {"cups": "inputs.cups"}}),
+                      "report": node(Serve, "report", always=True)}, inputs={"cups": 9})
+    ctx = context(tmp_path)
+    with pytest.raises(StageFailed) as info:
+        execute(graph, ctx)
+    assert EVENTS == ["report"] and info.value.node == "picky"
+    rows = {t.node: t for t in info.value.result.trace}
+    assert rows["picky"].status == "failed" and rows["picky"].reason == "precheck: ValueError: 9 cups is too many"
+    assert ctx.statuses == {"picky": "failed", "report": "ok"} and set(ctx.timings) == {"report"}
+
+
+def test_failed_run_trace_json_keeps_outputs_reason_and_node(tmp_path):
+    cfg = OmegaConf.create({"pipeline": {"name": "cafe", "nodes": {
+        "brew": {"stage": ref(Brew), "with": {"tag": "brew", "cups": 3}},
+        "spill": node(Spill, "spill", **{"in": {"cups": "brew.cups"}}),
+        "milk": node(AddMilk, "milk", **{"in": {"cups": "spill.cups"}}),
+        "report": node(Serve, "report", always=True, **{"in": {"cups": "brew.cups"}})}}})
+    with pytest.raises(StageFailed):
+        run_config(cfg, tmp_path / "run", ["brew.cups=3"])
+    trace = json.loads((tmp_path / "run" / "trace.json").read_text())
+    assert trace["failed_node"] == "spill" and trace["failure"] == "node 'spill': RuntimeError: the cup cracked"
+    rows = {row["node"]: row for row in trace["nodes"]}
+    assert rows["brew"]["outputs"] == {"cups": 3, "passed": True} and rows["brew"]["seconds"] >= 0
+    assert rows["spill"]["status"] == "failed" and rows["spill"]["reason"] == "RuntimeError: the cup cracked"
+    assert rows["milk"]["status"] == "skipped" and rows["milk"]["reason"] == "after failure of 'spill'"
+    assert rows["report"]["status"] == "ok" and rows["report"]["outputs"] == {"served": "dict[4]"}
+
+
+def test_an_optional_port_has_its_default_in_the_signature_only():
+    ports = Serve.input_ports()
+    assert {n: p.required for n, p in ports.items()} == {"cups": False, "sugar": False}
+    assert {f.name for f in dataclasses.fields(type(ports["cups"]))} == {"name", "type", "required"}

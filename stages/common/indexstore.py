@@ -6,7 +6,8 @@ Two uses:
 - an unchanged program (same paths, same sha256) in a new process loads files, symbols, windows and the call
   graph straight from the columns: nothing is parsed, no graph is rebuilt, no JSON is decoded;
 - a changed program re-parses only the changed files; the facts of the others come from the columns (``facts``).
-A file that is missing, truncated, of another version or inconsistent is ignored (and rewritten by the caller).
+A file that is missing, truncated, inconsistent, or written by other code (``code``: the source fingerprint of the
+indexing code, pipeline/cache.py) or for another window size is ignored, and rewritten by the caller.
 """
 from __future__ import annotations
 
@@ -23,14 +24,19 @@ from stages.common.callgraph import CallGraph, pack_strings, unpack_strings
 from stages.common.types import FileRecord, Symbol, Window
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 1
 SYMBOL_KINDS = ("function", "class", "method")
 WINDOW_KINDS = ("head", "function", "class", "method")
 TABLES = ("sym", "win", "imp", "call")
 
 
-def save(path: Path, window_lines: int, files: list[FileRecord], facts: list[dict[str, Any]], graph: CallGraph) -> None:
-    """Write the facts of ``files`` (same order) and the built graph; atomically (a reader never sees half)."""
+class Outdated(ValueError):
+    """The stored index was written by other code or for another window size (a miss, not damage)."""
+
+
+def save(path: Path, window_lines: int, files: list[FileRecord], facts: list[dict[str, Any]], graph: CallGraph, *,
+         code: str) -> None:
+    """Write the facts of ``files`` (same order) and the built graph, made by ``code``; atomically (a reader never
+    sees half)."""
     cols: dict[str, list] = {name: [] for name in (
         "sym_name", "sym_qualname", "sym_kind", "sym_start", "sym_end", "sym_signature", "sym_doc", "sym_public",
         "sym_annotations", "win_start", "win_end", "win_anchor", "win_kind", "imp_module", "imp_names", "imp_level",
@@ -63,7 +69,7 @@ def save(path: Path, window_lines: int, files: list[FileRecord], facts: list[dic
         for table, key in zip(TABLES, ("symbols", "windows", "imports", "calls")):
             offsets[table].append(offsets[table][-1] + len(f[key]))
     arrays: dict[str, np.ndarray] = {
-        "version": np.array([STORE_VERSION, window_lines], np.int64),
+        "window_lines": np.array(window_lines, np.int64), "code": np.array(code),
         "file_paths": pack_strings([r.path for r in files]), "file_sha": pack_strings([r.sha256 for r in files]),
         "file_modules": pack_strings([r.module or "" for r in files]),
         "file_bytes": np.array([r.bytes for r in files], np.int64),
@@ -90,10 +96,12 @@ def save(path: Path, window_lines: int, files: list[FileRecord], facts: list[dic
 class Stored:
     """One stored index, checked for consistency on load; columns decoded on first use."""
 
-    def __init__(self, data: dict[str, np.ndarray], window_lines: int):
-        version = data["version"]
-        if version.shape != (2,) or int(version[0]) != STORE_VERSION or int(version[1]) != window_lines:
-            raise ValueError("another version or window size")
+    def __init__(self, data: dict[str, np.ndarray], window_lines: int, code: str):
+        made_by, lines = data.get("code"), data.get("window_lines")
+        if made_by is None or made_by.shape != () or made_by.dtype.kind != "U" or str(made_by) != code:
+            raise Outdated("written by other code")
+        if lines is None or lines.shape != () or int(lines) != window_lines:
+            raise Outdated(f"written for another window size ({lines})")
         self.data = data
         self.paths = unpack_strings(data["file_paths"])
         self.sha = unpack_strings(data["file_sha"])
@@ -174,14 +182,15 @@ class Stored:
         }
 
 
-def load(path: Path | None, window_lines: int) -> Stored | None:
-    """The stored index at ``path``, or None when there is none or it does not hold together (logged)."""
+def load(path: Path | None, window_lines: int, code: str) -> Stored | None:
+    """The stored index at ``path``, or None when there is none, it was made by other code (``code``) or for another
+    window size, or it does not hold together (logged)."""
     if path is None or not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {name: npz[name] for name in npz.files}
-        stored = Stored(data, window_lines)
+        stored = Stored(data, window_lines, code)
         strings = stored.col("call_strings")
         for name in ("call_caller", "call_callee"):
             values = data[name]
@@ -191,6 +200,9 @@ def load(path: Path | None, window_lines: int) -> Stored | None:
             if data[name].size and (int(data[name].min()) < 0 or int(data[name].max()) >= len(kinds)):
                 raise ValueError(f"{name} out of range")
         return stored
+    except Outdated as why:  # an edit to the indexing code: expected, rebuilt and overwritten
+        log.info("index cache %s was %s; rebuilding it", path, why)
+        return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         log.warning("index cache %s is unreadable (%s); rebuilding it", path, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None

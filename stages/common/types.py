@@ -63,7 +63,7 @@ class ProgramIndex:
     symbols: list[Symbol]
     windows: list[Window]
     callgraph: CallGraph  # nodes file:/mod:/sym:, edges typed defines|imports|calls|tests, as arrays
-    fingerprint: str  # sha256 over (path, sha256) of every indexed file
+    fingerprint: str  # sha256 over (path, sha256) of every indexed file and the indexing code's source fingerprint
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why it was not indexed
     texts: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # path -> decoded text
     _derived: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
