@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -119,7 +120,7 @@ def _check_arg(name: str, value: Any, what: str, required: bool = False) -> None
 
 
 def generate_answer(model_id: str | None = None, adapters_npz: str | None = None, program_root: str | None = None,
-                    prompt: str | None = None, *, overrides: list[str] = (), verbose: bool = False,
+                    prompt: str | None = None, *, overrides: Sequence[str] = (), verbose: bool = False,
                     **knobs: Any) -> str:
     """Answer ``prompt`` about the program at ``program_root``; every SPEC §7 knob is a keyword.
 
@@ -143,7 +144,7 @@ def generate_answer(model_id: str | None = None, adapters_npz: str | None = None
     return str(value)
 
 
-def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, overrides: list[str] = (),
+def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, overrides: Sequence[str] = (),
              **knobs: Any) -> dict[str, Any]:
     """The retrieval graph only (selection and packing, no decoding): files, packed windows and per-node timings."""
     _check_arg("program_root", program_root, "a folder path", required=True)

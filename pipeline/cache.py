@@ -222,7 +222,7 @@ def clean_stale_partials(parent: Path, stale_after_s: float = STALE_AFTER_S) -> 
     A writer holds an flock on the folder's lock file while it writes: when we can take that lock, the writer
     died (the kernel drops the locks of a killed process). A folder without a lock file counts as stale only
     after ``stale_after_s`` (its writer may have just created it)."""
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = [p for p in Path(parent).iterdir() if p.name.startswith(".") and p.name.endswith(".partial")]
     except OSError:
@@ -237,6 +237,7 @@ def clean_stale_partials(parent: Path, stale_after_s: float = STALE_AFTER_S) -> 
 
 
 def _writer_gone(folder: Path, stale_after_s: float) -> bool:
+    fcntl: Any
     try:
         import fcntl
     except ImportError:

@@ -1,4 +1,8 @@
 """Failures a user can act on. Each message is one line that names the culprit (node, port, key, file)."""
+from __future__ import annotations
+
+from typing import Any
+
 
 
 class PipelineError(Exception):
@@ -19,7 +23,7 @@ class StageFailed(PipelineError):
     def __init__(self, node: str, error: BaseException):
         self.node = node
         self.error = error
-        self.result = None  # the run's RunResult (trace, failure; no values), set by the executor
+        self.result: Any = None  # the run's RunResult (trace, failure; no values), set by the executor
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         if not isinstance(error, PipelineError):
             detail = f"{type(error).__name__}: {detail}"

@@ -159,7 +159,7 @@ def _run_stage(node: Node, run: RunResult, context: RunContext) -> tuple[NodeTra
         kwargs[param] = context
     started = time.perf_counter()
     try:
-        produced = node.stage.run(**kwargs)
+        produced = node.instance.run(**kwargs)
         _check_outputs(node.name, node.stage_cls, produced)
     except BaseException as err:  # re-raised by execute, after the always-nodes ran
         record.seconds, record.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
@@ -198,13 +198,13 @@ def precheck(graph: Graph) -> tuple[str, BaseException] | None:
     """Each stage's ``precheck`` of the graph inputs wired to it, in graph order: the first (node, error)."""
     for name in graph.order:
         node = graph.nodes.get(name)
-        if node is None or type(node.stage).precheck is Stage.precheck:
+        if node is None or type(node.instance).precheck is Stage.precheck:
             continue
         given = {port: graph.inputs[src_port] for port, (src, src_port) in node.wires.items() if src == INPUTS}
         if not given:
             continue
         try:
-            node.stage.precheck(**given)
+            node.instance.precheck(**given)
         except Exception as err:  # reported like a failure of the node itself
             return name, err
     return None
@@ -214,7 +214,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def _check_outputs(name: str, stage_cls: type, produced: Any) -> None:
+def _check_outputs(name: str, stage_cls: type[Stage], produced: Any) -> None:
     if not isinstance(produced, dict):
         raise TypeError(f"{stage_cls.__name__}.run returned {type(produced).__name__}, expected a dict of outputs")
     declared = stage_cls.outputs

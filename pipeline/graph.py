@@ -51,6 +51,13 @@ class Node:
     def target(self) -> str:
         return f"{self.stage_cls.__module__}.{self.stage_cls.__qualname__}"
 
+    @property
+    def instance(self) -> Stage:
+        """The stage object (``Graph.instantiate`` made it)."""
+        if self.stage is None:
+            raise RuntimeError(f"node '{self.name}': the graph was not instantiated")
+        return self.stage
+
 
 @dataclasses.dataclass
 class Graph:
@@ -213,11 +220,11 @@ def _check_wiring(node: Node, nodes: dict[str, Node], inputs: dict[str, Any]) ->
                 f"{owner}: type mismatch, {ref[0]}.{ref[1]} produces {type_name(produced)} "
                 f"but {node.stage_cls.__name__}.run accepts {type_name(accepted)}"
             )
-    for port in ports.values():
-        if port.required and port.name not in node.wires:
+    for spec in ports.values():
+        if spec.required and spec.name not in node.wires:
             raise ConfigError(
-                f"node '{node.name}': required input '{port.name}' ({type_name(port.type)}) is not wired; "
-                f"add it under in: {{{port.name}: <node>.<output>}}"
+                f"node '{node.name}': required input '{spec.name}' ({type_name(spec.type)}) is not wired; "
+                f"add it under in: {{{spec.name}: <node>.<output>}}"
             )
     if node.when:
         produced = _check_source(node.when[:2], nodes, inputs, f"node '{node.name}' when")

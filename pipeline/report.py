@@ -464,10 +464,10 @@ def write_report(folder: str | Path) -> Path:
 try:  # Hydra calls this after a multirun (conf/config.yaml: hydra.callbacks.report)
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra-core < 1.1
-    Callback = object  # type: ignore[misc,assignment]
+    Callback = object
 
 
-class SweepReport(Callback):  # type: ignore[misc]
+class SweepReport(Callback):
     """After a multirun: print where its jobs went and write the sweep's report.html (unless report=none)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -104,10 +104,11 @@ class Stage:
 
     outputs: ClassVar[dict[str, Any]] = {}
 
-    def run(self, **inputs: Any) -> dict[str, Any]:  # pragma: no cover - abstract
+    # (*args, **inputs): any signature may override it; the ports are read from the subclass's own signature
+    def run(self, *args: Any, **inputs: Any) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def precheck(self, **inputs: Any) -> None:
+    def precheck(self, *args: Any, **inputs: Any) -> None:
         """Optional: refuse bad graph inputs before any node runs (before any model loads).
 
         Called once per run with those input ports that are wired straight to graph inputs (values known up
@@ -204,7 +205,7 @@ def type_problem(annotation: Any, value: Any, non_finite: bool = False) -> str |
     if origin in (typing.Union, types.UnionType):
         problems = [type_problem(arg, value, non_finite) for arg in typing.get_args(annotation)]
         if all(problems):
-            finite = [p for p in problems if "finite" in p]  # a float of the right type, but nan/inf
+            finite = [p for p in problems if p and "finite" in p]  # a float of the right type, but nan/inf
             return finite[0] if finite else f"must be {_type_name(annotation)}, got {value!r}"
         return None
     if origin is typing.Literal:

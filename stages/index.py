@@ -68,7 +68,7 @@ class IndexProgram(Stage):
     def precheck(self, program_root: str) -> None:
         resolve_root(program_root)  # a missing, non-folder or /proc root fails before any model loads
 
-    def run(self, program_root: str, context: RunContext = None) -> dict:
+    def run(self, program_root: str, context: RunContext | None = None) -> dict:
         limits = self.limits
         if context is not None:  # this run's own folder (hydra.run.dir may lie inside the program) is never evidence
             limits = dataclasses.replace(limits, exclude=(*limits.exclude, str(context.run_dir)))
@@ -145,7 +145,7 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
     to_parse = []
     for n, src in enumerate(sources):
         at = known.get((src.path, src.sha256))
-        facts.append(stored.facts(at) if at is not None else None)
+        facts.append(stored.facts(at) if stored is not None and at is not None else None)
         if at is None:
             if src.path.endswith(".py"):
                 to_parse.append(n)
@@ -164,17 +164,19 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
         for n in tqdm(to_parse, desc="indexing", unit="file", disable=bar_off, leave=False):
             facts[n] = python_facts(sources[n].text, window_lines)
 
+    done = [f for f in facts if f is not None]
+    assert len(done) == len(sources)  # every file's facts: from the store, of its text, or parsed now
     files, symbols, windows = {}, [], []
-    for src, module, f in zip(sources, modules, facts):
+    for src, module, f in zip(sources, modules, done):
         files[src.path] = FileRecord(src.path, src.sha256, len(src.data), f["lines"], module, f["parsed"])
         for s in f["symbols"]:
             symbols.append(Symbol(s["name"], s["qualname"], s["kind"], src.path, module or "", s["start"], s["end"],
                                   s["signature"], s["doc"], s["is_public"], tuple(s["annotations"])))
         for start, end, anchor, kind in f["windows"]:
             windows.append(Window(src.path, start, end, anchor, kind))
-    graph = _graph(files, symbols, {src.path: f for src, f in zip(sources, facts)})
+    graph = _graph(files, symbols, {src.path: f for src, f in zip(sources, done)})
     if cache_file and (fresh or stored is None or len(known) != len(sources)):
-        indexstore.save(cache_file, window_lines, list(files.values()), facts, graph, code=code)
+        indexstore.save(cache_file, window_lines, list(files.values()), done, graph, code=code)
     log.info("indexed %d files (%d parsed now in %d process(es), %d from cache, %.2f s), %d skipped", len(sources), fresh,
              processes, len(sources) - fresh, time.perf_counter() - started, len(skipped))
     return ProgramIndex(root, files, symbols, windows, graph, program_fp, skipped, texts)
@@ -220,7 +222,7 @@ def _graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str,
             else:
                 full = imp["module"]
             resolved_names = [resolve(f"{full}.{n}") for n in imp["names"]]
-            resolved = [r for r in resolved_names if r] or [resolve(full)]
+            resolved: list[str | None] = [r for r in resolved_names if r] or [resolve(full)]
             targets.update(r for r in resolved if r and r != rec.module)
             source_module = resolve(full)
             for name, as_module in zip(imp["names"], resolved_names):

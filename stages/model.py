@@ -81,10 +81,12 @@ def shared_lm(key: tuple, factory: Callable[[], LanguageModel], weights: str) ->
 
 
 def _converted_dir(gguf_path: Path, cache_dir: Path | None) -> Path | None:
-    if cache_dir is None:
-        return None
+    return None if cache_dir is None else cache_dir / _converted_name(gguf_path)
+
+
+def _converted_name(gguf_path: Path) -> str:
     st = gguf_path.stat()
-    return cache_dir / f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
+    return f"{gguf_path.stem}-{fingerprint([gguf_path.name, st.st_size, st.st_mtime_ns], 12)}"
 
 
 def gguf_tokenizer(gguf_path: Path, cache_dir: Path | None):
@@ -159,7 +161,7 @@ def converted_copy(gguf_path: Path, cache_dir: Path, convert: Callable[[Path], N
     """The folder of the converted copy of ``gguf_path`` under ``cache_dir``: checked, made when missing or
     corrupt (``convert(tmp)`` writes it; it is published atomically), and half-written folders of killed
     conversions removed."""
-    converted = _converted_dir(gguf_path, cache_dir)
+    converted = cache_dir / _converted_name(gguf_path)
     cache_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(cache_dir)
     if converted.exists():

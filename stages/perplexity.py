@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pipeline.cache import write_atomic
 from pipeline.errors import ConfigError
@@ -34,7 +34,7 @@ class ProgramPerplexity(Stage):
     def run(self, index: ProgramIndex, lm: LanguageModel, artifacts: Artifacts | None = None) -> dict:
         corpus = split(index, lm.tokenizer, self.seq_len, self.val_every, self.held_out_files, self.seed)
         synth = (artifacts.manifest.get("synth") or {}) if artifacts is not None else {}
-        if synth.get("name") == "fitted":  # a fitted build trained on every file it did not list as held out
+        if artifacts is not None and synth.get("name") == "fitted":  # a fitted build trained on every file it did not list as held out
             trained_on = set(corpus.files) - set(synth.get("held_out_files") or [])
             if trained_on:
                 raise ConfigError(f"perplexity.held_out_files={self.held_out_files} holds out "
@@ -58,7 +58,8 @@ class PerplexityReport(Stage):
 
     def run(self, context: RunContext, plain: float, mixed: float, files_plain: float | None = None,
             files_mixed: float | None = None, mix_report: dict | None = None) -> dict:
-        report = {"plain": round(plain, 4), "mixed": round(mixed, 4), "change": round(_change(plain, mixed), 4)}
+        report: dict[str, Any] = {"plain": round(plain, 4), "mixed": round(mixed, 4),
+                                  "change": round(_change(plain, mixed), 4)}
         if files_plain is not None and files_mixed is not None:
             report.update({"files_plain": round(files_plain, 4), "files_mixed": round(files_mixed, 4),
                            "files_change": round(_change(files_plain, files_mixed), 4)})

@@ -89,7 +89,7 @@ def save(path: Path, window_lines: int, files: list[FileRecord], facts: list[dic
         else:
             arrays[name] = pack_strings(values)
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as its allow_pickle keyword
     write_atomic(path, buffer.getvalue())
 
 
@@ -151,7 +151,8 @@ class Stored:
 
     def windows(self) -> list[Window]:
         starts, ends, anchors, kinds = (self.col(f"win_{c}") for c in ("start", "end", "anchor", "kind"))
-        out, off = [], self.offsets["win"].tolist()
+        out: list[Window] = []
+        off = self.offsets["win"].tolist()
         for i, path in enumerate(self.paths):
             out.extend(Window(path, starts[r], ends[r], anchors[r], WINDOW_KINDS[kinds[r]]) for r in range(off[i], off[i + 1]))
         return out
