@@ -181,3 +181,35 @@ def generation(text: str, prompt_tokens: int = 5, generated_tokens: int = 5, sec
     """What `stages.decode.generate` returns, for tests that replace the model's decoding with a fixed text."""
     return {"text": text, "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens, "seconds": seconds,
             "prefill_seconds": 0.0, "constrained_citations": 0}
+
+
+# a small documented program whose questions have one right answer each (retrieval and eval tests)
+KETTLE_PROGRAM = {
+    "kettle.py": (
+        "def boil_water(litres):\n"
+        '    """Boil the given litres of water until the kettle whistles."""\n'
+        "    temperature = 100\n"
+        "    return litres * temperature\n\n\n"
+        "def pour_water(cup, amount):\n"
+        '    """Pour some water from the kettle into a cup."""\n'
+        "    return cup + amount\n\n\n"
+        "class Descaler:\n"
+        '    """Remove lime scale from the heating element."""\n\n'
+        "    def run(self, kettle, vinegar):\n"
+        '        """Run one descaling cycle with vinegar."""\n'
+        "        return kettle - vinegar\n"
+    ),
+    "cup.py": (
+        "def fill_cup(cup, water):\n"
+        '    """Fill the cup with water up to its brim."""\n'
+        "    return water\n\n\n"
+        "def empty_cup(cup, sink):\n"
+        '    """Empty the cup into the sink and rinse it."""\n'
+        "    return sink\n"
+    ),
+    "garden/hose.py": (
+        "def water_plants(plants, hose):\n"
+        '    """Water every plant in the garden with the hose."""\n'
+        "    return [hose(p) for p in plants]\n"
+    ),
+}

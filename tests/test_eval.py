@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import KETTLE_PROGRAM
 from pipeline.api import run
 from pipeline.errors import PipelineError
 from pipeline.stage import RunContext
@@ -15,34 +16,10 @@ from stages.index import build_index
 from stages.questions import DocstringQuestions
 
 PROGRAM = {
-    "kettle.py": (
-        '"""Kettle control."""\n\n\n'
-        "def boil_water(litres):\n"
-        '    """Boil the given litres of water until the kettle whistles."""\n'
-        "    temperature = 100\n"
-        "    return litres * temperature\n\n\n"
-        "def pour_water(cup, amount):\n"
-        '    """Pour some water from the kettle into a cup."""\n'
-        "    return cup + amount\n\n\n"
-        "class Descaler:\n"
-        '    """Remove lime scale from the heating element."""\n\n'
-        "    def run(self, kettle, vinegar):\n"
-        '        """Run one descaling cycle with vinegar."""\n'
-        "        return kettle - vinegar\n"
-    ),
-    "cup.py": (
-        "def fill_cup(cup, water):\n"
-        '    """Fill the cup with water up to its brim."""\n'
-        "    return water\n\n\n"
-        "def empty_cup(cup, sink):\n"
-        '    """Empty the cup into the sink and rinse it."""\n'
-        "    return sink\n"
-    ),
-    "garden/hose.py": (
-        "def water_plants(plants, hose):\n"
-        '    """Water every plant in the garden with the hose."""\n'
-        "    return [hose(p) for p in plants]\n\n\n"
-        "def label(template, plant):\n"
+    **KETTLE_PROGRAM,
+    "kettle.py": '"""Kettle control."""\n\n\n' + KETTLE_PROGRAM["kettle.py"],  # a module docstring too
+    "garden/hose.py": KETTLE_PROGRAM["garden/hose.py"] + (
+        "\n\ndef label(template, plant):\n"
         '    """Fill the ${name} placeholder of a plant label."""  # a question that looks like an interpolation\n'
         "    return template.replace('name', plant)\n"
     ),

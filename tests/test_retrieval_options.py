@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 
+from conftest import KETTLE_PROGRAM
 from pipeline import resources
 from pipeline.api import compose, run
 from pipeline.errors import ConfigError, InputError, PipelineError
@@ -18,35 +19,7 @@ from stages.common.evaluation import keywords, phrase
 from stages.questions import DocstringQuestions
 from stages.select import HybridSelect, QuestionSelect, fuse
 
-PROGRAM = {
-    "kettle.py": (
-        "def boil_water(litres):\n"
-        '    """Boil the given litres of water until the kettle whistles."""\n'
-        "    temperature = 100\n"
-        "    return litres * temperature\n\n\n"
-        "def pour_water(cup, amount):\n"
-        '    """Pour some water from the kettle into a cup."""\n'
-        "    return cup + amount\n\n\n"
-        "class Descaler:\n"
-        '    """Remove lime scale from the heating element."""\n\n'
-        "    def run(self, kettle, vinegar):\n"
-        '        """Run one descaling cycle with vinegar."""\n'
-        "        return kettle - vinegar\n"
-    ),
-    "cup.py": (
-        "def fill_cup(cup, water):\n"
-        '    """Fill the cup with water up to its brim."""\n'
-        "    return water\n\n\n"
-        "def empty_cup(cup, sink):\n"
-        '    """Empty the cup into the sink and rinse it."""\n'
-        "    return sink\n"
-    ),
-    "garden/hose.py": (
-        "def water_plants(plants, hose):\n"
-        '    """Water every plant in the garden with the hose."""\n'
-        "    return [hose(p) for p in plants]\n"
-    ),
-}
+PROGRAM = KETTLE_PROGRAM
 TEMPLATES = ["Which part of the code does this: {question}? Cite the file and lines.",
              "Where is this implemented: {question}? Give the path."]
 
