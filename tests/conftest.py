@@ -213,3 +213,15 @@ KETTLE_PROGRAM = {
         "    return [hose(p) for p in plants]\n"
     ),
 }
+
+
+def evaluate(base, program, questions, *overrides, run_dir):
+    """The eval graph with the tiny model over ``questions``: (value, RunResult, eval.json)."""
+    import json
+
+    from pipeline.api import run
+
+    args = ["pipeline=eval", "model=tiny_random", f"program_root={program}", f"questions={questions}",
+            f"paths.outputs={base / 'outputs'}", "eval.progress=false", *overrides]
+    value, result = run(args, run_dir=run_dir)
+    return value, result, json.loads((run_dir / "eval.json").read_text())

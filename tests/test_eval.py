@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from conftest import KETTLE_PROGRAM
-from pipeline.api import run
+from conftest import KETTLE_PROGRAM, evaluate
 from pipeline.errors import PipelineError
 from pipeline.stage import RunContext
 from stages.bm25 import BM25Windows, plain_tokens
@@ -33,13 +32,6 @@ def question_set(tmp_path_factory, make_tree):
     make_tree(root, PROGRAM)
     out = DocstringQuestions(out=str(base / "qs")).run(RunContext(base, [], {}), str(root))
     return base, out["program"], out["questions"]
-
-
-def evaluate(base, program, questions, *overrides, run_dir):
-    args = ["pipeline=eval", "model=tiny_random", f"program_root={program}", f"questions={questions}",
-            f"paths.outputs={base / 'outputs'}", "eval.progress=false", *overrides]
-    value, result = run(args, run_dir=run_dir)
-    return value, result, json.loads((run_dir / "eval.json").read_text())
 
 
 def test_retrieval_eval_reports_ours_and_bm25_side_by_side(question_set, tmp_path):

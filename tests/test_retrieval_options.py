@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import KETTLE_PROGRAM
+from conftest import KETTLE_PROGRAM, evaluate
 from pipeline import resources
 from pipeline.api import compose, run
 from pipeline.errors import ConfigError, InputError, PipelineError
@@ -30,13 +30,6 @@ def question_set(tmp_path_factory, make_tree):
     make_tree(base / "prog", PROGRAM)
     out = DocstringQuestions(out=str(base / "qs")).run(RunContext(base, [], {}), str(base / "prog"))
     return base, out["program"], out["questions"]
-
-
-def evaluate(base, program, questions, *overrides, run_dir):
-    args = ["pipeline=eval", "model=tiny_random", f"program_root={program}", f"questions={questions}",
-            f"paths.outputs={base / 'outputs'}", "eval.progress=false", *overrides]
-    value, result = run(args, run_dir=run_dir)
-    return value, result, json.loads((run_dir / "eval.json").read_text())
 
 
 # ---------------------------------------------------------------- phrasings
