@@ -66,7 +66,7 @@ class ClosedBookRanking(Stage):
     def __init__(self, prompt: str = "In the Python program `{program}`, which function, class or method does this: "
                                      "{question}\nAnswer with its name only.",
                  chat: bool = True, prefix: str = "", candidate: str = "`{name}`",
-                 score: Literal["sum", "mean", "pmi"] = "sum", chunk_tokens: Annotated[int, Range(ge=1)] = 512,
+                 score: Literal["sum", "mean", "pmi"] = "pmi", chunk_tokens: Annotated[int, Range(ge=1)] = 512,
                  top: Annotated[int, Range(ge=1)] = 5, progress: bool = True, reuse_plain: bool = False):
         for name, template, fields in (("prompt", prompt, ("program", "question")), ("candidate", candidate, ("name", "keyword"))):
             try:

@@ -50,7 +50,7 @@ class Decode(Stage):
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
-                 max_paragraphs: Annotated[int, Range(ge=1)] | None = None, stop_at_repeated_line: bool = True,
+                 max_paragraphs: Annotated[int, Range(ge=1)] | None = 2, stop_at_repeated_line: bool = True,
                  seed: int = 0, prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed

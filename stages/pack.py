@@ -12,7 +12,7 @@ from pipeline.errors import ConfigError
 from pipeline.stage import Range, Stage
 from stages.common.lines import split_lines
 from stages.common.mixing import exclusive
-from stages.common.scoring import check_relevance, score_windows, window_fields
+from stages.common.scoring import RELEVANCE, check_relevance, score_windows, window_fields
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class PackWindows(Stage):
 
     def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000,
                  windows_per_file: Annotated[int, Range(ge=1, le=2)] = 2,
-                 second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0, relevance: dict = {}):
+                 second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0, relevance: dict = dict(RELEVANCE)):
         self.context_tokens, self.windows_per_file = context_tokens, windows_per_file
         self.second_window_weight = second_window_weight
         self.relevance = check_relevance("pack", relevance)
@@ -137,7 +137,7 @@ class PackFunctionFirst(Stage):
                  ff_window_lines: Annotated[int, Range(ge=1)] = 80,
                  ff_noise_penalty: Annotated[float, Range(ge=0)] = 0.30,
                  ff_threshold: Annotated[float, Range(ge=0, le=1)] = 0.55,
-                 ff_max_code_tokens: Annotated[int, Range(ge=16)] = 384, relevance: dict = {}):
+                 ff_max_code_tokens: Annotated[int, Range(ge=16)] = 384, relevance: dict = dict(RELEVANCE)):
         self.context_tokens, self.max_candidates, self.window_lines = context_tokens, ff_max_candidates, ff_window_lines
         self.noise_penalty, self.threshold, self.max_code_tokens = ff_noise_penalty, ff_threshold, ff_max_code_tokens
         self.relevance = check_relevance("pack", relevance)  # orders the candidates before the model scores them

@@ -27,7 +27,7 @@ class ProgramPerplexity(Stage):
     def __init__(self, seq_len: Annotated[int, Range(ge=8)] = 256, val_every: Annotated[int, Range(ge=2)] = 5,
                  seed: int = 0, held_out_files: Annotated[float, Range(ge=0, le=0.5)] = 0.1,
                  split: Literal["held_out", "train"] = "held_out",
-                 max_pieces: Annotated[int, Range(ge=1)] = 64, batch_size: Annotated[int, Range(ge=1)] = 4):
+                 max_pieces: Annotated[int, Range(ge=1)] = 32, batch_size: Annotated[int, Range(ge=1)] = 4):
         self.seq_len, self.val_every, self.seed, self.split = seq_len, val_every, seed, split
         self.held_out_files, self.max_pieces, self.batch_size = held_out_files, max_pieces, batch_size
 

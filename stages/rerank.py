@@ -12,7 +12,7 @@ from typing import Annotated
 import numpy as np
 
 from pipeline.stage import Range, Stage
-from stages.common.scoring import check_relevance, score_windows, standardise, terms, window_fields
+from stages.common.scoring import RELEVANCE, check_relevance, score_windows, standardise, terms, window_fields
 from stages.common.types import LanguageModel, ProgramIndex, Selection, Window
 
 
@@ -124,7 +124,8 @@ class LMRescore(Stage):
 
     def __init__(self, candidates: Annotated[int, Range(ge=1)] = 16, weight: Annotated[float, Range(ge=0, le=1)] = 0.5,
                  max_window_tokens: Annotated[int, Range(ge=16)] = 256, batch_size: Annotated[int, Range(ge=1)] = 4,
-                 question_prefix: str = "\n\n# What the code above does: ", relevance: dict = {}):
+                 question_prefix: str = "\n\n# What the code above does: ",
+                 relevance: dict = dict(RELEVANCE)):
         self.candidates, self.weight, self.max_window_tokens = candidates, weight, max_window_tokens
         self.batch_size, self.question_prefix = batch_size, question_prefix
         self.relevance = check_relevance("rescore", relevance)

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
 from stages.common.program import is_test_path
-from stages.common.scoring import score_windows, standardise
+from stages.common.scoring import RELEVANCE, score_windows, standardise
 from stages.common.text import token_set, tokens
 from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
@@ -28,10 +28,13 @@ class QuestionSelect(Stage):
 
     outputs = {"selection": Selection}
 
-    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8, name_weight: Annotated[float, Range(ge=0)] = 4.0,
-                 doc_weight: Annotated[float, Range(ge=0)] = 0.3, path_weight: Annotated[float, Range(ge=0)] = 0.8,
-                 text_weight: Annotated[float, Range(ge=0)] = 0.1, signature_weight: Annotated[float, Range(ge=0)] = 0.0,
-                 k1: Annotated[float, Range(ge=0)] = 0.6, b: Annotated[float, Range(ge=0, le=1)] = 0.75,
+    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8,
+                 name_weight: Annotated[float, Range(ge=0)] = RELEVANCE["name"],
+                 doc_weight: Annotated[float, Range(ge=0)] = RELEVANCE["doc"],
+                 path_weight: Annotated[float, Range(ge=0)] = RELEVANCE["path"],
+                 text_weight: Annotated[float, Range(ge=0)] = RELEVANCE["text"],
+                 signature_weight: Annotated[float, Range(ge=0)] = RELEVANCE["signature"],
+                 k1: Annotated[float, Range(ge=0)] = RELEVANCE["k1"], b: Annotated[float, Range(ge=0, le=1)] = RELEVANCE["b"],
                  test_weight: Annotated[float, Range(ge=0)] = 0.5):
         self.top_k, self.test_weight = top_k, test_weight
         self.relevance = {"name": name_weight, "doc": doc_weight, "path": path_weight, "text": text_weight,

@@ -13,7 +13,9 @@ from pathlib import Path
 from pipeline.errors import InputError
 from stages.common.lines import split_lines
 
-DEFAULT_IGNORE = (".git", "__pycache__", "*.egg-info", "build", "dist", ".venv", "node_modules")
+# SPEC §1's list, plus run output and tool caches (conf/index/default.yaml writes the same list; a test checks it)
+DEFAULT_IGNORE = (".git", "__pycache__", "*.egg-info", "build", "dist", ".venv", "node_modules", "outputs", "multirun",
+                  "*_cache", ".cache")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,12 +17,15 @@ from stages.common.text import tokens
 from stages.common.types import ProgramIndex, Window
 
 FIELDS = ("name", "signature", "doc", "path", "text")
-# field weights and BM25 saturation (k1) / length normalisation (b): select's defaults, also pack's window ranking
+# field weights and BM25 saturation (k1) / length normalisation (b), written once: select's defaults (its
+# *_weight, k1, b keywords) and the window ranking of pack and rescore (conf/relevance/select.yaml links them)
 RELEVANCE = {"name": 4.0, "signature": 0.0, "doc": 0.3, "path": 0.8, "text": 0.1, "k1": 0.6, "b": 0.75}
 
 
 def check_relevance(owner: str, relevance: dict) -> dict[str, float]:
-    """``relevance`` completed with the defaults; an unknown key or a negative value is a ConfigError."""
+    """``relevance`` completed with the defaults (a key that is absent or null takes ``RELEVANCE``'s value); an unknown
+    key or a negative value is a ConfigError."""
+    relevance = {k: v for k, v in relevance.items() if v is not None}
     unknown = sorted(set(relevance) - set(RELEVANCE))
     if unknown:
         raise ConfigError(f"{owner}: unknown relevance key '{unknown[0]}'; keys: {', '.join(RELEVANCE)}")
