@@ -7,17 +7,17 @@ the targets are about.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 import ast
 import copy
-import importlib.util
 import csv
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 

@@ -17,8 +17,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ConfigError
 
@@ -44,7 +45,7 @@ def source_fingerprint(name: str, length: int = 16) -> str:
     return _source_fingerprint(name)[:length]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_fingerprint(name: str) -> str:
     module = _module_of(name)
     if module is None:

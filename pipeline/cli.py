@@ -14,7 +14,8 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 # config keys whose value is what a person typed (a question), never Hydra grammar or an interpolation
 FREE_TEXT_KEYS = ("prompt",)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 
-
 class PipelineError(Exception):
     """Base of every expected failure: the Hydra apps print `error: <message>` and exit non-zero."""
 

@@ -161,7 +161,7 @@ def _run_stage(node: Node, run: RunResult, context: RunContext) -> tuple[NodeTra
     try:
         produced = node.instance.run(**kwargs)
         _check_outputs(node.name, node.stage_cls, produced)
-    except BaseException as err:  # re-raised by execute, after the always-nodes ran
+    except BaseException as err:  # noqa: BLE001 - re-raised by execute, after the always-nodes ran
         record.seconds, record.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
         record.reason = _first_line(err)
         log.error("node %s failed: %s", node.name, record.reason)
@@ -205,7 +205,7 @@ def precheck(graph: Graph) -> tuple[str, BaseException] | None:
             continue
         try:
             node.instance.precheck(**given)
-        except Exception as err:  # reported like a failure of the node itself
+        except Exception as err:  # noqa: BLE001 - reported like a failure of the node itself, then raised
             return name, err
     return None
 

@@ -72,7 +72,7 @@ class Graph:
         position = {name: i for i, name in enumerate(self.nodes)}
         return list(nx.lexicographical_topological_sort(self.dag, key=lambda n: position.get(n, -1)))
 
-    def instantiate(self) -> "Graph":
+    def instantiate(self) -> Graph:
         """Construct every stage (cheap by contract: stages load heavy things lazily in ``run``)."""
         for node in self.nodes.values():
             try:

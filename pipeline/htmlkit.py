@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 STATUS_COLOURS = {"ok": "#cdeccd", "skipped": "#e6e6e6", "failed": "#f6b8b8", "not run": "#ffffff"}
 

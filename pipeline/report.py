@@ -25,8 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cache import write_atomic
 from .htmlkit import SORT_JS, bar_chart, dag_svg, esc, fmt, heatmap, highlight, key_values, page, table
-from .runfolder import (CONFIG_ERRORS, ReportError, RunFolder, artifact_manifests, is_run_folder, is_sweep_folder,
-                        read_lines, salvage_object, settings_of, source_hashes)
+from .runfolder import (
+    CONFIG_ERRORS,
+    ReportError,
+    RunFolder,
+    artifact_manifests,
+    is_run_folder,
+    is_sweep_folder,
+    read_lines,
+    salvage_object,
+    settings_of,
+    source_hashes,
+)
 
 __all__ = ["ReportError", "RunFolder", "SweepReport", "main", "salvage_object", "write_report", "write_run_report",
            "write_sweep_report"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
-_SHARED: dict[str, "OrderedDict[Hashable, Any]"] = {}
+_SHARED: dict[str, OrderedDict[Hashable, Any]] = {}
 _STATS: dict[str, dict[str, int]] = {}
 _GUARD = threading.RLock()  # held while a factory runs: two threads asking for one model load it once
 

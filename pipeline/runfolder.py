@@ -116,7 +116,7 @@ class RunFolder:
     problems: dict[str, str]  # file name -> what is wrong with it
 
     @classmethod
-    def load(cls, folder: Path, settings: dict | None = None) -> "RunFolder":
+    def load(cls, folder: Path, settings: dict | None = None) -> RunFolder:
         folder = Path(folder)
         if not folder.is_dir():
             raise ReportError(f"'{folder}' is not a folder (pass a run folder such as outputs/runs/<date>/<time>)")

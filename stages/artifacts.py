@@ -21,8 +21,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir, source_fingerprint
 from pipeline.errors import InputError
 from pipeline.stage import Stage
@@ -182,7 +180,7 @@ class StoreArtifacts(Stage):
             "synth": {"name": adapters.meta.get("synth"),
                       **{k: v for k, v in adapters.meta.items() if k not in ("synth", "curve")}},
             "build_config": self.build_config, "program_root": str(index.root), "commit": git_commit(index.root),
-            "file_count": len(index.files), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "file_count": len(index.files), "created": datetime.datetime.now(datetime.UTC).isoformat(),
             "package_version": _version(), "bank_modules": sorted(bank) if bank else [],
             "code": build_code(self.build_config),  # the source fingerprints in the key (what made this folder)
         }

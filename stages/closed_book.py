@@ -20,8 +20,8 @@ from pipeline import resources
 from pipeline.cache import write_atomic
 from pipeline.errors import InputError
 from pipeline.stage import Range, RunContext, Stage
-from stages.common.evaluation import QuestionSet
 from stages.common.continuations import encode_prefix, score_continuations
+from stages.common.evaluation import QuestionSet
 from stages.common.mixing import exclusive
 from stages.common.text import token_set
 from stages.common.types import LanguageModel, ProgramIndex

@@ -242,8 +242,13 @@ class _Clock:
 def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict, lead_in_generate: bool):
     """The logits processors, in the order that keeps sampling safe: checks and biases, then the grounding mask,
     then temperature / top-k / top-p (which only ever see allowed tokens)."""
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     clock = _Clock()
     chain = LogitsProcessorList([clock, _FiniteCheck()])

@@ -18,8 +18,16 @@ from typing import Annotated, Literal
 from pipeline.cache import write_atomic
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import Range, RunContext, Stage
-from stages.common.evaluation import (QuestionSet, Record, SystemRun, check_templates, load_questions, phrase,
-                                      score, spread)
+from stages.common.evaluation import (
+    QuestionSet,
+    Record,
+    SystemRun,
+    check_templates,
+    load_questions,
+    phrase,
+    score,
+    spread,
+)
 from stages.common.types import ProgramIndex
 
 log = logging.getLogger(__name__)

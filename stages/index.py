@@ -23,10 +23,18 @@ from pipeline import resources
 from pipeline.cache import fingerprint, source_fingerprint
 from pipeline.errors import InputError
 from pipeline.stage import Range, RunContext, Stage
-from stages.common.program import (DEFAULT_IGNORE, Entry, Limits, is_test_path, module_name, read_entries,
-                                   resolve_root, scan)
 from stages.common import indexstore
 from stages.common.callgraph import EDGE_TYPES, CallGraph, GraphBuilder
+from stages.common.program import (
+    DEFAULT_IGNORE,
+    Entry,
+    Limits,
+    is_test_path,
+    module_name,
+    read_entries,
+    resolve_root,
+    scan,
+)
 from stages.common.pyfacts import available_cores, parse_many, python_facts, text_facts
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 

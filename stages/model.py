@@ -11,15 +11,22 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 from pipeline import resources
 from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
-from stages.common.precision import (Quantize, quantize_int8, quiet_torchao_import, require_quantizer, set_threads,
-                                     torch_dtype)
+from stages.common.precision import (
+    Quantize,
+    quantize_int8,
+    quiet_torchao_import,
+    require_quantizer,
+    set_threads,
+    torch_dtype,
+)
 from stages.common.types import LanguageModel
 
 log = logging.getLogger(__name__)

@@ -10,10 +10,9 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
-
 from conftest import generation
+
 from pipeline import api
-from pipeline.errors import StageFailed
 from stages.common.adapters import infer_targets
 from stages.common.types import ProgramIndex, Selection
 

@@ -10,10 +10,11 @@ import subprocess
 import sys
 import time
 
+from report_fixtures import telemetry, write_program, write_run
+
 from pipeline import PROJECT_ROOT
 from pipeline.chat import NOT_FOUND, show_answer
 from pipeline.runfolder import settings_of
-from report_fixtures import telemetry, write_program, write_run
 from stages.common.streaming import DRAFT_BANNER, RETRY_BANNER
 
 TINY = ["model=tiny_random", "decode.max_new_tokens=6", "decode.min_new_tokens=6", "fallback.max_new_tokens_floor=6"]

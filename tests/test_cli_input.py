@@ -6,9 +6,9 @@ import json
 import os
 
 import pytest
+from conftest import call_main
 
 import pipeline.run as run_app
-from conftest import call_main
 from pipeline.cli import escape_interpolation, hydra_quoted, prepare_argv
 
 PROGRAM = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add two numbers."""\n    return a + b\n'}

@@ -5,11 +5,11 @@ import functools
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig, OmegaConf
-
 from conftest import CONF_DIR, compose_config
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
 from pipeline.errors import ConfigError
 from pipeline.graph import INPUTS, build_graph, resolve_stage
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 from conftest import CONF_DIR, PROJECT_ROOT
-from pipeline.graph import resolve_stage
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from test_config_compose import OPTIONS, choices_of, compose_primary, missing_keys, primary_for, supply
+
+from pipeline.graph import resolve_stage
 
 # keywords a graph sets on a node with `with:` (not a user's knob, so not in the group's YAML)
 SET_BY_GRAPH = {("closed_book", "reuse_plain")}

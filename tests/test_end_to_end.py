@@ -5,8 +5,8 @@ import json
 import re
 
 import pytest
-
 from conftest import PROJECT_ROOT, compose_config
+
 from stages.common.citations import parse_citations
 from stages.index import build_index
 

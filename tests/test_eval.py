@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import KETTLE_PROGRAM, evaluate
+
 from pipeline.errors import PipelineError
 from pipeline.stage import RunContext
 from stages.bm25 import BM25Windows, plain_tokens

@@ -5,8 +5,8 @@ import ast
 import json
 
 import pytest
-
 from conftest import write_tree
+
 from pipeline.api import run
 from pipeline.errors import InputError, PipelineError
 from pipeline.stage import RunContext

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import call_main, generation
 
 import pipeline.run as run_app
-from conftest import call_main, generation
 from pipeline import PROJECT_ROOT
 from stages.common.adapters import save_npz
 from stages.common.mixing import model_lock

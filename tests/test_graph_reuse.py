@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose_config
 from pipeline.graph import build_graph
 
 GRAPHS = Path(CONF_DIR) / "pipeline"

@@ -55,7 +55,7 @@ def test_constraint_never_lets_an_invalid_citation_through(default_tokenizer, sa
     vocab = len(tok)
     openers = [i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(vocab)))) if t in ("[", "Ġ[", "([")]
     rng = random.Random(0 if not sample else 1)
-    for trial in range(6):
+    for _ in range(6):
         spans = random_spans(rng, rng.randint(1, 8))
         trie = TokenTrie.of_strings(tok, [f"{s}]" for s in spans])
         prompt = tok("Q: where?\n", add_special_tokens=False)["input_ids"]

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from report_fixtures import telemetry, trace, write_program, write_run
 
 from pipeline import PROJECT_ROOT
 from pipeline.report import ReportError, salvage_object, write_report, write_run_report
-from report_fixtures import telemetry, trace, write_program, write_run
 
 
 @pytest.fixture

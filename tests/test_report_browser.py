@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from cdp import Browser, chromium_path
-from pipeline.report import write_report
 from report_fixtures import telemetry, trace, write_program, write_run
+
+from pipeline.report import write_report
 
 pytestmark = pytest.mark.skipif(chromium_path() is None and not os.environ.get("CI"),
                                 reason="chromium is not installed (apt-get install -y chromium; setup.sh does it as root)")

@@ -8,8 +8,8 @@ import logging
 
 import numpy as np
 import pytest
-
 from conftest import KETTLE_PROGRAM, evaluate
+
 from pipeline import resources
 from pipeline.api import compose, run
 from pipeline.errors import ConfigError, InputError, PipelineError

@@ -49,7 +49,7 @@ def multirun(tmp_path):
 def test_table_csv_and_plot(multirun):
     text, csv_path, png_path = summarize(multirun, metric="citations_valid")
     lines = text.splitlines()
-    assert lines[0] == "4 jobs in %s; all with model=tiny_random prompt='how?'" % multirun
+    assert lines[0] == f"4 jobs in {multirun}; all with model=tiny_random prompt='how?'"
     header = lines[1].split()
     assert header[:3] == ["job", "rerank", "mix.alpha"]  # the sweep's axes, then the key metrics
     assert {"status", "elapsed_sec", "citations_valid", "retries", "ppl.mixed", "ours.evidence_recall@5",

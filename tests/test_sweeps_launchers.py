@@ -3,8 +3,6 @@ sweeper (the `sweeps` extra), then `pipeline.summary` over the multirun folder t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 

@@ -8,7 +8,8 @@ algorithms (``to_networkx``, once per index, same nodes, attributes and edge ord
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class GraphBuilder:
         self.dst.append(self.ids[dst])
         self.types.append(EDGE_TYPES.index(edge_type))
 
-    def build(self) -> "CallGraph":
+    def build(self) -> CallGraph:
         return CallGraph(list(self.ids), np.asarray(self.kinds, np.int8), self.paths,
                          np.asarray(self.src, np.int32), np.asarray(self.dst, np.int32), np.asarray(self.types, np.int8))
 
@@ -123,7 +124,7 @@ class CallGraph:
             return self._nx
 
     @classmethod
-    def from_networkx(cls, g: Any) -> "CallGraph":
+    def from_networkx(cls, g: Any) -> CallGraph:
         """A graph made with networkx (nodes with ``kind`` and ``path``, edges with ``type``), e.g. by a test."""
         builder = GraphBuilder()
         for node, data in g.nodes(data=True):
@@ -138,7 +139,7 @@ class CallGraph:
                 "edge_src": self.src, "edge_dst": self.dst, "edge_types": self.types}
 
     @classmethod
-    def from_arrays(cls, data: Any) -> "CallGraph":
+    def from_arrays(cls, data: Any) -> CallGraph:
         ids, paths = unpack_strings(data["node_ids"]), unpack_strings(data["node_paths"])
         kinds, src, dst, types = (np.asarray(data[k]) for k in ("node_kinds", "edge_src", "edge_dst", "edge_types"))
         n = len(ids)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from stages.common.types import Citation, CitationReport, Evidence, ProgramIndex
 

@@ -18,7 +18,8 @@ sampling only ever sees allowed tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 END = -1
 CITATION_OPENER, CODE_OPENER = "[", "`"
@@ -41,7 +42,7 @@ class TokenTrie:
                 self.size += 1
 
     @classmethod
-    def of_strings(cls, tokenizer, strings: Iterable[str]) -> "TokenTrie":
+    def of_strings(cls, tokenizer, strings: Iterable[str]) -> TokenTrie:
         """Each string tokenized on its own (byte-level BPE: the ids decode back to exactly the string).
         The strings must be prefix-free (ours all end with a closing character), so a leaf is unambiguous."""
         strings = sorted(set(strings))

@@ -149,7 +149,7 @@ def delta_norms(deltas: dict[tuple[int, str], LowRankDelta], tmap: TargetMap, nu
 
 # merge mode writes W + AB into a buffer per module that lives as long as the module: a fresh 400 MB each answer
 # costs ~150 k page faults (0.3-0.9 s on SmolLM2, measured), more than the arithmetic
-_WORKSPACES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_WORKSPACES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _workspace(module: Any, like: Any) -> Any:
@@ -173,7 +173,7 @@ class ModelLock:
         self._owner: int | None = None
         self._depth = 0
 
-    def acquire(self, lease: "Lease | None" = None) -> None:
+    def acquire(self, lease: Lease | None = None) -> None:
         me = threading.get_ident()
         with self._cond:
             if self._owner not in (None, me):
@@ -198,7 +198,7 @@ class ModelLock:
         return self._owner is not None
 
 
-_LOCKS: "weakref.WeakKeyDictionary[Any, ModelLock]" = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[Any, ModelLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 

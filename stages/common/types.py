@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from stages.common.adapters import AdapterSet
 from stages.common.callgraph import CallGraph
