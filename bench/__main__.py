@@ -320,7 +320,7 @@ import torch, transformers, numpy, networkx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama import modeling_llama
 from pipeline import api, resources
-import stages.model, stages.decode, stages.mix, stages.index, stages.pack, stages.select, stages.prompt
+import stages.model, stages.decode, stages.mix, stages.index, stages.pack, stages.select, stages.scaffold
 imports = rss_mb()
 _, result = api.run(["program_root={root}", "prompt=How are config groups composed?", "decode.max_new_tokens=64", *{extra!r}])
 lm = resources.values("model")[-1]
@@ -437,7 +437,7 @@ def decode_floor() -> list[dict]:
         _, result = api.run(_answer_args())
         draft = result.output("decode", "draft")
         ours.append(draft.tokens_per_second)
-        ids = result.output("prompt", "prompt").ids
+        ids = result.output("scaffold", "prompt").ids
         plain.append(_plain_generate(lm, ids)["tps"])
     weights, kv = _bytes_per_token(lm, len(ids) + DECODE_TOKENS // 2)
     bandwidth = _copy_bandwidth()
@@ -502,7 +502,7 @@ def precision() -> list[dict]:
     for name, overrides in precisions:
         resources.clear("model")
         _, result = api.run(_answer_args([*overrides, "mix.mode=hooks"]))
-        ids = ids or result.output("prompt", "prompt").ids
+        ids = ids or result.output("scaffold", "prompt").ids
         lm = resources.values("model")[-1]
         gen = _plain_generate(lm, ids)
         _, ppl = api.run(["pipeline=perplexity", f"program_root={PROGRAM_80}", *overrides, "mix.mode=hooks"])

@@ -64,11 +64,26 @@ def _already_quoted(value: str) -> list[str] | None:
     return texts if all(isinstance(t, str) for t in texts) else None
 
 
+def follow_renamed(overrides: Iterable[str]) -> list[str]:
+    """Overrides of a renamed node (``pipeline.nodes.prompt.…``, conf/renamed.yaml) address the new name, with a
+    warning, for one release."""
+    from .graph import renamed, renamed_names
+
+    out = []
+    for arg in overrides:
+        match = re.match(r"^([+~]{0,2}pipeline\.nodes\.)(\w+)(\..*|=.*)?$", arg, re.S)
+        if match and match.group(2) in renamed_names()["nodes"]:
+            arg = match.group(1) + renamed("nodes", match.group(2), f"override '{arg.split('=')[0]}'") \
+                + (match.group(3) or "")
+        out.append(arg)
+    return out
+
+
 def prepare_argv(argv: Iterable[str]) -> list[str]:
     """Quote free-text values for Hydra. A value already quoted for Hydra ('q1','q2' sweeps two questions)
-    keeps its meaning but is re-escaped, so that no question is ever interpolated."""
+    keeps its meaning but is re-escaped, so that no question is ever interpolated. Renamed nodes are followed."""
     out = []
-    for arg in argv:
+    for arg in follow_renamed(argv):
         key = _free_text_key(arg)
         if key is None:
             out.append(arg)

@@ -21,20 +21,27 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
+import logging
 import pkgutil
+import warnings
 from typing import Any
 
 import networkx as nx
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import CONF_DIR
 from .errors import ConfigError
 from .stage import Stage, check_config, type_fits, type_name
 
 INPUTS = "inputs"
 NODE_KEYS = {"config", "stage", "with", "in", "when", "always", "after"}
 
+
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Node:
@@ -102,6 +109,7 @@ def build_graph(cfg: DictConfig) -> Graph:
     dag.add_node(INPUTS)
     dag.add_nodes_from(nodes)
     for node in nodes.values():
+        _follow_renames(node, nodes)
         _check_wiring(node, nodes, inputs)
         for port, (src, src_port) in node.wires.items():
             dag.add_edge(src, node.name, ports=[*dag.get_edge_data(src, node.name, {}).get("ports", []), (src_port, port)])
@@ -173,6 +181,24 @@ def _make_node(cfg: DictConfig, name: str, spec: Any, packages: list[str]) -> No
         when = (src, port, expect)
     after = [str(n) for n in (_resolve(spec.get("after") or [], f"node '{name}' after"))]
     return Node(name, stage_cls, config, wires, when, bool(spec.get("always", False)), after)
+
+
+def _follow_renames(node: Node, nodes: dict[str, Node]) -> None:
+    """Old node and port names in ``node``'s wiring (conf/renamed.yaml) read as the new ones, with a warning; a name
+    that the graph itself declares is never renamed."""
+    ports = node.stage_cls.input_ports()
+    wires = {}
+    for port, (src, src_port) in node.wires.items():
+        owner = f"node '{node.name}' input '{port}'"
+        if port not in ports and renamed_names()["ports"].get(port) in ports:
+            port = renamed("ports", port, owner)
+        if src not in nodes and renamed_names()["nodes"].get(src) in nodes:
+            src = renamed("nodes", src, owner)
+        if src in nodes and src_port not in nodes[src].stage_cls.outputs \
+                and renamed_names()["ports"].get(src_port) in nodes[src].stage_cls.outputs:
+            src_port = renamed("ports", src_port, owner)
+        wires[port] = (src, src_port)
+    node.wires = wires
 
 
 def _parse_ref(ref: str, owner: str) -> tuple[str, str]:
@@ -265,14 +291,34 @@ def _suggest(name: str, known: list[str]) -> str:
     return f"; registered stages: {', '.join(sorted(known))}" if known else ""
 
 
+@functools.cache
+def renamed_names() -> dict[str, dict[str, str]]:
+    """conf/renamed.yaml: old module, node and port names -> new ones (each kept one release, with a warning)."""
+    data = yaml.safe_load((CONF_DIR / "renamed.yaml").read_text(encoding="utf-8")) or {}
+    return {key: dict(data.get(key) or {}) for key in ("modules", "nodes", "ports")}
+
+
+def renamed(kind: str, name: str, where: str) -> str:
+    """The current name of ``name`` (a node or port), warning once per use when it is an old one."""
+    new = renamed_names()[kind].get(name)
+    if new is None:
+        return name
+    message = f"{where}: the {kind[:-1]} '{name}' is renamed '{new}'; the old name goes in the next release"
+    warnings.warn(message, FutureWarning, stacklevel=3)
+    log.warning(message)
+    return new
+
+
 def discover_stages(packages: list[str]) -> dict[str, type[Stage]]:
     """Every Stage subclass defined in the given packages, by class name (the 'registered names')."""
     found: dict[str, type[Stage]] = {}
     for package_name in packages:
         package = importlib.import_module(package_name)
         modules = [package]
+        renamed = renamed_names()["modules"]
         for info in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}."):
-            modules.append(importlib.import_module(info.name))
+            if info.name not in renamed:  # an alias of a renamed module: its stages are found under the new name
+                modules.append(importlib.import_module(info.name))
         for module in modules:
             for value in vars(module).values():
                 if isinstance(value, type) and issubclass(value, Stage) and value is not Stage and value.__module__ == module.__name__:

@@ -83,7 +83,7 @@ class Decode(Stage):
             "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
 
-    def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
+    def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None) -> dict:
         settings = self.settings(prompt)
         notes: list[str] = []
         try:
@@ -91,7 +91,7 @@ class Decode(Stage):
         except _oom_errors() as err:
             notes.append(f"CUDA out of memory ({str(err).splitlines()[0]}); retried on cpu in float32")
             log.warning(notes[-1])
-            move_to_cpu(lm, handle)
+            move_to_cpu(lm, adapter_mix)
             result = generate(lm, prompt, settings, self.seed)
         text = result.pop("text")
         notes.extend(result.pop("notes", []))
@@ -113,8 +113,8 @@ class RetryDecode(Decode):
         settings["max_new_tokens"] = max(self.floor, settings["max_new_tokens"])
         return settings
 
-    def run(self, lm: LanguageModel, prompt: Prompt, handle: AdapterMix | None = None) -> dict:
-        draft = super().run(lm, prompt, handle)["draft"]
+    def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None) -> dict:
+        draft = super().run(lm, prompt, adapter_mix)["draft"]
         # nothing of the first attempt's prefill can be reused: other weights, another prompt
         draft.notes.append("retry: prompt encoded again (the boosted remix changed the weights, the stronger "
                            "scaffold the prompt)")

@@ -37,7 +37,7 @@ def delta_cap_from(value: float | None) -> float | None:
 
 
 class MixAdapters(Stage):
-    outputs = {"lm": LanguageModel, "handle": AdapterMix, "report": dict}
+    outputs = {"lm": LanguageModel, "adapter_mix": AdapterMix, "report": dict}
 
     def __init__(self, mode: Literal["hooks", "merge"] = "hooks", alpha: Annotated[float, Range(ge=0)] = 16.0,
                  ablate: list[Literal["attn", "mlp"]] = [], delta_cap: Annotated[float, Range(gt=0)] | None = 0.05,
@@ -66,7 +66,7 @@ class MixAdapters(Stage):
         except BaseException:
             mix.restore()  # no handle reaches unmix: restore and release here
             raise
-        return {"lm": lm, "handle": mix, "report": report}
+        return {"lm": lm, "adapter_mix": mix, "report": report}
 
 
 class BoostedRemix(Stage):
@@ -78,9 +78,10 @@ class BoostedRemix(Stage):
                  gsub_factor: Annotated[float, Range(ge=0)] = 1.1, gsub_max: Annotated[float, Range(ge=0, le=1)] = 0.95):
         self.multipliers, self.gsub_factor, self.gsub_max = (low, mid, top), gsub_factor, gsub_max
 
-    def run(self, handle: AdapterMix) -> dict:
+    def run(self, adapter_mix: AdapterMix) -> dict:
+        handle = adapter_mix
         if handle.settings is None:
-            raise ConfigError("remix needs a mix that was applied (the mix node's handle)")
+            raise ConfigError("remix needs a mix that was applied (the mix node's adapter_mix)")
         layers = handle.tmap.num_layers
         thirds = [layer_third(i, layers) for i in range(layers)]
         settings = dataclasses.replace(
@@ -95,8 +96,8 @@ class Unmix(Stage):
 
     outputs = {"restored": bool}
 
-    def run(self, handle: AdapterMix) -> dict:
-        handle.restore()
+    def run(self, adapter_mix: AdapterMix) -> dict:
+        adapter_mix.restore()
         return {"restored": True}
 
 

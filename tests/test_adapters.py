@@ -294,7 +294,7 @@ def test_fallback_runs_only_when_the_first_check_fails(tmp_path, program, monkey
     _, passed = run(tmp_path, f"program_root={program}", "prompt=add numbers", tag="passes")
     status = {t.node: t.status for t in passed.trace}
     assert passed.output("cite", "passed") is True
-    assert status["remix"] == status["prompt_retry"] == status["decode_retry"] == "skipped"
+    assert status["remix"] == status["scaffold_retry"] == status["decode_retry"] == "skipped"
     telemetry = json.loads((tmp_path / "passes" / "telemetry.json").read_text())
     assert telemetry["retries"] == 0 and telemetry["citations_model"] == 3 and telemetry["fallback_mix"] is None
 
@@ -334,7 +334,7 @@ def test_peft_export_gives_the_same_logits_as_our_mix(tmp_path, program, which, 
         with torch.no_grad():
             ours = tiny_lm.model(ids).logits
     finally:
-        mixed["handle"].restore()
+        mixed["adapter_mix"].restore()
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_lm.model), str(out))
     with torch.no_grad():
         theirs = peft_model(ids).logits

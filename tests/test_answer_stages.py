@@ -14,7 +14,7 @@ from stages.common.citations import check
 from stages.common.types import Answer, Draft, Prompt
 from stages.decode import Decode, RetryDecode
 from stages.pack import PackFunctionFirst, PackHeads, PackWindows
-from stages.prompt import BuildPrompt
+from stages.scaffold import BuildPrompt
 from stages.select import QuestionSelect
 from stages.telemetry import WriteTelemetry
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from stages.attribute import AttributeByOverlap, MarkInvalidOnly
 from stages.cite import CheckCitations
 from stages.common.citations import check, paragraphs, parse_citations, validate
 from stages.common.types import Answer, Draft, Evidence, PackedWindow
+from stages.repair import AttributeByOverlap, MarkInvalidOnly
 
 A_LINES = [f"x{i} = {i}  # alpha beta gamma" for i in range(1, 41)]  # 40 lines
 B_LINES = ["# [ctx] path: other.py:1-9"] + [f"y{i} = {i}  # delta epsilon" for i in range(2, 21)]  # 20 lines

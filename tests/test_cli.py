@@ -38,7 +38,7 @@ def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
         statuses = {n["node"]: n["status"] for n in trace["nodes"]}
         assert set(statuses.values()) <= {"ok", "skipped"}
         assert all(n["peak_rss_mb"] > 0 for n in trace["nodes"] if n["status"] == "ok")
-        for name in ("index", "select", "rerank", "pack", "prompt", "decode", "cite", "repair", "telemetry"):
+        for name in ("index", "select", "rerank", "pack", "scaffold", "decode", "cite", "repair", "telemetry"):
             assert statuses[name] == "ok", (job.name, name)
         rerank = next(n for n in trace["nodes"] if n["node"] == "rerank")
         expected = "HeuristicRerank" if "rerank=heuristic" in tele["overrides"] else "KeepOrder"

@@ -162,13 +162,13 @@ def test_missing_mandatory_value_is_a_config_error(group, option, key):
 
 
 def test_with_overrides_are_merged_and_checked():
-    """`with:` of a node is merged over the config it reads (prompt_retry = scaffold + strong, attempt 2)."""
+    """`with:` of a node is merged over the config it reads (scaffold_retry = scaffold + strong, attempt 2)."""
     graph = build_graph(compose_config())
-    assert graph.nodes["prompt_retry"].config["scaffold"] == "strong"
-    assert graph.nodes["prompt_retry"].config["attempt"] == 2
-    assert graph.nodes["prompt"].config["scaffold"] == "standard"
-    with pytest.raises(ConfigError, match=r"prompt_retry.*scaffold.*'standard', 'strong'"):
-        build_graph(compose_config("pipeline.nodes.prompt_retry.with.scaffold=loud"))
+    assert graph.nodes["scaffold_retry"].config["scaffold"] == "strong"
+    assert graph.nodes["scaffold_retry"].config["attempt"] == 2
+    assert graph.nodes["scaffold"].config["scaffold"] == "standard"
+    with pytest.raises(ConfigError, match=r"scaffold_retry.*scaffold.*'standard', 'strong'"):
+        build_graph(compose_config("pipeline.nodes.scaffold_retry.with.scaffold=loud"))
 
 
 def test_command_line_knobs_reach_the_stage():
@@ -182,8 +182,8 @@ def test_command_line_knobs_reach_the_stage():
 def test_min_citations_zero_is_accepted_everywhere_it_flows():
     """0 (no citation required) passes every Range check and reaches both checks and both prompts."""
     graph = build_graph(compose_config("cite.min_citations=0")).instantiate()
-    flows = [n for n in ("cite", "cite_retry", "prompt", "prompt_retry") if n in graph.nodes]
-    assert flows == ["cite", "cite_retry", "prompt", "prompt_retry"]
+    flows = [n for n in ("cite", "cite_retry", "scaffold", "scaffold_retry") if n in graph.nodes]
+    assert flows == ["cite", "cite_retry", "scaffold", "scaffold_retry"]
     assert [graph.nodes[n].stage.min_citations for n in flows] == [0, 0, 0, 0]
     with pytest.raises(ConfigError, match="min_citations"):
         build_graph(compose_config("cite.min_citations=-1")).instantiate()

@@ -437,9 +437,9 @@ def test_verbose_shows_the_traceback(workspace):
 # ---- runtime -----------------------------------------------------------------------------------------------
 
 ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "select", "rerank",
-                "capacity", "targets", "sub", "mix", "rescore", "pack", "prompt", "decode", "names", "cite", "remix",
-                "prompt_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair", "unmix"]
-RETRY_NODES = {"remix", "prompt_retry", "decode_retry", "names_retry", "cite_retry"}
+                "capacity", "targets", "sub", "mix", "rescore", "pack", "scaffold", "decode", "names", "cite", "remix",
+                "scaffold_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair", "unmix"]
+RETRY_NODES = {"remix", "scaffold_retry", "decode_retry", "names_retry", "cite_retry"}
 
 
 @pytest.mark.parametrize("node", ANSWER_NODES)
@@ -450,7 +450,7 @@ def test_an_exception_in_any_stage(workspace, tiny_lm, monkeypatch, node):
     graph = build_graph(compose(["model=tiny_random"]))
     stage_cls = graph.nodes[node].stage_cls
     original = stage_cls.run
-    # nodes sharing a stage class (prompt/prompt_retry, cite/cite_retry) run in order: fail the k-th call
+    # nodes sharing a stage class (scaffold/scaffold_retry, cite/cite_retry) run in order: fail the k-th call
     sharing = [n for n in graph.order if n in graph.nodes and graph.nodes[n].stage_cls is stage_cls]
     calls = {"n": 0}
 

@@ -136,7 +136,7 @@ def test_stored_fold_makes_the_mix_equal_the_trained_model(tmp_path, program, ti
         with torch.no_grad():
             ours = tiny_lm.model(ids).logits
     finally:
-        mixed["handle"].restore()
+        mixed["adapter_mix"].restore()
     with torch.no_grad():
         reference = trained(ids).logits
     assert torch.allclose(ours, reference, atol=1e-5)
@@ -161,7 +161,7 @@ def test_fitted_artifacts_export_to_peft(tmp_path, program, tiny_lm):
         with torch.no_grad():
             ours = tiny_lm.model(ids).logits
     finally:
-        mixed["handle"].restore()
+        mixed["adapter_mix"].restore()
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(copy.deepcopy(tiny_lm.model), str(out))(ids).logits
     assert torch.allclose(ours, theirs, atol=1e-4)

@@ -11,7 +11,7 @@ import torch
 from stages.common.citations import parse_citations
 from stages.common.grounding import CITATION_OPENER, CODE_OPENER, END, GroundingProcessor, TokenTrie
 from stages.common.types import Evidence, PackedWindow
-from stages.prompt import BuildPrompt, encode_chat
+from stages.scaffold import BuildPrompt, encode_chat
 
 NAMES = ["core.py", "pkg/parser.py", "dir with space/mod é.py", "日本/コード.py", "a-b/c_d.v2.py", "x.py"]
 

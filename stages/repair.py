@@ -1,0 +1,94 @@
+"""Stage `attribute` (SPEC §5, citation repair): what reaches the user carries only evidence it was shown.
+
+- Every invalid citation is replaced in the text by `[not in evidence: path:A-B]` and kept in telemetry with
+  `valid: false, removed: true` (both `repair=overlap` and `repair=none`).
+- Every code-like name the program does not contain (the `names` check) is followed by `[not in program]`.
+- `repair=overlap`: a paragraph that still has no valid citation gets the packed window it overlaps most
+  (share of the paragraph's tokens found in the window; ties -> earlier window) appended as `[path:A-B]`,
+  only when that share reaches `threshold`. Such citations are marked `source: attributed`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+from pipeline.stage import Range, Stage
+from stages.common.citations import paragraphs, parse_citations
+from stages.common.identifiers import mark_unknown
+from stages.common.text import token_set
+from stages.common.types import Answer, Citation, Evidence, PackedWindow, ProgramIndex
+
+
+def mark_invalid(answer: Answer, index: ProgramIndex) -> tuple[str, list[Citation], list[tuple[int, int]]]:
+    """Replace each invalid citation, at its own position, by a marker; return the new text, the citations
+    (invalid ones flagged removed) and the character spans of the valid citations in the new text."""
+    found = parse_citations(answer.text, index)
+    if len(found) != len(answer.citations):  # the report was made from this very text; anything else is a bug
+        raise ValueError(f"answer has {len(found)} citations but its report {len(answer.citations)}")
+    pieces, cursor, valid_spans, kept = [], 0, [], []
+    for (start, end, *_), citation in zip(found, answer.citations):
+        pieces.append(answer.text[cursor:start])
+        offset = sum(len(p) for p in pieces)
+        if citation.valid:
+            pieces.append(answer.text[start:end])
+            valid_spans.append((offset, offset + end - start))
+            kept.append(citation)
+        else:
+            pieces.append(f"[not in evidence: {citation.path}:{citation.start}-{citation.end}]")
+            kept.append(dataclasses.replace(citation, removed=True))
+        cursor = end
+    pieces.append(answer.text[cursor:])
+    return "".join(pieces), kept, valid_spans
+
+
+def mark(answer: Answer, index: ProgramIndex) -> tuple[str, list[Citation]]:
+    """The text a reader may see: invalid citations and unknown names marked (no citation added)."""
+    text, citations, _ = mark_invalid(answer, index)
+    return mark_unknown(text, answer.report.unknown_names), citations
+
+
+def best_window(paragraph: str, windows: list[PackedWindow], window_tokens: list[set[str]]) -> tuple[float, PackedWindow | None]:
+    words = token_set(paragraph)
+    best, chosen = 0.0, None
+    for window, tokens in zip(windows, window_tokens):
+        share = len(words & tokens) / len(words) if words else 0.0
+        if share > best:
+            best, chosen = share, window
+    return best, chosen
+
+
+class AttributeByOverlap(Stage):
+    outputs = {"answer": Answer}
+
+    def __init__(self, threshold: Annotated[float, Range(ge=0, le=1)] = 0.25):
+        self.threshold = threshold
+
+    def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
+        text, citations, valid_spans = mark_invalid(answer, index)
+        window_tokens = [token_set(w.text) for w in evidence.windows]
+        pieces, cursor, added = [], 0, []
+        for start, end in paragraphs(text):
+            body = text[start:end]
+            has_valid = any(start <= a < end for a, _ in valid_spans)
+            pieces.append(text[cursor:end])
+            cursor = end
+            if has_valid:
+                continue
+            share, window = best_window(body, evidence.windows, window_tokens)
+            if window is not None and share >= self.threshold:
+                pieces.append(f" [{window.path}:{window.start}-{window.end}]")
+                added.append(Citation(window.path, window.start, window.end, True, "attributed", False,
+                                      f"token overlap {share:.2f}"))
+        pieces.append(text[cursor:])
+        final = mark_unknown("".join(pieces), answer.report.unknown_names)
+        return {"answer": dataclasses.replace(answer, text=final, citations=citations + added)}
+
+
+class MarkInvalidOnly(Stage):
+    """`repair=none`: no citation is added; invalid ones are still marked, never shown as evidence."""
+
+    outputs = {"answer": Answer}
+
+    def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
+        text, citations = mark(answer, index)
+        return {"answer": dataclasses.replace(answer, text=text, citations=citations)}

@@ -1,0 +1,157 @@
+"""Stage `prompt` (SPEC §5): the chat messages, with the evidence blocks and the citation scaffold.
+
+`scaffold=standard` asks for `[path:START-END]` citations; `scaffold=strong` (the stage-2 retry) asks that
+every paragraph end with one. `form=lead` (grounded generation for a small model) asks the model to lead with
+the definition that answers the question, `` `name` [path:A-B] ``, then explain it: the prompt carries every
+definition of the packed windows as a lead choice, and decoding (with `decode.constrain`) lets the model pick
+one of those only. `question_first` repeats the question before the evidence (it always follows it).
+`adapter_aware_decoding` adds a pointer-first line, relaxes sampling a little (via `Prompt.decode_hints`) and may
+prefill the reply with the citation of the best window.
+
+The prompt's token ids are made here, and program text, file names and the question are data: they are
+tokenized with the tokenizer's special tokens split into plain text, so a docstring holding `<|im_start|>` can
+never become a chat-turn token. Only the chat template itself contributes special tokens.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pipeline.errors import ConfigError
+from pipeline.stage import Range, Stage
+from stages.common.identifiers import DOTTED, IDENT
+from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
+
+SYSTEM = ("You answer questions about a program. Use only the source code shown in the [ctx] blocks, "
+          "and say which lines you relied on.")
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    """The chat-template text and its token ids, with every message content tokenized as data.
+
+    The template is rendered with a placeholder per content; its own text between placeholders keeps its
+    special tokens, each content is tokenized with ``split_special_tokens`` (whatever the tokenizer's specials).
+    """
+    marks = [f"\uE000pca{i}\uE001" for i in range(len(messages))]
+    rendered = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                             tokenize=False, add_generation_prompt=True)
+    pieces, ids, cursor = [], [], 0
+    for message, mark in zip(messages, marks):
+        at = rendered.find(mark, cursor)
+        if at < 0:
+            raise ConfigError("the model's chat template changes message contents; cannot keep program text as data")
+        pieces.append(("template", rendered[cursor:at]))
+        pieces.append(("data", message["content"]))
+        cursor = at + len(mark)
+    pieces.append(("template", rendered[cursor:]))
+    for kind, text in pieces:
+        if text:
+            ids.extend(tokenizer(text, add_special_tokens=False, split_special_tokens=kind == "data")["input_ids"])
+    return "".join(text for _, text in pieces), ids
+
+
+def encode_data(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+
+NEUTRAL_QUESTION = "What does this code do?"
+
+
+def lead_choices(evidence: Evidence, index: ProgramIndex | None) -> dict[str, int]:
+    """`` `qualname` [path:A-B] `` for every definition inside a packed window (its span clipped to the window),
+    best window first, each with the position of its window."""
+    if index is None:
+        return {}
+    choices: dict[str, int] = {}
+    for rank, window in enumerate(evidence.windows):
+        for symbol in index.symbols_in(window.path):
+            start, end = symbol.start, min(symbol.end, window.end)
+            if window.start <= start <= end:
+                choices.setdefault(f"`{symbol.qualname}` [{window.path}:{start}-{end}]", rank)
+    return choices
+
+
+def evidence_names(evidence: Evidence, index: ProgramIndex | None, question: str) -> list[str]:
+    """What inline code may name: identifiers and dotted names of the packed windows and of the question, and the
+    qualnames of the definitions in those windows."""
+    names: set[str] = set()
+    for text in [question, *(w.text for w in evidence.windows)]:
+        names.update(IDENT.findall(text))
+        names.update(re.findall(DOTTED, text))
+    if index is not None:
+        for window in evidence.windows:
+            names.update(s.qualname for s in index.symbols_in(window.path) if window.start <= s.start <= window.end)
+    return sorted(names)
+
+
+class BuildPrompt(Stage):
+    outputs = {"prompt": Prompt}
+
+    def __init__(self, system: str = SYSTEM, require_citations: bool = True, citations_per_paragraph: bool = False,
+                 min_citations: Annotated[int, Range(ge=0)] = 1, scaffold: Literal["standard", "strong"] = "standard",
+                 form: Literal["free", "lead"] = "lead", question_first: bool = False,
+                 adapter_aware_decoding: bool = False, prefill_pointer: bool = False,
+                 attempt: Annotated[int, Range(ge=1)] = 1):
+        self.system, self.require_citations, self.per_paragraph = system, require_citations, citations_per_paragraph
+        self.min_citations, self.scaffold, self.attempt = min_citations, scaffold, attempt
+        self.form, self.question_first = form, question_first
+        self.adapter_aware, self.prefill_pointer = adapter_aware_decoding, prefill_pointer
+
+    def rules(self, example: str) -> list[str]:
+        rules = []
+        if self.form == "lead":
+            rules.append(f"Start with the definition that answers the question, written as `name` [{example}], "
+                         "then explain in a few sentences what it does.")
+        if self.require_citations:
+            if self.scaffold == "strong":
+                rules.append(f"End each paragraph with the lines it relies on in brackets, like [{example}].")
+                rules.append("Use only paths and line ranges from the [ctx] headers above.")
+            else:
+                rules.append(f"Cite the lines you rely on in brackets, like [{example}], "
+                             "using only the files shown in the [ctx] blocks.")
+            if self.per_paragraph:
+                rules.append("Every paragraph must carry at least one citation.")
+            elif self.min_citations > 1:
+                rules.append(f"Give at least {self.min_citations} citations overall.")
+        rules.append("Name only functions, classes and variables that appear in the code above.")
+        return rules
+
+    def run(self, prompt: str, evidence: Evidence, lm: LanguageModel, index: ProgramIndex | None = None) -> dict:
+        blocks = "\n\n".join(w.block() for w in evidence.windows)
+        first = evidence.windows[0] if evidence.windows else None
+        example = f"{first.path}:{first.start}-{first.end}" if first else "path.py:1-9"
+        rules = self.rules(example)
+        hints: dict[str, float] = {}
+        prefill = ""
+        if self.adapter_aware and self.require_citations:
+            rules.insert(0, "Start your answer with a citation of the most relevant lines.")
+            hints = {"top_p": 0.03, "repetition_penalty": -0.05}
+            if self.prefill_pointer and first:
+                prefill = f"[{example}] "
+        messages = self.messages(prompt, blocks, rules)
+        text, ids = self.encode(lm.tokenizer, messages)
+        definitions = lead_choices(evidence, index)
+        lead = list(definitions) if self.form == "lead" and not prefill else []
+        # the same prompt asking nothing in particular: what a lead choice owes to the question (decode.lead_calibrate)
+        neutral_ids = self.encode(lm.tokenizer, self.messages(NEUTRAL_QUESTION, blocks, rules))[1] if lead else []
+        # a citation names a packed window or a definition inside one
+        spans = [f"{w.path}:{w.start}-{w.end}" for w in evidence.windows]
+        citations = list(dict.fromkeys(spans + [choice.rsplit("[", 1)[1][:-1] for choice in definitions]))
+        names = evidence_names(evidence, index, prompt)
+        # the same prompt without the evidence: what context-aware decoding (decode.cad_alpha) contrasts with
+        plain_ids = self.encode(lm.tokenizer, self.messages(prompt, "", rules))[1]
+        return {"prompt": Prompt(messages, text, prefill, self.attempt, hints, ids=ids, citations=citations,
+                                 lead=lead, names=names, lead_rank=[definitions[c] for c in lead],
+                                 neutral_ids=neutral_ids, plain_ids=plain_ids)}
+
+    def messages(self, question: str, blocks: str, rules: list[str]) -> list[dict[str, str]]:
+        evidence = f"{blocks}\n\n" if blocks else ""
+        content = (f"Question: {question}\n\n" if self.question_first and blocks else "") + f"{evidence}Question: {question}"
+        content += "\n\n" + " ".join(rules)
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": content}]
+
+    def encode(self, tok, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        if tok.chat_template:
+            return encode_chat(tok, messages)
+        text = f"{messages[0]['content']}\n\n{messages[1]['content']}\n\nAnswer:"
+        return text, encode_data(tok, text)

@@ -1,0 +1,87 @@
+"""Stage `sub` (SPEC §5 subgraph adapter): an adapter for the selected region (`sub=hashed|none`).
+
+The region's subgraph embedding (§3 restricted to the selected files) is synthesised (§4) at the capacity
+rank. With `mixture_m` > 0 the bank adapters of the top-m selected modules are concatenated along the rank
+axis, each factor scaled by √π_i (π uniform, 1/m), adding their rank. `round_lora` rounds every entry to
+sign·median(|x|), or 0 below `round_threshold`·median.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.stage import Range, Stage
+from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz
+from stages.common.embedding import DEFAULT_WEIGHTS, embed
+from stages.common.synthesis import round_factors, synthesize
+from stages.common.types import Artifacts, Capacity, LanguageModel, ProgramIndex, Selection
+from stages.common.weights import parse_weights
+
+
+class SubgraphAdapter(Stage):
+    outputs = {"sub": AdapterSet | None}
+
+    def __init__(self, seed: int = 1, layer_gate: Literal["zmean", "cosine", "hump", "linear"] = "zmean",
+                 map_cap: Annotated[float, Range(gt=0)] | None = None, dim: Annotated[int, Range(ge=8)] = 1536,
+                 embed_seed: int = 0, channel_weights: str | dict = "", include_text: bool = False,
+                 mixture_m: Annotated[int, Range(ge=0)] = 0, adapters_bank: str | None = None,
+                 round_lora: bool = False, round_threshold: Annotated[float, Range(ge=0)] = 0.5):
+        self.seed, self.layer_gate, self.map_cap, self.dim, self.embed_seed = seed, layer_gate, map_cap, dim, embed_seed
+        self.weights = {**DEFAULT_WEIGHTS, **parse_weights(channel_weights, DEFAULT_WEIGHTS, "sub.channel_weights")}
+        self.include_text, self.mixture_m, self.adapters_bank = include_text, mixture_m, adapters_bank
+        self.round_lora, self.round_threshold = round_lora, round_threshold
+
+    def run(self, index: ProgramIndex, selection: Selection, capacity: Capacity, lm: LanguageModel,
+            artifacts: Artifacts) -> dict:
+        tmap = infer_targets(lm.model)
+        vectors = embed(index, set(selection.files), self.dim, self.embed_seed, self.weights, self.include_text)
+        sub = synthesize(vectors["z"], tmap.num_layers, tmap.shapes, tmap.targets, capacity.rank, self.seed,
+                         self.layer_gate, self.map_cap)
+        if self.mixture_m:
+            sub = self._with_bank(sub, selection, artifacts, tmap)
+        if self.round_lora:
+            sub = round_factors(sub, self.round_threshold)
+        return {"sub": sub}
+
+    def _with_bank(self, sub: AdapterSet, selection: Selection, artifacts: Artifacts, tmap) -> AdapterSet:
+        bank = Path(self.adapters_bank) if self.adapters_bank else artifacts.path / "bank"
+        if not bank.is_dir():
+            raise InputError(f"sub.mixture_m={self.mixture_m} needs an adapter bank, but '{bank}' does not exist "
+                             "(build with synth.bank=true or set sub.adapters_bank)")
+        chosen = [m for m in selection.modules if (bank / m / "adapters.npz").is_file()][: self.mixture_m]
+        if not chosen:
+            raise InputError(f"no bank adapter in '{bank}' for the selected modules {selection.modules[:5]}")
+        share = math.sqrt(1.0 / len(chosen))
+        headers = factor_check(tmap.shapes, tmap.num_layers)
+        members = [check_factors(load_npz(bank / m / "adapters.npz", check=headers), tmap.shapes, tmap.num_layers,
+                                 str(bank / m)) for m in chosen]
+        factors = dict(sub.factors)
+        for layer in range(tmap.num_layers):
+            for target in tmap.targets:
+                pair = sub.pair(layer, target)
+                if pair is None:
+                    continue
+                a_parts, b_parts = [pair[0]], [pair[1]]
+                for member in members:
+                    extra = member.pair(layer, target)
+                    if extra is not None:
+                        a_parts.append(share * extra[0])
+                        b_parts.append(share * extra[1])
+                factors[f"L{layer}.{target}.A"] = np.concatenate(a_parts, axis=1).astype(np.float32)
+                factors[f"L{layer}.{target}.B"] = np.concatenate(b_parts, axis=0).astype(np.float32)
+        meta = {**sub.meta, "mixture": chosen}
+        return AdapterSet(factors, sub.num_layers, sub.shapes, meta)
+
+
+class NoSubgraph(Stage):
+    """`sub=none`: the base adapter alone is mixed (Δ uses it with weight 1)."""
+
+    outputs = {"sub": AdapterSet | None}
+
+    def run(self, index: ProgramIndex, selection: Selection, capacity: Capacity, lm: LanguageModel,
+            artifacts: Artifacts) -> dict:
+        return {"sub": None}
