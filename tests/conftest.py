@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 
 # one torch thread per test process and per CLI subprocess (inherited): tests weigh the work, not the thread
-# pool's contention; under load the fast suite took 305 s with torch's default threads and 178 s with one
+# pool's contention; under load the fast suite took 305 s with torch's default threads and 178 s with one.
+# The slow tests (the real model, the soak) get the machine's threads back (`_slow_tests_use_every_core`): on a
+# quiet 2-core machine they took 181 s on one thread and 146 s on two.
+os.environ.setdefault("PCA_TEST_THREADS_GIVEN", os.environ.get("OMP_NUM_THREADS", ""))  # before the pin below
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -29,6 +32,24 @@ from pipeline import resources
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 PROJECT_ROOT = pipeline.PROJECT_ROOT
 CONF_DIR = pipeline.CONF_DIR
+
+
+@pytest.fixture(autouse=True)
+def _slow_tests_use_every_core(request, monkeypatch):
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    pinned = torch.get_num_threads()
+    given = os.environ["PCA_TEST_THREADS_GIVEN"]
+    if given:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    else:  # the CLI subprocesses too
+        monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(int(given) if given else len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(pinned)
 
 
 def compose_config(*overrides: str):
