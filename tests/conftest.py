@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-# one torch thread per test process and per CLI subprocess (inherited): tests weigh the work, not the thread
-# pool's contention; under load the fast suite took 305 s with torch's default threads and 178 s with one.
-# The slow tests (the real model, the soak) get the machine's threads back (`_slow_tests_use_every_core`): on a
-# quiet 2-core machine they took 181 s on one thread and 146 s on two.
+# One torch thread for this process and (inherited) its CLI subprocesses: the tests weigh the work, not the thread
+# pool's contention (under load the fast suite took 305 s with torch's default threads, 178 s with one; on a quiet
+# machine the whole suite took 11.1 min pinned, 10.6 min with the default). The slow tests (the real model, the soak) get every core back
+# (`_slow_tests_use_every_core`: 181 s on one thread, 146 s on two, quiet). An OMP_NUM_THREADS you set wins.
 os.environ.setdefault("PCA_TEST_THREADS_GIVEN", os.environ.get("OMP_NUM_THREADS", ""))  # before the pin below
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
