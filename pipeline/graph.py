@@ -186,6 +186,10 @@ def _make_node(cfg: DictConfig, name: str, spec: Any, packages: list[str]) -> No
 def _follow_renames(node: Node, nodes: dict[str, Node]) -> None:
     """Old node and port names in ``node``'s wiring (conf/renamed.yaml) read as the new ones, with a warning; a name
     that the graph itself declares is never renamed."""
+    old = renamed_names()
+    if not any(port in old["ports"] or src in old["nodes"] or src_port in old["ports"]
+               for port, (src, src_port) in node.wires.items()):
+        return
     ports = node.stage_cls.input_ports()
     wires = {}
     for port, (src, src_port) in node.wires.items():
@@ -268,6 +272,8 @@ def resolve_stage(target: str, packages: list[str], owner: str) -> type[Stage]:
             return known[target]
         raise ConfigError(f"{owner}: unknown stage '{target}'{_suggest(target, list(known))}")
     module_name, _, attr = target.rpartition(".")
+    if module_name in renamed_names()["modules"]:  # an old module name (conf/renamed.yaml): its new one, warned
+        module_name = renamed("modules", module_name, owner)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -299,7 +305,7 @@ def renamed_names() -> dict[str, dict[str, str]]:
 
 
 def renamed(kind: str, name: str, where: str) -> str:
-    """The current name of ``name`` (a node or port), warning once per use when it is an old one."""
+    """The current name of ``name`` (a module, node or port), with a warning when it is an old one."""
     new = renamed_names()[kind].get(name)
     if new is None:
         return name
@@ -315,10 +321,8 @@ def discover_stages(packages: list[str]) -> dict[str, type[Stage]]:
     for package_name in packages:
         package = importlib.import_module(package_name)
         modules = [package]
-        renamed = renamed_names()["modules"]
         for info in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}."):
-            if info.name not in renamed:  # an alias of a renamed module: its stages are found under the new name
-                modules.append(importlib.import_module(info.name))
+            modules.append(importlib.import_module(info.name))
         for module in modules:
             for value in vars(module).values():
                 if isinstance(value, type) and issubclass(value, Stage) and value is not Stage and value.__module__ == module.__name__:

@@ -39,15 +39,9 @@ def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
     return found
 
 
-# aliases of renamed modules (conf/renamed.yaml) import their new module, for one release
-ALIASES = set(yaml.safe_load((CONF_DIR / "renamed.yaml").read_text(encoding="utf-8"))["modules"])
-
-
 def wall_violations(path: Path, source: str | None = None) -> list[str]:
     rel = path.relative_to(PROJECT_ROOT)
     module = ".".join(rel.with_suffix("").parts)
-    if module in ALIASES and source is None:
-        return []
     source = path.read_text(encoding="utf-8") if source is None else source
     problems = []
     for line, name in imported_modules(source, module):
