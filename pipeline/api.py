@@ -151,11 +151,12 @@ def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, ove
     _check_arg("prompt", prompt, "the question, a string", required=True)
     _check_arg("model_id", model_id, "a short name (smollm2, tiny_random), a local folder or a .gguf path")
     model_id = None if model_id is None else str(model_id)
-    table = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "api.yaml"), resolve=False)["retrieve"]
-    args = [f"pipeline={table['graph']}", *model_overrides(model_id), f"program_root={_literal(str(program_root))}",
-            f"prompt={_literal(prompt)}", *knob_overrides(knobs), *overrides]
+    table = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "api.yaml"), resolve=False)
+    graph = table["retrieve"]
+    args = [f"pipeline={graph['graph']}", *model_overrides(model_id, table), f"program_root={_literal(str(program_root))}",
+            f"prompt={_literal(prompt)}", *knob_overrides(knobs, table), *overrides]
     evidence, result = run(args)
-    selection = result.output(*str(table["selection"]).split(".", 1))
+    selection = result.output(*str(graph["selection"]).split(".", 1))
     return {
         "files_selected": list(selection.files),
         "windows_packed": [w.span() for w in evidence.windows],

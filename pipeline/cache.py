@@ -36,7 +36,7 @@ def source_fingerprint(name: str, length: int = 16) -> str:
     """A hash of the code behind ``name``: a module, or an object in one (a ``_target_`` such as ``pkg.mod.Cls``).
 
     The rule: the source files of that module and, transitively, of every module of the same top-level package
-    that it imports (``import``/``from ... import`` statements anywhere in the file, read with ``ast``, not run),
+    that it imports (``import``/``from ... import`` statements anywhere in the file, read from its text, not run),
     hashed in module-name order. For a stage ``stages.synth`` that is ``stages/synth.py`` and the
     ``stages.common`` modules it uses, directly or through each other; third-party code and the framework are
     left out (their versions are not part of the key). Computed once per process per name (the source cannot

@@ -179,7 +179,8 @@ class _ReplyStop:
         self.texts, self.prompt_length = texts, prompt_length
         self.paragraphs, self.repeated_lines = paragraphs, repeated_lines
         self.written, self.consumed, self.ended = "", 0, 0
-        self.line, self.lines = "", dict[str, int]()
+        self.line = ""
+        self.lines: dict[str, int] = {}  # line key -> times written
         for key in filter(None, map(_line_key, before.split("\n"))):
             self.lines[key] = self.lines.get(key, 0) + 1
         self.repeated = False
@@ -328,7 +329,8 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     device = next(lm.model.parameters()).device
     use_lead = "lead" in settings["constrain"] and bool(prompt.lead)
     started = time.perf_counter()
-    lead, cache, record = "", None, dict[str, Any]()
+    lead, cache = "", None
+    record: dict[str, Any] = {}
     if use_lead and settings["lead"] == "likelihood":
         lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings)
         ids = ids + lead_ids

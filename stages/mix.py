@@ -79,16 +79,15 @@ class BoostedRemix(Stage):
         self.multipliers, self.gsub_factor, self.gsub_max = (low, mid, top), gsub_factor, gsub_max
 
     def run(self, adapter_mix: AdapterMix) -> dict:
-        handle = adapter_mix
-        if handle.settings is None:
+        if adapter_mix.settings is None:
             raise ConfigError("remix needs a mix that was applied (the mix node's adapter_mix)")
-        layers = handle.tmap.num_layers
+        layers = adapter_mix.tmap.num_layers
         thirds = [layer_third(i, layers) for i in range(layers)]
         settings = dataclasses.replace(
-            handle.settings, layer_multipliers=[self.multipliers[t] for t in thirds],
-            gsub=min(self.gsub_max, self.gsub_factor * handle.settings.gsub), alpha=handle.full_alpha,
+            adapter_mix.settings, layer_multipliers=[self.multipliers[t] for t in thirds],
+            gsub=min(self.gsub_max, self.gsub_factor * adapter_mix.settings.gsub), alpha=adapter_mix.full_alpha,
         )
-        return {"lm": handle.lm, "report": handle.apply(settings)}
+        return {"lm": adapter_mix.lm, "report": adapter_mix.apply(settings)}
 
 
 class Unmix(Stage):
