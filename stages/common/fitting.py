@@ -76,7 +76,8 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
 
     if not train:
         raise ValueError("no training pieces: the program has too little text")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same factors on every device
+    device = next(model.parameters()).device
     params: dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     for layer in range(tmap.num_layers):
         for target in targets:
@@ -84,8 +85,8 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
                 continue
             d_out, d_in = tmap.shapes[target]
             bound = 1.0 / math.sqrt(d_in)  # the usual LoRA init: B random, A zero, so training starts at W
-            b = torch.nn.Parameter((torch.rand((rank, d_in), generator=generator) * 2 - 1) * bound)
-            a = torch.nn.Parameter(torch.zeros((d_out, rank)))
+            b = torch.nn.Parameter(((torch.rand((rank, d_in), generator=generator) * 2 - 1) * bound).to(device))
+            a = torch.nn.Parameter(torch.zeros((d_out, rank), device=device))
             params[(layer, target)] = (a, b)
 
     per_module: dict[str, list] = {}
@@ -93,9 +94,8 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
         name, module, rows = tmap.modules[key]
         per_module.setdefault(name, [module, []])[1].append((a, b, rows, None))
 
-    device_type = next(model.parameters()).device.type
     if autocast == "bfloat16":
-        amp = lambda: torch.autocast(device_type, dtype=torch.bfloat16)  # noqa: E731
+        amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     else:
         amp = contextlib.nullcontext
     monitor = {name: chosen for name, chosen in (monitor or {}).items() if chosen}
@@ -146,7 +146,7 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
             while len(order) < batch_size:
                 order.extend(order_rng.permutation(len(train)).tolist())
             chosen, order = order[:batch_size], order[batch_size:]
-            ids, mask, labels = _batch([train[i] for i in chosen])
+            ids, mask, labels = (t.to(device) for t in _batch([train[i] for i in chosen]))
             with amp():
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
@@ -174,7 +174,7 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
             for key, (a, b) in params.items():
                 a.copy_(best[2][key][0])
                 b.copy_(best[2][key][1])
-    factors = {key: ((a.detach() * scale).numpy().astype(np.float32), b.detach().numpy().astype(np.float32))
+    factors = {key: ((a.detach() * scale).cpu().numpy().astype(np.float32), b.detach().cpu().numpy().astype(np.float32))
                for key, (a, b) in params.items()}
     log.info("fitted %d steps in %.1fs (stopped by %s), loss %.3f -> %.3f", len(losses), clock, stopped_by,
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
