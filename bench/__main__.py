@@ -147,6 +147,41 @@ def multirun() -> list[dict]:
     return rows
 
 
+def _multirun(overrides: list[str]) -> tuple[float, list[dict]]:
+    """Seconds of one `-m` multirun and each job's decoding record (from its telemetry), in job order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pipeline.run", "-m", *overrides, f"hydra.sweep.dir={tmp}"],
+                              cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        drafts = [json.loads(path.read_text()).get("decoding") or {} for path in sorted(Path(tmp).glob("*/telemetry.json"),
+                                                                                        key=lambda p: int(p.parent.name))]
+    return seconds, drafts
+
+
+def decode_sweep() -> dict:
+    """Issue 13, item 5: a sweep whose jobs differ only in how they decode (same model, mix and prompt) reuses the
+    first job's prompt cache and lead scores (`decode.reuse_prefill`, on by default) against the same multirun with
+    every job encoding its prompt. Interleaved: off, on, off, on; the best of each."""
+    common = ["pipeline=answer", *_answer_args(), "decode.repetition_penalty=1.0,1.1,1.2,1.3",
+              "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    prefill: dict[bool, list[float]] = {True: [], False: []}
+    for reuse in (False, True, False, True):
+        seconds, drafts = _multirun([*common, f"decode.reuse_prefill={str(reuse).lower()}"])
+        runs[reuse].append(seconds)
+        prefill[reuse].extend(d.get("prefill_seconds", 0.0) for d in drafts[1:])
+    on, off = min(runs[True]), min(runs[False])
+    n = 4
+    return row(f"multirun (decode sweep): {n} jobs, prompt cache reused vs encoded in every job", on, off, off / on,
+               "report (issue 13, item 5)", True, "s",
+               f"{n} jobs of decode.repetition_penalty, {DECODE_TOKENS} new tokens each; prefill of jobs 2-{n}: "
+               f"{sum(prefill[True]) / max(len(prefill[True]), 1):.2f} s reused vs "
+               f"{sum(prefill[False]) / max(len(prefill[False]), 1):.2f} s encoded (lead choice included)")
+
+
 # 4 -------------------------------------------------------------------------------------------------------------
 def _bare_parse(files: list[Path]) -> float:
     started = time.perf_counter()
@@ -536,7 +571,8 @@ def answer_speed() -> dict:
                ratio <= 0.5, "s", detail)
 
 
-BENCHES = {"overhead": overhead, "model_load": model_load, "multirun": multirun, "indexing": indexing,
+BENCHES = {"overhead": overhead, "model_load": model_load, "multirun": multirun, "decode_sweep": decode_sweep,
+           "indexing": indexing,
            "index_big": index_big, "mix": mix_vs_peft, "retrieval": retrieval, "rss": peak_rss_rows,
            "decode": decode_floor, "precision": precision, "answer": answer_speed}
 

@@ -27,12 +27,12 @@ def as_text(value: str) -> str:
     return escape_interpolation(value)
 
 
-def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str]) -> RunResult:
+def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str], sweep: bool = False) -> RunResult:
     """Build, validate and run the graph of ``cfg``; the trace is written to ``run_dir/trace.json``."""
     graph = build_graph(cfg).instantiate()
     config = OmegaConf.to_container(cfg, resolve=False)
     context = RunContext(Path(run_dir), list(overrides), config,
-                         run_graph=functools.partial(run_graph, config, list(overrides)))
+                         run_graph=functools.partial(run_graph, config, list(overrides)), sweep=sweep)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     try:
         return execute(graph, context)
@@ -95,7 +95,7 @@ def hydra_main(cfg: DictConfig) -> Any:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         with console(sys.stdout if single and sys.stdout.isatty() else None) as terminal:
-            result = run_config(cfg, run_dir, [str(o) for o in hydra_cfg.overrides.task])
+            result = run_config(cfg, run_dir, [str(o) for o in hydra_cfg.overrides.task], sweep=not single)
     except (PipelineError, OmegaConfBaseException) as err:
         if verbose:
             raise

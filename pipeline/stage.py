@@ -83,6 +83,8 @@ class RunContext:
     # -> RunResult. How a stage that drives graphs (the eval, once per question) runs one without importing the
     # framework's apps; the framework sets it, None outside an app.
     run_graph: Callable[..., Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+    # one job of a multirun (`-m`): later jobs in this process may reuse what this one computed
+    sweep: bool = False
 
     @property
     def statuses(self) -> dict[str, str]:
@@ -98,6 +100,12 @@ class RunContext:
     def failure(self) -> str | None:
         """The first failure of the run (one line naming the node), or None."""
         return self.result.failure if self.result is not None else None
+
+
+def _is_context(annotation: Any) -> bool:
+    """A ``run`` parameter the framework fills with the run's context: ``RunContext``, or ``RunContext | None`` for a
+    stage that can also be called outside a run (then it gets None there)."""
+    return annotation is RunContext or annotation == (RunContext | None)
 
 
 class Stage:
@@ -124,7 +132,7 @@ class Stage:
             if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                 continue
             annotation = hints.get(name, Any)
-            if annotation is RunContext:
+            if _is_context(annotation):
                 continue
             required = param.default is _EMPTY
             ports[name] = Port(name, annotation, required)
@@ -133,7 +141,7 @@ class Stage:
     @classmethod
     def context_params(cls) -> list[str]:
         hints = typing.get_type_hints(cls.run)
-        return [n for n, t in hints.items() if t is RunContext]
+        return [n for n, t in hints.items() if _is_context(t)]
 
     @classmethod
     def config_params(cls) -> dict[str, inspect.Parameter]:

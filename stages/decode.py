@@ -25,8 +25,9 @@ import logging
 import time
 from typing import Annotated, Any, Literal
 
+from pipeline import resources
 from pipeline.errors import PipelineError
-from pipeline.stage import Range, Stage
+from pipeline.stage import Range, RunContext, Stage
 from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie
 from stages.common.mixing import AdapterMix, exclusive
 from stages.common.streaming import console_streamer
@@ -51,7 +52,8 @@ class Decode(Stage):
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
                  max_paragraphs: Annotated[int, Range(ge=1)] | None = 2, stop_at_repeated_line: bool = True,
-                 seed: int = 0, prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0):
+                 seed: int = 0, prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0,
+                 reuse_prefill: bool = True):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
@@ -59,6 +61,7 @@ class Decode(Stage):
         self.lead, self.lead_prior, self.lead_calibrate, self.cad_alpha = lead, lead_prior, lead_calibrate, cad_alpha
         self.max_paragraphs, self.stop_at_repeated_line = max_paragraphs, stop_at_repeated_line
         self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
+        self.reuse_prefill = reuse_prefill
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -83,16 +86,18 @@ class Decode(Stage):
             "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
 
-    def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None) -> dict:
+    def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None,
+            context: RunContext | None = None) -> dict:
         settings = self.settings(prompt)
         notes: list[str] = []
+        reuse = self.reuse_prefill and context is not None and context.sweep
         try:
-            result = generate(lm, prompt, settings, self.seed)
+            result = generate(lm, prompt, settings, self.seed, weights_key(lm, adapter_mix) if reuse else None)
         except _oom_errors() as err:
             notes.append(f"CUDA out of memory ({str(err).splitlines()[0]}); retried on cpu in float32")
             log.warning(notes[-1])
             move_to_cpu(lm, adapter_mix)
-            result = generate(lm, prompt, settings, self.seed)
+            result = generate(lm, prompt, settings, self.seed, weights_key(lm, adapter_mix) if reuse else None)
         text = result.pop("text")
         notes.extend(result.pop("notes", []))
         prefill_chars = len(prompt.prefill.strip()) if text.startswith(prompt.prefill.strip()) else 0
@@ -113,12 +118,20 @@ class RetryDecode(Decode):
         settings["max_new_tokens"] = max(self.floor, settings["max_new_tokens"])
         return settings
 
-    def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None) -> dict:
-        draft = super().run(lm, prompt, adapter_mix)["draft"]
+    def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None,
+            context: RunContext | None = None) -> dict:
+        draft = super().run(lm, prompt, adapter_mix, context)["draft"]
         # nothing of the first attempt's prefill can be reused: other weights, another prompt
         draft.notes.append("retry: prompt encoded again (the boosted remix changed the weights, the stronger "
                            "scaffold the prompt)")
         return {"draft": draft}
+
+
+def weights_key(lm: LanguageModel, mix: AdapterMix | None) -> tuple:
+    """What the model computes with: which model, in which dtype on which device, and what is mixed into it."""
+    parameter = next(lm.model.parameters())
+    mixed = mix.weights_key if mix is not None and mix.handle.active else None
+    return (id(lm.model), lm.model_id, str(parameter.dtype), str(parameter.device), mixed or "unmixed")
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
@@ -148,8 +161,10 @@ class _FiniteCheck:
     def __call__(self, input_ids, scores):
         import torch
 
-        # -inf is a mask (min_new_tokens hides end-of-sequence); NaN, +inf or no finite value at all is broken
-        if bool(torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any()):
+        # -inf is a mask (min_new_tokens hides end-of-sequence); NaN, +inf or no finite value at all is broken.
+        # One reduction per row finds all three (max propagates NaN; +inf is the max; all -inf leaves -inf)
+        top = scores.amax(dim=-1)
+        if bool(torch.isnan(top).any() or torch.isinf(top).any()):
             raise NonFiniteLogits("the model produced non-finite logits (NaN or inf): a broken adapter or weights")
         return scores
 
@@ -288,36 +303,60 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
     return chain, clock, grounding
 
 
-def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict) -> tuple[str, list[int], object, dict]:
+def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict,
+                reuse: tuple | None = None) -> tuple[str, list[int], object, dict]:
     """The lead the model finds likeliest: each choice's name scored after the prompt in one batched pass over the
     prompt's KV cache, minus its score after the same prompt asking nothing in particular (`lead_calibrate`: what
     the choice owes to the question, not to how common the name is), minus `lead_prior` per packed-window position
-    of its window. Returns the choice, its token ids, the prompt's cache (decoding goes on from it) and a record."""
-    from stages.common.continuations import common_prefix, encode_prefix, score_continuations
+    of its window. Returns the choice, its token ids, the prompt's cache (decoding goes on from it) and a record.
+
+    With ``reuse`` (what the model computes with: `weights_key`), the prompt's cache and the choices' scores are
+    kept for the next job of a sweep that asks the same model, mixed the same way, with the same prompt (jobs that
+    differ only in how they decode): it gets a copy of the cache and pays no prefill."""
+    import copy
 
     tok = lm.tokenizer
     names = [choice.rsplit(" [", 1)[0] for choice in prompt.lead]  # "`qualname`"
     name_ids = tok(names, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     neutral_ids = prompt.neutral_ids + ids[len(prompt.ids):] if settings["lead_calibrate"] and prompt.neutral_ids else []
-    # the two prompts share everything before the question (scaffold.question_first=false): encode that once
-    shared = common_prefix(ids, neutral_ids)
-    base = encode_prefix(lm.model, ids[:shared]) if 0 < shared < min(len(ids), len(neutral_ids)) else None
-    state = encode_prefix(lm.model, ids, base=base) if base else encode_prefix(lm.model, ids)
-    scores = [sum(s) for s in score_continuations(lm.model, state, name_ids)]
-    if neutral_ids:
-        neutral = encode_prefix(lm.model, neutral_ids, base=base, fork=False) if base else encode_prefix(lm.model, neutral_ids)
-        scores = [a - sum(b) for a, b in zip(scores, score_continuations(lm.model, neutral, name_ids))]
-        del neutral, base
+    computed = []
+
+    def encode_and_score():
+        computed.append(True)
+        return _encode_and_score(lm.model, ids, neutral_ids, name_ids)
+
+    if reuse is None:
+        cache, scores = encode_and_score()
+    else:
+        key = (reuse, tuple(ids), tuple(map(tuple, name_ids)), tuple(neutral_ids))
+        kept, scores = resources.shared("prompt-prefill", key, encode_and_score, keep=1)
+        cache = copy.deepcopy(kept)  # decoding extends the cache it is given
     ranks = prompt.lead_rank or [0] * len(prompt.lead)
     total = [score - settings["lead_prior"] * rank for score, rank in zip(scores, ranks)]
     best = max(range(len(total)), key=lambda i: (total[i], -i))
     chosen = prompt.lead[best]
     record = {"lead": chosen, "lead_score": round(total[best], 4), "lead_choices": len(prompt.lead),
-              "lead_window": ranks[best]}
-    return chosen, tok(chosen, add_special_tokens=False, split_special_tokens=True)["input_ids"], state.cache, record
+              "lead_window": ranks[best], "prefill_reused": not computed}
+    return chosen, tok(chosen, add_special_tokens=False, split_special_tokens=True)["input_ids"], cache, record
 
 
-def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> dict:
+def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: list[list[int]]) -> tuple[Any, list[float]]:
+    """The prompt's cache, and each name's score after it (minus its score after the neutral prompt, if any)."""
+    from stages.common.continuations import common_prefix, encode_prefix, score_continuations
+
+    # the two prompts share everything before the question (scaffold.question_first=false): encode that once
+    shared = common_prefix(ids, neutral_ids)
+    base = encode_prefix(model, ids[:shared]) if 0 < shared < min(len(ids), len(neutral_ids)) else None
+    state = encode_prefix(model, ids, base=base) if base else encode_prefix(model, ids)
+    scores = [sum(s) for s in score_continuations(model, state, name_ids)]
+    if neutral_ids:
+        neutral = encode_prefix(model, neutral_ids, base=base, fork=False) if base else encode_prefix(model, neutral_ids)
+        scores = [a - sum(b) for a, b in zip(scores, score_continuations(model, neutral, name_ids))]
+        del neutral, base
+    return state.cache, scores
+
+
+def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse: tuple | None = None) -> dict:
     import torch
     from transformers import GenerationConfig
 
@@ -332,7 +371,7 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int) -> di
     lead, cache = "", None
     record: dict[str, Any] = {}
     if use_lead and settings["lead"] == "likelihood":
-        lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings)
+        lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings, reuse)
         ids = ids + lead_ids
     input_ids = torch.tensor([ids], device=device)
     chain, clock, grounding = processors(lm, prompt, ids, settings, use_lead and settings["lead"] == "greedy")

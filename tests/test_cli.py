@@ -77,6 +77,17 @@ def test_bad_override_is_one_error_line(tmp_path, cli, override, fragments):
     assert not (tmp_path / "run" / "telemetry.json").exists()
 
 
+def test_a_multirun_over_decoding_reuses_the_first_jobs_prompt_cache(tmp_path, cli):
+    """`-m` marks each job as one of a sweep: the second job, same model, mix and prompt, pays no prefill."""
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", "model=tiny_random", "select=question", "decode.repetition_penalty=1.1,1.3",
+                "decode.max_new_tokens=4", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=4",
+                f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    telemetry = [read_json(sweep / job / "telemetry.json") for job in ("0", "1")]
+    assert [t["lead"]["prefill_reused"] for t in telemetry] == [False, True]
+
+
 def test_runtime_input_error_is_one_line_and_still_reports(tmp_path, cli):
     missing = tmp_path / "no-such-program"
     run_dir = tmp_path / "run"

@@ -68,7 +68,7 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
     seen: dict[str, list] = {}
     probe_ids = torch.arange(1, 33).unsqueeze(0)
 
-    def probe(lm, prompt, settings, seed):
+    def probe(lm, prompt, settings, seed, reuse=None):
         name = threading.current_thread().name
         if "explode" in prompt.text:
             raise RuntimeError("injected failure")
@@ -76,7 +76,7 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
         with torch.no_grad():
             logits = lm.model(input_ids=probe_ids).logits.clone()
         seen.setdefault(name, []).append((hook_count(lm.model), logits))
-        return real(lm, prompt, settings, seed)
+        return real(lm, prompt, settings, seed, reuse)
 
     monkeypatch.setattr(stages.decode, "generate", probe)
 

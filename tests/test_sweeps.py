@@ -74,3 +74,33 @@ def test_optuna_preset_returns_a_float_metric():
     assert cfg.hydra.sweeper.storage is None  # in-memory study
     graph = build_graph(cfg)
     assert graph.result == ("report", "metric") and graph.nodes["report"].stage_cls.outputs["metric"] is float
+
+
+def _answer(tmp_path, name: str, *job: str, sweep: bool = True):
+    overrides = ["model=tiny_random", "select=question", f"program_root={PROJECT_ROOT / 'pipeline'}",
+                 f"paths.outputs={tmp_path}", "prompt=How is a stage run?", "decode.max_new_tokens=4",
+                 "decode.min_new_tokens=4", "fallback.max_new_tokens_floor=4", *job]
+    result = run_config(compose(overrides), tmp_path / name, overrides, sweep=sweep)
+    return result.output("decode", "draft")
+
+
+def test_a_sweep_over_decoding_reuses_the_prompt_cache_of_the_job_before(tmp_path):
+    """Jobs that differ only in how they decode (same model, same mix, same prompt) take the first job's prompt
+    cache and lead scores; the drafts are the ones each job writes when it encodes the prompt itself."""
+    resources.clear("prompt-prefill")
+    first = _answer(tmp_path, "a", "decode.repetition_penalty=1.1")
+    second = _answer(tmp_path, "b", "decode.repetition_penalty=1.3")
+    third = _answer(tmp_path, "c", "decode.repetition_penalty=1.3", "decode.reuse_prefill=false")
+    alone = _answer(tmp_path, "d", "decode.repetition_penalty=1.3", sweep=False)
+    assert first.lead["prefill_reused"] is False and second.lead["prefill_reused"] is True
+    assert third.lead["prefill_reused"] is False and alone.lead["prefill_reused"] is False
+    assert second.text == third.text == alone.text and second.lead == {**third.lead, "prefill_reused": True}
+    assert resources.stats("prompt-prefill")["hits"] == 1
+
+
+@pytest.mark.parametrize("change", ["mix.alpha=4", "prompt=How is a graph validated?", "synth=none"])
+def test_a_job_with_other_weights_or_another_prompt_encodes_its_own(tmp_path, change):
+    resources.clear("prompt-prefill")
+    _answer(tmp_path, "a")
+    draft = _answer(tmp_path, "b", change)
+    assert draft.lead["prefill_reused"] is False

@@ -100,6 +100,7 @@ class GroundingProcessor:
         # outside slots, words written like code must be names of the evidence (None: prose is free)
         self.guard = WordGuard(tokenizer, self.texts, known_words) if known_words is not None else None
         self.rows: list[_Row] = []
+        self._indices: dict[int, tuple[list[int], Any]] = {}  # id(list) -> (the list, its index tensor)
 
     def update(self, input_ids) -> None:
         """Consume the tokens generated since the last call (generate calls us before each new token, so after
@@ -123,12 +124,25 @@ class GroundingProcessor:
                 scores[b, allowed] = keep
                 continue
             if self.masked:
-                scores[b, self.masked] = float("-inf")
+                scores[b, self._index(self.masked, scores.device)] = float("-inf")
             if self.guard is not None:
                 bad = self.guard.bad(row.word)
                 if bad:
-                    scores[b, bad] = float("-inf")
+                    scores[b, self._index(bad, scores.device)] = float("-inf")
         return scores
+
+    def _index(self, ids: list[int], device):
+        """``ids`` as an index tensor, made once per list object (the guard caches its lists, and the entry holds the
+        list, so its id stays its own); a list of thousands of ids would otherwise be converted at every step."""
+        import torch
+
+        key = id(ids)
+        hit = self._indices.get(key)
+        if hit is None:
+            if len(self._indices) > 4096:
+                self._indices.clear()
+            hit = self._indices[key] = (ids, torch.tensor(ids, dtype=torch.long, device=device))
+        return hit[1]
 
     def _consume(self, row: _Row, token: int) -> None:
         text = self.texts[token] if 0 <= token < len(self.texts) else ""

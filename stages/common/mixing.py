@@ -349,6 +349,7 @@ class AdapterMix:
         self.lease = Lease(model_lock(lm.model))
         self.norms: dict[tuple[int, str], float] | None = None  # of the unmixed weights, read under the lock
         self.settings: MixSettings | None = None
+        self.weights_key: str | None = None  # digest of the deltas in the model (None while nothing is mixed)
         # never forgotten: a mix dropped without restore() puts the weights back and frees the model when collected
         weakref.finalize(self, _abandon, self.handle, self.lease)
 
@@ -359,7 +360,9 @@ class AdapterMix:
             if self.norms is None:
                 self.norms = weight_norms(self.tmap)
             deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
+            self.weights_key = None
             self.handle.apply(deltas)
+            self.weights_key = deltas_digest(deltas, self.handle.mode)
         finally:
             if not self.handle.active:  # nothing of ours is in the model: let the next answer in
                 self.lease.give_back()
@@ -375,6 +378,7 @@ class AdapterMix:
 
     def restore(self) -> None:
         """Put every weight back bit for bit, then release the model to the next answer."""
+        self.weights_key = None
         try:
             self.handle.restore()
         finally:
@@ -382,6 +386,20 @@ class AdapterMix:
 
     def summary(self) -> dict[str, Any]:
         return self.handle.summary()
+
+
+def deltas_digest(deltas: dict[tuple[int, str], LowRankDelta], mode: str) -> str:
+    """What a mix puts into the model, as a digest of every delta's factors (equal digests: equal mixed weights)."""
+    import hashlib
+
+    digest = hashlib.blake2b(mode.encode(), digest_size=16)
+    for key in sorted(deltas):
+        delta = deltas[key]
+        digest.update(repr((key, delta.a.shape, delta.b.shape, delta.bias is not None)).encode())
+        for array in (delta.a, delta.b, delta.bias):
+            if array is not None:
+                digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _abandon(handle: MixHandle, lease: Lease) -> None:
