@@ -342,17 +342,26 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
 
 def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: list[list[int]]) -> tuple[Any, list[float]]:
     """The prompt's cache, and each name's score after it (minus its score after the neutral prompt, if any)."""
-    from stages.common.continuations import common_prefix, encode_prefix, score_continuations
+    from stages.common.continuations import PrefixState, common_prefix, encode_prefix, score_continuations
 
-    # the two prompts share everything before the question (scaffold.question_first=false): encode that once
+    # the two prompts share everything before the question (scaffold.question_first=false): encode that once, and
+    # keep one cache: the neutral prompt extends it and is scored, the cache is cropped back to the shared part, and
+    # the prompt itself extends it (the same values as two caches; one prompt's cache less at the peak)
     shared = common_prefix(ids, neutral_ids)
-    base = encode_prefix(model, ids[:shared]) if 0 < shared < min(len(ids), len(neutral_ids)) else None
-    state = encode_prefix(model, ids, base=base) if base else encode_prefix(model, ids)
+    neutral_scores = None
+    if neutral_ids and 0 < shared < min(len(ids), len(neutral_ids)):
+        neutral = encode_prefix(model, neutral_ids, base=encode_prefix(model, ids[:shared]), fork=False)
+        neutral_scores = score_continuations(model, neutral, name_ids)
+        neutral.cache.crop(shared - len(neutral_ids))  # transformers crops by a negative count
+        state = encode_prefix(model, ids, base=PrefixState(list(ids[:shared]), neutral.cache, None), fork=False)
+        del neutral
+    else:
+        state = encode_prefix(model, ids)
+        if neutral_ids:
+            neutral_scores = score_continuations(model, encode_prefix(model, neutral_ids), name_ids)
     scores = [sum(s) for s in score_continuations(model, state, name_ids)]
-    if neutral_ids:
-        neutral = encode_prefix(model, neutral_ids, base=base, fork=False) if base else encode_prefix(model, neutral_ids)
-        scores = [a - sum(b) for a, b in zip(scores, score_continuations(model, neutral, name_ids))]
-        del neutral, base
+    if neutral_scores is not None:
+        scores = [a - sum(b) for a, b in zip(scores, neutral_scores)]
     return state.cache, scores
 
 

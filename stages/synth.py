@@ -68,7 +68,7 @@ class FittedSynth(Stage):
                  schedule: Schedule = "constant", warmup_steps: Annotated[int, Range(ge=0)] = 0,
                  min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1, autocast: Autocast = "bfloat16",
                  curve_every: Annotated[int, Range(ge=0)] = 0, curve_pieces: Annotated[int, Range(ge=1)] = 8,
-                 early_stop_patience: Annotated[int, Range(ge=0)] = 0,
+                 early_stop_patience: Annotated[int, Range(ge=0)] = 0, dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0,
                  fold_alpha: Annotated[float, Range(gt=0)] = 16.0, fold_rank: Annotated[int, Range(ge=1)] = 12,
                  progress: bool = True):
         unknown = sorted(set(targets) - set(TARGETS))
@@ -82,6 +82,7 @@ class FittedSynth(Stage):
         self.held_out_files, self.layout, self.summaries = held_out_files, layout, summaries
         self.schedule, self.warmup_steps, self.min_lr_ratio, self.autocast = schedule, warmup_steps, min_lr_ratio, autocast
         self.curve_every, self.curve_pieces, self.early_stop_patience = curve_every, curve_pieces, early_stop_patience
+        self.dropout = dropout
         self.fold_alpha, self.fold_rank, self.progress = fold_alpha, fold_rank, progress
 
     def run(self, embedding: ProgramEmbedding, lm: LanguageModel, index: ProgramIndex) -> dict:
@@ -101,7 +102,8 @@ class FittedSynth(Stage):
                            self.time_budget_s, self.seed, self.train_alpha / self.rank, progress=self.progress,
                            schedule=self.schedule, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
                            autocast=self.autocast, monitor=monitor, monitor_every=self.curve_every,
-                           early_stop_patience=self.early_stop_patience, eval_batch_size=self.batch_size)
+                           early_stop_patience=self.early_stop_patience, eval_batch_size=self.batch_size,
+                           dropout=self.dropout)
         fold = self.fold_rank / self.fold_alpha  # undoes the mix's alpha/rank at its default knobs
         factors: dict[str, np.ndarray] = {}
         for (layer, target), (a, b) in fit.factors.items():
@@ -124,7 +126,7 @@ class FittedSynth(Stage):
             "steps_per_second": round(fit.steps / fit.seconds, 4) if fit.seconds else None,
             "train_alpha": self.train_alpha, "layout": self.layout, "summaries": self.summaries,
             "schedule": self.schedule, "warmup_steps": self.warmup_steps, "autocast": self.autocast,
-            "fold": {"factor": fold, "folded_into": "A", "train_scale": self.train_alpha / self.rank,
+            "dropout": self.dropout, "fold": {"factor": fold, "folded_into": "A", "train_scale": self.train_alpha / self.rank,
                      "assumes": {"mix.alpha": self.fold_alpha, "capacity.rank": self.fold_rank, "share": 1.0,
                                  "target_weight": 1.0, "layer_multiplier": 1.0}},
             "loss_first": fit.losses[0] if fit.losses else None, "loss_last": fit.losses[-1] if fit.losses else None,

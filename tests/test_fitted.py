@@ -300,6 +300,29 @@ def test_bf16_autocast_trains_float32_factors(index, tiny_lm):
     assert np.mean(result.losses[-3:]) < result.losses[0]
 
 
+def test_dropout_changes_training_only_and_is_seeded(index, tiny_lm):
+    """`synth.dropout` drops LoRA inputs while training (seeded: the same factors twice), never in a forward without
+    gradients (the mix path and the perplexity checks stay exact)."""
+    from stages.common.mixing import lora_forward_hook
+
+    train, _ = pieces(index, tiny_lm.tokenizer, seq_len=64, val_every=5)
+
+    def fit(dropout):
+        torch.manual_seed(0)
+        return fit_lora(tiny_lm.model, infer_targets(tiny_lm.model), train, ["down_proj"], rank=2, lr=3e-2,
+                        batch_size=4, steps=4, time_budget_s=120, seed=0, scale=2.0, progress=False, dropout=dropout)
+
+    plain, dropped, again = fit(0.0), fit(0.5), fit(0.5)
+    key = next(iter(plain.factors))
+    assert not np.array_equal(plain.factors[key][0], dropped.factors[key][0])
+    assert all(np.array_equal(dropped.factors[k][0], again.factors[k][0]) for k in dropped.factors)
+    a, b = torch.randn(3, 2), torch.randn(2, 5)
+    hook = lora_forward_hook([(a, b, None, None)], 1.0, dropout=0.9)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        assert torch.equal(hook(None, (x,), torch.zeros(4, 3)), (x @ b.T) @ a.T)
+
+
 def test_perplexity_graph_reports_held_out_files_and_the_build_curve(tmp_path, many_files, monkeypatch):
     monkeypatch.setenv("PCA_DELTA_CAP", "off")  # the tiny model's fitted delta passes the cap; the real one is far under
     _, result = run(tmp_path, f"program_root={many_files}", *FAST, "synth.curve_every=1", "synth.curve_pieces=2",

@@ -64,7 +64,8 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
              steps: int, time_budget_s: float, seed: int, scale: float, weight_decay: float = 0.0,
              progress: bool = True, *, schedule: Schedule = "constant", warmup_steps: int = 0,
              min_lr_ratio: float = 0.0, autocast: Autocast = "none", monitor: dict[str, list[Piece]] | None = None,
-             monitor_every: int = 0, early_stop_patience: int = 0, eval_batch_size: int = 4) -> FitResult:
+             monitor_every: int = 0, early_stop_patience: int = 0, eval_batch_size: int = 4,
+             dropout: float = 0.0) -> FitResult:
     """Train a rank-``rank`` pair per (layer, target) on ``train``; stop at ``steps`` or ``time_budget_s``.
 
     ``monitor`` (name -> pieces) is scored with the adapter live before training, every ``monitor_every`` steps
@@ -99,7 +100,8 @@ def fit_lora(model, tmap: TargetMap, train: list[Piece], targets: list[str], ran
     else:
         amp = contextlib.nullcontext
     monitor = {name: chosen for name, chosen in (monitor or {}).items() if chosen}
-    handles = [module.register_forward_hook(lora_forward_hook(items, scale)) for module, items in per_module.values()]
+    handles = [module.register_forward_hook(lora_forward_hook(items, scale, dropout))
+               for module, items in per_module.values()]
     optimizer = torch.optim.AdamW([p for pair in params.values() for p in pair], lr=lr, weight_decay=weight_decay)
     order_rng = np.random.default_rng(seed)
     order: list[int] = []

@@ -309,11 +309,12 @@ class MixHandle:
         return {"mode": self.mode, "active": self.active, "applied": self.applied}
 
 
-def lora_forward_hook(items: list, scale: float = 1.0):
+def lora_forward_hook(items: list, scale: float = 1.0, dropout: float = 0.0):
     """The forward hook of a LoRA path: ``output += scale · (x Bᵀ) Aᵀ (+ bias)`` for each ``(a, b, rows, bias)``
     of ``items`` (``rows``: one half of a fused module's output; ``a`` None: a bias only). Computed in float32 and
     cast once to the output's dtype; differentiable (the fitting stage trains its factors through this very hook,
-    so what it stores reproduces the trained model through the mix)."""
+    so what it stores reproduces the trained model through the mix). ``dropout`` (training only: while gradients
+    are on) drops inputs of the LoRA path, as PEFT's ``lora_dropout`` does."""
     import torch
 
     a32 = torch.float32
@@ -321,6 +322,8 @@ def lora_forward_hook(items: list, scale: float = 1.0):
     def hook(module, inputs, output):
         x = inputs[0]
         x32 = x if x.dtype == a32 else x.float()
+        if dropout and torch.is_grad_enabled():
+            x32 = torch.nn.functional.dropout(x32, p=dropout, training=True)
         for a, b, rows, bias in items:
             delta = (x32 @ b.T) @ a.T if a is not None else 0
             if scale != 1.0 and a is not None:
