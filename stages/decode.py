@@ -329,7 +329,8 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
         cache, scores = encode_and_score()
     else:
         key = (reuse, tuple(ids), tuple(map(tuple, name_ids)), tuple(neutral_ids))
-        kept, scores = resources.shared("prompt-prefill", key, encode_and_score, keep=1)
+        # two entries: a job whose retry runs (other weights, another prompt) must not evict its first attempt's
+        kept, scores = resources.shared("prompt-prefill", key, encode_and_score, keep=2)
         cache = copy.deepcopy(kept)  # decoding extends the cache it is given
     ranks = prompt.lead_rank or [0] * len(prompt.lead)
     total = [score - settings["lead_prior"] * rank for score, rank in zip(scores, ranks)]
