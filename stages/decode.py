@@ -343,7 +343,7 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
 
 def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: list[list[int]]) -> tuple[Any, list[float]]:
     """The prompt's cache, and each name's score after it (minus its score after the neutral prompt, if any)."""
-    from stages.common.continuations import PrefixState, common_prefix, encode_prefix, score_continuations
+    from stages.common.continuations import PrefixState, common_prefix, crop_to, encode_prefix, score_continuations
 
     # the two prompts share everything before the question (scaffold.question_first=false): encode that once, and
     # keep one cache: the neutral prompt extends it and is scored, the cache is cropped back to the shared part, and
@@ -353,7 +353,7 @@ def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: l
     if neutral_ids and 0 < shared < min(len(ids), len(neutral_ids)):
         neutral = encode_prefix(model, neutral_ids, base=encode_prefix(model, ids[:shared]), fork=False)
         neutral_scores = score_continuations(model, neutral, name_ids)
-        neutral.cache.crop(shared - len(neutral_ids))  # transformers crops by a negative count
+        crop_to(neutral.cache, shared)
         state = encode_prefix(model, ids, base=PrefixState(list(ids[:shared]), neutral.cache, None), fork=False)
         del neutral
     else:

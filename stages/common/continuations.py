@@ -52,6 +52,13 @@ def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: 
     return PrefixState(list(ids), cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1))
 
 
+def crop_to(cache: Any, length: int) -> None:
+    """Drop the positions of ``cache`` after the first ``length`` (transformers' ``crop`` takes a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -100,7 +107,7 @@ def score_continuations(model, prefix: PrefixState, candidates: list[list[int]],
             out = model(input_ids=torch.tensor([tokens], device=device), attention_mask=mask,
                         position_ids=torch.tensor([positions], device=device), use_cache=True,
                         **{cache_kwarg(model): prefix.cache})
-        prefix.cache.crop(-(prefix.cache.get_seq_length() - length))
+        crop_to(prefix.cache, length)
         logits = out.logits[0].float()
         rows = [start + j for start, size in blocks for j in range(size)]
         wanted = [candidates[i][j + 1] for i, (_, size) in zip(batch, blocks) for j in range(size)]
