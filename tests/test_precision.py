@@ -146,14 +146,25 @@ def test_prompt_lookup_decodes_the_same_greedy_answer_and_is_off_under_constrain
 
 
 def _decode_logits(model, ids, prompt_len):
-    """Logits of every token after the first ``prompt_len``, each decoded alone from the cache (one query token)."""
+    """Logits of the tokens after the first ``prompt_len``: the prompt in two parts (the second extends the cache by
+    several tokens at once, which needs a causal mask), then every token decoded alone from the cache; and the
+    logits of a padded batch of two (a masked single-token step)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache, kw = DynamicCache(), {cache_kwarg(model): DynamicCache()}
+    half = prompt_len // 2
     with torch.no_grad():
-        model(input_ids=ids[:, :prompt_len], use_cache=True, **{cache_kwarg(model): cache})
-        return torch.cat([model(input_ids=ids[:, i:i + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
-                          for i in range(prompt_len, ids.shape[1])], 1).float()
+        model(input_ids=ids[:, :half], use_cache=True, **{cache_kwarg(model): cache})
+        logits = [model(input_ids=ids[:, half:prompt_len], use_cache=True, **{cache_kwarg(model): cache}).logits]
+        logits += [model(input_ids=ids[:, i:i + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
+                   for i in range(prompt_len, ids.shape[1])]
+        batch = torch.cat([ids[:, :prompt_len], torch.cat([torch.zeros_like(ids[:, :3]), ids[:, :prompt_len - 3]], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :3] = 0
+        first = model(input_ids=batch, attention_mask=mask, use_cache=True, **kw).logits[:, -1:]
+        step = model(input_ids=ids[:, prompt_len:prompt_len + 1].repeat(2, 1), use_cache=True, **kw,
+                     attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)).logits
+    return torch.cat(logits, 1).float(), torch.cat([first, step], 1).float()
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.05)])
@@ -167,9 +178,10 @@ def test_packed_attention_decodes_like_sdpa_and_eager_and_is_the_default(dtype, 
         use_attention(lm.model, impl)
         results[impl] = _decode_logits(lm.model, ids, 30)
     use_attention(lm.model, "sdpa_packed")
-    scale = float(results["eager"].abs().max())
+    scale = float(results["eager"][0].abs().max())
     for impl, got in results.items():
-        assert torch.allclose(packed, got, atol=tol * scale), impl
+        for ours, theirs in zip(packed, got):
+            assert torch.allclose(ours, theirs, atol=tol * scale), impl
     # the packed call really runs: the query heads as rows of their key/value head, no repeated heads, no enable_gqa
     calls, real = [], torch.nn.functional.scaled_dot_product_attention
 
@@ -180,8 +192,9 @@ def test_packed_attention_decodes_like_sdpa_and_eager_and_is_the_default(dtype, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
         _decode_logits(lm.model, ids[:, :32], 31)
-    query, key, kwargs = calls[-1]  # the last layer's call for the one decoded token
-    assert query == (1, 2, 3, 16) and key[1] == 2 and "enable_gqa" not in kwargs
+    decoded = [call for call in calls if call[2].get("attn_mask") is None and call[0][2] == 3]  # 3 rows: packed
+    assert len(decoded) == 2  # the one token decoded alone from the cache, in each of the 2 layers
+    assert all(query == (1, 2, 3, 16) and key[1] == 2 and not kwargs.get("enable_gqa") for query, key, kwargs in decoded)
 
 
 def test_attention_is_a_model_knob_and_part_of_the_shared_models_key():

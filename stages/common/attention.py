@@ -7,7 +7,8 @@ enable_gqa=True)`, whose CPU kernel, in bfloat16, took 1.2 ms a layer after a 2,
 torch profiler; 0.35 ms packed). With a mask, transformers already packs the query: (batch, 9, 1, dim) becomes
 (batch, 3, 3, dim), three "positions" per key/value head, and no head is repeated. This does the same when there is
 no mask. Prefill (several query tokens), masked calls and models without grouped heads go to transformers' SDPA
-unchanged. Same values as SDPA up to rounding (tested against `sdpa` and `eager`).
+unchanged. Same values as SDPA up to rounding (tested against `sdpa` and `eager`). Its masks are SDPA's: transformers
+builds no mask at all for an attention name it has no mask function for, so `sdpa_mask` is registered with it.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def use_attention(model, attention: Attention) -> None:
     """Switch ``model`` to ``attention`` (registering `sdpa_packed` with transformers the first time)."""
     if attention == PACKED:
         from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
         AttentionInterface.register(PACKED, packed_sdpa)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
     if getattr(model.config, "_attn_implementation", None) != attention:
         model.set_attn_implementation(attention)
