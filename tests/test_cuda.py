@@ -128,3 +128,22 @@ def test_candidate_scores_on_cuda_equal_separate_forwards(tiny_lm):
         logprobs = torch.log_softmax(logits, dim=-1)
         want = [float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(candidate)]
         assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_packed_attention_on_cuda_decodes_like_sdpa(dtype, tol):
+    from stages.common.attention import use_attention
+    from stages.model import TinyRandomLlama
+    from tests.test_precision import _decode_logits
+
+    lm = TinyRandomLlama(seed=3, heads=6, kv_heads=2, hidden=96, device="cuda", dtype=dtype).run()["lm"]
+    assert lm.model.config._attn_implementation == "sdpa_packed" and lm.model.device.type == "cuda"
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    packed = _decode_logits(lm.model, ids, 30)
+    use_attention(lm.model, "sdpa")
+    try:
+        plain = _decode_logits(lm.model, ids, 30)
+    finally:
+        use_attention(lm.model, "sdpa_packed")
+    for ours, theirs in zip(packed, plain):
+        assert torch.allclose(ours, theirs, atol=tol * float(theirs.abs().max()))

@@ -163,7 +163,7 @@ def _decode_logits(model, ids, prompt_len):
         mask[1, :3] = 0
         first = model(input_ids=batch, attention_mask=mask, use_cache=True, **kw).logits[:, -1:]
         step = model(input_ids=ids[:, prompt_len:prompt_len + 1].repeat(2, 1), use_cache=True, **kw,
-                     attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)).logits
+                     attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1)).logits
     return torch.cat(logits, 1).float(), torch.cat([first, step], 1).float()
 
 
