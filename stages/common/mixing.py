@@ -274,6 +274,7 @@ class MixHandle:
             b = torch.from_numpy(delta.b).to(weight.device, torch.float32)
             bias = torch.from_numpy(delta.bias).to(weight.device, torch.float32) if delta.bias is not None else None
             per_module.setdefault(name, [module, []])[1].append((a, b, rows, bias))
+        scratch = None  # float32 W + AB of a low-precision weight: one buffer for every module, not two new ones each
         with torch.no_grad():
             for name, (module, items) in per_module.items():
                 if self.mode == "merge":
@@ -284,7 +285,11 @@ class MixHandle:
                         if part.dtype == torch.float32:
                             part.addmm_(a, b)
                         else:  # W + AB in float32, rounded once to the weight's dtype
-                            part.copy_(torch.addmm(part.float(), a, b))
+                            if scratch is None or scratch.numel() < part.numel() or scratch.device != part.device:
+                                scratch = torch.empty(max(p.weight.numel() for p, _ in per_module.values()),
+                                                      dtype=torch.float32, device=part.device)
+                            exact = scratch[:part.numel()].view(part.shape).copy_(part)
+                            part.copy_(exact.addmm_(a, b))
                     self._originals[name] = (module, original)
                     module.weight.data = merged
                     hook_items = [(None, None, rows, bias) for a, b, rows, bias in items if bias is not None]
