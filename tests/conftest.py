@@ -18,6 +18,8 @@ from pathlib import Path
 # pool's contention (under load the fast suite took 305 s with torch's default threads, 178 s with one; on a quiet
 # machine the whole suite took 11.1 min pinned, 10.6 min with the default). The slow tests (the real model, the soak) get every core back
 # (`_slow_tests_use_every_core`: 181 s on one thread, 146 s on two, quiet). An OMP_NUM_THREADS you set wins.
+if not os.environ.get("OMP_NUM_THREADS", "").strip():  # set but empty counts as not set (setdefault keeps "")
+    os.environ.pop("OMP_NUM_THREADS", None)
 os.environ.setdefault("PCA_TEST_THREADS_GIVEN", os.environ.get("OMP_NUM_THREADS", ""))  # before the pin below
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
