@@ -498,17 +498,19 @@ def decode_floor() -> list[dict]:
     tmap = infer_targets(lm.model)
     adapters = synthesize(np.random.default_rng(0).standard_normal(1536), tmap.num_layers, tmap.shapes, list(TARGETS), 12, 0)
     settings = MixSettings(0.25, 16.0, 12, {}, [1.0] * tmap.num_layers, {}, 0.05)
-    per_mode = {}
+    per_mode: dict[str, float] = {}
     modes: tuple[Literal["hooks", "merge"] | None, ...] = (None, "hooks", "merge")
-    for mix_mode in modes:
-        mix = AdapterMix(lm, tmap, mix_mode, adapters, None, 16.0) if mix_mode else None
-        if mix:
-            mix.apply(settings)
-        try:
-            per_mode[mix_mode or "none"] = _plain_generate(lm, ids)["tps"]
-        finally:
+    for _ in range(3):  # interleaved rounds, best of each: one round in a fixed order put merge at 0.89x unmixed
+        for mix_mode in modes:
+            mix = AdapterMix(lm, tmap, mix_mode, adapters, None, 16.0) if mix_mode else None
             if mix:
-                mix.restore()
+                mix.apply(settings)
+            try:
+                tps = _plain_generate(lm, ids)["tps"]
+            finally:
+                if mix:
+                    mix.restore()
+            per_mode[mix_mode or "none"] = max(tps, per_mode.get(mix_mode or "none", 0.0))
     for mode in ("hooks", "merge"):
         rows.append(row(f"decode tokens/s with the adapter mixed (mix.mode={mode}) vs unmixed", per_mode[mode],
                         per_mode["none"], per_mode[mode] / per_mode["none"], "report", True, "tokens/s",
