@@ -285,8 +285,8 @@ class MixHandle:
                         if part.dtype == torch.float32:
                             part.addmm_(a, b)
                         else:  # W + AB in float32, rounded once to the weight's dtype
-                            if scratch is None or scratch.numel() < part.numel() or scratch.device != part.device:
-                                scratch = torch.empty(max(p.weight.numel() for p, _ in per_module.values()),
+                            if scratch is None or scratch.device != part.device:  # sized for the largest module
+                                scratch = torch.empty(max(m.weight.numel() for m, _ in per_module.values()),
                                                       dtype=torch.float32, device=part.device)
                             exact = scratch[:part.numel()].view(part.shape).copy_(part)
                             part.copy_(exact.addmm_(a, b))
