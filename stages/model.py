@@ -29,6 +29,7 @@ from stages.common.precision import (
     torch_dtype,
 )
 from stages.common.types import LanguageModel
+from stages.common.weightfile import remember
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "cuda", "auto"]
@@ -149,6 +150,7 @@ def _load_converted(folder: Path, dtype: str, device_map: str | None):
 
     quiet_torchao_import()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=device_map)
+    remember(model, folder)  # merge mode writes into these weights and reads them back from the folder's file
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -322,6 +324,7 @@ class HFCheckpoint(Stage):
         def load():
             quiet_torchao_import()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(self.dtype), device_map=self.device_map)
+            remember(model, path)
             return _ready(model, device, self.device_map, self.quantize, self.attention)
 
         return on_demand(AutoTokenizer.from_pretrained(path), path.name, device, load)
