@@ -112,6 +112,32 @@ def test_mix_restores_bit_for_bit_on_cuda(tiny_lm, mode, dtype):
         assert all(v.device.type == "cuda" and v.dtype == snap[k].dtype for k, v in lm.model.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_in_place_reads_back_from_the_file_on_cuda(tmp_path, dtype):
+    """A checkpoint loaded onto the GPU: merge writes into its weights and restores them from the file (bit-exact)."""
+    from stages.common.adapters import infer_targets
+    from stages.common.mixing import _WORKSPACES, AdapterMix, MixSettings
+    from stages.common.synthesis import synthesize
+    from stages.common.weightfile import weight_file
+    from stages.model import HFCheckpoint
+    from tests.test_merge_in_place import bits, save_tiny
+
+    folder = save_tiny(tmp_path / "ckpt", dtype)
+    lm = HFCheckpoint(id=str(folder), dtype=str(dtype).removeprefix("torch."), device="cuda").run()["lm"]
+    tmap = infer_targets(lm.model)
+    base = synthesize(np.random.default_rng(2).standard_normal(64), tmap.num_layers, tmap.shapes, tmap.targets, 8, 0)
+    settings = MixSettings(0.0, 16.0, 8, {}, [1.0] * tmap.num_layers, {}, None)
+    before = bits(lm.model)
+    q = lm.model.model.layers[0].self_attn.q_proj
+    for _ in range(2):
+        mix = AdapterMix(lm, tmap, "merge", base, None, 16.0)
+        mix.apply(settings)
+        assert q.weight.device.type == "cuda" and q not in _WORKSPACES and weight_file(lm.model).written
+        assert bits(lm.model) != before
+        mix.restore()
+        assert bits(lm.model) == before
+
+
 def test_candidate_scores_on_cuda_equal_separate_forwards(tiny_lm):
     import copy
 

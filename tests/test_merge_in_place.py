@@ -27,7 +27,7 @@ def save_tiny(folder, dtype=torch.bfloat16, seed=0):
 
 
 def bits(model) -> dict[str, bytes]:
-    return {k: v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for k, v in model.state_dict().items()}
 
 
 def load(folder, dtype="bfloat16"):
