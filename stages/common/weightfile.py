@@ -49,7 +49,7 @@ class WeightFile:
                 length = int.from_bytes(handle.read(8), "little")
                 header = json.loads(handle.read(length))
                 for name, entry in header.items():
-                    dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+                    dtype = _DTYPES.get(str(entry.get("dtype"))) if isinstance(entry, dict) else None
                     if name == "__metadata__" or dtype is None:
                         continue
                     begin, end = entry["data_offsets"]
