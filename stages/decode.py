@@ -308,7 +308,8 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
     """The lead the model finds likeliest: each choice's name scored after the prompt in one batched pass over the
     prompt's KV cache, minus its score after the same prompt asking nothing in particular (`lead_calibrate`: what
     the choice owes to the question, not to how common the name is), minus `lead_prior` per packed-window position
-    of its window. Returns the choice, its token ids, the prompt's cache (decoding goes on from it) and a record.
+    of its window, plus the choice's `lead_bonus` (the `leadsim` node: its name's similarity to the question).
+    Returns the choice, its token ids, the prompt's cache (decoding goes on from it) and a record.
 
     With ``reuse`` (what the model computes with: `weights_key`), the prompt's cache and the choices' scores are
     kept for the next job of a sweep that asks the same model, mixed the same way, with the same prompt (jobs that
@@ -333,7 +334,8 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
         kept, scores = resources.shared("prompt-prefill", key, encode_and_score, keep=2)
         cache = copy.deepcopy(kept)  # decoding extends the cache it is given
     ranks = prompt.lead_rank or [0] * len(prompt.lead)
-    total = [score - settings["lead_prior"] * rank for score, rank in zip(scores, ranks)]
+    bonus = prompt.lead_bonus or [0.0] * len(prompt.lead)
+    total = [score - settings["lead_prior"] * rank + extra for score, rank, extra in zip(scores, ranks, bonus)]
     best = max(range(len(total)), key=lambda i: (total[i], -i))
     chosen = prompt.lead[best]
     record = {"lead": chosen, "lead_score": round(total[best], 4), "lead_choices": len(prompt.lead),

@@ -183,6 +183,7 @@ class Prompt:
     lead: list[str] = dataclasses.field(default_factory=list)  # choices the reply may start with (form=lead)
     names: list[str] = dataclasses.field(default_factory=list)  # identifiers inline code may name
     lead_rank: list[int] = dataclasses.field(default_factory=list)  # packed-window position of each lead choice
+    lead_bonus: list[float] = dataclasses.field(default_factory=list)  # added to each lead choice's score (leadsim)
     neutral_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt, a neutral question
     plain_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt without the evidence
 

@@ -1,0 +1,61 @@
+"""leadsim: a bonus per lead choice from its name's similarity to the question, used by the likelihood lead choice."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from stages.common.types import Prompt
+from stages.decode import Decode
+from stages.leadsim import KeepLeads, LeadSimilarity, choice_text
+from stages.scaffold import BuildPrompt
+
+
+def prompt_with(lead: list[str]) -> Prompt:
+    return Prompt([], "", lead=lead, lead_rank=list(range(len(lead))))
+
+
+def test_choice_text_is_path_and_name_words():
+    assert choice_text("`HelpFormatter.write_usage` [click/formatting.py:130-160]") == \
+        "click formatting: help formatter write usage"
+
+
+def test_the_choice_named_like_the_question_gets_the_largest_bonus():
+    lead = ["`render_page` [web/views.py:1-9]", "`parse_config_file` [config/loader.py:10-40]",
+            "`Stack.push` [util/stack.py:3-5]", "`send_email` [mail.py:1-20]"]
+    out = LeadSimilarity(weight=3.0).run(prompt_with(lead), "Which function reads and parses the configuration file?")
+    bonus = np.array(out["prompt"].lead_bonus)
+    assert int(np.argmax(bonus)) == 1
+    assert abs(bonus.mean()) < 1e-3 and bonus.std() == pytest.approx(3.0, rel=1e-3)  # weight x z-scores
+    assert out["prompt"].lead == lead and out["prompt"].lead_rank == [0, 1, 2, 3]
+
+
+def test_no_bonus_with_fewer_than_two_choices_and_none_passes_the_prompt_on():
+    one = prompt_with(["`f` [a.py:1-2]"])
+    assert LeadSimilarity().run(one, "what is f?")["prompt"] is one
+    many = prompt_with(["`f` [a.py:1-2]", "`g` [b.py:1-2]"])
+    assert KeepLeads().run(many, "what is f?")["prompt"] is many
+
+
+def test_the_bonus_decides_the_lead_when_it_outweighs_the_likelihood(tiny_lm, index_with_windows):
+    index, evidence = index_with_windows
+    prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
+    assert len(prompt.lead) >= 3
+    decode = Decode(max_new_tokens=4, min_new_tokens=0, lead_prior=0.0)
+    for favoured in (1, len(prompt.lead) - 1):
+        bonus = [0.0] * len(prompt.lead)
+        bonus[favoured] = 1000.0
+        draft = decode.run(tiny_lm, dataclasses.replace(prompt, lead_bonus=bonus))["draft"]
+        assert draft.lead["lead"] == prompt.lead[favoured]
+
+
+def test_the_answer_graph_runs_leadsim_before_decode_and_none_drops_the_bonus():
+    from pipeline.api import compose
+    from pipeline.graph import build_graph
+
+    graph = build_graph(compose([]))
+    assert graph.nodes["decode"].wires["prompt"] == ("leadsim", "prompt")
+    assert graph.nodes["decode_retry"].wires["prompt"] == ("leadsim_retry", "prompt")
+    assert graph.nodes["leadsim"].stage_cls is LeadSimilarity and graph.nodes["leadsim_retry"].stage_cls is LeadSimilarity
+    assert build_graph(compose(["leadsim=none"])).nodes["leadsim"].stage_cls is KeepLeads
