@@ -73,6 +73,8 @@ class WeightFile:
         entry = self.entries.get(name)
         if entry is None or entry.dtype != str(weight.dtype).removeprefix("torch.") or entry.shape != tuple(weight.shape):
             return False
+        if weight.device.type == "meta":  # offloaded by a device_map: no bytes here to compare or write
+            return False
         saved = torch.empty(entry.shape, dtype=weight.dtype)
         self._read(entry, saved)
         return torch.equal(_bytes(saved), _bytes(weight.detach().cpu().contiguous()))  # bits: -0.0 is not 0.0
