@@ -437,9 +437,10 @@ def test_verbose_shows_the_traceback(workspace):
 # ---- runtime -----------------------------------------------------------------------------------------------
 
 ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "select", "rerank",
-                "capacity", "targets", "sub", "mix", "rescore", "pack", "scaffold", "decode", "names", "cite", "remix",
-                "scaffold_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair", "unmix"]
-RETRY_NODES = {"remix", "scaffold_retry", "decode_retry", "names_retry", "cite_retry"}
+                "capacity", "targets", "sub", "mix", "rescore", "pack", "scaffold", "leadsim", "decode", "names", "cite",
+                "remix", "scaffold_retry", "leadsim_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair",
+                "unmix"]
+RETRY_NODES = {"remix", "scaffold_retry", "leadsim_retry", "decode_retry", "names_retry", "cite_retry"}
 
 
 @pytest.mark.parametrize("node", ANSWER_NODES)

