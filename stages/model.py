@@ -29,7 +29,7 @@ from stages.common.precision import (
     torch_dtype,
 )
 from stages.common.types import LanguageModel
-from stages.common.weightfile import remember
+from stages.common.weightfile import HeaderError, read_header, remember
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "cuda", "auto"]
@@ -229,13 +229,9 @@ def safetensors_problem(path: Path) -> str | None:
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return "shorter than its header"
-            length = int.from_bytes(head, "little")
-            if length > min(size - 8, 100 << 20):
-                return f"header of {length} bytes in a file of {size}"
-            header = json.loads(handle.read(length))
+            length, header = read_header(handle, size)
+    except HeaderError as err:
+        return str(err)
     except (OSError, ValueError) as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     ends = [entry["data_offsets"][1] for name, entry in header.items()

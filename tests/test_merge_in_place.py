@@ -136,3 +136,18 @@ def test_a_failed_read_back_is_an_error_and_the_model_is_refused_after(tmp_path,
     with pytest.raises(InputError, match="not exact since a restore failed"):
         again.apply(settings)
     assert not again.lease.held  # the refusal does not keep the model locked
+
+
+@pytest.mark.parametrize("head, problem", [(b"\x01\x02", "shorter than its header"),
+                                           ((10**9).to_bytes(8, "little") + b"{}", "header of 1000000000 bytes")])
+def test_a_broken_header_is_named_by_the_check_and_keeps_merge_on_copies(tmp_path, caplog, head, problem):
+    from stages.common.weightfile import remember
+    from stages.model import safetensors_problem
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(head)
+    assert problem in safetensors_problem(folder / "model.safetensors")
+    model = torch.nn.Linear(2, 2)
+    remember(model, folder)
+    assert weight_file(model) is None and problem in caplog.text and "merge mode keeps copies" in caplog.text

@@ -23,6 +23,21 @@ log = logging.getLogger(__name__)
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
+class HeaderError(ValueError):
+    """A safetensors file whose 8-byte length prefix cannot be the length of its JSON header."""
+
+
+def read_header(handle: Any, size: int) -> tuple[int, dict]:
+    """The JSON header of the safetensors file open as ``handle`` (``size`` bytes long) and its length in bytes."""
+    head = handle.read(8)
+    if len(head) < 8:
+        raise HeaderError("shorter than its header")
+    length = int.from_bytes(head, "little")
+    if length > min(size - 8, 100 << 20):
+        raise HeaderError(f"header of {length} bytes in a file of {size}")
+    return length, json.loads(handle.read(length))
+
+
 class _Entry(NamedTuple):
     handle: Any  # the open file
     offset: int
@@ -46,8 +61,7 @@ class WeightFile:
             for path in sorted(folder.glob("*.safetensors")):
                 handle = open(path, "rb")  # noqa: SIM115 - kept open for the model's lifetime, closed by finalize
                 self._files.append(handle)
-                length = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(length))
+                length, header = read_header(handle, os.fstat(handle.fileno()).st_size)
                 for name, entry in header.items():
                     dtype = _DTYPES.get(str(entry.get("dtype"))) if isinstance(entry, dict) else None
                     if name == "__metadata__" or dtype is None:
