@@ -283,9 +283,8 @@ class MixHandle:
             for name, (module, items) in per_module.items():
                 if self.mode == "merge":
                     original, param = module.weight.data, f"{name}.weight"
-                    if self.source is not None and self.source.writable(param, original):
-                        self.source.written.add(param)  # before the first write: a failure below reads it back
-                        self._written[param] = merged = original
+                    if self.source is not None and self.source.claim(param, original):
+                        self._written[param] = merged = original  # before the first write: a failure reads it back
                     else:
                         merged = _workspace(module, original).copy_(original)
                         self._originals[name] = (module, original)

@@ -72,13 +72,15 @@ class WeightFile:
             _close(self._files)
             raise
 
-    def writable(self, name: str, weight: Any) -> bool:
-        """Whether ``weight`` (the parameter ``name``) may be written in place and read back from the file: its bytes
-        are the file's (compared once) and no other mix has it written now."""
+    def claim(self, name: str, weight: Any) -> bool:
+        """Take ``weight`` (the parameter ``name``) for writing in place if it can be read back from the file: its
+        bytes are the file's (compared once) and no other mix has it written now. Claimed until ``read_back``."""
         if name in self.written:
             return False
         if name not in self._checked:
             self._checked[name] = self._same(name, weight)
+        if self._checked[name]:
+            self.written.add(name)
         return self._checked[name]
 
     def _same(self, name: str, weight: Any) -> bool:
