@@ -383,7 +383,7 @@ def peak_rss(extra: Sequence[str] = ()) -> dict:
 
 
 def peak_rss_rows() -> list[dict]:
-    # the default (bfloat16 weights, merge) and the float32 default before it (hooks: no merge buffers)
+    # the default (bfloat16, merge in place), the float32 + hooks default before it, and bfloat16 with hooks
     return [peak_rss(), peak_rss(["model.dtype=float32", "mix.mode=hooks"]), peak_rss(["mix.mode=hooks"])]
 
 
