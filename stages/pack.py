@@ -68,10 +68,10 @@ def rank_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float]) 
     return ranked
 
 
-def interleave(firsts: list[PackedWindow], seconds: list[PackedWindow], weight: float) -> list[PackedWindow]:
-    """Files' best windows in selection order; a file's second window (score × ``weight``) goes in front of the
-    first later best window that it outscores. ``weight`` 0: every file's best before any second window."""
-    pending = sorted(seconds, key=lambda w: -w.score)
+def interleave(firsts: list[PackedWindow], extras: list[PackedWindow], weight: float) -> list[PackedWindow]:
+    """Files' best windows in selection order; a file's further window (score × ``weight``) goes in front of the
+    first later best window that it outscores. ``weight`` 0: every file's best before any further window."""
+    pending = sorted(extras, key=lambda w: -w.score)  # stable: a file's own windows keep their order
     placed: set[str] = set()
     order = []
     for first in firsts:
@@ -83,13 +83,20 @@ def interleave(firsts: list[PackedWindow], seconds: list[PackedWindow], weight: 
     return order + pending
 
 
+def _disjoint(chosen: list[Window], window: Window) -> bool:
+    return all(window.end < w.start or window.start > w.end for w in chosen)
+
+
 class PackWindows(Stage):
-    """1-2 windows per selected file from the windows index, best-scoring first."""
+    """Up to `windows_per_file` windows per selected file from the windows index, best-scoring first.
+
+    SPEC's `pack=windows` shows 1-2 windows per file (the default, 2); `pack=ranked` lifts the cap, so a long file
+    that holds the answer can show its third or fourth best window before another file's weaker one."""
 
     outputs = {"evidence": Evidence}
 
     def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000,
-                 windows_per_file: Annotated[int, Range(ge=1, le=2)] = 2,
+                 windows_per_file: Annotated[int, Range(ge=1)] = 2,
                  second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0, relevance: dict = dict(RELEVANCE)):
         self.context_tokens, self.windows_per_file = context_tokens, windows_per_file
         self.second_window_weight = second_window_weight
@@ -98,18 +105,22 @@ class PackWindows(Stage):
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
         # windows ranked by select/rerank themselves (select=hybrid, rerank=lm) are shown in their order
         by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
-        firsts, seconds = [], []
+        firsts, extras = [], []
         for path in selection.files:
             ranked = by_file.get(path, [])
             if not ranked:
                 continue
             best = ranked[0][1]
             firsts.append(cut(index, best, ranked[0][0]))
-            # the second window adds lines the first does not show (a short file's head window is its whole file)
-            rest = [(score, w) for score, w in ranked[1:] if score > 0 and (w.end < best.start or w.start > best.end)]
-            if self.windows_per_file > 1 and rest:
-                seconds.append(cut(index, rest[0][1], rest[0][0]))
-        candidates = interleave(firsts, seconds, self.second_window_weight)
+            # a further window adds lines the ones before it do not show (a short file's head window is its whole file)
+            chosen = [best]
+            for score, window in ranked[1:]:
+                if len(chosen) >= self.windows_per_file or score <= 0:
+                    break
+                if _disjoint(chosen, window):
+                    chosen.append(window)
+                    extras.append(cut(index, window, score))
+        candidates = interleave(firsts, extras, self.second_window_weight)
         return {"evidence": fit(candidates, lm, self.context_tokens)}
 
 

@@ -11,7 +11,7 @@ from pipeline.execute import NodeTrace, RunResult
 from pipeline.stage import RunContext
 from stages.choose import ChooseBetter
 from stages.common.citations import check
-from stages.common.types import Answer, Draft, Prompt
+from stages.common.types import Answer, Draft, Prompt, Selection, Window
 from stages.decode import Decode, RetryDecode
 from stages.pack import PackFunctionFirst, PackHeads, PackWindows
 from stages.scaffold import BuildPrompt
@@ -75,6 +75,31 @@ def test_pack_windows(program, selection, tiny_lm):
     assert evidence.tokens == count_tokens(tiny_lm.tokenizer, evidence.windows) <= 2000
     one = PackWindows(context_tokens=2000, windows_per_file=1).run(program, selection, QUESTION, tiny_lm)["evidence"]
     assert len({w.path for w in one.windows}) == len(one.windows)
+
+
+def test_pack_windows_beyond_two_per_file(tmp_path, make_index, tiny_lm):
+    """`windows_per_file` > 2 (pack=ranked): a file's further windows are disjoint from the ones before them, in
+    score order, never scored 0, and go ahead of a later file's best window only when they outscore it."""
+    body = "".join(f"def step_{i}(x):\n    return x + {i}\n\n\n" for i in range(5))
+    program = make_index(tmp_path, {"long.py": body, "other.py": "def lone(y):\n    return y\n"})
+    defs = {w.anchor.rsplit(".", 1)[-1]: w for w in program.windows if w.kind == "function"}
+    head = next(w for w in program.windows if w.path == "long.py" and w.kind == "head")
+    overlapping = Window("long.py", defs["step_3"].start, defs["step_4"].end, "step_3", "function")  # never shown
+    ranking = {
+        "long.py": [(9.0, defs["step_0"]), (8.0, defs["step_3"]), (7.5, overlapping), (6.0, defs["step_2"]), (5.0, defs["step_4"]),
+                    (4.0, defs["step_1"]), (0.0, head)],
+        "other.py": [(7.0, defs["lone"])],
+    }
+    selection = Selection(["long.py", "other.py"], [], {}, [], 2, window_ranking=ranking)
+    spans = lambda wpf, weight=1.0: [(w.path, w.start) for w in PackWindows(  # noqa: E731
+        context_tokens=100_000, windows_per_file=wpf, second_window_weight=weight).run(
+        program, selection, QUESTION, tiny_lm)["evidence"].windows]
+    start = {name: w.start for name, w in defs.items()}
+    assert spans(2) == [("long.py", start["step_0"]), ("long.py", start["step_3"]), ("other.py", 1)]
+    assert spans(3) == [("long.py", start["step_0"]), ("long.py", start["step_3"]), ("other.py", 1),
+                        ("long.py", start["step_2"])]  # 6 < 7: after the other file's best
+    assert spans(9) == spans(3)[:3] + [("long.py", start[n]) for n in ("step_2", "step_4", "step_1")]
+    assert spans(9, weight=0.0)[:2] == [("long.py", start["step_0"]), ("other.py", 1)]
 
 
 def test_pack_windows_never_packs_the_same_span_twice(program, selection, tiny_lm):
