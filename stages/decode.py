@@ -29,6 +29,7 @@ from pipeline import resources
 from pipeline.errors import PipelineError
 from pipeline.stage import Range, RunContext, Stage
 from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie
+from stages.common.leads import LeadChoice
 from stages.common.mixing import AdapterMix, exclusive
 from stages.common.streaming import console_streamer
 from stages.common.types import Draft, LanguageModel, Prompt
@@ -317,7 +318,7 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
     import copy
 
     tok = lm.tokenizer
-    names = [choice.rsplit(" [", 1)[0] for choice in prompt.lead]  # "`qualname`"
+    names = [LeadChoice.parse(choice).label for choice in prompt.lead]  # "`qualname`"
     name_ids = tok(names, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     neutral_ids = prompt.neutral_ids + ids[len(prompt.ids):] if settings["lead_calibrate"] and prompt.neutral_ids else []
     computed = []

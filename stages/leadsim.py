@@ -16,6 +16,7 @@ from typing import Annotated
 import numpy as np
 
 from pipeline.stage import Range, Stage
+from stages.common.leads import LeadChoice
 from stages.common.scoring import standardise
 from stages.common.types import Prompt
 
@@ -24,9 +25,8 @@ def choice_text(choice: str) -> str:
     """`` `qualname` [path:A-B] `` -> ``path words: qualname words`` (how select=hybrid names a window's definitions)."""
     from stages.common.dense import _words
 
-    name, span = choice.rsplit(" [", 1)
-    path = span.rsplit(":", 1)[0]
-    return f"{_words(path.rsplit('.', 1)[0])}: {_words(name.strip('`'))}"
+    lead = LeadChoice.parse(choice)
+    return f"{_words(lead.path.rsplit('.', 1)[0])}: {_words(lead.name)}"
 
 
 class LeadSimilarity(Stage):

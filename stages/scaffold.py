@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 from pipeline.errors import ConfigError
 from pipeline.stage import Range, Stage
 from stages.common.identifiers import DOTTED, IDENT
+from stages.common.leads import LeadChoice
 from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
 
 SYSTEM = ("You answer questions about a program. Use only the source code shown in the [ctx] blocks, "
@@ -67,7 +68,7 @@ def lead_choices(evidence: Evidence, index: ProgramIndex | None) -> dict[str, in
         for symbol in index.symbols_in(window.path):
             start, end = symbol.start, min(symbol.end, window.end)
             if window.start <= start <= end:
-                choices.setdefault(f"`{symbol.qualname}` [{window.path}:{start}-{end}]", rank)
+                choices.setdefault(LeadChoice(symbol.qualname, window.path, start, end).text, rank)
     return choices
 
 
@@ -136,7 +137,7 @@ class BuildPrompt(Stage):
         neutral_ids = self.encode(lm.tokenizer, self.messages(NEUTRAL_QUESTION, blocks, rules))[1] if lead else []
         # a citation names a packed window or a definition inside one
         spans = [f"{w.path}:{w.start}-{w.end}" for w in evidence.windows]
-        citations = list(dict.fromkeys(spans + [choice.rsplit("[", 1)[1][:-1] for choice in definitions]))
+        citations = list(dict.fromkeys(spans + [LeadChoice.parse(choice).span for choice in definitions]))
         names = evidence_names(evidence, index, prompt)
         # the same prompt without the evidence: what context-aware decoding (decode.cad_alpha) contrasts with
         plain_ids = self.encode(lm.tokenizer, self.messages(prompt, "", rules))[1]

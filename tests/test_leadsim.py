@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from stages.common.leads import LeadChoice
 from stages.common.types import Prompt
 from stages.decode import Decode
 from stages.leadsim import KeepLeads, LeadSimilarity, choice_text
@@ -19,6 +20,20 @@ def prompt_with(lead: list[str]) -> Prompt:
 def test_choice_text_is_path_and_name_words():
     assert choice_text("`HelpFormatter.write_usage` [click/formatting.py:130-160]") == \
         "click formatting: help formatter write usage"
+
+
+@pytest.mark.parametrize("path", ["a.py", "pkg/sub dir/b [old].py", "c:d.py", "x-y/z.pyi"])
+def test_lead_choice_round_trip(path):
+    """scaffold writes, decode and leadsim read one form; paths with spaces, brackets or colons survive it."""
+    choice = LeadChoice("Outer.inner", path, 12, 40)
+    assert choice.text == f"`Outer.inner` [{path}:12-40]" and LeadChoice.parse(choice.text) == choice
+    assert choice.label == "`Outer.inner`" and choice.span == f"{path}:12-40"
+
+
+@pytest.mark.parametrize("text", ["`f` [a.py:1]", "f [a.py:1-2]", "`f` [a.py:1-2] tail", "`f` a.py:1-2"])
+def test_lead_choice_refuses_other_text(text):
+    with pytest.raises(ValueError, match="not a lead choice"):
+        LeadChoice.parse(text)
 
 
 def test_the_choice_named_like_the_question_gets_the_largest_bonus():

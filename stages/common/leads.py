@@ -1,0 +1,38 @@
+"""A lead choice: a definition inside a packed window as an answer's first line names it, `` `qualname` [path:A-B] ``.
+
+`scaffold` makes the choices (`Prompt.lead`), `leadsim` embeds their names, `decode` scores them and writes one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_CHOICE = re.compile(r"`(?P<name>[^`]+)` \[(?P<path>.+):(?P<start>\d+)-(?P<end>\d+)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeadChoice:
+    name: str  # the definition's qualname
+    path: str
+    start: int
+    end: int
+
+    @property
+    def label(self) -> str:
+        """The name as the answer writes it: `` `qualname` ``."""
+        return f"`{self.name}`"
+
+    @property
+    def span(self) -> str:
+        return f"{self.path}:{self.start}-{self.end}"
+
+    @property
+    def text(self) -> str:
+        return f"{self.label} [{self.span}]"
+
+    @classmethod
+    def parse(cls, text: str) -> LeadChoice:
+        match = _CHOICE.fullmatch(text)
+        if match is None:
+            raise ValueError(f"not a lead choice (`qualname` [path:A-B]): {text!r}")
+        return cls(match["name"], match["path"], int(match["start"]), int(match["end"]))
