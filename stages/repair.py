@@ -3,6 +3,9 @@
 - Every invalid citation is replaced in the text by `[not in evidence: path:A-B]` and kept in telemetry with
   `valid: false, removed: true` (both `repair=overlap` and `repair=none`).
 - Every code-like name the program does not contain (the `names` check) is followed by `[not in program]`.
+- `code` (both variants): Python-looking lines of the answer that no packed window contains (stages/common/quotes.py)
+  are left out (`drop`, the default: each code block holding one becomes a marker line that keeps its citations),
+  marked `[not in evidence]` (`mark`) or kept (`keep`).
 - `repair=overlap`: a paragraph that still has no valid citation gets the packed window it overlaps most
   (share of the paragraph's tokens found in the window; ties -> earlier window) appended as `[path:A-B]`,
   only when that share reaches `threshold`. Such citations are marked `source: attributed`.
@@ -15,6 +18,7 @@ from typing import Annotated
 from pipeline.stage import Range, Stage
 from stages.common.citations import paragraphs, parse_citations
 from stages.common.identifiers import mark_unknown
+from stages.common.quotes import CodeAction, handle_unverified
 from stages.common.text import token_set
 from stages.common.types import Answer, Citation, Evidence, PackedWindow, ProgramIndex
 
@@ -60,8 +64,8 @@ def best_window(paragraph: str, windows: list[PackedWindow], window_tokens: list
 class AttributeByOverlap(Stage):
     outputs = {"answer": Answer}
 
-    def __init__(self, threshold: Annotated[float, Range(ge=0, le=1)] = 0.25):
-        self.threshold = threshold
+    def __init__(self, threshold: Annotated[float, Range(ge=0, le=1)] = 0.25, code: CodeAction = "drop"):
+        self.threshold, self.code = threshold, code
 
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
         text, citations, valid_spans = mark_invalid(answer, index)
@@ -80,7 +84,7 @@ class AttributeByOverlap(Stage):
                 added.append(Citation(window.path, window.start, window.end, True, "attributed", False,
                                       f"token overlap {share:.2f}"))
         pieces.append(text[cursor:])
-        final = mark_unknown("".join(pieces), answer.report.unknown_names)
+        final = handle_unverified(mark_unknown("".join(pieces), answer.report.unknown_names), evidence, self.code)
         return {"answer": dataclasses.replace(answer, text=final, citations=citations + added)}
 
 
@@ -89,6 +93,10 @@ class MarkInvalidOnly(Stage):
 
     outputs = {"answer": Answer}
 
+    def __init__(self, code: CodeAction = "drop"):
+        self.code = code
+
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
         text, citations = mark(answer, index)
-        return {"answer": dataclasses.replace(answer, text=text, citations=citations)}
+        return {"answer": dataclasses.replace(answer, text=handle_unverified(text, evidence, self.code),
+                                              citations=citations)}

@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.cache import write_atomic
 from pipeline.stage import RunContext, Stage
+from stages.common.quotes import check_code
 from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, Selection
 
 
@@ -62,6 +63,12 @@ class WriteTelemetry(Stage):
             "code_identifiers": len(names.names) if names else 0,
             "unknown_identifiers": list(names.unknown) if names else [],
             "unknown_identifier_rate": round(names.rate, 4) if names else 0.0,
+        })
+        # Python-looking lines the model wrote (its own text, before repair) that no packed window contains
+        code = check_code(answer.draft.text, evidence) if answer and evidence else None
+        record.update({
+            "code_lines": len(code.lines) if code else 0,
+            "code_lines_unverified": code.texts if code else [],
         })
         drafts = [d for d in (draft, retry_draft) if d is not None]
         decoding = sum(d.seconds - d.prefill_seconds for d in drafts)

@@ -186,6 +186,18 @@ def test_invalid_citations_are_marked_and_kept(program, evidence, repair):
     assert all(validate(p, a, b, program, evidence) == "" for p, a, b in spans(outside, program))
 
 
+@pytest.mark.parametrize("repair", [AttributeByOverlap(threshold=0.25), MarkInvalidOnly()], ids=["overlap", "none"])
+def test_code_no_packed_window_holds_is_left_out(program, evidence, repair):
+    invented = "def totally_new(a, b=None):"
+    assert invented not in "".join(w.text for w in evidence.windows)
+    text = f"It is set at a.py:10-12.\n{invented}\n    return b a.py:11"
+    out = repair.run(answer=answer_for(text, program, evidence), index=program, evidence=evidence)["answer"]
+    assert invented not in out.text and "[code not in the evidence: 2 lines left out] a.py:11" in out.text
+    assert "a.py:10-12" in out.text and [(c.path, c.start) for c in out.citations][:2] == [("a.py", 10), ("a.py", 11)]
+    kept = type(repair)(**({"threshold": 0.25} if isinstance(repair, AttributeByOverlap) else {}), code="keep")
+    assert invented in kept.run(answer=answer_for(text, program, evidence), index=program, evidence=evidence)["answer"].text
+
+
 def test_marking_does_not_touch_a_valid_citation_that_contains_the_invalid_text(program, evidence):
     text = "See a.py:10-12 and also a.py:1."
     out = MarkInvalidOnly().run(answer=answer_for(text, program, evidence), index=program, evidence=evidence)["answer"]

@@ -55,6 +55,8 @@ class Record:
     unknown: list[str] = dataclasses.field(default_factory=list)  # ... of which the program has none
     new_tokens: int = 0
     decode_seconds: float = 0.0  # answer mode: seconds spent decoding (prefill apart)
+    code_lines: int = 0  # answer mode: Python-looking lines the model wrote (stages/common/quotes.py)
+    code_unverified: int = 0  # ... of which no packed window holds the text
 
 
 @dataclasses.dataclass
@@ -209,6 +211,9 @@ def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float |
         "symbol_hit": _mean([float(mentions(r.answer or "", q.symbol)) for q, r in with_symbol]),
         "unknown_identifier_rate": round(sum(len(r.unknown) for _, r in answered) / names, 4) if names else 0.0,
         "unknown_per_answer": _mean([float(len(r.unknown)) for _, r in answered]),
+        # code the model "quoted" that the evidence does not hold (repair leaves it out of the final answer)
+        "invented_code_rate": _mean([float(r.code_unverified > 0) for _, r in answered]),
+        "invented_code_lines": _mean([float(r.code_unverified) for _, r in answered]),
         "retries": _mean([float(r.retries or 0) for _, r in answered]),
         "retry_rate": _mean([float((r.retries or 0) > 0) for _, r in answered]),
         "tokens_per_second": _mean([r.new_tokens / r.decode_seconds for r in decoding]),
