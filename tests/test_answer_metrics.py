@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.common.evaluation import Question, Record, answer_metrics, mentions, score
+from stages.common.evaluation import ANSWER_METRICS, Question, Record, answer_metrics, mentions, score
 from stages.common.identifiers import UNKNOWN_MARK, check_names, code_names, mark_unknown
 
 Q1 = Question("Checks if an encoding is ascii.", "_compat.py", 43, 48, "is_ascii_encoding")
@@ -49,6 +49,8 @@ def test_answer_metrics_from_hand_made_records():
 
 def test_score_leaves_answer_metrics_empty_in_retrieval_mode():
     metrics = score([Q1], [Record(["_compat.py"], [("_compat.py", 40, 50)], 0.1)], 5)
+    assert set(answer_metrics(list(zip([Q1, Q2, Q3], RECORDS)))) == set(ANSWER_METRICS)  # every one is left empty here
+    assert all(metrics[name] is None for name in ANSWER_METRICS)
     assert metrics["evidence_recall@5"] == 1.0 and metrics["symbol_hit"] is None and metrics["retry_rate"] is None
 
 

@@ -177,8 +177,8 @@ def score(questions: list[Question], records: list[Record], k: int) -> dict[str,
 
 ANSWER_METRICS = ["citation_hit", "citation_precision", "citations_model", "model_citation_rate", "model_citation_hit",
                   "first_citation_hit",
-                  "symbol_hit", "unknown_identifier_rate", "unknown_per_answer", "retries", "retry_rate",
-                  "tokens_per_second"]
+                  "symbol_hit", "unknown_identifier_rate", "unknown_per_answer", "invented_code_rate",
+                  "invented_code_lines", "retries", "retry_rate", "tokens_per_second"]
 
 
 def _hit(q: Question, citations: list[dict], source: str | None = None) -> bool:
