@@ -90,8 +90,9 @@ def _disjoint(chosen: list[Window], window: Window) -> bool:
 class PackWindows(Stage):
     """Up to `windows_per_file` windows per selected file from the windows index, best-scoring first.
 
-    SPEC's `pack=windows` shows 1-2 windows per file (the default, 2); `pack=ranked` lifts the cap, so a long file
-    that holds the answer can show its third or fourth best window before another file's weaker one."""
+    SPEC's `pack=windows` shows 1-2 windows per file (the default, 2); a larger `windows_per_file` lets a long file
+    show its third or fourth best window before another file's weaker one (measured: more evidence recall, worse
+    answers; README, Evaluation)."""
 
     outputs = {"evidence": Evidence}
 

@@ -78,7 +78,7 @@ def test_pack_windows(program, selection, tiny_lm):
 
 
 def test_pack_windows_beyond_two_per_file(tmp_path, make_index, tiny_lm):
-    """`windows_per_file` > 2 (pack=ranked): a file's further windows are disjoint from the ones before them, in
+    """`windows_per_file` > 2: a file's further windows are disjoint from the ones before them, in
     score order, never scored 0, and go ahead of a later file's best window only when they outscore it."""
     body = "".join(f"def step_{i}(x):\n    return x + {i}\n\n\n" for i in range(5))
     program = make_index(tmp_path, {"long.py": body, "other.py": "def lone(y):\n    return y\n"})
