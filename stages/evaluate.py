@@ -33,8 +33,8 @@ from stages.common.types import ProgramIndex
 log = logging.getLogger(__name__)
 METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
                   "citation_hit", "citation_precision", "model_citation_rate", "model_citation_hit",
-                  "first_citation_hit", "symbol_hit", "unknown_identifier_rate", "invented_code_rate", "retry_rate",
-                  "tokens_per_second", "seconds"]
+                  "first_citation_hit", "symbol_hit", "unknown_identifier_rate", "invented_code_rate", "mislabelled_rate",
+                  "retry_rate", "tokens_per_second", "seconds"]
 
 
 class LoadQuestions(Stage):
@@ -130,6 +130,7 @@ class RunGraphPerQuestion(Stage):
             decode_seconds=float(decoding.get("decode_seconds") or 0.0),
             code_lines=int(telemetry.get("code_lines") or 0),
             code_unverified=len(telemetry.get("code_lines_unverified") or []),
+            mislabelled=len(telemetry.get("citations_mislabelled") or []),
         )
 
 

@@ -6,6 +6,8 @@
 - `code` (both variants): Python-looking lines of the answer that no packed window contains (stages/common/quotes.py)
   are left out (`drop`, the default: each code block holding one becomes a marker line that keeps its citations),
   marked `[not in evidence]` (`mark`) or kept (`keep`).
+- `labels` (both variants): a citation labelled with a definition's name whose span does not define it
+  (stages/common/labels.py) is followed by `[not where `name` is defined]` (`mark`, the default) or left (`keep`).
 - `repair=overlap`: a paragraph that still has no valid citation gets the packed window it overlaps most
   (share of the paragraph's tokens found in the window; ties -> earlier window) appended as `[path:A-B]`,
   only when that share reaches `threshold`. Such citations are marked `source: attributed`.
@@ -18,6 +20,7 @@ from typing import Annotated
 from pipeline.stage import Range, Stage
 from stages.common.citations import paragraphs, parse_citations
 from stages.common.identifiers import mark_unknown
+from stages.common.labels import LabelAction, mark_mislabels
 from stages.common.quotes import CodeAction, handle_unverified
 from stages.common.text import token_set
 from stages.common.types import Answer, Citation, Evidence, PackedWindow, ProgramIndex
@@ -64,8 +67,9 @@ def best_window(paragraph: str, windows: list[PackedWindow], window_tokens: list
 class AttributeByOverlap(Stage):
     outputs = {"answer": Answer}
 
-    def __init__(self, threshold: Annotated[float, Range(ge=0, le=1)] = 0.25, code: CodeAction = "drop"):
-        self.threshold, self.code = threshold, code
+    def __init__(self, threshold: Annotated[float, Range(ge=0, le=1)] = 0.25, code: CodeAction = "drop",
+                 labels: LabelAction = "mark"):
+        self.threshold, self.code, self.labels = threshold, code, labels
 
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
         text, citations, valid_spans = mark_invalid(answer, index)
@@ -84,7 +88,8 @@ class AttributeByOverlap(Stage):
                 added.append(Citation(window.path, window.start, window.end, True, "attributed", False,
                                       f"token overlap {share:.2f}"))
         pieces.append(text[cursor:])
-        final = handle_unverified(mark_unknown("".join(pieces), answer.report.unknown_names), evidence, self.code)
+        final = mark_unknown(mark_mislabels("".join(pieces), index, self.labels), answer.report.unknown_names)
+        final = handle_unverified(final, evidence, self.code)
         return {"answer": dataclasses.replace(answer, text=final, citations=citations + added)}
 
 
@@ -93,10 +98,10 @@ class MarkInvalidOnly(Stage):
 
     outputs = {"answer": Answer}
 
-    def __init__(self, code: CodeAction = "drop"):
-        self.code = code
+    def __init__(self, code: CodeAction = "drop", labels: LabelAction = "mark"):
+        self.code, self.labels = code, labels
 
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
         text, citations = mark(answer, index)
-        return {"answer": dataclasses.replace(answer, text=handle_unverified(text, evidence, self.code),
-                                              citations=citations)}
+        text = handle_unverified(mark_mislabels(text, index, self.labels), evidence, self.code)
+        return {"answer": dataclasses.replace(answer, text=text, citations=citations)}

@@ -12,8 +12,9 @@ from typing import Any
 
 from pipeline.cache import write_atomic
 from pipeline.stage import RunContext, Stage
+from stages.common.labels import mislabels
 from stages.common.quotes import check_code
-from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, Selection
+from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, ProgramIndex, Selection
 
 
 class WriteTelemetry(Stage):
@@ -25,7 +26,8 @@ class WriteTelemetry(Stage):
     def run(self, context: RunContext, prompt: str = "", answer: Answer | None = None,
             selection: Selection | None = None, evidence: Evidence | None = None, lm: LanguageModel | None = None,
             mix_report: dict | None = None, remix_report: dict | None = None, draft: Draft | None = None,
-            retry_draft: Draft | None = None, first_report: CitationReport | None = None) -> dict:
+            retry_draft: Draft | None = None, first_report: CitationReport | None = None,
+            index: ProgramIndex | None = None) -> dict:
         record: dict[str, Any] = {
             "status": "failed" if context.failure else "ok",
             "error": context.failure,
@@ -69,6 +71,9 @@ class WriteTelemetry(Stage):
         record.update({
             "code_lines": len(code.lines) if code else 0,
             "code_lines_unverified": code.texts if code else [],
+            # `name` [path:A-B] pairs of the model's text whose span does not define that name
+            "citations_mislabelled": [f"{m.name} [{m.path}:{m.start_line}-{m.end_line}] defines {m.defines or 'nothing'}"
+                                      for m in mislabels(answer.draft.text, index)] if answer and index else [],
         })
         drafts = [d for d in (draft, retry_draft) if d is not None]
         decoding = sum(d.seconds - d.prefill_seconds for d in drafts)

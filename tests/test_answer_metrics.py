@@ -18,7 +18,8 @@ def cite(path, start, end, valid=True, source="model"):
 RECORDS = [
     # model cites the answer itself and names it; one unknown of four names; no retry
     Record([], [], 10.0, [cite("_compat.py", 43, 48)], 0, "`is_ascii_encoding` [_compat.py:43-48] uses codec_x.",
-           names=4, unknown=["codec_x"], new_tokens=100, decode_seconds=4.0, code_lines=3, code_unverified=2),
+           names=4, unknown=["codec_x"], new_tokens=100, decode_seconds=4.0, code_lines=3, code_unverified=2,
+           mislabelled=1),
     # the model cites a wrong window; repair attributes the right one; a retry ran
     Record([], [], 20.0, [cite("_compat.py", 1, 9), cite("_compat.py", 50, 56, source="attributed")], 1,
            "`decode_it` [_compat.py:1-9]", names=2, unknown=[], new_tokens=300, decode_seconds=10.0),
@@ -42,6 +43,7 @@ def test_answer_metrics_from_hand_made_records():
     assert metrics["unknown_per_answer"] == pytest.approx(1.0)
     assert metrics["invented_code_rate"] == pytest.approx(1 / 3, abs=1e-4)  # answer 1: 2 of its 3 code lines
     assert metrics["invented_code_lines"] == pytest.approx(2 / 3, abs=1e-4)
+    assert metrics["mislabelled_rate"] == pytest.approx(1 / 3, abs=1e-4)
     assert metrics["retry_rate"] == pytest.approx(1 / 3, abs=1e-4) and metrics["retries"] == pytest.approx(1 / 3, abs=1e-4)
     assert metrics["tokens_per_second"] == pytest.approx((25 + 30) / 2)  # the answer with no decode time is left out
     assert metrics["citation_precision"] == pytest.approx(3 / 4)

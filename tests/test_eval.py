@@ -95,6 +95,7 @@ def test_answer_mode_scores_citations(question_set, tmp_path):
     invented = [len(t["code_lines_unverified"]) for t in telemetry]
     assert all(t["code_lines"] >= n for t, n in zip(telemetry, invented))
     assert ours["invented_code_rate"] == pytest.approx(sum(n > 0 for n in invented) / 2)
+    assert ours["mislabelled_rate"] == pytest.approx(sum(bool(t["citations_mislabelled"]) for t in telemetry) / 2)
     model_valid = [any(c["valid"] and c["source"] == "model" for c in t["citations"]) for t in telemetry]
     assert ours["model_citation_rate"] == pytest.approx(sum(model_valid) / 2)
     assert ours["retry_rate"] == pytest.approx(sum(t["retries"] > 0 for t in telemetry) / 2)

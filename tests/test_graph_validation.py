@@ -446,6 +446,7 @@ def test_composed_unaccepted_key(compose):
     ("decode.do_sample=1", ["node 'decode'", "'do_sample'", "true or false"]),
     ("model.dtype=float64", ["node 'model'", "'dtype'", "'float32'", "'float16'", "'bfloat16'"]),
     ("repair.code=delete", ["node 'repair'", "'code'", "'drop'", "'mark'", "'keep'"]),
+    ("repair.labels=fix", ["node 'repair'", "'labels'", "'mark'", "'keep'"]),
     ("index.ignore=.git", ["node 'index'", "'ignore'", "list"]),
 ])
 def test_composed_wrong_value_type(compose, override, fragments):

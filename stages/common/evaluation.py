@@ -57,6 +57,7 @@ class Record:
     decode_seconds: float = 0.0  # answer mode: seconds spent decoding (prefill apart)
     code_lines: int = 0  # answer mode: Python-looking lines the model wrote (stages/common/quotes.py)
     code_unverified: int = 0  # ... of which no packed window holds the text
+    mislabelled: int = 0  # answer mode: `name` [path:A-B] pairs whose span does not define the name (labels.py)
 
 
 @dataclasses.dataclass
@@ -178,7 +179,7 @@ def score(questions: list[Question], records: list[Record], k: int) -> dict[str,
 ANSWER_METRICS = ["citation_hit", "citation_precision", "citations_model", "model_citation_rate", "model_citation_hit",
                   "first_citation_hit",
                   "symbol_hit", "unknown_identifier_rate", "unknown_per_answer", "invented_code_rate",
-                  "invented_code_lines", "retries", "retry_rate", "tokens_per_second"]
+                  "invented_code_lines", "mislabelled_rate", "retries", "retry_rate", "tokens_per_second"]
 
 
 def _hit(q: Question, citations: list[dict], source: str | None = None) -> bool:
@@ -214,6 +215,7 @@ def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float |
         # code the model "quoted" that the evidence does not hold (repair leaves it out of the final answer)
         "invented_code_rate": _mean([float(r.code_unverified > 0) for _, r in answered]),
         "invented_code_lines": _mean([float(r.code_unverified) for _, r in answered]),
+        "mislabelled_rate": _mean([float(r.mislabelled > 0) for _, r in answered]),
         "retries": _mean([float(r.retries or 0) for _, r in answered]),
         "retry_rate": _mean([float((r.retries or 0) > 0) for _, r in answered]),
         "tokens_per_second": _mean([r.new_tokens / r.decode_seconds for r in decoding]),

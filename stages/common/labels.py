@@ -1,0 +1,59 @@
+"""A citation labelled with a definition's name, `` `name` [path:A-B] ``, whose span does not define that name.
+
+The lead line is built from a definition and its own span, so it is always right; later lines are the model's, and
+it often writes a real definition's name beside another definition's span (`InterpolationResultNode._set_value`
+[base.py:189-199] where 189-199 is `Node._get_flag`). A pair is *mislabelled* when the name is a definition of the
+program (qualname, or its last part) and no definition of that name starts inside the cited span. Names that are no
+definition (a variable, a parameter) are not judged. `repair.labels=mark` follows each with a marker (which does
+not name what the span defines: a name the pipeline writes must not count as the model's, e.g. for symbol hit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from stages.common.types import ProgramIndex, Symbol
+
+LabelAction = Literal["mark", "keep"]
+LABELLED = re.compile(r"`([A-Za-z_][\w.]*)`\s*\[([^\[\]\n]+?):(\d+)-(\d+)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mislabel:
+    end: int  # character offset just after the citation
+    name: str
+    path: str
+    start_line: int
+    end_line: int
+    defines: str  # the first definition starting inside the span ('' when none does), for telemetry
+
+
+def _names(symbol: Symbol) -> set[str]:
+    return {symbol.qualname, symbol.name, symbol.qualname.rsplit(".", 1)[-1]}
+
+
+def mislabels(text: str, index: ProgramIndex) -> list[Mislabel]:
+    known = index.derived("labels.definition_names", lambda: set().union(*(_names(s) for s in index.symbols)))
+    found = []
+    for match in LABELLED.finditer(text):
+        name, path, a, b = match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
+        if name not in known or path not in index.files:
+            continue
+        inside = sorted((s for s in index.symbols_in(path) if a <= s.start <= b), key=lambda s: s.start)
+        if not any(name in _names(s) for s in inside):
+            found.append(Mislabel(match.end(), name, path, a, b, inside[0].qualname if inside else ""))
+    return found
+
+
+def mark_mislabels(text: str, index: ProgramIndex, action: LabelAction) -> str:
+    """``mark``: after each mislabelled citation, `[not where `name` is defined]`; ``keep``: the text as it is."""
+    if action == "keep":
+        return text
+    out, cursor = [], 0
+    for found in mislabels(text, index):
+        out.append(text[cursor:found.end])
+        out.append(f" [not where `{found.name}` is defined]")
+        cursor = found.end
+    out.append(text[cursor:])
+    return "".join(out)
