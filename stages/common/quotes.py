@@ -54,9 +54,6 @@ class CodeCheck:
     unverified: list[int]
     texts: list[str]  # the unverified lines, normalised
 
-    def summary(self) -> dict:
-        return {"code_lines": len(self.lines), "unverified": len(self.unverified)}
-
 
 def check_code(text: str, evidence: Evidence) -> CodeCheck:
     shown = "\n".join(" ".join(line.split()) for w in evidence.windows for line in w.text.splitlines())
