@@ -6,7 +6,8 @@ Grounded decoding (options, each measured; README): `constrain` applies, inside 
 (stages/common/grounding.py), the prompt's lead choices (`lead`), its citation strings (`citations`: a citation the
 model opens names a packed span) and its names (`code`: inline code the model opens names an identifier of the
 evidence or the question) and its prose (`prose`: a word written like code, snake_case or camelCase, must be a
-name of the evidence or the question);
+name of the evidence or the question) and its code (`quotes`, opt-in: a line that starts as Python code must
+stay a prefix of a packed line, stages/common/quoteguard.py);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
 evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
 tokens that occur in the evidence; `cad_alpha` > 0 is context-aware decoding (the logits contrasted with those of
@@ -28,9 +29,10 @@ from typing import Annotated, Any, Literal
 from pipeline import resources
 from pipeline.errors import PipelineError
 from pipeline.stage import Range, RunContext, Stage
-from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie
+from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie, token_texts
 from stages.common.leads import LeadChoice
 from stages.common.mixing import AdapterMix, exclusive
+from stages.common.quoteguard import QuoteGuard
 from stages.common.streaming import console_streamer
 from stages.common.types import Draft, LanguageModel, Prompt
 
@@ -48,7 +50,7 @@ class Decode(Stage):
                  top_p: Annotated[float, Range(gt=0, le=1)] = 0.9, top_k: Annotated[int, Range(ge=0)] = 50,
                  repetition_penalty: Annotated[float, Range(gt=0)] = 1.1, penalize_prompt: bool = False,
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
-                 constrain: list[Literal["lead", "citations", "code", "prose"]] = ["lead", "citations", "code", "prose"],
+                 constrain: list[Literal["lead", "citations", "code", "prose", "quotes"]] = ["lead", "citations", "code", "prose"],
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
@@ -256,7 +258,8 @@ class _Clock:
         return scores
 
 
-def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict, lead_in_generate: bool):
+def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict, lead_in_generate: bool,
+               before: str = ""):
     """The logits processors, in the order that keeps sampling safe: checks and biases, then the grounding mask,
     then temperature / top-k / top-p (which only ever see allowed tokens)."""
     from transformers import (
@@ -293,8 +296,9 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
         slots[CODE_OPENER] = TokenTrie.of_strings(tok, [f"{name}{call}`" for name in prompt.names for call in ("", "()")])
     lead = TokenTrie.of_strings(tok, prompt.lead) if lead_in_generate else None
     known = prompt.names if "prose" in constrain else None
-    if slots or lead or known is not None:
-        grounding = GroundingProcessor(tok, len(ids), slots, lead, known)
+    quotes = QuoteGuard(token_texts(tok), prompt.quotes, max(64, settings["top_k"])) if "quotes" in constrain else None
+    if slots or lead or known is not None or quotes:
+        grounding = GroundingProcessor(tok, len(ids), slots, lead, known, quotes, before)
         chain.append(grounding)
     if settings["do_sample"]:
         chain.append(TemperatureLogitsWarper(settings["temperature"]))
@@ -387,7 +391,8 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
         lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings, reuse)
         ids = ids + lead_ids
     input_ids = torch.tensor([ids], device=device)
-    chain, clock, grounding = processors(lm, prompt, ids, settings, use_lead and settings["lead"] == "greedy")
+    chain, clock, grounding = processors(lm, prompt, ids, settings, use_lead and settings["lead"] == "greedy",
+                                         prompt.prefill + lead)
     # every warper is ours (ordered after the grounding mask): generate adds none of its own
     config = GenerationConfig(
         max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"],
@@ -413,8 +418,6 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
     if settings["max_paragraphs"] or settings["stop_at_repeated_line"]:
         from transformers import StoppingCriteriaList
 
-        from stages.common.grounding import token_texts
-
         reply_stop = _ReplyStop(token_texts(tok), len(ids), settings["max_paragraphs"],
                                 settings["stop_at_repeated_line"], prompt.prefill + lead)
         stops = StoppingCriteriaList([reply_stop])
@@ -434,4 +437,5 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
     return {"text": text.strip(), "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": int(new.shape[0]),
             "seconds": seconds, "prefill_seconds": prefill_seconds, "lead": record,
             "constrained_citations": grounding.completed(CITATION_OPENER) if grounding else 0,
-            "constrained_names": grounding.completed(CODE_OPENER) if grounding else 0, "notes": notes}
+            "constrained_names": grounding.completed(CODE_OPENER) if grounding else 0,
+            "steered_quotes": grounding.quotes.steered if grounding and grounding.quotes else 0, "notes": notes}

@@ -143,7 +143,8 @@ class BuildPrompt(Stage):
         plain_ids = self.encode(lm.tokenizer, self.messages(prompt, "", rules))[1]
         return {"prompt": Prompt(messages, text, prefill, self.attempt, hints, ids=ids, citations=citations,
                                  lead=lead, names=names, lead_rank=[definitions[c] for c in lead],
-                                 neutral_ids=neutral_ids, plain_ids=plain_ids)}
+                                 neutral_ids=neutral_ids, plain_ids=plain_ids,
+                                 quotes=[line for w in evidence.windows for line in w.text.splitlines()])}
 
     def messages(self, question: str, blocks: str, rules: list[str]) -> list[dict[str, str]]:
         evidence = f"{blocks}\n\n" if blocks else ""

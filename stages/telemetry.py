@@ -85,6 +85,7 @@ class WriteTelemetry(Stage):
             "tokens_per_second": round(generated / decoding, 3) if decoding > 0 else 0.0,
             "constrained_citations": sum(d.constrained_citations for d in drafts),
             "constrained_names": sum(d.constrained_names for d in drafts),
+            "steered_quotes": sum(d.steered_quotes for d in drafts),
         }
         record["lead"] = answer.draft.lead if answer else {}
         record.update({"rank": None, "gsub": None, "alpha": None, "entropy": None, "delta_norms": {}})

@@ -53,3 +53,16 @@ def test_code_blocks_take_continuation_lines():
     text = "Here:\nclass Proxy(Base):\n    def __init__(\n        self,\n    ) -> None:\nDone."
     assert code_blocks(text) == [(1, 4)]
     assert code_blocks("Just prose.\nMore prose,") == []
+
+
+def test_drop_leaves_out_a_quoted_block_whose_continuation_lines_are_invented():
+    """Every code-like line shown, but the indented lines under them are not: the block reads as one quote, so it goes."""
+    text = ("`read_all` [pkg/io.py:10-14]\n"
+            "def read_all(path, mode='r'):\n    handle.read_everything{\n        mode: handle{\n"
+            "The end.\n"
+            "def read_all(path, mode='r'):\n    with open(path, mode) as handle:\n")
+    assert check_code(text, SHOWN).unverified == []  # what the metric counts: code-like lines only
+    out = handle_unverified(text, SHOWN, "drop").splitlines()
+    assert out == ["`read_all` [pkg/io.py:10-14]", "[code not in the evidence: 3 lines left out]", "The end.",
+                   "def read_all(path, mode='r'):", "    with open(path, mode) as handle:"]
+    assert handle_unverified(text.replace("{", ""), SHOWN, "keep") == text.replace("{", "")

@@ -9,6 +9,8 @@ identifier of the evidence followed by its closing backtick, or a lead `` `name`
   code — the next tokens may only spell one of that slot's strings; the string's closing character ends it;
 - outside slots, tokens that would open a slot in the middle of a token (`['`, `` `. ``, a code fence) are
   masked, so every citation or inline name goes through its slot.
+- outside slots, with a `QuoteGuard` (stages/common/quoteguard.py), a line that starts as Python code must stay a
+  prefix of a line of the evidence.
 
 Everything else passes through untouched, so end of sequence stays reachable outside a slot; inside one the
 allowed set is the trie's children, never empty (every string ends at a leaf, and a leaf closes the slot).
@@ -20,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
+
+from stages.common.quoteguard import QuoteGuard
 
 END = -1
 CITATION_OPENER, CODE_OPENER = "[", "`"
@@ -84,6 +88,8 @@ class _Row:
     slot: str = ""  # the opener of the open slot ('' for the lead)
     tail: str = ""  # the last characters written (to see what stands before an opener)
     word: str = ""  # the identifier characters written since the last other character
+    line: str = ""  # the text written since the last newline (the quote guard's line)
+    code_block: bool = False  # the line before `line` was held by the quote guard (a code block goes on)
     lead_done: bool = False
     completed: dict[str, int] = dataclasses.field(default_factory=dict)  # opener -> slots closed
 
@@ -92,13 +98,18 @@ class GroundingProcessor:
     """A `LogitsProcessor`: the lead slot first (when given), then slots wherever the model opens one."""
 
     def __init__(self, tokenizer, prompt_length: int, slots: dict[str, TokenTrie], lead: TokenTrie | None = None,
-                 known_words: Iterable[str] | None = None):
+                 known_words: Iterable[str] | None = None, quotes: QuoteGuard | None = None, before: str = ""):
         self.texts = token_texts(tokenizer)
         self.prompt_length, self.lead = prompt_length, lead
         self.slots = {opener: trie for opener, trie in slots.items() if trie}
         self.masked = sneaky_tokens(self.texts, self.slots) if self.slots else []
         # outside slots, words written like code must be names of the evidence (None: prose is free)
         self.guard = WordGuard(tokenizer, self.texts, known_words) if known_words is not None else None
+        # outside slots, a line written as code must stay a prefix of an evidence line (None: code is free)
+        self.quotes = quotes if quotes else None
+        if self.quotes is not None:
+            self.quotes.cites = CITATION_OPENER in self.slots
+        self.before = before.rsplit("\n", 1)[-1]  # the reply's line before the first generated token
         self.rows: list[_Row] = []
         self._indices: dict[int, tuple[list[int], Any]] = {}  # id(list) -> (the list, its index tensor)
 
@@ -106,7 +117,7 @@ class GroundingProcessor:
         """Consume the tokens generated since the last call (generate calls us before each new token, so after
         it returns, call this once more with its output to count a slot closed by the very last token)."""
         if not self.rows:
-            self.rows = [_Row(node=self.lead.root if self.lead else None, lead_done=not self.lead)
+            self.rows = [_Row(node=self.lead.root if self.lead else None, lead_done=not self.lead, line=self.before)
                          for _ in range(input_ids.shape[0])]
         for b, row in enumerate(self.rows):
             generated = input_ids[b, self.prompt_length:].tolist()
@@ -129,6 +140,8 @@ class GroundingProcessor:
                 bad = self.guard.bad(row.word)
                 if bad:
                     scores[b, self._index(bad, scores.device)] = float("-inf")
+            if self.quotes is not None:
+                self.quotes.apply(scores[b], row.line, row.code_block)
         return scores
 
     def _index(self, ids: list[int], device):
@@ -147,6 +160,10 @@ class GroundingProcessor:
     def _consume(self, row: _Row, token: int) -> None:
         text = self.texts[token] if 0 <= token < len(self.texts) else ""
         before, row.tail = row.tail, (row.tail + text)[-8:]
+        *done, row.line = (row.line + text).split("\n")
+        if self.quotes is not None:
+            for line in done:
+                row.code_block = self.quotes.ends_block(line, row.code_block)
         row.word = row.word + text if text and all(ch in _WORD_CHARS for ch in text) else _trailing_word(text)
         if row.node is not None:  # inside the lead or a slot: follow the trie
             row.node = row.node.get(token)

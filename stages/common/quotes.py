@@ -55,8 +55,13 @@ class CodeCheck:
     texts: list[str]  # the unverified lines, normalised
 
 
+def _shown(evidence: Evidence) -> str:
+    """Every packed line, whitespace collapsed, one per line: a piece of one line is a substring of this."""
+    return "\n".join(" ".join(line.split()) for w in evidence.windows for line in w.text.splitlines())
+
+
 def check_code(text: str, evidence: Evidence) -> CodeCheck:
-    shown = "\n".join(" ".join(line.split()) for w in evidence.windows for line in w.text.splitlines())
+    shown = _shown(evidence)
     lines, unverified, texts = [], [], []
     for number, line in enumerate(text.splitlines()):
         if not code_like(line):
@@ -93,21 +98,22 @@ def code_blocks(text: str) -> list[tuple[int, int]]:
 
 
 def handle_unverified(text: str, evidence: Evidence, action: CodeAction) -> str:
-    """``drop``: every code block (consecutive code-shaped lines) that holds an unverified code line becomes one
-    marker line, keeping the citations its lines carried; ``mark``: each unverified line ends with
-    `[not in evidence]`; ``keep``: the text as it is."""
+    """``drop``: every code block (consecutive code-shaped lines) that holds an unverified code line, or a
+    continuation line no packed line holds, becomes one marker line, keeping the citations its lines carried;
+    ``mark``: each unverified line ends with `[not in evidence]`; ``keep``: the text as it is."""
     if action == "keep":
         return text
     found = set(check_code(text, evidence).unverified)
-    if not found:
-        return text
     lines = text.splitlines()
     if action == "mark":
+        if not found:
+            return text
         out = [f"{line} [not in evidence]" if n in found else line for n, line in enumerate(lines)]
     else:
-        out, cursor = [], 0
+        out, cursor, shown = [], 0, _shown(evidence)
         for first, last in code_blocks(text):
-            if not found & set(range(first, last + 1)):
+            # a block reads as one quote: any line of it (continuation lines too) from nowhere leaves it all out
+            if not any(n in found or _normal(lines[n]) not in shown for n in range(first, last + 1)):
                 continue
             block = lines[first:last + 1]
             cites = " ".join(m.group() for line in block for m in CITATION.finditer(line))
@@ -115,5 +121,7 @@ def handle_unverified(text: str, evidence: Evidence, action: CodeAction) -> str:
             out.append(f"[code not in the evidence: {len(block)} line{'s' * (len(block) > 1)} left out]"
                        + (f" {cites}" if cites else ""))
             cursor = last + 1
+        if not cursor:
+            return text
         out += lines[cursor:]
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")

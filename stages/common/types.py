@@ -186,6 +186,7 @@ class Prompt:
     lead_bonus: list[float] = dataclasses.field(default_factory=list)  # added to each lead choice's score (leadsim)
     neutral_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt, a neutral question
     plain_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt without the evidence
+    quotes: list[str] = dataclasses.field(default_factory=list, repr=False)  # the packed lines code may copy
 
     def summary(self) -> dict[str, Any]:
         return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
@@ -205,6 +206,7 @@ class Draft:
     prefill_seconds: float = 0.0  # the prompt's forward pass (the rest of `seconds` is decoding)
     constrained_citations: int = 0  # citations completed under the grounding constraint
     constrained_names: int = 0  # inline-code names completed under it
+    steered_quotes: int = 0  # steps whose likeliest token would have started code the evidence does not hold
     lead: dict[str, Any] = dataclasses.field(default_factory=dict)  # how decode.lead=likelihood chose the lead
 
     def source_at(self, offset: int) -> str:
