@@ -7,7 +7,9 @@ Grounded decoding (options, each measured; README): `constrain` applies, inside 
 model opens names a packed span) and its names (`code`: inline code the model opens names an identifier of the
 evidence or the question) and its prose (`prose`: a word written like code, snake_case or camelCase, must be a
 name of the evidence or the question) and its code (`quotes`, opt-in: a line that starts as Python code must
-stay a prefix of a packed line, stages/common/quoteguard.py);
+stay a prefix of a packed line, stages/common/quoteguard.py) and its labels (`labels`, opt-in: a citation right after
+`` `name` ``, a definition of the program, may only name a span where that definition starts; none packed: no
+citation there);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
 evidence is penalised, which pushes a small model toward invented names); `copy_bias` adds a bonus to the logits of
 tokens that occur in the evidence; `cad_alpha` > 0 is context-aware decoding (the logits contrasted with those of
@@ -50,7 +52,7 @@ class Decode(Stage):
                  top_p: Annotated[float, Range(gt=0, le=1)] = 0.9, top_k: Annotated[int, Range(ge=0)] = 50,
                  repetition_penalty: Annotated[float, Range(gt=0)] = 1.1, penalize_prompt: bool = False,
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
-                 constrain: list[Literal["lead", "citations", "code", "prose", "quotes"]] = ["lead", "citations", "code", "prose"],
+                 constrain: list[Literal["lead", "citations", "code", "prose", "quotes", "labels"]] = ["lead", "citations", "code", "prose"],
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
@@ -297,8 +299,9 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
     lead = TokenTrie.of_strings(tok, prompt.lead) if lead_in_generate else None
     known = prompt.names if "prose" in constrain else None
     quotes = QuoteGuard(token_texts(tok), prompt.quotes, max(64, settings["top_k"])) if "quotes" in constrain else None
+    labels = prompt.labels if "labels" in constrain and CITATION_OPENER in slots else None
     if slots or lead or known is not None or quotes:
-        grounding = GroundingProcessor(tok, len(ids), slots, lead, known, quotes, before)
+        grounding = GroundingProcessor(tok, len(ids), slots, lead, known, quotes, before, labels)
         chain.append(grounding)
     if settings["do_sample"]:
         chain.append(TemperatureLogitsWarper(settings["temperature"]))

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 from pipeline.errors import ConfigError
 from pipeline.stage import Range, Stage
 from stages.common.identifiers import DOTTED, IDENT
+from stages.common.labels import label_spans
 from stages.common.leads import LeadChoice
 from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
 
@@ -144,7 +145,8 @@ class BuildPrompt(Stage):
         return {"prompt": Prompt(messages, text, prefill, self.attempt, hints, ids=ids, citations=citations,
                                  lead=lead, names=names, lead_rank=[definitions[c] for c in lead],
                                  neutral_ids=neutral_ids, plain_ids=plain_ids,
-                                 quotes=[line for w in evidence.windows for line in w.text.splitlines()])}
+                                 quotes=[line for w in evidence.windows for line in w.text.splitlines()],
+                                 labels=label_spans(index, names, citations) if index is not None else {})}
 
     def messages(self, question: str, blocks: str, rules: list[str]) -> list[dict[str, str]]:
         evidence = f"{blocks}\n\n" if blocks else ""

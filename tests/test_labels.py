@@ -52,3 +52,58 @@ def test_repair_marks_mislabelled_citations(program, variant):
     assert out.text == text[:-1] + " [not where `Node.set_value` is defined]."
     assert len(out.citations) == 2  # marking adds no citation and removes none
     assert make(labels="keep").run(answer=answer, index=program, evidence=evidence)["answer"].text == text
+
+
+def test_label_spans_are_the_citations_where_each_definition_starts(program):
+    from stages.common.labels import label_spans
+
+    citations = ["base.py:1-6", "base.py:2-3", "base.py:5-6", "util.py:1-2"]
+    spans = label_spans(program, ["Node.set_value", "set_value", "helper", "Node", "v", "x.y(", "get_flag"], citations)
+    assert spans == {"Node.set_value": ["base.py:1-6", "base.py:5-6"], "set_value": ["base.py:1-6", "base.py:5-6"],
+                     "helper": ["util.py:1-2"], "Node": ["base.py:1-6"], "get_flag": ["base.py:1-6", "base.py:2-3"]}
+    assert label_spans(program, ["helper"], ["base.py:1-6"]) == {"helper": []}  # a definition, none of it packed
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_decoding_with_labels_writes_no_mislabelled_citation(program, default_tokenizer, sample):
+    """A stand-in model that keeps writing `name` [span] pairs with the span picked at random: unconstrained it
+    mislabels; with decode.constrain labels, no pair it completes is mislabelled, and after a definition that no
+    packed span holds it opens no citation at all."""
+    import random
+
+    import torch
+
+    from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie, token_texts
+    from stages.common.labels import label_spans
+
+    tok = default_tokenizer
+    texts = token_texts(tok)
+    citations = ["base.py:1-3", "base.py:2-3", "base.py:5-6", "util.py:1-2"]
+    names = ["Node.get_flag", "Node.set_value", "helper", "Node", "v"]
+    labels = label_spans(program, names, citations)
+    labels["helper"] = []  # as if util.py were not packed
+
+    def write(with_labels: bool, seed: int) -> str:
+        rng = random.Random(seed)
+        slots = {CITATION_OPENER: TokenTrie.of_strings(tok, [f"{c}]" for c in citations]),
+                 CODE_OPENER: TokenTrie.of_strings(tok, [f"{n}`" for n in names])}
+        processor = GroundingProcessor(tok, 1, slots, labels=labels if with_labels else None)
+        ids, written, plan = [0], "", ""
+        for _ in range(260):
+            if not plan:
+                plan = f"`{rng.choice(names)}` [{rng.choice(citations)}] and "
+            scores = torch.randn(1, len(tok), generator=torch.Generator().manual_seed(rng.randint(0, 2**31)))
+            for i, text in enumerate(texts):
+                if text and plan.startswith(text):
+                    scores[0, i] += 10.0 + len(text)
+            out = processor(torch.tensor([ids]), scores.clone())[0]
+            token = int(torch.multinomial(torch.softmax(out, -1), 1)) if sample else int(out.argmax())
+            ids.append(token)
+            written += texts[token]
+            plan = plan[len(texts[token]):] if plan.startswith(texts[token]) else ""
+        return written
+
+    assert mislabels(write(False, 5), program)  # the stand-in mislabels when nothing stops it
+    text = write(True, 5)
+    assert "`helper` [" in write(False, 5) and mislabels(text, program) == [], text
+    assert "`helper` [" not in text and text.count("`Node.set_value` [") > 0

@@ -187,3 +187,19 @@ def test_lines_going_on_a_code_block_are_held_too(default_tokenizer):
     scores[0, invented] = 30.0
     assert int(processor(torch.tensor([ids]), scores.clone())[0].argmax()) != invented
     assert processor.rows[0].code_block
+
+
+def test_decode_with_quotes_and_labels_on_the_tiny_model(tiny_lm, index_with_windows):
+    """Through `Decode` and transformers' generate: the prompt carries the packed lines and the label spans, and
+    what the sampled reply holds is neither unverified code nor a mislabelled citation."""
+    from stages.common.labels import mislabels
+    from stages.decode import Decode
+    from stages.scaffold import BuildPrompt
+
+    index, evidence = index_with_windows
+    prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
+    assert prompt.quotes and prompt.labels.get("boil_water")
+    for seed in range(3):
+        draft = Decode(do_sample=True, temperature=1.5, max_new_tokens=64, min_new_tokens=0, seed=seed,
+                       constrain=["lead", "citations", "code", "prose", "quotes", "labels"]).run(tiny_lm, prompt)["draft"]
+        assert check_code(draft.text, evidence).unverified == [] and mislabels(draft.text, index) == [], draft.text

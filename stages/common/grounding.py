@@ -20,6 +20,7 @@ sampling only ever sees allowed tokens.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,14 @@ from stages.common.quoteguard import QuoteGuard
 
 END = -1
 CITATION_OPENER, CODE_OPENER = "[", "`"
+LABEL_CHARS = 200  # how far back a `name` label before a citation opener is read
+_LABEL_BEFORE = re.compile(r"`([A-Za-z_][\w.]*)`\s*$")
+
+
+def label_before(text: str) -> str:
+    """The `name` that ``text`` ends with (spaces after it allowed), '' if none: the label of a citation opened next."""
+    match = _LABEL_BEFORE.search(text)
+    return match.group(1) if match else ""
 
 
 class TokenTrie:
@@ -90,6 +99,7 @@ class _Row:
     word: str = ""  # the identifier characters written since the last other character
     line: str = ""  # the text written since the last newline (the quote guard's line)
     code_block: bool = False  # the line before `line` was held by the quote guard (a code block goes on)
+    recent: str = ""  # the last characters written (to read a `name` label before a citation opener)
     lead_done: bool = False
     completed: dict[str, int] = dataclasses.field(default_factory=dict)  # opener -> slots closed
 
@@ -98,8 +108,10 @@ class GroundingProcessor:
     """A `LogitsProcessor`: the lead slot first (when given), then slots wherever the model opens one."""
 
     def __init__(self, tokenizer, prompt_length: int, slots: dict[str, TokenTrie], lead: TokenTrie | None = None,
-                 known_words: Iterable[str] | None = None, quotes: QuoteGuard | None = None, before: str = ""):
+                 known_words: Iterable[str] | None = None, quotes: QuoteGuard | None = None, before: str = "",
+                 labels: dict[str, list[str]] | None = None):
         self.texts = token_texts(tokenizer)
+        self.tokenizer = tokenizer
         self.prompt_length, self.lead = prompt_length, lead
         self.slots = {opener: trie for opener, trie in slots.items() if trie}
         self.masked = sneaky_tokens(self.texts, self.slots) if self.slots else []
@@ -110,6 +122,10 @@ class GroundingProcessor:
         if self.quotes is not None:
             self.quotes.cites = CITATION_OPENER in self.slots
         self.before = before.rsplit("\n", 1)[-1]  # the reply's line before the first generated token
+        # a citation opened right after `name` (a definition) may only name a span where it starts (None: any span)
+        self.labels = labels if labels is not None and CITATION_OPENER in self.slots else None
+        self.label_tries: dict[str, TokenTrie] = {}
+        self.openers = [i for i, text in enumerate(self.texts) if text.endswith(CITATION_OPENER)] if self.labels else []
         self.rows: list[_Row] = []
         self._indices: dict[int, tuple[list[int], Any]] = {}  # id(list) -> (the list, its index tensor)
 
@@ -117,7 +133,8 @@ class GroundingProcessor:
         """Consume the tokens generated since the last call (generate calls us before each new token, so after
         it returns, call this once more with its output to count a slot closed by the very last token)."""
         if not self.rows:
-            self.rows = [_Row(node=self.lead.root if self.lead else None, lead_done=not self.lead, line=self.before)
+            self.rows = [_Row(node=self.lead.root if self.lead else None, lead_done=not self.lead, line=self.before,
+                              recent=self.before[-LABEL_CHARS:])
                          for _ in range(input_ids.shape[0])]
         for b, row in enumerate(self.rows):
             generated = input_ids[b, self.prompt_length:].tolist()
@@ -140,6 +157,8 @@ class GroundingProcessor:
                 bad = self.guard.bad(row.word)
                 if bad:
                     scores[b, self._index(bad, scores.device)] = float("-inf")
+            if self.labels is not None and self.labels.get(label_before(row.recent), True) == []:
+                scores[b, self._index(self.openers, scores.device)] = float("-inf")  # no packed span defines it
             if self.quotes is not None:
                 self.quotes.apply(scores[b], row.line, row.code_block)
         return scores
@@ -160,6 +179,7 @@ class GroundingProcessor:
     def _consume(self, row: _Row, token: int) -> None:
         text = self.texts[token] if 0 <= token < len(self.texts) else ""
         before, row.tail = row.tail, (row.tail + text)[-8:]
+        recent, row.recent = row.recent, (row.recent + text)[-LABEL_CHARS:]
         *done, row.line = (row.line + text).split("\n")
         if self.quotes is not None:
             for line in done:
@@ -177,8 +197,19 @@ class GroundingProcessor:
             if text.endswith(opener):
                 prev = (before + text[: -len(opener)])[-1:]  # the character before the opener ('' at the start)
                 if opener != CITATION_OPENER or prev == "" or prev.isspace() or prev == "(":
-                    row.node, row.slot = trie.root, opener
+                    row.node, row.slot = self._citation_trie(recent + text[: -len(opener)], trie).root, opener
                 return
+
+    def _citation_trie(self, before: str, trie: TokenTrie) -> TokenTrie:
+        """The citations allowed after ``before``: after a `name` label, the spans where that definition starts."""
+        name = label_before(before)
+        spans = self.labels.get(name) if self.labels is not None else None
+        if not spans:
+            return trie
+        hit = self.label_tries.get(name)
+        if hit is None:  # made when first needed: the prompt knows hundreds of names, an answer labels a few
+            hit = self.label_tries[name] = TokenTrie.of_strings(self.tokenizer, [f"{span}]" for span in spans])
+        return hit
 
     def completed(self, opener: str) -> int:
         return sum(row.completed.get(opener, 0) for row in self.rows)

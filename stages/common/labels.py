@@ -16,7 +16,8 @@ from typing import Literal
 from stages.common.types import ProgramIndex, Symbol
 
 LabelAction = Literal["mark", "keep"]
-LABELLED = re.compile(r"`([A-Za-z_][\w.]*)`\s*\[([^\[\]\n]+?):(\d+)-(\d+)\]")
+LABEL_NAME = re.compile(r"[A-Za-z_][\w.]*")
+LABELLED = re.compile(rf"`({LABEL_NAME.pattern})`\s*\[([^\[\]\n]+?):(\d+)-(\d+)\]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,24 @@ def mislabels(text: str, index: ProgramIndex) -> list[Mislabel]:
         if not any(name in _names(s) for s in inside):
             found.append(Mislabel(match.end(), name, path, a, b, inside[0].qualname if inside else ""))
     return found
+
+
+def label_spans(index: ProgramIndex, names: list[str], citations: list[str]) -> dict[str, list[str]]:
+    """For each of ``names`` that is a definition of the program: the ``citations`` (`path:A-B`) a label with that
+    name may carry, those inside which a definition of that name starts (empty: none of them; decode.constrain:
+    labels then keeps the model from citing after the name)."""
+    by_name: dict[str, list[Symbol]] = {}
+    for symbol in index.symbols:
+        for name in _names(symbol):
+            by_name.setdefault(name, []).append(symbol)
+    spans = []
+    for citation in citations:
+        path, _, lines = citation.rpartition(":")
+        first, _, last = lines.partition("-")
+        if first.isdigit() and last.isdigit():
+            spans.append((citation, path, int(first), int(last)))
+    return {name: [c for c, path, a, b in spans if any(s.path == path and a <= s.start <= b for s in by_name[name])]
+            for name in names if name in by_name and LABEL_NAME.fullmatch(name)}
 
 
 def mark_mislabels(text: str, index: ProgramIndex, action: LabelAction) -> str:

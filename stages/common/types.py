@@ -187,6 +187,8 @@ class Prompt:
     neutral_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt, a neutral question
     plain_ids: list[int] = dataclasses.field(default_factory=list, repr=False)  # same prompt without the evidence
     quotes: list[str] = dataclasses.field(default_factory=list, repr=False)  # the packed lines code may copy
+    # definition name -> the citations a `name` [path:A-B] label may carry (spans where such a definition starts)
+    labels: dict[str, list[str]] = dataclasses.field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         return {"chars": len(self.text), "tokens": len(self.ids), "attempt": self.attempt, "prefill": self.prefill,
