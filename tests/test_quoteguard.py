@@ -53,9 +53,9 @@ def test_allowed_lines_are_prefixes_of_evidence_lines(default_tokenizer):
     assert not guard.valid("temperature = 100 [kettle.py:1-9] + 1")
     # without citation slots a "[" is text like any other
     assert not QuoteGuard(token_texts(default_tokenizer), LINES).valid("temperature = 100 [")
-    # a line may end anywhere inside an evidence line (check_code counts any piece of a packed line verified)
-    assert guard.valid("return litres", ending=True)
-    assert check_code("return litres", EVIDENCE).unverified == []
+    # a line held to the evidence ends only as a whole evidence line (no fragment per line: `e`, `for`, `except`)
+    assert guard.valid("    return litres * temperature  ", ending=True) and not guard.valid("return litres", ending=True)
+    assert guard.valid("It returns", ending=True) and guard.valid("return litres")
 
 
 def tempted_walk(tok, processor, sample: bool, seed: int) -> str:
@@ -147,7 +147,7 @@ def test_when_no_likely_token_is_allowed_only_the_evidence_continuations_are(def
     assert allowed and all(guard.allows(line, t) for t in allowed)
     texts = token_texts(tok)
     assert any("water".startswith(texts[t]) and texts[t] for t in allowed)  # the evidence's next letters
-    assert any(texts[t].strip() == "" and "\n" in texts[t] for t in allowed)  # ending the line stays possible
+    assert not any("\n" in texts[t] for t in allowed)  # "def boil_" is no whole line: it may not end here
     # the likeliest allowed token after the line is a piece of the evidence line
     best = int(scores.argmax())
     assert normal(line + texts[best]).startswith("def boil_") and guard.is_prefix(normal(line + texts[best]))
@@ -178,6 +178,7 @@ def test_lines_going_on_a_code_block_are_held_too(default_tokenizer):
     assert not guard.valid("    salt.raise_by{", block=block) and guard.valid("    salt.raise_by{", block=False)
     assert not guard.valid(")] + made_up", block=block) and guard.valid("It boils the water.", block=block)
     assert guard.valid("    if salt:", block=block) and guard.valid("    ", block=block)  # nothing written yet
+    assert not guard.valid("    e", ending=True, block=block) and guard.valid("    e", ending=True, block=False)
     # the processor carries the block from line to line
     tok = default_tokenizer
     processor = GroundingProcessor(tok, 1, {}, quotes=guard)

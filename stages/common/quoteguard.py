@@ -4,14 +4,15 @@
 a signature the program does not have, a docstring the stripped program never had). `QuoteGuard` applies the same
 rule while decoding: once a line has *started* as a statement does (`STARTED`: `def name`, `class name`, an import,
 a decorator, a docstring quote, `return`/`raise`, a block keyword, `name =`, `name(`), or goes on such a line as a
-code block does (indented, or closing a bracket), it must stay a prefix of one line of the packed evidence, whitespace collapsed and leading indentation and citations ignored. The model may end
-such a line anywhere (a prefix of an evidence line is inside it, so `check_code` counts it verified) and may cite
-after it. Every line `quotes.code_like` calls code has a prefix that `STARTED` matches, so a line the guard let
+code block does (indented, or closing a bracket), it must stay a prefix of one line of the packed evidence
+(whitespace collapsed, leading indentation and citations ignored) and may end only as a whole one; a citation may
+follow it. Every line `quotes.code_like` calls code has a prefix that `STARTED` matches, so a line the guard let
 through is never an unverified code line.
 
 Cost: only the ``k`` likeliest tokens are checked at each step (string checks on one line of text) and only the
 allowed ones among them stay (sampling sees at most k tokens); when none of them is allowed, the allowed
-continuations are enumerated from the evidence lines (never empty: ending the line is always allowed).
+continuations are enumerated from the evidence lines (never empty: a prefix of an evidence line can always go on
+to its end).
 """
 from __future__ import annotations
 
@@ -87,8 +88,14 @@ class QuoteGuard:
         return bool(body) and (STARTED.match(body) is not None or block and (line[:1].isspace() or body[0] in ")]}"))
 
     def valid(self, line: str, ending: bool = False, block: bool = False) -> bool:
+        """A line being written must be a prefix of an evidence line; an ``ending`` one a whole evidence line (a
+        model let off mid-line writes a fragment on each line: `except`, `e`, `for`, each a prefix of something)."""
         body = normal(line, ending, self.cites)
-        if not self.watched(line, body, block) or self.is_prefix(body):
+        if not self.watched(line, body, block):
+            return True
+        if ending:
+            return body in self.whole
+        if self.is_prefix(body):
             return True
         # a whole evidence line, then a space: a citation or the line's end may follow (no more code)
         return body.endswith(" ") and body[:-1] in self.whole
@@ -121,7 +128,7 @@ class QuoteGuard:
             found += self.by_key.get(key, ())
             if not body or body.endswith(" "):
                 found += self.by_key.get(" " + key, ())
-        return [t for t in found if self.allows(line, t, block)] + self.newlines
+        return [t for t in found + self.newlines if self.allows(line, t, block)]
 
     def apply(self, scores, line: str, block: bool = False) -> None:
         """Keep, in one row of logits, the ``k`` likeliest tokens that do not make ``line`` code the evidence does not
