@@ -298,7 +298,8 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
         slots[CODE_OPENER] = TokenTrie.of_strings(tok, [f"{name}{call}`" for name in prompt.names for call in ("", "()")])
     lead = TokenTrie.of_strings(tok, prompt.lead) if lead_in_generate else None
     known = prompt.names if "prose" in constrain else None
-    quotes = QuoteGuard(token_texts(tok), prompt.quotes, max(64, settings["top_k"])) if "quotes" in constrain else None
+    quotes = (QuoteGuard(token_texts(tok), prompt.quotes, max(64, settings["top_k"]), greedy=not settings["do_sample"])
+              if "quotes" in constrain else None)
     labels = prompt.labels if "labels" in constrain and CITATION_OPENER in slots else None
     if slots or lead or known is not None or quotes:
         grounding = GroundingProcessor(tok, len(ids), slots, lead, known, quotes, before, labels)

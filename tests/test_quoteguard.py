@@ -97,8 +97,11 @@ def test_guarded_decoding_writes_no_code_the_evidence_does_not_hold(default_toke
     tok = default_tokenizer
     unguarded = check_code(tempted_walk(tok, lambda ids, scores: scores, sample, 3), EVIDENCE)
     assert len(unguarded.unverified) > 5, unguarded  # the temptation works without the guard
-    guard = QuoteGuard(token_texts(tok), LINES)
+    guard = QuoteGuard(token_texts(tok), LINES, greedy=not sample)
     text = tempted_walk(tok, GroundingProcessor(tok, 1, {}, quotes=guard), sample, 3)
+    if not sample:  # greedy keeps one token a step: the one a guard checking all k would have made the likeliest
+        assert text == tempted_walk(tok, GroundingProcessor(tok, 1, {}, quotes=QuoteGuard(token_texts(tok), LINES)),
+                                    False, 3)
     check = check_code(text, EVIDENCE)
     assert len(check.lines) > 5 and check.unverified == [], (check.texts, text)
     assert guard.steered > 0

@@ -56,9 +56,11 @@ def normal(line: str, ending: bool = False, cites: bool = False) -> str:
 class QuoteGuard:
     """What a line may become once it reads as code: a prefix of one of ``lines`` (the packed evidence)."""
 
-    def __init__(self, texts: list[str], lines: Iterable[str], k: int = 64, cites: bool = False):
-        # cites: a "[" opening a citation is completed by the grounding processor's citation slot (it sets this)
-        self.texts, self.k, self.cites = texts, k, cites
+    def __init__(self, texts: list[str], lines: Iterable[str], k: int = 64, cites: bool = False,
+                 greedy: bool = False):
+        # cites: a "[" opening a citation is completed by the grounding processor's citation slot (it sets this);
+        # greedy: decoding takes the likeliest token, so the first allowed one is all a step needs to find
+        self.texts, self.k, self.cites, self.greedy = texts, k, cites, greedy
         self.lines = sorted({body for line in lines if (body := normal(line, ending=True))})
         self.whole = frozenset(self.lines)
         # tokens by their text with whitespace runs collapsed (those holding a newline apart: they end the line)
@@ -132,14 +134,20 @@ class QuoteGuard:
 
     def apply(self, scores, line: str, block: bool = False) -> None:
         """Keep, in one row of logits, the ``k`` likeliest tokens that do not make ``line`` code the evidence does not
-        hold (greedy takes the likeliest allowed token; sampling samples among the k, as top-k sampling with k >=
-        decode.top_k would); if none of them is allowed, keep only the allowed continuations."""
+        hold (sampling samples among them, as top-k sampling with k >= decode.top_k would; ``greedy`` keeps only the
+        likeliest of them, what greedy decoding takes); if none of them is allowed, keep only the allowed
+        continuations."""
         import torch
 
         k = min(self.k, scores.shape[-1])
         top = torch.topk(scores, k)
         candidates = [t for t, v in zip(top.indices.tolist(), top.values.tolist()) if v != float("-inf")]
-        good = [t for t in candidates if self.allows(line, t, block)]
+        good = []
+        for t in candidates:
+            if self.allows(line, t, block):
+                good.append(t)
+                if self.greedy:
+                    break
         self.steered += bool(candidates) and (not good or good[0] != candidates[0])
         allowed = good or self.continuations(line, block)
         keep = scores[allowed].clone()
