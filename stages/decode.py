@@ -6,8 +6,8 @@ Grounded decoding (options, each measured; README): `constrain` applies, inside 
 (stages/common/grounding.py), the prompt's lead choices (`lead`), its citation strings (`citations`: a citation the
 model opens names a packed span) and its names (`code`: inline code the model opens names an identifier of the
 evidence or the question) and its prose (`prose`: a word written like code, snake_case or camelCase, must be a
-name of the evidence or the question) and its code (`quotes`, opt-in: a line that starts as Python code must
-stay a prefix of a packed line, stages/common/quoteguard.py) and its labels (`labels`, opt-in: a citation right after
+name of the evidence or the question) and its code (`quotes`: a line that starts as Python code must
+stay a prefix of a packed line, stages/common/quoteguard.py) and its labels (`labels`: a citation right after
 `` `name` ``, a definition of the program, may only name a span where that definition starts; none packed: no
 citation there);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
@@ -52,7 +52,8 @@ class Decode(Stage):
                  top_p: Annotated[float, Range(gt=0, le=1)] = 0.9, top_k: Annotated[int, Range(ge=0)] = 50,
                  repetition_penalty: Annotated[float, Range(gt=0)] = 1.1, penalize_prompt: bool = False,
                  min_new_tokens: Annotated[int, Range(ge=0)] = 64, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
-                 constrain: list[Literal["lead", "citations", "code", "prose", "quotes", "labels"]] = ["lead", "citations", "code", "prose"],
+                 constrain: list[Literal["lead", "citations", "code", "prose", "quotes", "labels"]] = [
+                     "lead", "citations", "code", "prose", "quotes", "labels"],
                  lead: Literal["likelihood", "greedy"] = "likelihood",
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
