@@ -17,7 +17,9 @@ the same prompt without the evidence, one more forward pass per token). Logits a
 step (a one-line error, weights restored by `unmix`).
 
 `max_paragraphs` ends the reply after that many paragraphs (the lead's included); `stop_at_repeated_line` ends it
-when it writes a line a third time, and drops every repeated line: a small model's loops.
+when it writes a line a third time, and drops every repeated line: a small model's loops; `max_citation_run`
+lets at most that many citations follow one another with only whitespace between (another loop: `[a.py:1-9]`
+twelve times).
 
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
@@ -58,6 +60,7 @@ class Decode(Stage):
                  lead_prior: Annotated[float, Range(ge=0)] = 1.0, lead_calibrate: bool = True,
                  copy_bias: Annotated[float, Range(ge=0)] = 0.0, cad_alpha: Annotated[float, Range(ge=0)] = 0.0,
                  max_paragraphs: Annotated[int, Range(ge=1)] | None = 2, stop_at_repeated_line: bool = True,
+                 max_citation_run: Annotated[int, Range(ge=1)] | None = 3,
                  seed: int = 0, prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0,
                  reuse_prefill: bool = True):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
@@ -66,6 +69,7 @@ class Decode(Stage):
         self.constrain, self.copy_bias = list(constrain), copy_bias
         self.lead, self.lead_prior, self.lead_calibrate, self.cad_alpha = lead, lead_prior, lead_calibrate, cad_alpha
         self.max_paragraphs, self.stop_at_repeated_line = max_paragraphs, stop_at_repeated_line
+        self.max_citation_run = max_citation_run
         self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
         self.reuse_prefill = reuse_prefill
 
@@ -89,6 +93,7 @@ class Decode(Stage):
             "cad_alpha": self.cad_alpha,
             "max_paragraphs": self.max_paragraphs,
             "stop_at_repeated_line": self.stop_at_repeated_line,
+            "max_citation_run": self.max_citation_run,
             "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
         }
 
@@ -303,7 +308,8 @@ def processors(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dict
               if "quotes" in constrain else None)
     labels = prompt.labels if "labels" in constrain and CITATION_OPENER in slots else None
     if slots or lead or known is not None or quotes:
-        grounding = GroundingProcessor(tok, len(ids), slots, lead, known, quotes, before, labels)
+        grounding = GroundingProcessor(tok, len(ids), slots, lead, known, quotes, before, labels,
+                                       settings.get("max_citation_run"))
         chain.append(grounding)
     if settings["do_sample"]:
         chain.append(TemperatureLogitsWarper(settings["temperature"]))

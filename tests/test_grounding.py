@@ -309,3 +309,28 @@ def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeats(default_
     later = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply)
     assert later is not None and later > ended_at
     assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, reply) is None
+
+def test_a_run_of_citations_stops_at_max_citation_run(default_tokenizer):
+    """A stand-in model that always wants to open a citation: with max_citation_run=2, two citations follow one
+    another, then no citation opens until other text is written; after it, two more may."""
+    tok = default_tokenizer
+    spans = ["a.py:1-9", "b.py:3-4"]
+    slots = {CITATION_OPENER: TokenTrie.of_strings(tok, [f"{s}]" for s in spans])}
+    opener = tok(" [", add_special_tokens=False)["input_ids"]
+    other = tok(" and", add_special_tokens=False)["input_ids"]
+    assert len(opener) == len(other) == 1
+
+    def write(limit) -> str:
+        processor = GroundingProcessor(tok, 1, slots, max_citation_run=limit)
+        ids = [0]
+        for _ in range(80):
+            scores = torch.zeros(1, len(tok))
+            scores[0, opener] = 10.0
+            scores[0, other] = 5.0  # what it writes when it may not cite
+            ids.append(int(processor(torch.tensor([ids]), scores)[0].argmax()))
+        return tok.decode(ids[1:])
+
+    assert re.search(r"(\[[^\]]+\]\s*){5}", write(None))  # unlimited: one long run
+    limited = write(2)
+    assert re.search(r"(\[[^\]]+\]\s*){3}", limited) is None and limited.count("[") >= 6, limited
+    assert re.search(r"(\[[^\]]+\]\s*){2}", limited), limited

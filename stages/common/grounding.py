@@ -100,6 +100,7 @@ class _Row:
     line: str = ""  # the text written since the last newline (the quote guard's line)
     code_block: bool = False  # the line before `line` was held by the quote guard (a code block goes on)
     recent: str = ""  # the last characters written (to read a `name` label before a citation opener)
+    run: int = 0  # citations closed since the last text other than whitespace (a run of citations)
     lead_done: bool = False
     completed: dict[str, int] = dataclasses.field(default_factory=dict)  # opener -> slots closed
 
@@ -109,7 +110,7 @@ class GroundingProcessor:
 
     def __init__(self, tokenizer, prompt_length: int, slots: dict[str, TokenTrie], lead: TokenTrie | None = None,
                  known_words: Iterable[str] | None = None, quotes: QuoteGuard | None = None, before: str = "",
-                 labels: dict[str, list[str]] | None = None):
+                 labels: dict[str, list[str]] | None = None, max_citation_run: int | None = None):
         self.texts = token_texts(tokenizer)
         self.tokenizer = tokenizer
         self.prompt_length, self.lead = prompt_length, lead
@@ -125,7 +126,10 @@ class GroundingProcessor:
         # a citation opened right after `name` (a definition) may only name a span where it starts (None: any span)
         self.labels = labels if labels is not None and CITATION_OPENER in self.slots else None
         self.label_tries: dict[str, TokenTrie] = {}
-        self.openers = [i for i, text in enumerate(self.texts) if text.endswith(CITATION_OPENER)] if self.labels else []
+        # at most this many citations in a row (only whitespace between): then no citation opens until other text
+        self.max_run = max_citation_run if CITATION_OPENER in self.slots else None
+        self.openers = ([i for i, text in enumerate(self.texts) if text.endswith(CITATION_OPENER)]
+                        if self.labels is not None or self.max_run is not None else [])
         self.rows: list[_Row] = []
         self._indices: dict[int, tuple[list[int], Any]] = {}  # id(list) -> (the list, its index tensor)
 
@@ -157,8 +161,9 @@ class GroundingProcessor:
                 bad = self.guard.bad(row.word)
                 if bad:
                     scores[b, self._index(bad, scores.device)] = float("-inf")
-            if self.labels is not None and self.labels.get(label_before(row.recent), True) == []:
-                scores[b, self._index(self.openers, scores.device)] = float("-inf")  # no packed span defines it
+            if (self.labels is not None and self.labels.get(label_before(row.recent), True) == []  # no span defines it
+                    or self.max_run is not None and row.run >= self.max_run):  # a run of citations is long enough
+                scores[b, self._index(self.openers, scores.device)] = float("-inf")
             if self.quotes is not None:
                 self.quotes.apply(scores[b], row.line, row.code_block)
         return scores
@@ -191,8 +196,11 @@ class GroundingProcessor:
                 return
             if row.lead_done:
                 row.completed[row.slot] = row.completed.get(row.slot, 0) + (row.node is not None)
+                row.run += row.slot == CITATION_OPENER
             row.lead_done, row.node = True, None  # a token off the trie (impossible under the mask) also frees
             return
+        if text.strip() and not (text.endswith(CITATION_OPENER) and CITATION_OPENER in self.slots):
+            row.run = 0  # other text ends a run of citations (an opener does not: it starts the next one)
         for opener, trie in self.slots.items():
             if text.endswith(opener):
                 prev = (before + text[: -len(opener)])[-1:]  # the character before the opener ('' at the start)
