@@ -66,3 +66,10 @@ def test_drop_leaves_out_a_quoted_block_whose_continuation_lines_are_invented():
     assert out == ["`read_all` [pkg/io.py:10-14]", "[code not in the evidence: 3 lines left out]", "The end.",
                    "def read_all(path, mode='r'):", "    with open(path, mode) as handle:"]
     assert handle_unverified(text.replace("{", ""), SHOWN, "keep") == text.replace("{", "")
+
+
+def test_the_marker_of_a_dropped_block_carries_each_citation_once():
+    text = ("def made_up(x): [pkg/io.py:10-14]\n    return x [pkg/io.py:10-14] [pkg/io.py:10-11]\n"
+            "    y = 2 [pkg/io.py:10-14]\n")
+    assert handle_unverified(text, SHOWN, "drop") == \
+        "[code not in the evidence: 3 lines left out] [pkg/io.py:10-14] [pkg/io.py:10-11]\n"

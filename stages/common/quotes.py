@@ -116,7 +116,7 @@ def handle_unverified(text: str, evidence: Evidence, action: CodeAction) -> str:
             if not any(n in found or _normal(lines[n]) not in shown for n in range(first, last + 1)):
                 continue
             block = lines[first:last + 1]
-            cites = " ".join(m.group() for line in block for m in CITATION.finditer(line))
+            cites = " ".join(dict.fromkeys(m.group() for line in block for m in CITATION.finditer(line)))  # once each
             out += lines[cursor:first]
             out.append(f"[code not in the evidence: {len(block)} line{'s' * (len(block) > 1)} left out]"
                        + (f" {cites}" if cites else ""))
