@@ -51,10 +51,14 @@ def label_spans(index: ProgramIndex, names: list[str], citations: list[str]) -> 
     """For each of ``names`` that is a definition of the program: the ``citations`` (`path:A-B`) a label with that
     name may carry, those inside which a definition of that name starts (empty: none of them; decode.constrain:
     labels then keeps the model from citing after the name)."""
-    by_name: dict[str, list[Symbol]] = {}
-    for symbol in index.symbols:
-        for name in _names(symbol):
-            by_name.setdefault(name, []).append(symbol)
+    def definitions() -> dict[str, list[Symbol]]:
+        found: dict[str, list[Symbol]] = {}
+        for symbol in index.symbols:
+            for name in _names(symbol):
+                found.setdefault(name, []).append(symbol)
+        return found
+
+    by_name: dict[str, list[Symbol]] = index.derived("labels.definitions_by_name", definitions)  # once per index
     spans = []
     for citation in citations:
         path, _, lines = citation.rpartition(":")
