@@ -34,6 +34,8 @@ _LABEL_BEFORE = re.compile(r"`([A-Za-z_][\w.]*)`\s*$")
 
 def label_before(text: str) -> str:
     """The `name` that ``text`` ends with (spaces after it allowed), '' if none: the label of a citation opened next."""
+    if not text.rstrip().endswith(CODE_OPENER):  # the common case, without a regex search over the whole text
+        return ""
     match = _LABEL_BEFORE.search(text)
     return match.group(1) if match else ""
 

@@ -139,6 +139,13 @@ class QuoteGuard:
         continuations."""
         import torch
 
+        if self.greedy:  # the likeliest token allowed: nothing else to find (one check, no top-k)
+            best = int(scores.argmax())
+            if scores[best] != float("-inf") and self.allows(line, best, block):
+                keep = scores[best].clone()
+                scores[:] = float("-inf")
+                scores[best] = keep
+                return
         k = min(self.k, scores.shape[-1])
         top = torch.topk(scores, k)
         candidates = [t for t, v in zip(top.indices.tolist(), top.values.tolist()) if v != float("-inf")]
