@@ -51,6 +51,9 @@ def test_allowed_lines_are_prefixes_of_evidence_lines(default_tokenizer):
     assert guard.valid("temperature = 100 [kettle.py:1-9]") and guard.valid("temperature = 100 [")
     assert not guard.valid("temperature = 90 [kettle.py:1-9]") and not guard.valid("temperature = 100 [x")
     assert not guard.valid("temperature = 100 [kettle.py:1-9] + 1")
+    # but not inside one: a quoted line interleaved with citations reads as neither
+    assert not guard.valid('"""Boil the [kettle.py:1-9] given') and not guard.valid("def boil_water( [")
+    assert guard.valid("temperature = 100 [kettle.py:1-9] [kettle.py:1-9]", ending=True)
     # without citation slots a "[" is text like any other
     assert not QuoteGuard(token_texts(default_tokenizer), LINES).valid("temperature = 100 [")
     # a line held to the evidence ends only as a whole evidence line (no fragment per line: `e`, `for`, `except`)

@@ -5,8 +5,8 @@ a signature the program does not have, a docstring the stripped program never ha
 rule while decoding: once a line has *started* as a statement does (`STARTED`: `def name`, `class name`, an import,
 a decorator, a docstring quote, `return`/`raise`, a block keyword, `name =`, `name(`), or goes on such a line as a
 code block does (indented, or closing a bracket), it must stay a prefix of one line of the packed evidence
-(whitespace collapsed, leading indentation and citations ignored) and may end only as a whole one; a citation may
-follow it. Every line `quotes.code_like` calls code has a prefix that `STARTED` matches, so a line the guard let
+(whitespace collapsed, leading indentation ignored) and may end only as a whole one; citations may follow a whole
+line, not stand inside one (`The [a.py:1-9] simplest [a.py:1-9] interface`). Every line `quotes.code_like` calls code has a prefix that `STARTED` matches, so a line the guard let
 through is never an unverified code line.
 
 Cost: only the ``k`` likeliest tokens are checked at each step (string checks on one line of text) and only the
@@ -95,12 +95,22 @@ class QuoteGuard:
         body = normal(line, ending, self.cites)
         if not self.watched(line, body, block):
             return True
+        cited = self._first_citation(line, ending)
+        if cited >= 0:  # citations only after a whole quoted line, nothing but citations after them
+            return normal(line[:cited], ending=True) in self.whole and not normal(line[cited:], ending, self.cites)
         if ending:
             return body in self.whole
         if self.is_prefix(body):
             return True
         # a whole evidence line, then a space: a citation or the line's end may follow (no more code)
         return body.endswith(" ") and body[:-1] in self.whole
+
+    def _first_citation(self, line: str, ending: bool) -> int:
+        """Where the first citation of ``line`` starts (a complete one, or the opener of one being written), -1: none."""
+        found = [m.start() for m in (CITATION.search(line),) if m]
+        if self.cites and not ending and (opener := _OPENER.search(line)):
+            found.append(opener.end() - 1)
+        return min(found, default=-1)
 
     def ends_block(self, line: str, block: bool) -> bool:
         """The block state after the finished ``line``: whether the next line goes on a code block."""
