@@ -137,8 +137,10 @@ class BuildPrompt(Stage):
         # the same prompt asking nothing in particular: what a lead choice owes to the question (decode.lead_calibrate)
         neutral_ids = self.encode(lm.tokenizer, self.messages(NEUTRAL_QUESTION, blocks, rules))[1] if lead else []
         # a citation names a packed window or a definition inside one
-        spans = [f"{w.path}:{w.start}-{w.end}" for w in evidence.windows]
-        citations = list(dict.fromkeys(spans + [LeadChoice.parse(choice).span for choice in definitions]))
+        located = {f"{w.path}:{w.start}-{w.end}": (w.path, w.start, w.end) for w in evidence.windows}
+        for choice in map(LeadChoice.parse, definitions):
+            located.setdefault(choice.span, (choice.path, choice.start, choice.end))
+        citations = list(located)
         names = evidence_names(evidence, index, prompt)
         # the same prompt without the evidence: what context-aware decoding (decode.cad_alpha) contrasts with
         plain_ids = self.encode(lm.tokenizer, self.messages(prompt, "", rules))[1]
@@ -146,7 +148,7 @@ class BuildPrompt(Stage):
                                  lead=lead, names=names, lead_rank=[definitions[c] for c in lead],
                                  neutral_ids=neutral_ids, plain_ids=plain_ids,
                                  quotes=[line for w in evidence.windows for line in w.text.splitlines()],
-                                 labels=label_spans(index, names, citations) if index is not None else {})}
+                                 labels=label_spans(index, names, located) if index is not None else {})}
 
     def messages(self, question: str, blocks: str, rules: list[str]) -> list[dict[str, str]]:
         evidence = f"{blocks}\n\n" if blocks else ""

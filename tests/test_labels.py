@@ -57,11 +57,12 @@ def test_repair_marks_mislabelled_citations(program, variant):
 def test_label_spans_are_the_citations_where_each_definition_starts(program):
     from stages.common.labels import label_spans
 
-    citations = ["base.py:1-6", "base.py:2-3", "base.py:5-6", "util.py:1-2"]
+    citations = {"base.py:1-6": ("base.py", 1, 6), "base.py:2-3": ("base.py", 2, 3), "base.py:5-6": ("base.py", 5, 6),
+                 "util.py:1-2": ("util.py", 1, 2)}
     spans = label_spans(program, ["Node.set_value", "set_value", "helper", "Node", "v", "x.y(", "get_flag"], citations)
     assert spans == {"Node.set_value": ["base.py:1-6", "base.py:5-6"], "set_value": ["base.py:1-6", "base.py:5-6"],
                      "helper": ["util.py:1-2"], "Node": ["base.py:1-6"], "get_flag": ["base.py:1-6", "base.py:2-3"]}
-    assert label_spans(program, ["helper"], ["base.py:1-6"]) == {"helper": []}  # a definition, none of it packed
+    assert label_spans(program, ["helper"], {"base.py:1-6": ("base.py", 1, 6)}) == {"helper": []}  # none packed
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -80,7 +81,8 @@ def test_decoding_with_labels_writes_no_mislabelled_citation(program, default_to
     texts = token_texts(tok)
     citations = ["base.py:1-3", "base.py:2-3", "base.py:5-6", "util.py:1-2"]
     names = ["Node.get_flag", "Node.set_value", "helper", "Node", "v"]
-    labels = label_spans(program, names, citations)
+    located = {c: (c.split(":")[0], int(c.split(":")[1].split("-")[0]), int(c.split("-")[1])) for c in citations}
+    labels = label_spans(program, names, located)
     labels["helper"] = []  # as if util.py were not packed
 
     def write(with_labels: bool, seed: int) -> str:

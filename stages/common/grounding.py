@@ -24,12 +24,13 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from stages.common.labels import LABEL_NAME
 from stages.common.quoteguard import QuoteGuard
 
 END = -1
 CITATION_OPENER, CODE_OPENER = "[", "`"
 LABEL_CHARS = 200  # how far back a `name` label before a citation opener is read
-_LABEL_BEFORE = re.compile(r"`([A-Za-z_][\w.]*)`\s*$")
+_LABEL_BEFORE = re.compile(rf"`({LABEL_NAME.pattern})`\s*$")  # the label `labels.LABELLED` judges, at the end
 
 
 def label_before(text: str) -> str:

@@ -47,10 +47,10 @@ def mislabels(text: str, index: ProgramIndex) -> list[Mislabel]:
     return found
 
 
-def label_spans(index: ProgramIndex, names: list[str], citations: list[str]) -> dict[str, list[str]]:
-    """For each of ``names`` that is a definition of the program: the ``citations`` (`path:A-B`) a label with that
-    name may carry, those inside which a definition of that name starts (empty: none of them; decode.constrain:
-    labels then keeps the model from citing after the name)."""
+def label_spans(index: ProgramIndex, names: list[str], spans: dict[str, tuple[str, int, int]]) -> dict[str, list[str]]:
+    """For each of ``names`` that is a definition of the program: the citations (``spans``: `path:A-B` -> its path,
+    A and B) a label with that name may carry, those inside which a definition of that name starts (empty: none of
+    them; decode.constrain: labels then keeps the model from citing after the name)."""
     def definitions() -> dict[str, list[Symbol]]:
         found: dict[str, list[Symbol]] = {}
         for symbol in index.symbols:
@@ -59,13 +59,8 @@ def label_spans(index: ProgramIndex, names: list[str], citations: list[str]) -> 
         return found
 
     by_name: dict[str, list[Symbol]] = index.derived("labels.definitions_by_name", definitions)  # once per index
-    spans = []
-    for citation in citations:
-        path, _, lines = citation.rpartition(":")
-        first, _, last = lines.partition("-")
-        if first.isdigit() and last.isdigit():
-            spans.append((citation, path, int(first), int(last)))
-    return {name: [c for c, path, a, b in spans if any(s.path == path and a <= s.start <= b for s in by_name[name])]
+    return {name: [c for c, (path, a, b) in spans.items() if any(s.path == path and a <= s.start <= b
+                                                              for s in by_name[name])]
             for name in names if name in by_name and LABEL_NAME.fullmatch(name)}
 
 
