@@ -389,6 +389,8 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
     from transformers import GenerationConfig
 
     from stages.common.continuations import cache_kwarg
+    from stages.common.heap import release_free_heap
+    from stages.common.kvcache import reserved_cache
 
     tok = lm.tokenizer
     prefill_ids = tok(prompt.prefill, add_special_tokens=False, split_special_tokens=True)["input_ids"] if prompt.prefill else []
@@ -398,9 +400,11 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
     started = time.perf_counter()
     lead, cache = "", None
     record: dict[str, Any] = {}
+    release_free_heap()  # what the stages before freed, before the prompt's activations come on top (its peak)
     if use_lead and settings["lead"] == "likelihood":
         lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings, reuse)
         ids = ids + lead_ids
+        release_free_heap()  # the prefill's activations, before decoding
     input_ids = torch.tensor([ids], device=device)
     chain, clock, grounding = processors(lm, prompt, ids, settings, use_lead and settings["lead"] == "greedy",
                                          prompt.prefill + lead)
@@ -436,7 +440,7 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
         output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    generation_config=config, logits_processor=chain, stopping_criteria=stops,
                                    streamer=console_streamer(tok, prompt.attempt, prompt.prefill + lead),
-                                   **({cache_kwarg(lm.model): cache} if cache is not None else {}))
+                                   **{cache_kwarg(lm.model): cache if cache is not None else reserved_cache(lm.model)})
     seconds = time.perf_counter() - started
     if grounding is not None:
         grounding.update(output)

@@ -37,18 +37,19 @@ def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: 
 
     import torch
 
+    from stages.common.kvcache import reserved_cache
+
     if not len(ids):
         raise ValueError("encode_prefix: the prompt has no tokens")
     device = next(model.parameters()).device
-    start, cache = 0, None
+    start, cache = 0, reserved_cache(model)
     if base is not None:
         if base.ids != list(ids[:len(base.ids)]) or len(base.ids) >= len(ids):
             raise ValueError("base must hold a proper prefix of ids")
         start, cache = len(base.ids), copy.deepcopy(base.cache) if fork else base.cache
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids[start:]], device=device), use_cache=True, logits_to_keep=1,
-                    **({cache_kwarg(model): cache} if cache is not None else {}))
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+                    **{cache_kwarg(model): cache})
     return PrefixState(list(ids), cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1))
 
 
@@ -108,10 +109,23 @@ def score_continuations(model, prefix: PrefixState, candidates: list[list[int]],
                         position_ids=torch.tensor([positions], device=device), use_cache=True,
                         **{cache_kwarg(model): prefix.cache})
         crop_to(prefix.cache, length)
-        logits = out.logits[0].float()
         rows = [start + j for start, size in blocks for j in range(size)]
         wanted = [candidates[i][j + 1] for i, (_, size) in zip(batch, blocks) for j in range(size)]
-        picked = (logits[rows, wanted] - torch.logsumexp(logits, dim=-1)[rows]).tolist()
+        picked = _logprobs(out.logits[0], rows, wanted)
+        del out
         for i, (start, size) in zip(batch, blocks):
             scores[i].extend(picked[start:start + size])
     return scores
+
+
+def _logprobs(logits, rows: list[int], wanted: list[int], chunk: int = 32) -> list[float]:
+    """log softmax(logits[row])[token] per (row, token), in float32, ``chunk`` rows at a time: a float32 copy of all
+    rows (and logsumexp's scratch beside it) would be 4x the bfloat16 logits at the peak of an answer."""
+    import torch
+
+    picked: list[float] = []
+    for at in range(0, len(rows), chunk):
+        part = logits[rows[at:at + chunk]].float()
+        index = torch.tensor(wanted[at:at + chunk], device=part.device)
+        picked += (part.gather(1, index[:, None])[:, 0] - torch.logsumexp(part, dim=-1)).tolist()
+    return picked

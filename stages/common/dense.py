@@ -45,31 +45,44 @@ def model_dir(package: str = PACKAGE) -> Path:
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2: texts -> L2-normalised float32 vectors (mean pooling over the attention mask)."""
+    """all-MiniLM-L6-v2: texts -> L2-normalised float32 vectors (mean pooling over the attention mask).
+
+    The tokenizer is kept; the weights are loaded for each `encode` call and let go after it (60 ms a load once the
+    file is in the page cache): kept between calls, the 46 MiB they occupy once read would sit under the answer's
+    decode, its peak (`python -m bench --only rss`)."""
 
     def __init__(self, folder: Path, batch_size: int = 32):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" on stderr would break the CLI's one-line errors
         self.folder, self.batch_size = folder, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(AutoConfig.from_pretrained(folder, local_files_only=True).hidden_size)
+        self.loads = 0
+
+    def _model(self):
+        from transformers import AutoModel
+
+        self.loads += 1
+        return AutoModel.from_pretrained(self.folder, local_files_only=True).eval()
 
     def encode(self, texts: list[str], max_tokens: int, progress: bool = False) -> np.ndarray:
         import torch
         from tqdm.auto import tqdm
 
         out: np.ndarray = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        model = self._model()
         with torch.inference_mode():
             for batch in tqdm(batches, desc="embedding windows", unit="batch", disable=None if progress else True,
                               leave=False):
                 enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_tokens,
                                      return_tensors="pt")
-                hidden = self.model(**enc).last_hidden_state
+                hidden = model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).float().numpy()
@@ -77,7 +90,7 @@ class SentenceEncoder:
 
 
 def encoder(package: str = PACKAGE, batch_size: int = 32) -> SentenceEncoder:
-    """The process-wide encoder (loaded once, ~1 s; reused by every question and job of a multirun)."""
+    """The process-wide encoder (its tokenizer loaded once, reused by every question and job of a multirun)."""
     folder = model_dir(package)
     return resources.shared("dense-encoder", (str(folder), batch_size), lambda: SentenceEncoder(folder, batch_size))
 

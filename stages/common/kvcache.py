@@ -1,0 +1,106 @@
+"""A KV cache that grows into reserved room instead of concatenating.
+
+transformers' `DynamicLayer` appends a token with `torch.cat`: every decoded token copies the whole cache of every
+layer into a fresh tensor one position longer (48 MiB a token after a 2,134-token prompt in bfloat16) and frees the
+old one, a hole of almost the new size that glibc's heap cannot hand back; the process ends ~70 MiB above what it
+holds (measured: `python -m bench --only rss`). `ReservedLayer` keeps each layer's keys and values in a buffer with
+room for `room` more positions and writes new ones in place; `keys`/`values` are views of the filled part, so
+attention reads the same values. A buffer that is full is replaced by one with room again (the old one copied once).
+Cropping (candidate scoring, `stages/common/continuations.py`) only shortens the view.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+ROOM = 256  # positions reserved after the filled part: a default answer's decode (<= 256 new tokens) never regrows
+
+
+def _reserved_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values are views into buffers with spare positions."""
+
+        def __init__(self, room: int = ROOM, **kwargs):
+            super().__init__(**kwargs)
+            self.room, self.length = room, 0
+            self._keys = self._values = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, added = self.length, key_states.shape[-2]
+            if self._keys is None or start + added > self._keys.shape[-2]:
+                self._keys = self._grown(self._keys, key_states, start + added)
+                self._values = self._grown(self._values, value_states, start + added)
+            self._keys[..., start:start + added, :] = key_states
+            self._values[..., start:start + added, :] = value_states
+            self._view(start + added)
+            return self.keys, self.values
+
+        def _grown(self, buffer, states, needed: int):
+            import torch
+
+            shape = (*states.shape[:-2], needed + self.room, states.shape[-1])
+            grown = torch.empty(shape, dtype=states.dtype, device=states.device)
+            if buffer is not None and self.length:
+                grown[..., :self.length, :] = buffer[..., :self.length, :]
+            return grown
+
+        def _view(self, length: int) -> None:
+            self.length = length
+            self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError(f"crop takes a negative count of positions to remove, not {tokens_to_remove}")
+            if tokens_to_remove and self.is_initialized:
+                self._view(max(0, self.length + tokens_to_remove))
+
+        def reset(self) -> None:
+            self._keys = self._values = None
+            self.length = 0
+            super().reset()
+
+        def _rebased(self) -> None:
+            """After an operation that replaced ``keys``/``values`` (beam reordering, batch repeat/select): own them."""
+            self._keys, self._values, self.length = self.keys.contiguous(), self.values.contiguous(), self.keys.shape[-2]
+            self._view(self.length)
+
+        def reorder_cache(self, beam_idx) -> None:
+            super().reorder_cache(beam_idx)
+            self._rebased()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            super().batch_repeat_interleave(repeats)
+            self._rebased()
+
+        def batch_select_indices(self, indices) -> None:
+            super().batch_select_indices(indices)
+            self._rebased()
+
+    return ReservedLayer
+
+
+_CLASS: list = []
+
+
+def reserved_layer_class():
+    if not _CLASS:
+        _CLASS.append(_reserved_layer_class())
+    return _CLASS[0]
+
+
+def reserved_cache(model, room: int = ROOM) -> Any:
+    """An empty `DynamicCache` for ``model`` whose full-attention layers are `ReservedLayer`s (sliding-window and
+    other layer kinds keep transformers' own)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    layer = reserved_layer_class()
+    cache.layers = [layer(room) if type(old) is DynamicLayer else old for old in cache.layers]
+    return cache
