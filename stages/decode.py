@@ -62,7 +62,7 @@ class Decode(Stage):
                  max_paragraphs: Annotated[int, Range(ge=1)] | None = 2, stop_at_repeated_line: bool = True,
                  max_citation_run: Annotated[int, Range(ge=1)] | None = 3,
                  seed: int = 0, prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0,
-                 reuse_prefill: bool = True):
+                 reuse_prefill: bool = True, prefill_chunk: Annotated[int, Range(ge=1)] | None = 512):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
@@ -71,7 +71,7 @@ class Decode(Stage):
         self.max_paragraphs, self.stop_at_repeated_line = max_paragraphs, stop_at_repeated_line
         self.max_citation_run = max_citation_run
         self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
-        self.reuse_prefill = reuse_prefill
+        self.reuse_prefill, self.prefill_chunk = reuse_prefill, prefill_chunk
 
     def settings(self, prompt: Prompt) -> dict:
         hints = prompt.decode_hints
@@ -95,6 +95,7 @@ class Decode(Stage):
             "stop_at_repeated_line": self.stop_at_repeated_line,
             "max_citation_run": self.max_citation_run,
             "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
+            "prefill_chunk": self.prefill_chunk,
         }
 
     def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None,
@@ -340,12 +341,12 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
 
     def encode_and_score():
         computed.append(True)
-        return _encode_and_score(lm.model, ids, neutral_ids, name_ids)
+        return _encode_and_score(lm.model, ids, neutral_ids, name_ids, settings["prefill_chunk"])
 
     if reuse is None:
         cache, scores = encode_and_score()
     else:
-        key = (reuse, tuple(ids), tuple(map(tuple, name_ids)), tuple(neutral_ids))
+        key = (reuse, tuple(ids), tuple(map(tuple, name_ids)), tuple(neutral_ids), settings["prefill_chunk"])
         # two entries: a job whose retry runs (other weights, another prompt) must not evict its first attempt's
         kept, scores = resources.shared("prompt-prefill", key, encode_and_score, keep=2)
         cache = copy.deepcopy(kept)  # decoding extends the cache it is given
@@ -359,8 +360,10 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: dic
     return chosen, tok(chosen, add_special_tokens=False, split_special_tokens=True)["input_ids"], cache, record
 
 
-def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: list[list[int]]) -> tuple[Any, list[float]]:
-    """The prompt's cache, and each name's score after it (minus its score after the neutral prompt, if any)."""
+def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: list[list[int]],
+                      chunk: int | None = None) -> tuple[Any, list[float]]:
+    """The prompt's cache, and each name's score after it (minus its score after the neutral prompt, if any); the
+    prompts are encoded ``chunk`` tokens a forward (`decode.prefill_chunk`)."""
     from stages.common.continuations import PrefixState, common_prefix, crop_to, encode_prefix, score_continuations
 
     # the two prompts share everything before the question (scaffold.question_first=false): encode that once, and
@@ -369,15 +372,17 @@ def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: l
     shared = common_prefix(ids, neutral_ids)
     neutral_scores = None
     if neutral_ids and 0 < shared < min(len(ids), len(neutral_ids)):
-        neutral = encode_prefix(model, neutral_ids, base=encode_prefix(model, ids[:shared]), fork=False)
+        neutral = encode_prefix(model, neutral_ids, base=encode_prefix(model, ids[:shared], chunk=chunk), fork=False,
+                                chunk=chunk)
         neutral_scores = score_continuations(model, neutral, name_ids)
         crop_to(neutral.cache, shared)
-        state = encode_prefix(model, ids, base=PrefixState(list(ids[:shared]), neutral.cache, None), fork=False)
+        state = encode_prefix(model, ids, base=PrefixState(list(ids[:shared]), neutral.cache, None), fork=False,
+                              chunk=chunk)
         del neutral
     else:
-        state = encode_prefix(model, ids)
+        state = encode_prefix(model, ids, chunk=chunk)
         if neutral_ids:
-            neutral_scores = score_continuations(model, encode_prefix(model, neutral_ids), name_ids)
+            neutral_scores = score_continuations(model, encode_prefix(model, neutral_ids, chunk=chunk), name_ids)
     scores = [sum(s) for s in score_continuations(model, state, name_ids)]
     if neutral_scores is not None:
         scores = [a - sum(b) for a, b in zip(scores, neutral_scores)]
@@ -388,7 +393,7 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
     import torch
     from transformers import GenerationConfig
 
-    from stages.common.continuations import cache_kwarg
+    from stages.common.continuations import cache_kwarg, encode_prefix
     from stages.common.heap import release_free_heap
     from stages.common.kvcache import reserved_cache
 
@@ -405,6 +410,10 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
         lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings, reuse)
         ids = ids + lead_ids
         release_free_heap()  # the prefill's activations, before decoding
+    elif settings["prefill_chunk"] and len(ids) > settings["prefill_chunk"] + 1:
+        # generate would encode the whole prompt in one forward: encode all but its last token in chunks here
+        cache = encode_prefix(lm.model, ids[:-1], chunk=settings["prefill_chunk"]).cache
+        release_free_heap()
     input_ids = torch.tensor([ids], device=device)
     chain, clock, grounding = processors(lm, prompt, ids, settings, use_lead and settings["lead"] == "greedy",
                                          prompt.prefill + lead)

@@ -22,8 +22,9 @@ def plain_scores(model, prompt, candidates):
     return out
 
 
-def test_packed_candidates_score_like_separate_forward_passes(tiny_lm):
-    state = encode_prefix(tiny_lm.model, PROMPT)
+@pytest.mark.parametrize("chunk", [None, 7, 60])  # one forward / 9 forwards, the last one short / exactly one
+def test_packed_candidates_score_like_separate_forward_passes(tiny_lm, chunk):
+    state = encode_prefix(tiny_lm.model, PROMPT, chunk=chunk)
     got = score_continuations(tiny_lm.model, state, CANDIDATES, chunk_tokens=6)  # several chunks
     for mine, ref in zip(got, plain_scores(tiny_lm.model, PROMPT, CANDIDATES)):
         assert mine == pytest.approx(ref, abs=1e-4)

@@ -104,3 +104,11 @@ def test_a_job_with_other_weights_or_another_prompt_encodes_its_own(tmp_path, ch
     _answer(tmp_path, "a")
     draft = _answer(tmp_path, "b", change)
     assert draft.lead["prefill_reused"] is False
+
+
+@pytest.mark.parametrize("lead", ["likelihood", "greedy"])  # the prompt encoded by choose_lead / before generate
+def test_a_prompt_encoded_in_chunks_writes_the_same_answer(tmp_path, lead):
+    whole = _answer(tmp_path, "a", f"decode.lead={lead}", "decode.prefill_chunk=null", sweep=False)
+    chunked = _answer(tmp_path, "b", f"decode.lead={lead}", "decode.prefill_chunk=16", sweep=False)
+    assert whole.prompt_tokens > 3 * 16
+    assert chunked.text == whole.text and chunked.lead.get("lead") == whole.lead.get("lead")

@@ -30,9 +30,12 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: bool = True) -> PrefixState:
+def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: bool = True,
+                  chunk: int | None = None) -> PrefixState:
     """Run ``ids`` through the model and keep the cache. With ``base`` (a state whose ids start ``ids``), only the
-    rest is run, on a copy of its cache (``fork``) or on the cache itself (``base`` is then used up)."""
+    rest is run, on a copy of its cache (``fork``) or on the cache itself (``base`` is then used up). With ``chunk``,
+    at most that many tokens go through one forward: the activations of a 2,000-token prompt in one forward are
+    the largest allocation of an answer (`decode.prefill_chunk`)."""
     import copy
 
     import torch
@@ -47,9 +50,11 @@ def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: 
         if base.ids != list(ids[:len(base.ids)]) or len(base.ids) >= len(ids):
             raise ValueError("base must hold a proper prefix of ids")
         start, cache = len(base.ids), copy.deepcopy(base.cache) if fork else base.cache
+    step = chunk or len(ids)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids[start:]], device=device), use_cache=True, logits_to_keep=1,
-                    **{cache_kwarg(model): cache})
+        for at in range(start, len(ids), step):
+            out = model(input_ids=torch.tensor([ids[at:at + step]], device=device), use_cache=True, logits_to_keep=1,
+                        **{cache_kwarg(model): cache})
     return PrefixState(list(ids), cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1))
 
 
