@@ -235,3 +235,29 @@ def test_lm_rescore_in_the_retrieve_mixed_graph_restores_the_weights(question_se
     statuses = {n["node"]: n["status"] for n in trace["nodes"]}
     assert statuses["mix"] == statuses["rescore"] == statuses["unmix"] == "ok"
     assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())
+
+
+def test_the_encoder_lets_its_weights_go_after_each_call(monkeypatch):
+    """Held between calls, MiniLM's weights would sit under the answer's decode (its peak RSS); loaded per call they
+    give the same vectors."""
+    import gc
+    import weakref
+
+    from stages.common import dense
+
+    enc = dense.SentenceEncoder(dense.model_dir())
+    models = []
+    real = dense.SentenceEncoder._model
+
+    def tracked(self):
+        model = real(self)
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(dense.SentenceEncoder, "_model", tracked)
+    first = enc.encode(["where is the kettle boiled", "a cup of tea"], 64)
+    gc.collect()
+    assert models and models[-1]() is None  # nothing keeps the model once encode returns
+    again = enc.encode(["where is the kettle boiled", "a cup of tea"], 64)
+    assert enc.loads == 2 and np.array_equal(first, again) and not hasattr(enc, "model")
+    assert enc.encode([], 64).shape == (0, enc.dim) and enc.loads == 2  # nothing to embed: nothing loaded

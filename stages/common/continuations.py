@@ -45,10 +45,11 @@ def encode_prefix(model, ids: list[int], base: PrefixState | None = None, fork: 
     if not len(ids):
         raise ValueError("encode_prefix: the prompt has no tokens")
     device = next(model.parameters()).device
-    start, cache = 0, reserved_cache(model)
-    if base is not None:
-        if base.ids != list(ids[:len(base.ids)]) or len(base.ids) >= len(ids):
-            raise ValueError("base must hold a proper prefix of ids")
+    if base is None:
+        start, cache = 0, reserved_cache(model)
+    elif base.ids != list(ids[:len(base.ids)]) or len(base.ids) >= len(ids):
+        raise ValueError("base must hold a proper prefix of ids")
+    else:
         start, cache = len(base.ids), copy.deepcopy(base.cache) if fork else base.cache
     step = chunk or len(ids)
     with torch.no_grad():
