@@ -23,10 +23,10 @@ from stages.common.types import Prompt
 
 def choice_text(choice: str) -> str:
     """`` `qualname` [path:A-B] `` -> ``path words: qualname words`` (how select=hybrid names a window's definitions)."""
-    from stages.common.dense import _words
+    from stages.common.dense import name_words
 
     lead = LeadChoice.parse(choice)
-    return f"{_words(lead.path.rsplit('.', 1)[0])}: {_words(lead.name)}"
+    return f"{name_words(lead.path.rsplit('.', 1)[0])}: {name_words(lead.name)}"
 
 
 class LeadSimilarity(Stage):

@@ -95,7 +95,8 @@ def encoder(package: str = PACKAGE, batch_size: int = 32) -> SentenceEncoder:
     return resources.shared("dense-encoder", (str(folder), batch_size), lambda: SentenceEncoder(folder, batch_size))
 
 
-def _words(name: str) -> str:
+def name_words(name: str) -> str:
+    """An identifier or path as the words it is made of (`get_value_kind` -> `get value kind`)."""
     return " ".join(split_identifier(re.sub(r"\W", "_", name)))
 
 
@@ -104,9 +105,9 @@ def window_text(index: ProgramIndex, window: Window) -> str:
     inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end]
     if window.kind == "head":
         inside = [s for s in inside if "." not in s.qualname]
-    names = "; ".join(_words(s.qualname) for s in inside[:8])
+    names = "; ".join(name_words(s.qualname) for s in inside[:8])
     code = "\n".join(index.lines(window.path)[window.start - 1 : window.end])
-    return f"{_words(window.path.rsplit('.', 1)[0])}: {names}\n{code}"
+    return f"{name_words(window.path.rsplit('.', 1)[0])}: {names}\n{code}"
 
 
 def window_vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None,
