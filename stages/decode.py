@@ -62,7 +62,7 @@ class Decode(Stage):
                  max_paragraphs: Annotated[int, Range(ge=1)] | None = 2, stop_at_repeated_line: bool = True,
                  max_citation_run: Annotated[int, Range(ge=1)] | None = 3,
                  seed: int = 0, prompt_lookup_num_tokens: Annotated[int, Range(ge=0)] = 0,
-                 reuse_prefill: bool = True, prefill_chunk: Annotated[int, Range(ge=1)] | None = 512):
+                 reuse_prefill: bool = True, prefill_chunk: Annotated[int, Range(ge=1)] | None = None):
         self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
         self.repetition_penalty, self.penalize_prompt, self.seed = repetition_penalty, penalize_prompt, seed
         self.min_new_tokens, self.max_new_tokens = min(min_new_tokens, max_new_tokens), max_new_tokens
