@@ -17,6 +17,13 @@ _STATS: dict[str, dict[str, int]] = {}
 _GUARD = threading.RLock()  # held while a factory runs: two threads asking for one model load it once
 
 
+def loading() -> threading.RLock:
+    """The lock every factory runs under; hold it to load weights outside `shared`. transformers' `from_pretrained`
+    patches torch process-wide while it runs (weight init, parameters created on the meta device): two loads at once
+    in two threads can leave a third model's parameters on the meta device."""
+    return _GUARD
+
+
 def shared(namespace: str, key: Hashable, factory: Callable[[], T], keep: int = 1) -> T:
     """Return the cached value for ``(namespace, key)``, creating it with ``factory`` on a miss."""
     with _GUARD:

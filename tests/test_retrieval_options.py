@@ -261,3 +261,36 @@ def test_the_encoder_lets_its_weights_go_after_each_call(monkeypatch):
     again = enc.encode(["where is the kettle boiled", "a cup of tea"], 64)
     assert enc.loads == 2 and np.array_equal(first, again) and not hasattr(enc, "model")
     assert enc.encode([], 64).shape == (0, enc.dim) and enc.loads == 2  # nothing to embed: nothing loaded
+
+
+def test_the_encoder_loads_its_weights_under_the_resources_lock(monkeypatch):
+    """transformers' from_pretrained patches torch process-wide while it runs: a load in one thread beside another
+    load in another thread left a later model's tied weights on the meta device (found by the concurrency test)."""
+    import threading
+
+    import transformers
+
+    from pipeline import resources
+    from stages.common import dense
+
+    held = []
+    real = transformers.AutoModel.from_pretrained
+
+    def spy(*args, **kwargs):
+        free = []
+
+        def probe():
+            got = resources.loading().acquire(blocking=False)
+            if got:
+                resources.loading().release()
+            free.append(got)
+
+        other = threading.Thread(target=probe)
+        other.start()
+        other.join()
+        held.append(not free[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", spy)
+    dense.SentenceEncoder(dense.model_dir()).encode(["a cup of tea"], 32)
+    assert held == [True]

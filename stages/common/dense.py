@@ -64,8 +64,9 @@ class SentenceEncoder:
     def _model(self):
         from transformers import AutoModel
 
-        self.loads += 1
-        return AutoModel.from_pretrained(self.folder, local_files_only=True).eval()
+        with resources.loading():  # not beside another load in another thread (see there)
+            self.loads += 1
+            return AutoModel.from_pretrained(self.folder, local_files_only=True).eval()
 
     def encode(self, texts: list[str], max_tokens: int, progress: bool = False) -> np.ndarray:
         import torch

@@ -24,7 +24,8 @@ def _reserved_layer_class():
         def __init__(self, room: int = ROOM, **kwargs):
             super().__init__(**kwargs)
             self.room, self.length = room, 0
-            self._keys = self._values = None
+            self._keys: Any = None  # the buffers; keys/values are views of their first `length` positions
+            self._values: Any = None
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
