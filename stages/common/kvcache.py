@@ -10,6 +10,7 @@ full is replaced by one with room again (the old one copied once). Cropping (can
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 ROOM = 256  # positions reserved after the filled part: a default answer's decode (<= 256 new tokens) never regrows
@@ -86,13 +87,10 @@ def _reserved_layer_class():
     return ReservedLayer
 
 
-_CLASS: list = []
-
-
+@functools.lru_cache(maxsize=1)
 def reserved_layer_class():
-    if not _CLASS:
-        _CLASS.append(_reserved_layer_class())
-    return _CLASS[0]
+    """The `ReservedLayer` class (made on first use: importing transformers' cache module is not free)."""
+    return _reserved_layer_class()
 
 
 def reserved_cache(model, room: int = ROOM) -> Any:
