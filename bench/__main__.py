@@ -345,7 +345,8 @@ def retrieval() -> dict:
 
 
 # 7 -------------------------------------------------------------------------------------------------------------
-_RSS_CODE = """
+# a fresh process with every import an answer makes, then its RSS: the floor's first part (ours and the peer alike)
+_FRESH_PROCESS = """
 import json, sys
 from pipeline.execute import peak_rss_mb
 def rss_mb():
@@ -357,6 +358,8 @@ from transformers.models.llama import modeling_llama
 from pipeline import api, resources
 import stages.model, stages.decode, stages.mix, stages.index, stages.pack, stages.select, stages.scaffold
 imports = rss_mb()
+"""
+_RSS_CODE = _FRESH_PROCESS + """
 _, result = api.run(["program_root={root}", "prompt=How are config groups composed?", "decode.max_new_tokens=64", *{extra!r}])
 lm = resources.values("model")[-1]
 from stages.common.precision import weight_bytes
@@ -368,18 +371,7 @@ print(json.dumps({{"peak": peak_rss_mb(), "imports": imports, "weights": weight_
 
 # the peer: plain transformers in a fresh process, the same imports, the same weights file and the same prompt's token
 # ids, greedy `generate` of as many tokens: what any answer of this prompt by this model costs, with nothing of ours
-_RSS_PEER_CODE = """
-import json, torch
-from pipeline.execute import peak_rss_mb
-def rss_mb():
-    with open("/proc/self/status") as status:
-        return next(int(l.split()[1]) / 1024 for l in status if l.startswith("VmRSS:"))
-import transformers, numpy, networkx
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.models.llama import modeling_llama
-from pipeline import api, resources
-import stages.model, stages.decode, stages.mix, stages.index, stages.pack, stages.select, stages.scaffold
-imports = rss_mb()
+_RSS_PEER_CODE = _FRESH_PROCESS + """
 tokenizer = AutoTokenizer.from_pretrained({folder!r})
 model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=getattr(torch, {dtype!r}.split(".")[-1])).eval()
 ids = torch.tensor([{ids!r}])
