@@ -6,7 +6,7 @@ and freed again). `ReservedLayer` keeps each layer's keys and values in a buffer
 and writes new ones in place; `keys`/`values` are views of the filled part, so attention reads the same values
 (the same answers, tested and measured on 12 held-out questions; 18.2 against 16.5 tokens/s there). A buffer that is
 full is replaced by one with room again (the old one copied once). Cropping (candidate scoring,
-`stages/common/continuations.py`) only shortens the view.
+`stages/common/continuations.py`) is transformers' own: it slices the views, which stay views of the buffers.
 """
 from __future__ import annotations
 
@@ -24,53 +24,39 @@ def _reserved_layer_class():
 
         def __init__(self, room: int = ROOM, **kwargs):
             super().__init__(**kwargs)
-            self.room, self.length = room, 0
-            self._keys: Any = None  # the buffers; keys/values are views of their first `length` positions
+            self.room = room
+            self._keys: Any = None  # the buffers; keys/values are views of their filled positions
             self._values: Any = None
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            start, added = self.length, key_states.shape[-2]
-            if self._keys is None or start + added > self._keys.shape[-2]:
-                self._keys = self._grown(self._keys, key_states, start + added)
-                self._values = self._grown(self._values, value_states, start + added)
-            self._keys[..., start:start + added, :] = key_states
-            self._values[..., start:start + added, :] = value_states
-            self._view(start + added)
+            start = self.get_seq_length()  # the views' length (cropping shortens them: DynamicLayer.crop slices)
+            end = start + key_states.shape[-2]
+            if self._keys is None or end > self._keys.shape[-2]:
+                self._keys = self._grown(self._keys, key_states, start, end)
+                self._values = self._grown(self._values, value_states, start, end)
+            self._keys[..., start:end, :] = key_states
+            self._values[..., start:end, :] = value_states
+            self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
             return self.keys, self.values
 
-        def _grown(self, buffer, states, needed: int):
+        def _grown(self, buffer, states, filled: int, needed: int):
             import torch
 
             shape = (*states.shape[:-2], needed + self.room, states.shape[-1])
             grown = torch.empty(shape, dtype=states.dtype, device=states.device)
-            if buffer is not None and self.length:
-                grown[..., :self.length, :] = buffer[..., :self.length, :]
+            if filled:
+                grown[..., :filled, :] = buffer[..., :filled, :]
             return grown
-
-        def _view(self, length: int) -> None:
-            self.length = length
-            self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
-
-        def get_seq_length(self) -> int:
-            return self.length if self.is_initialized else 0
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError(f"crop takes a negative count of positions to remove, not {tokens_to_remove}")
-            if tokens_to_remove and self.is_initialized:
-                self._view(max(0, self.length + tokens_to_remove))
 
         def reset(self) -> None:
             self._keys = self._values = None
-            self.length = 0
             super().reset()
 
         def _rebased(self) -> None:
             """After an operation that replaced ``keys``/``values`` (beam reordering, batch repeat/select): own them."""
-            self._keys, self._values, self.length = self.keys.contiguous(), self.values.contiguous(), self.keys.shape[-2]
-            self._view(self.length)
+            self.keys, self.values = self._keys, self._values = self.keys.contiguous(), self.values.contiguous()
 
         def reorder_cache(self, beam_idx) -> None:
             super().reorder_cache(beam_idx)
