@@ -342,6 +342,9 @@ CONFIG_ERRORS = [
     ("entropy weight inf", ["capacity=entropy", "capacity.entropy_weights='program=inf'"],
      "value of 'program' must be a finite number"),
     ("PCA_DELTA_CAP nan", ["+env_marker=1"], "PCA_DELTA_CAP must be a finite number > 0"),
+    # select.query_map (issue 14): checked by select's precheck, before any model loads
+    ("unknown query map", ["select.query_map=no_such_map"], "select.query_map 'no_such_map' is not a shipped map"),
+    ("query map not a file", ["select.query_map=/no/such/map.npz"], "select.query_map '/no/such/map.npz' is not a file"),
     ("prompt null", ["prompt=null"], "error: prompt is null, but node 'select' needs a str: set prompt=<value>"),
     # the fitted synthesizer's issue-17 knobs (validated before any model loads)
     ("fitted layout unknown", ["synth=fitted", "synth.layout=windows"], "must be one of 'segments', 'packed'"),
