@@ -56,6 +56,7 @@ def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
 
     from stages.common.dense import window_vectors
     from stages.common.evaluation import load_questions, phrase
+    from stages.common.scoring import window_fields
     from stages.index import IndexProgram
     from stages.questions import DocstringQuestions
 
@@ -67,8 +68,9 @@ def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
     windows = window_vectors(index, enc, 128, cache, progress=False)
     templates = list(OmegaConf.load(CONF_DIR / "eval" / "default.yaml").templates)
     questions, positives = [], []
+    by_path = window_fields(index).by_path  # window positions per file: a question's positives are in its file
     for q in load_questions(made["questions"]):
-        hits = [i for i, w in enumerate(index.windows) if q.hit_by(w.path, w.start, w.end)]
+        hits = [i for i in by_path.get(q.path, []) if q.hit_by(q.path, index.windows[i].start, index.windows[i].end)]
         if hits:
             questions.append(q)
             positives.append(hits)

@@ -112,3 +112,27 @@ def test_fitting_learns_a_map_that_generalises_to_another_program():
     before = recall_at(identity, held_out, k=1)
     matrix = fit(train, epochs=30, lr=0.05, tau=0.1, reg=0.0, batch=32)
     assert matrix.shape == (8, 8) and recall_at(matrix, held_out, k=1) > max(0.9, before + 0.3)
+
+
+def test_a_map_member_declaring_too_many_bytes_is_refused_from_its_header(tmp_path):
+    from stages.common.adapters import MAX_ARRAY_BYTES
+
+    path = tmp_path / "bomb.npz"
+    side = int((MAX_ARRAY_BYTES // 4) ** 0.5) + 1  # a square float32 matrix just over the bound
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32)) | {"shape": (side, side)}
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("matrix.npy", member.getvalue())  # the header only: no data behind it
+    with pytest.raises(InputError, match="select.query_map file") as err:
+        querymap.load(str(path))
+    assert "declares shape" in str(err.value) and "nothing was read" in str(err.value)
+
+
+def test_a_written_map_has_the_same_bytes_for_the_same_matrix(tmp_path):
+    querymap.write(tmp_path / "a.npz", np.eye(3), {"epochs": 1})
+    querymap.write(tmp_path / "b.npz", np.eye(3), {"epochs": 1})
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()

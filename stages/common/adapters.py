@@ -57,6 +57,11 @@ class AdapterSet:
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Deterministic npz (sorted keys, fixed zip timestamps): same arrays -> same bytes."""
+    Path(path).write_bytes(npz_bytes(arrays))
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes `save_npz` writes (for a caller that writes them atomically)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for key in sorted(arrays):
@@ -64,7 +69,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             archive.writestr(info, member.getvalue())
-    Path(path).write_bytes(buffer.getvalue())
+    return buffer.getvalue()
 
 
 MAX_ARRAY_BYTES = 256 << 20  # any one array of an npz we read (adapters are checked tighter, against the model)

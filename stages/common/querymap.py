@@ -13,13 +13,14 @@ string: programs, epochs, and the rest of the recipe).
 from __future__ import annotations
 
 import json
-import zipfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache import write_atomic
 from pipeline.errors import InputError
+from stages.common.adapters import load_npz, npz_bytes
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data"
 SUFFIX = ".npz"
@@ -55,13 +56,12 @@ def load(name: str, dim: int | None = None) -> np.ndarray:
 @lru_cache(maxsize=8)
 def _load(path: str, mtime_ns: int, size: int) -> np.ndarray:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "matrix" not in data.files:
-                raise InputError(f"select.query_map file '{path}' has no 'matrix' array "
-                                 f"(it has: {', '.join(data.files)})")
-            matrix = data["matrix"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        arrays = load_npz(Path(path))  # no unpickling; a member declaring too many bytes is refused from its header
+    except InputError as err:
         raise InputError(f"select.query_map file '{path}' is not a readable npz file ({err})") from err
+    if "matrix" not in arrays:
+        raise InputError(f"select.query_map file '{path}' has no 'matrix' array (it has: {', '.join(arrays)})")
+    matrix = arrays["matrix"]
     if matrix.dtype.kind != "f" or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not matrix.size:
         raise InputError(f"select.query_map file '{path}': 'matrix' must be a square float array, got "
                          f"{matrix.dtype} {tuple(matrix.shape)}")
@@ -80,11 +80,6 @@ def apply(matrix: np.ndarray, vectors: np.ndarray) -> np.ndarray:
 
 
 def write(path: Path, matrix: np.ndarray, meta: dict) -> None:
-    """Write a map file atomically (the format ``load`` reads)."""
-    import io
-
-    from pipeline.cache import write_atomic
-
-    buffer = io.BytesIO()
-    np.savez(buffer, matrix=np.asarray(matrix, dtype=np.float32), meta=np.array(json.dumps(meta, sort_keys=True)))
-    write_atomic(path, buffer.getvalue())
+    """Write a map file atomically (the format ``load`` reads; the same matrix and meta give the same bytes)."""
+    arrays = {"matrix": np.asarray(matrix, dtype=np.float32), "meta": np.array(json.dumps(meta, sort_keys=True))}
+    write_atomic(path, npz_bytes(arrays))
