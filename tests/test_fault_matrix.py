@@ -345,6 +345,11 @@ CONFIG_ERRORS = [
     # select.query_map (issue 14): checked by select's precheck, before any model loads
     ("unknown query map", ["select.query_map=no_such_map"], "select.query_map 'no_such_map' is not a shipped map"),
     ("query map not a file", ["select.query_map=/no/such/map.npz"], "select.query_map '/no/such/map.npz' is not a file"),
+    # select.encoder_adapter (issue 14): checked by select's precheck, before any model loads
+    ("unknown encoder adapter", ["select.encoder_adapter=no_such_lora"],
+     "select.encoder_adapter 'no_such_lora' is not a shipped adapter"),
+    ("encoder adapter not a file", ["select.encoder_adapter=/no/such/lora.npz"],
+     "select.encoder_adapter '/no/such/lora.npz' is not a file"),
     ("prompt null", ["prompt=null"], "error: prompt is null, but node 'select' needs a str: set prompt=<value>"),
     # the fitted synthesizer's issue-17 knobs (validated before any model loads)
     ("fitted layout unknown", ["synth=fitted", "synth.layout=windows"], "must be one of 'segments', 'packed'"),

@@ -8,7 +8,8 @@ A window is embedded as one short text: its path and the names of the definition
 its source lines (cut at ``max_tokens``). Vectors are cached on disk per program root, keyed by a hash of each
 window's text, so an unchanged program re-embeds nothing and a changed file re-embeds only its own windows. The file
 records the source fingerprint of this module (how texts are made and pooled): vectors made by other code are
-not reused.
+not reused. With `select.encoder_adapter` a LoRA delta (stages.common.encoder_lora) is merged into the weights
+each time they load, for questions and windows alike; its bytes are part of the cache key.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import numpy as np
 from pipeline import resources
 from pipeline.cache import fingerprint, source_fingerprint, write_atomic
 from pipeline.errors import InputError
+from stages.common import encoder_lora
+from stages.common.encoder_lora import EncoderAdapter
 from stages.common.text import split_identifier
 from stages.common.types import ProgramIndex, Window
 
@@ -51,12 +54,12 @@ class SentenceEncoder:
     file is in the page cache): kept between calls, the 46 MiB they occupy once read would sit under the answer's
     decode, its peak (`python -m bench --only rss`)."""
 
-    def __init__(self, folder: Path, batch_size: int = 32):
+    def __init__(self, folder: Path, batch_size: int = 32, adapter: EncoderAdapter | None = None):
         from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" on stderr would break the CLI's one-line errors
-        self.folder, self.batch_size = folder, batch_size
+        self.folder, self.batch_size, self.adapter = folder, batch_size, adapter
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.dim = int(AutoConfig.from_pretrained(folder, local_files_only=True).hidden_size)
         self.loads = 0
@@ -66,7 +69,10 @@ class SentenceEncoder:
 
         with resources.loading():  # not beside another load in another thread (see there)
             self.loads += 1
-            return AutoModel.from_pretrained(self.folder, local_files_only=True).eval()
+            model = AutoModel.from_pretrained(self.folder, local_files_only=True).eval()
+        if self.adapter is not None:
+            self.adapter.merge(model)  # into this fresh copy: nothing to restore, the next call loads the file again
+        return model
 
     def encode(self, texts: list[str], max_tokens: int, progress: bool = False) -> np.ndarray:
         import torch
@@ -90,10 +96,13 @@ class SentenceEncoder:
         return out
 
 
-def encoder(package: str = PACKAGE, batch_size: int = 32) -> SentenceEncoder:
-    """The process-wide encoder (its tokenizer loaded once, reused by every question and job of a multirun)."""
+def encoder(package: str = PACKAGE, batch_size: int = 32, adapter: str | None = None) -> SentenceEncoder:
+    """The process-wide encoder (its tokenizer loaded once, reused by every question and job of a multirun); with
+    ``adapter`` (a shipped name or an .npz path, stages.common.encoder_lora) its LoRA delta merged into the weights."""
     folder = model_dir(package)
-    return resources.shared("dense-encoder", (str(folder), batch_size), lambda: SentenceEncoder(folder, batch_size))
+    lora = encoder_lora.load(adapter) if adapter else None
+    return resources.shared("dense-encoder", (str(folder), batch_size, lora.key if lora else None),
+                            lambda: SentenceEncoder(folder, batch_size, lora))
 
 
 def name_words(name: str) -> str:
@@ -114,7 +123,8 @@ def window_text(index: ProgramIndex, window: Window) -> str:
 def window_vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None,
                    progress: bool = True) -> np.ndarray:
     """One vector per window of ``index`` (rows in window order): from memory, the disk cache, or the encoder."""
-    tag = fingerprint([str(enc.folder), enc.dim, max_tokens], 12)
+    # vectors of an adapted encoder are other vectors: the adapter's bytes are part of the key (none: as before)
+    tag = fingerprint([str(enc.folder), enc.dim, max_tokens] + ([enc.adapter.key] if enc.adapter else []), 12)
     return index.derived(f"dense.vectors:{tag}", lambda: _vectors(index, enc, max_tokens, cache_dir, tag, progress))
 
 

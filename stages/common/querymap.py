@@ -31,7 +31,8 @@ def resolve(name: str) -> Path:
     if "/" not in name and not name.endswith(SUFFIX):
         path = SHIPPED / f"{name}{SUFFIX}"
         if not path.is_file():
-            known = sorted(p.stem for p in SHIPPED.glob(f"*{SUFFIX}"))
+            # the folder also holds the encoder's LoRA adapters (stages.common.encoder_lora): not maps
+            known = sorted(p.stem for p in SHIPPED.glob(f"*{SUFFIX}") if not p.stem.endswith("_lora"))
             raise InputError(f"select.query_map '{name}' is not a shipped map (known: {', '.join(known) or 'none'}) "
                              f"nor a path to an {SUFFIX} file")
         return path

