@@ -55,6 +55,21 @@ class AdapterSet:
         return {"layers": self.num_layers, "rank": self.rank, "targets": self.targets, "source": self.meta.get("synth")}
 
 
+def shipped_or_path(name: str, folder: Path, knob: str, what: str, known: list[str]) -> Path:
+    """The .npz file a config key names: a file shipped in ``folder`` by its stem (``known``: the choices, for the
+    error), or a path (anything with a '/' or ending in .npz); a one-line InputError naming ``knob`` if neither."""
+    if "/" not in name and not name.endswith(".npz"):
+        path = folder / f"{name}.npz"
+        if not path.is_file():
+            raise InputError(f"{knob} '{name}' is not a shipped {what} (known: {', '.join(sorted(known)) or 'none'}) "
+                             f"nor a path to an .npz file")
+        return path
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise InputError(f"{knob} '{name}' is not a file")
+    return path
+
+
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Deterministic npz (sorted keys, fixed zip timestamps): same arrays -> same bytes."""
     Path(path).write_bytes(npz_bytes(arrays))

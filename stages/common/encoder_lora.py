@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.cache import write_atomic
 from pipeline.errors import InputError
-from stages.common.adapters import load_npz, npz_bytes
+from stages.common.adapters import load_npz, npz_bytes, shipped_or_path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data"
 SUFFIX = ".npz"
@@ -32,17 +32,7 @@ TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value",
 
 def resolve(name: str) -> Path:
     """A shipped adapter's name (`minilm_code_search_lora`) or a path to an .npz file."""
-    if "/" not in name and not name.endswith(SUFFIX):
-        path = SHIPPED / f"{name}{SUFFIX}"
-        if not path.is_file():
-            known = sorted(p.stem for p in SHIPPED.glob(f"*_lora{SUFFIX}"))
-            raise InputError(f"{KNOB} '{name}' is not a shipped adapter (known: {', '.join(known) or 'none'}) nor a "
-                             f"path to an {SUFFIX} file")
-        return path
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise InputError(f"{KNOB} '{name}' is not a file")
-    return path
+    return shipped_or_path(name, SHIPPED, KNOB, "adapter", [p.stem for p in SHIPPED.glob(f"*_lora{SUFFIX}")])
 
 
 class EncoderAdapter:

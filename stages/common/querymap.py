@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.cache import write_atomic
 from pipeline.errors import InputError
-from stages.common.adapters import load_npz, npz_bytes
+from stages.common.adapters import load_npz, npz_bytes, shipped_or_path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data"
 SUFFIX = ".npz"
@@ -28,18 +28,9 @@ SUFFIX = ".npz"
 
 def resolve(name: str) -> Path:
     """A shipped map's name (`minilm_code_search`) or a path to an .npz file."""
-    if "/" not in name and not name.endswith(SUFFIX):
-        path = SHIPPED / f"{name}{SUFFIX}"
-        if not path.is_file():
-            # the folder also holds the encoder's LoRA adapters (stages.common.encoder_lora): not maps
-            known = sorted(p.stem for p in SHIPPED.glob(f"*{SUFFIX}") if not p.stem.endswith("_lora"))
-            raise InputError(f"select.query_map '{name}' is not a shipped map (known: {', '.join(known) or 'none'}) "
-                             f"nor a path to an {SUFFIX} file")
-        return path
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise InputError(f"select.query_map '{name}' is not a file")
-    return path
+    # the folder also holds the encoder's LoRA adapters (stages.common.encoder_lora): not maps
+    known = [p.stem for p in SHIPPED.glob(f"*{SUFFIX}") if not p.stem.endswith("_lora")]
+    return shipped_or_path(name, SHIPPED, "select.query_map", "map", known)
 
 
 def load(name: str, dim: int | None = None) -> np.ndarray:
