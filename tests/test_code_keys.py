@@ -114,10 +114,10 @@ def test_index_cache_hits_while_the_indexing_code_is_unchanged_and_heals_when_it
 # --- dense vectors ----------------------------------------------------------------------------------------------
 
 class CountingEncoder:
-    """Stands in for MiniLM: the cache logic only needs ``folder``, ``dim`` and ``encode``."""
+    """Stands in for MiniLM: the cache logic only needs ``folder``, ``dim``, ``adapter`` and ``encode``."""
 
     def __init__(self, folder: Path):
-        self.folder, self.dim, self.calls = folder, 4, []
+        self.folder, self.dim, self.calls, self.adapter = folder, 4, [], None
 
     def encode(self, texts, max_tokens, progress=False):
         self.calls.append(len(texts))
