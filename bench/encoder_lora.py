@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.query_map import EVALUATED, PHRASINGS, PROGRAMS, site_root, version
-from pipeline import CONF_DIR
+from bench.query_map import PHRASINGS, PROGRAMS, ProgramPairs, labelled, recall_at, version
 
 
 @dataclasses.dataclass
@@ -36,30 +35,11 @@ class ProgramTexts:
 
 
 def texts(name: str, work: Path, cache: Path) -> ProgramTexts:
-    from omegaconf import OmegaConf
-
     from stages.common.dense import window_text
-    from stages.common.evaluation import load_questions, phrase
-    from stages.common.scoring import window_fields
-    from stages.index import IndexProgram
-    from stages.questions import DocstringQuestions
 
-    root = site_root(name)
-    if root.name in EVALUATED:
-        raise SystemExit(f"bench.encoder_lora: '{root.name}' is an evaluation program of the README; train on others")
-    made = DocstringQuestions(out=str(work / root.name)).run(None, str(root))  # type: ignore[arg-type]
-    index = IndexProgram(cache_dir=str(cache), progress=False).run(made["program"])["index"]
-    templates = list(OmegaConf.load(CONF_DIR / "eval" / "default.yaml").templates)
-    by_path = window_fields(index).by_path
-    asked, positives, same_file = [], [], []
-    for q in load_questions(made["questions"]):
-        mine = list(by_path.get(q.path, []))
-        hits = [i for i in mine if q.hit_by(q.path, index.windows[i].start, index.windows[i].end)]
-        if hits:
-            asked.append([phrase(q.question, p, templates, 4) for p in PHRASINGS])
-            positives.append(hits)
-            same_file.append([i for i in mine if i not in hits])
-    return ProgramTexts(root.name, [window_text(index, w) for w in index.windows], asked, positives, same_file)
+    program = labelled(name, work, cache, "bench.encoder_lora")
+    return ProgramTexts(program.name, [window_text(program.index, w) for w in program.index.windows], program.asked,
+                        program.positives, program.same_file)
 
 
 class LoRA:
@@ -95,27 +75,26 @@ class LoRA:
 def embed(model, tokenizer, batch: list[str], grad: bool):
     import torch
 
+    from stages.common.dense import mean_pool
+
     enc = tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.set_grad_enabled(grad):
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+        return mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
 
 
 def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> float:
+    """Windows' recall@k of the questions under ``model``'s vectors alone (bench.query_map.recall_at, no map)."""
     import torch
+
+    def vectors(texts: list[str]) -> np.ndarray:
+        return torch.cat([embed(model, tokenizer, texts[i : i + 64], False) for i in range(0, len(texts), 64)]).numpy()
 
     model.eval()
     with torch.inference_mode():
-        windows = torch.cat([embed(model, tokenizer, program.windows[i : i + 64], False)
-                             for i in range(0, len(program.windows), 64)])
-        hits = []
-        for j in range(len(PHRASINGS)):
-            asked = [q[j] for q in program.questions]
-            vectors = torch.cat([embed(model, tokenizer, asked[i : i + 64], False) for i in range(0, len(asked), 64)])
-            top = (vectors @ windows.T).topk(min(k, len(program.windows)), dim=1).indices
-            hits += [bool(set(row.tolist()) & set(pos)) for row, pos in zip(top, program.positives)]
-    return float(np.mean(hits)) if hits else 0.0
+        windows = vectors(program.windows)
+        asked = np.stack([vectors([q[j] for q in program.questions]) for j in range(len(PHRASINGS))], 1)
+    identity = np.eye(windows.shape[1], dtype=np.float32)
+    return recall_at(identity, ProgramPairs(program.name, windows, asked, program.positives), k)
 
 
 def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, lr: float, tau: float, rank: int,

@@ -19,6 +19,7 @@ import importlib.metadata
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,10 +52,20 @@ def site_root(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
-def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
+@dataclasses.dataclass
+class Labelled:
+    """One training program: its stripped copy's index and its docstring questions, each with its answering windows."""
+    name: str
+    index: Any  # ProgramIndex of the stripped copy
+    asked: list[list[str]]  # per question: its text in each of PHRASINGS
+    positives: list[list[int]]  # per question: the windows that overlap its definition
+    same_file: list[list[int]]  # per question: the other windows of its file
+
+
+def labelled(name: str, work: Path, cache: Path, tool: str = "bench.query_map") -> Labelled:
+    """The question generator's questions of ``name``'s stripped copy (never a README evaluation program)."""
     from omegaconf import OmegaConf
 
-    from stages.common.dense import window_vectors
     from stages.common.evaluation import load_questions, phrase
     from stages.common.scoring import window_fields
     from stages.index import IndexProgram
@@ -62,21 +73,29 @@ def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
 
     root = site_root(name)
     if root.name in EVALUATED:
-        raise SystemExit(f"bench.query_map: '{root.name}' is an evaluation program of the README; train on others")
+        raise SystemExit(f"{tool}: '{root.name}' is an evaluation program of the README; train on others")
     made = DocstringQuestions(out=str(work / root.name)).run(None, str(root))  # type: ignore[arg-type]
     index = IndexProgram(cache_dir=str(cache), progress=False).run(made["program"])["index"]
-    windows = window_vectors(index, enc, 128, cache, progress=False)
     templates = list(OmegaConf.load(CONF_DIR / "eval" / "default.yaml").templates)
-    questions, positives = [], []
     by_path = window_fields(index).by_path  # window positions per file: a question's positives are in its file
+    asked, positives, same_file = [], [], []
     for q in load_questions(made["questions"]):
-        hits = [i for i in by_path.get(q.path, []) if q.hit_by(q.path, index.windows[i].start, index.windows[i].end)]
+        mine = list(by_path.get(q.path, []))
+        hits = [i for i in mine if q.hit_by(q.path, index.windows[i].start, index.windows[i].end)]
         if hits:
-            questions.append(q)
+            asked.append([phrase(q.question, p, templates, 4) for p in PHRASINGS])
             positives.append(hits)
-    asked = [[phrase(q.question, p, templates, 4) for q in questions] for p in PHRASINGS]
-    vectors = np.stack([enc.encode(texts, 128) for texts in asked], 1)
-    return ProgramPairs(root.name, windows, vectors, positives)
+            same_file.append([i for i in mine if i not in hits])
+    return Labelled(root.name, index, asked, positives, same_file)
+
+
+def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
+    from stages.common.dense import window_vectors
+
+    program = labelled(name, work, cache)
+    windows = window_vectors(program.index, enc, 128, cache, progress=False)
+    vectors = np.stack([enc.encode([a[j] for a in program.asked], 128) for j in range(len(PHRASINGS))], 1)
+    return ProgramPairs(program.name, windows, vectors, program.positives)
 
 
 def recall_at(matrix: np.ndarray, program: ProgramPairs, k: int = 5) -> float:

@@ -9,7 +9,7 @@ its source lines (cut at ``max_tokens``). Vectors are cached on disk per program
 window's text, so an unchanged program re-embeds nothing and a changed file re-embeds only its own windows. The file
 records the source fingerprint of this module (how texts are made and pooled): vectors made by other code are
 not reused. With `select.encoder_adapter` a LoRA delta (stages.common.encoder_lora) is merged into the weights
-each time they load, for questions and windows alike; its bytes are part of the cache key.
+each time they load, for questions and windows alike; its contents are part of the cache key.
 """
 from __future__ import annotations
 
@@ -89,11 +89,16 @@ class SentenceEncoder:
                               leave=False):
                 enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_tokens,
                                      return_tensors="pt")
-                hidden = model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).float().numpy()
+                out[batch] = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]).float().numpy()
         return out
+
+
+def mean_pool(hidden, attention_mask):
+    """Sentence vectors: the attention-masked mean of the last hidden states, L2-normalised (MiniLM's pooling)."""
+    import torch
+
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
 
 def encoder(package: str = PACKAGE, batch_size: int = 32, adapter: str | None = None) -> SentenceEncoder:
@@ -123,7 +128,7 @@ def window_text(index: ProgramIndex, window: Window) -> str:
 def window_vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None,
                    progress: bool = True) -> np.ndarray:
     """One vector per window of ``index`` (rows in window order): from memory, the disk cache, or the encoder."""
-    # vectors of an adapted encoder are other vectors: the adapter's bytes are part of the key (none: as before)
+    # vectors of an adapted encoder are other vectors: the adapter's contents are part of the key (none: as before)
     tag = fingerprint([str(enc.folder), enc.dim, max_tokens] + ([enc.adapter.key] if enc.adapter else []), 12)
     return index.derived(f"dense.vectors:{tag}", lambda: _vectors(index, enc, max_tokens, cache_dir, tag, progress))
 

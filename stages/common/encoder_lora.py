@@ -4,7 +4,7 @@ all-MiniLM-L6-v2 was trained on pairs of sentences, not on a sentence and the co
 adapter was fitted (`python -m bench.encoder_lora`) to put a docstring's first sentence next to the window of code it
 documents, on programs other than the ones the README evaluates. It is merged into the encoder's linear layers
 when the encoder's weights are loaded (``W += scale · B @ A``): questions and windows are both embedded with it,
-so the dense cache is keyed on the adapter's bytes as well.
+so the dense cache is keyed on the adapter's contents as well.
 
 File format (npz, read with ``allow_pickle=False``): for each adapted linear layer ``<module>.A`` (rank × in) and
 ``<module>.B`` (out × rank), float, finite; ``scale`` (a float scalar); ``meta`` (a JSON string: the recipe).
@@ -36,13 +36,14 @@ def resolve(name: str) -> Path:
 
 
 class EncoderAdapter:
-    """The pairs (A, B) per module and the scale of one adapter file; ``key`` identifies its bytes."""
+    """The pairs (A, B) per module and the scale of one adapter file; ``key`` identifies its contents."""
 
     def __init__(self, path: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], scale: float, key: str):
         self.path, self.pairs, self.scale, self.key = path, pairs, scale, key
 
-    def check(self, model) -> None:
-        """Every adapted module exists in ``model`` as a linear layer of matching shape (an InputError if not)."""
+    def check(self, model) -> dict:
+        """Every adapted module exists in ``model`` as a linear layer of matching shape (an InputError if not); the
+        model's modules by name."""
         import torch
 
         modules = dict(model.named_modules())
@@ -53,13 +54,13 @@ class EncoderAdapter:
             if tuple(module.weight.shape) != (b.shape[0], a.shape[1]):
                 raise InputError(f"{KNOB} file '{self.path}': '{name}' adapts a {b.shape[0]}x{a.shape[1]} weight, the "
                                  f"encoder's is {tuple(module.weight.shape)[0]}x{tuple(module.weight.shape)[1]}")
+        return modules
 
     def merge(self, model) -> None:
         """``W += scale · B @ A`` for every adapted layer (the model is a fresh copy, loaded for one encode call)."""
         import torch
 
-        self.check(model)
-        modules = dict(model.named_modules())
+        modules = self.check(model)
         with torch.no_grad():
             for name, (a, b) in self.pairs.items():
                 weight = modules[name].weight
@@ -105,8 +106,13 @@ def _load(path: str, mtime_ns: int, size: int) -> EncoderAdapter:
         pairs[module] = (a.astype(np.float32), b.astype(np.float32))
     if not pairs:
         raise InputError(f"{where} adapts no layer")
-    key = hashlib.blake2b(Path(path).read_bytes(), digest_size=12).hexdigest()
-    return EncoderAdapter(Path(path), pairs, scale, key)
+    # the cache key of the adapted encoder's vectors: what was read (not a second read of a file that may change)
+    digest = hashlib.blake2b(repr(scale).encode(), digest_size=12)
+    for module in sorted(pairs):
+        for array in pairs[module]:
+            digest.update(module.encode())
+            digest.update(array.tobytes())
+    return EncoderAdapter(Path(path), pairs, scale, digest.hexdigest())
 
 
 def write(path: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], scale: float, meta: dict) -> None:
