@@ -146,6 +146,29 @@ def test_hybrid_ranks_files_and_hands_its_window_ranking_to_pack(hybrid_tree, tm
     assert zero.files[: len(bm25f.files)] == bm25f.files[: len(zero.files)]
 
 
+def test_hybrid_weighs_tests_less_yet_finds_a_test_asked_about(tmp_path, make_tree):
+    from stages.index import build_index
+
+    tree = dict(PROGRAM)
+    tree["tests/test_kettle.py"] = (
+        "from kettle import boil_water\n\n\n"
+        "def test_whistle_after_boiling():\n"
+        '    """The kettle whistles once the water has boiled, and never before."""\n'
+        "    assert boil_water(1) == 100\n")
+    root = make_tree(tmp_path / "prog", tree)
+    index = build_index(str(root), [], 1_000_000, 80, None)
+    config = compose(["select=hybrid"]).select
+    assert 0 < config.test_weight < 1 and compose(["select=question"]).select.test_weight < config.test_weight
+    stage = build_graph(compose(["select=hybrid", f"paths.cache={tmp_path / 'cache'}", "select.progress=false"])
+                        ).instantiate().nodes["select"].stage
+    assert stage.run(index, "Where is the water boiled in the kettle?")["selection"].files[0] == "kettle.py"
+    asked = "Which test checks that the kettle whistles once the water has boiled, never before?"
+    assert stage.run(index, asked)["selection"].files[0] == "tests/test_kettle.py"
+    # the weight is what puts the test behind: weighed to nothing, the test file drops out of the top
+    stage.test_weight = 0.0
+    assert stage.run(index, asked)["selection"].files[0] != "tests/test_kettle.py"
+
+
 def test_window_vectors_are_cached_per_window_text_and_a_corrupt_cache_heals(tmp_path, make_tree, monkeypatch, caplog):
     from stages.common import dense
     from stages.index import build_index
