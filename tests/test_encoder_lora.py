@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.encoder_lora import LoRA, ProgramTexts, embed, fit, recall
+from bench.encoder_lora import LoRA, ProgramTexts, embed, fit, mine, recall
 from bench.query_map import EVALUATED, PHRASINGS
 from pipeline.errors import InputError
 from stages.common import dense, encoder_lora
@@ -159,8 +159,20 @@ def test_fitting_moves_questions_to_the_windows_they_describe():
     windows = [f"def {c}(): return {c}" for c in codes]
     questions = [[w] * len(PHRASINGS) for w in words]
     program = ProgramTexts("synthetic", windows, questions, [[i] for i in range(len(words))],
-                           [[int(j)] for j in rng.permutation(len(words))])
+                           [[int(j)] for j in rng.permutation(len(words))], [f"{c}.py" for c in codes])
     model, tokenizer = _tiny_bert(), _tokenizer()
-    before = recall(model, tokenizer, program, k=1)
+    before, _ = recall(model, tokenizer, program, k=1)
     fit(model, tokenizer, [program], steps=80, batch=12, lr=1e-2, tau=0.05, rank=4, alpha=8.0, seed=0)
-    assert recall(model, tokenizer, program, k=1) >= max(0.75, before + 0.4)
+    windows, files = recall(model, tokenizer, program, k=1)
+    assert windows >= max(0.75, before + 0.4) and files == windows  # one window a file
+
+
+def test_mined_negatives_are_the_nearest_windows_of_other_files_that_do_not_repeat_the_answer():
+    windows = ["def boil(): ...", "def boil_fast(): ...", "def pour(): ...", "def boil(): ...", "def steep(): ..."]
+    files = ["kettle.py", "kettle.py", "cup.py", "copy.py", "pot.py"]
+    program = ProgramTexts("p", windows, [["boil the water"] * len(PHRASINGS)], [[0]], [[1]], files)
+    vectors = np.eye(5, dtype=np.float32)
+    # the question sits nearest its own file (0, 1), then a copy of its answer (3), then pot.py, then cup.py
+    asked = np.tile(np.array([0.9, 0.8, 0.1, 0.7, 0.3], dtype=np.float32), (1, len(PHRASINGS), 1))
+    assert mine(program, vectors, asked, 2) == [[4, 2]]
+    assert mine(program, vectors, asked, 9) == [[4, 2]]  # fewer than asked for: all there are
