@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mined", type=int, default=0,
-                        help="per question, draw one more negative from the N windows of other files nearest to it")
+    parser.add_argument("--mined", type=int, default=8,
+                        help="per question, one more negative from the N windows of other files nearest to it (0: none)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     started = time.perf_counter()
