@@ -1,16 +1,18 @@
 """Fit `select.encoder_adapter`: a LoRA delta of the MiniLM sentence encoder that puts questions next to code.
 
-    python -m bench.encoder_lora                       # the shipped adapter, from the default programs below
+    python -m bench.encoder_lora --programs "$TRAIN" --validate hydra,alembic,markdown_it,optuna  # the shipped one
+    # TRAIN: the 11 programs of its meta (README, select.encoder_adapter); without --programs: bench.query_map's 15
     python -m bench.encoder_lora --programs joblib,anyio --validate hydra --out /tmp/lora.npz
 
 Training data is `bench.query_map`'s (never the README's evaluation programs): each program's docstring questions
 and its stripped copy (the documented docstrings removed), every window embedded as `select=hybrid` embeds it. A
 step takes `--batch` questions of one program, each in a random one of the eval's three phrasings, one window that
-answers it and one that does not from the same file (a hard negative), with `--mined` also one window of another file
-that the plain encoder ranks among the `--mined` nearest to the question (a mined negative: the files that a question
-is confused with), and minimises InfoNCE (temperature `--tau`) of each question against all windows of the step. Only the LoRA matrices train (rank `--rank`, on the attention and
-feed-forward layers of all six blocks; B starts at zero, so step 0 is the plain encoder). `--validate` programs are
-left out of training and scored (windows' recall@5 by the dense similarity alone) before and after.
+answers it, one that does not from the same file (a hard negative) and one of the `--mined` windows of other files
+that the plain encoder ranks nearest to the question (a mined negative: the files a question is confused with), and
+minimises InfoNCE (temperature `--tau`) of each question against all windows of the step. Only the LoRA matrices
+train (rank `--rank`, on the attention and feed-forward layers of all six blocks; B starts at zero, so step 0 is the
+plain encoder). `--validate` programs are left out of training and scored (windows' and files' recall@5 by the dense
+similarity alone) before and after.
 """
 from __future__ import annotations
 

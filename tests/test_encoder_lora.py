@@ -160,6 +160,7 @@ def test_fitting_moves_questions_to_the_windows_they_describe():
     questions = [[w] * len(PHRASINGS) for w in words]
     program = ProgramTexts("synthetic", windows, questions, [[i] for i in range(len(words))],
                            [[int(j)] for j in rng.permutation(len(words))], [f"{c}.py" for c in codes])
+    program.mined = [[(i + 1) % len(words), (i + 2) % len(words)] for i in range(len(words))]  # the fit draws them too
     model, tokenizer = _tiny_bert(), _tokenizer()
     before, _ = recall(model, tokenizer, program, k=1)
     fit(model, tokenizer, [program], steps=80, batch=12, lr=1e-2, tau=0.05, rank=4, alpha=8.0, seed=0)
