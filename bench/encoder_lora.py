@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.query_map import PHRASINGS, PROGRAMS, ProgramPairs, labelled, recall_at, version
+from bench.query_map import PHRASINGS, PROGRAMS, ProgramPairs, embedded, labelled, top_k, version
 
 
 @dataclasses.dataclass
@@ -41,17 +41,14 @@ class ProgramTexts:
 
 
 def texts(name: str, work: Path, cache: Path, mined: int = 0) -> ProgramTexts:
-    from stages.common.dense import encoder, window_text, window_vectors
+    from stages.common.dense import encoder, window_text
 
     program = labelled(name, work, cache, "bench.encoder_lora")
     windows = program.index.windows
     out = ProgramTexts(program.name, [window_text(program.index, w) for w in windows], program.asked,
                        program.positives, program.same_file, [w.path for w in windows])
     if mined:
-        enc = encoder()  # the plain encoder: training starts from it
-        vectors = window_vectors(program.index, enc, 128, cache, progress=False)
-        asked = np.stack([enc.encode([a[j] for a in program.asked], 128) for j in range(len(PHRASINGS))], 1)
-        out.mined = mine(out, vectors, asked, mined)
+        out.mined = mine(out, *embedded(program, encoder(), cache), mined)  # the plain encoder: training starts from it
     return out
 
 
@@ -110,7 +107,7 @@ def embed(model, tokenizer, batch: list[str], grad: bool):
 
 
 def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> tuple[float, float]:
-    """Windows' and files' recall@k of the questions under ``model``'s vectors alone (windows' as
+    """Windows' and files' recall@k of the questions under ``model``'s vectors alone (the same top k as
     bench.query_map.recall_at, no map; files': a top-k window lies in the question's file)."""
     import torch
 
@@ -122,12 +119,12 @@ def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> tuple[float, 
         windows = vectors(program.windows)
         asked = np.stack([vectors([q[j] for q in program.questions]) for j in range(len(PHRASINGS))], 1)
     identity = np.eye(windows.shape[1], dtype=np.float32)
-    files = []
-    for j in range(len(PHRASINGS)):
-        top = np.argsort(-(asked[:, j] @ windows.T), axis=1, kind="stable")[:, :k]
-        files += [program.files[pos[0]] in {program.files[i] for i in row} for row, pos in zip(top, program.positives)]
-    return (recall_at(identity, ProgramPairs(program.name, windows, asked, program.positives), k),
-            float(np.mean(files)) if files else 0.0)
+    pairs = ProgramPairs(program.name, windows, asked, program.positives)
+    tops = [(row.tolist(), pos) for top in top_k(identity, pairs, k) for row, pos in zip(top, program.positives)]
+    if not tops:
+        return 0.0, 0.0
+    return (float(np.mean([bool(set(row) & set(pos)) for row, pos in tops])),
+            float(np.mean([program.files[pos[0]] in {program.files[i] for i in row} for row, pos in tops])))
 
 
 def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, lr: float, tau: float, rank: int,

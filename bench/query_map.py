@@ -89,23 +89,30 @@ def labelled(name: str, work: Path, cache: Path, tool: str = "bench.query_map") 
     return Labelled(root.name, index, asked, positives, same_file)
 
 
-def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
+def embedded(program: Labelled, enc, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``program``'s window vectors (windows, dim) and its questions' (questions, phrasings, dim) under ``enc``."""
     from stages.common.dense import window_vectors
 
-    program = labelled(name, work, cache)
     windows = window_vectors(program.index, enc, 128, cache, progress=False)
-    vectors = np.stack([enc.encode([a[j] for a in program.asked], 128) for j in range(len(PHRASINGS))], 1)
-    return ProgramPairs(program.name, windows, vectors, program.positives)
+    return windows, np.stack([enc.encode([a[j] for a in program.asked], 128) for j in range(len(PHRASINGS))], 1)
+
+
+def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
+    program = labelled(name, work, cache)
+    return ProgramPairs(program.name, *embedded(program, enc, cache), program.positives)
+
+
+def top_k(matrix: np.ndarray, program: ProgramPairs, k: int = 5) -> list[np.ndarray]:
+    """Per phrasing, each question's ``k`` best windows (rows of window positions) under the mapped vectors."""
+    from stages.common.querymap import apply
+
+    return [np.argsort(-(apply(matrix, program.questions[:, j]) @ program.windows.T), axis=1, kind="stable")[:, :k]
+            for j in range(len(PHRASINGS))]
 
 
 def recall_at(matrix: np.ndarray, program: ProgramPairs, k: int = 5) -> float:
-    from stages.common.querymap import apply
-
-    hits = []
-    for j in range(len(PHRASINGS)):
-        scores = apply(matrix, program.questions[:, j]) @ program.windows.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        hits += [bool(set(row.tolist()) & set(pos)) for row, pos in zip(top, program.positives)]
+    hits = [bool(set(row.tolist()) & set(pos)) for top in top_k(matrix, program, k)
+            for row, pos in zip(top, program.positives)]
     return float(np.mean(hits)) if hits else 0.0
 
 
