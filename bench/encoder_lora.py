@@ -7,11 +7,11 @@
 Training data is `bench.query_map`'s (never the README's evaluation programs): each program's docstring questions
 and its stripped copy (the documented docstrings removed), every window embedded as `select=hybrid` embeds it. A
 step takes `--batch` questions of one program, each in a random one of the eval's three phrasings, one window that
-answers it, one that does not from the same file (a hard negative) and one of the `--mined` windows of other files
-that the plain encoder ranks nearest to the question (a mined negative: the files a question is confused with), and
-minimises InfoNCE (temperature `--tau`) of each question against all windows of the step. Only the LoRA matrices
-train (rank `--rank`, on the attention and feed-forward layers of all six blocks; B starts at zero, so step 0 is the
-plain encoder). `--validate` programs are left out of training and scored (windows' and files' recall@5 by the dense
+answers it, one that does not from the same file (a hard negative) and `--draws` of the `--mined` windows of other
+files that the plain encoder ranks nearest to the question (mined negatives: the files a question is confused with),
+and minimises InfoNCE (temperature `--tau`) of each question against all windows of the step (rate `--lr`, constant or
+`--schedule cosine`). Only the LoRA matrices train (rank `--rank`, on the attention and feed-forward layers of all
+six blocks; B starts at zero, so step 0 is the plain encoder). `--validate` programs are left out of training and scored (windows' and files' recall@5 by the dense
 similarity alone) before and after.
 """
 from __future__ import annotations
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=1, help="how many of the --mined windows each step draws")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning rate")
     args = parser.parse_args(argv)
+    if args.draws < 0 or args.mined < 0 or args.steps < 1:
+        parser.error("--draws and --mined must be >= 0 and --steps >= 1")
     work = Path(args.work)
     started = time.perf_counter()
     train = [texts(n, work, work / "cache", args.mined) for n in args.programs.split(",") if n]
