@@ -165,3 +165,31 @@ def test_api_prompts_that_look_like_interpolations_stay_text():
     for prompt in ["What does ${paths.root} resolve to?", "Explain ${oops", "a\\${b} 'c'"]:
         cfg = compose([f"prompt={_literal(prompt)}"])
         assert OmegaConf.to_container(cfg, resolve=True)["prompt"] == prompt
+
+
+def test_candidate_ceilings_read_from_eval_reports(question_set, tmp_path, capsys):
+    """bench.candidates: the share of questions whose file select passed on bounds what a reranker can reach at @k."""
+    from bench.candidates import ceilings, main
+
+    base, program, questions = question_set
+    _, _, report = evaluate(base, program, questions, "select.top_k=2", "eval.k=1", run_dir=tmp_path)
+    row = ceilings(report)
+    ours = report["metrics"]["ours"]
+    assert row["questions"] == 8 and row["ours@1"] == ours["file_recall@1"] and row["bm25@1"] == report["metrics"]["bm25"]["file_recall@1"]
+    ranks = [q["ours"]["file_rank"] for q in report["per_question"]]
+    assert all(r is None or r <= 2 for r in ranks)  # select.top_k=2: two candidate files at most
+    assert row["ours_candidates"] == sum(r is not None for r in ranks) / 8 >= row["ours@1"]
+    assert row["union_bm25@8"] >= row["ours_candidates"]
+    assert main([str(tmp_path / "eval.json")]) == 0
+    assert "qs bare" in capsys.readouterr().out  # the question set's folder and the phrasing name the job
+    # the union counts a question that only BM25's first files hold, and none that both miss
+    crafted = {"k": 5, "per_question": [{"ours": {"file_rank": 3}, "bm25": {"file_rank": None}},
+                                        {"ours": {"file_rank": None}, "bm25": {"file_rank": 7}},
+                                        {"ours": {"file_rank": None}, "bm25": {"file_rank": 12}},
+                                        {"ours": {"file_rank": 6}, "bm25": {"file_rank": 1}}]}
+    assert ceilings(crafted) == {"questions": 4, "ours@5": 0.25, "ours_candidates": 0.5, "bm25@5": 0.25,
+                                 "union_bm25@8": 0.75}
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"k": 5')
+    assert main([str(broken)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {broken}: not an eval report")
