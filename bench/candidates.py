@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bm25_files < 1:
         parser.error("--bm25-files must be at least 1")
-    lines = []
+    lines: list[str] = []
     for path in args.reports:
         try:
             report = json.loads(Path(path).read_text(encoding="utf-8"))
