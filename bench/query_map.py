@@ -66,6 +66,7 @@ def labelled(name: str, work: Path, cache: Path, tool: str = "bench.query_map") 
     """The question generator's questions of ``name``'s stripped copy (never a README evaluation program)."""
     from omegaconf import OmegaConf
 
+    from pipeline.errors import PipelineError
     from stages.common.evaluation import load_questions, phrase
     from stages.common.scoring import window_fields
     from stages.index import IndexProgram
@@ -74,8 +75,11 @@ def labelled(name: str, work: Path, cache: Path, tool: str = "bench.query_map") 
     root = site_root(name)
     if root.name in EVALUATED:
         raise SystemExit(f"{tool}: '{root.name}' is an evaluation program of the README; train on others")
-    made = DocstringQuestions(out=str(work / root.name)).run(None, str(root))  # type: ignore[arg-type]
-    index = IndexProgram(cache_dir=str(cache), progress=False).run(made["program"])["index"]
+    try:
+        made = DocstringQuestions(out=str(work / root.name)).run(None, str(root))  # type: ignore[arg-type]
+        index = IndexProgram(cache_dir=str(cache), progress=False).run(made["program"])["index"]
+    except PipelineError as err:  # a package that cannot be a training program: say which, in one line
+        raise SystemExit(f"{tool}: '{name}' cannot be used: {err}") from err
     templates = list(OmegaConf.load(CONF_DIR / "eval" / "default.yaml").templates)
     by_path = window_fields(index).by_path  # window positions per file: a question's positives are in its file
     asked, positives, same_file = [], [], []

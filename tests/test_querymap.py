@@ -136,3 +136,14 @@ def test_a_written_map_has_the_same_bytes_for_the_same_matrix(tmp_path):
     querymap.write(tmp_path / "a.npz", np.eye(3), {"epochs": 1})
     querymap.write(tmp_path / "b.npz", np.eye(3), {"epochs": 1})
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_a_program_without_questions_is_refused_in_one_line(tmp_path):
+    """The fitting tools name the program that cannot give training questions (a shim package, no docstrings)."""
+    from bench.query_map import labelled
+
+    root = tmp_path / "shim"
+    root.mkdir()
+    (root / "__init__.py").write_text("from real import *\n")
+    with pytest.raises(SystemExit, match=rf"^bench.encoder_lora: '{root}' cannot be used: .*no documented def/class"):
+        labelled(str(root), tmp_path / "work", tmp_path / "cache", "bench.encoder_lora")
