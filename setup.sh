@@ -18,5 +18,5 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     echo "setup.sh: no chromium (sudo apt-get install -y chromium); the report's browser test will be skipped" >&2
   fi
 fi
-.venv/bin/python -c "import torch, transformers, hydra, peft, stages, pipeline; from stages.common.dense import model_dir; model_dir()" \
+.venv/bin/python -c "import torch, transformers, hydra, peft, stages, pipeline; from stages.common.retrieval.dense import model_dir; model_dir()" \
   || { echo "setup.sh: installation is incomplete" >&2; exit 1; }

@@ -48,8 +48,8 @@ def _python(code: str, timeout: int = 900) -> dict:
 # 1 -------------------------------------------------------------------------------------------------------------
 def overhead() -> dict:
     """Wall time of one answer vs the time spent inside the model's forward passes."""
-    from pipeline import api, resources
-
+    from pipeline import api
+    from pipeline.engine import resources
     args = ["program_root=" + str(PROGRAM_80), "prompt=How does Hydra compose the config from the defaults list?",
             "decode.max_new_tokens=128", "decode.min_new_tokens=128"]
     api.run(args)  # warm: model, index and build artifacts cached, as for a user's second question
@@ -199,7 +199,7 @@ import json, os, sys, time
 t = time.perf_counter()
 from pathlib import Path
 from stages.index import build_index
-from pipeline.execute import peak_rss_mb
+from pipeline.engine.execute import peak_rss_mb
 imports = time.perf_counter() - t
 t = time.perf_counter()
 index = build_index({root!r}, {ignore!r}, 1_000_000, 80, Path({cache!r}))
@@ -213,8 +213,8 @@ print(json.dumps({{"s": seconds, "imports": imports, "files": len(index.files), 
 def indexing() -> list[dict]:
     """sympy (~1,500 .py files): cold index (parsing in worker processes) vs the bare single-process ast.parse loop,
     interleaved twice in this run (best of each); then the unchanged tree in a new process (only its on-disk index)."""
-    from pipeline import resources
-    from stages.common.pyfacts import available_cores
+    from pipeline.engine import resources
+    from stages.common.program.pyfacts import available_cores
     from stages.index import build_index
 
     files = sorted(p for p in TREE_2000.rglob("*.py") if "__pycache__" not in p.parts)
@@ -280,9 +280,9 @@ def mix_vs_peft() -> list[dict]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from stages.common.adapters import TARGETS, infer_targets
-    from stages.common.mixing import AdapterMix, MixSettings
-    from stages.common.synthesis import synthesize
+    from stages.common.adapters.factors import TARGETS, infer_targets
+    from stages.common.adapters.mixing import AdapterMix, MixSettings
+    from stages.common.adapters.synthesis import synthesize
     from stages.model import SmolLM2
 
     lm = SmolLM2(cache_dir=str(PROJECT_ROOT / "outputs" / "cache" / "models")).run()["lm"]
@@ -348,21 +348,22 @@ def retrieval() -> dict:
 # a fresh process with every import an answer makes, then its RSS: the floor's first part (ours and the peer alike)
 _FRESH_PROCESS = """
 import json, sys
-from pipeline.execute import peak_rss_mb
+from pipeline.engine.execute import peak_rss_mb
 def rss_mb():
     with open("/proc/self/status") as status:
         return next(int(l.split()[1]) / 1024 for l in status if l.startswith("VmRSS:"))
 import torch, transformers, numpy, networkx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama import modeling_llama
-from pipeline import api, resources
+from pipeline import api
+from pipeline.engine import resources
 import stages.model, stages.decode, stages.mix, stages.index, stages.pack, stages.select, stages.scaffold
 imports = rss_mb()
 """
 _RSS_CODE = _FRESH_PROCESS + """
 _, result = api.run(["program_root={root}", "prompt=How are config groups composed?", "decode.max_new_tokens=64", *{extra!r}])
 lm = resources.values("model")[-1]
-from stages.common.precision import weight_bytes
+from stages.common.generation.precision import weight_bytes
 nodes = [(t.node, t.peak_rss_mb) for t in result.trace if t.status == "ok"]
 prompt = result.output("leadsim", "prompt") or result.output("scaffold", "prompt")
 print(json.dumps({{"peak": peak_rss_mb(), "imports": imports, "weights": weight_bytes(lm.model) / 2**20, "nodes": nodes,
@@ -463,7 +464,7 @@ def _copy_bandwidth() -> float:
 def _bytes_per_token(lm, context: int) -> tuple[int, int]:
     """Weights read for one token (every parameter once: the tied LM head reads the embedding table) and the KV cache
     read at ``context`` positions."""
-    from stages.common.precision import weight_bytes
+    from stages.common.generation.precision import weight_bytes
 
     cfg = lm.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -485,10 +486,11 @@ def decode_floor() -> list[dict]:
     import numpy as np
     import torch
 
-    from pipeline import api, resources
-    from stages.common.adapters import TARGETS, infer_targets
-    from stages.common.mixing import AdapterMix, MixSettings
-    from stages.common.synthesis import synthesize
+    from pipeline import api
+    from pipeline.engine import resources
+    from stages.common.adapters.factors import TARGETS, infer_targets
+    from stages.common.adapters.mixing import AdapterMix, MixSettings
+    from stages.common.adapters.synthesis import synthesize
 
     # ours unmixed (synth=none), like the peer: this row weighs the decode's own machinery (lead choice, grounding
     # processors, reply stops); what a mixed adapter costs per token is the mix-mode rows' business
@@ -560,8 +562,8 @@ def _precisions() -> list[tuple[str, list[str]]]:
 def precision() -> list[dict]:
     """Weight dtype and int8 quantization: prefill seconds and decode tokens/s of plain generate on our prompt, and
     held-out program perplexity (pipeline=perplexity, plain and mixed) — an option is kept only within 2% of float32."""
-    from pipeline import api, resources
-
+    from pipeline import api
+    from pipeline.engine import resources
     measured = {}
     ids: list[int] = []
     precisions = _precisions()

@@ -41,7 +41,7 @@ class ProgramTexts:
 
 
 def texts(name: str, work: Path, cache: Path, mined: int = 0) -> ProgramTexts:
-    from stages.common.dense import encoder, window_text
+    from stages.common.retrieval.dense import encoder, window_text
 
     program = labelled(name, work, cache, "bench.encoder_lora")
     windows = program.index.windows
@@ -72,7 +72,7 @@ class LoRA:
     def __init__(self, model, rank: int, alpha: float, seed: int):
         import torch
 
-        from stages.common.encoder_lora import TARGETS
+        from stages.common.retrieval.encoder_lora import TARGETS
 
         generator = torch.Generator().manual_seed(seed)
         self.scale = alpha / rank
@@ -99,7 +99,7 @@ class LoRA:
 def embed(model, tokenizer, batch: list[str], grad: bool):
     import torch
 
-    from stages.common.dense import mean_pool
+    from stages.common.retrieval.dense import mean_pool
 
     enc = tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.set_grad_enabled(grad):
@@ -167,8 +167,8 @@ def fit(model, tokenizer, programs: list[ProgramTexts], steps: int, batch: int, 
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModel, AutoTokenizer
 
-    from stages.common.dense import model_dir
-    from stages.common.encoder_lora import SHIPPED, write
+    from stages.common.retrieval.dense import model_dir
+    from stages.common.retrieval.encoder_lora import SHIPPED, write
 
     parser = argparse.ArgumentParser(prog="python -m bench.encoder_lora", description=__doc__.splitlines()[0])
     parser.add_argument("--programs", default=PROGRAMS, help="installed packages or folders to train on")

@@ -64,7 +64,7 @@ def run(programs: list[str], variants: list[str], out: Path, steps: int, extra: 
     from hydra import compose, initialize_config_dir
 
     import pipeline
-    from pipeline.graph import build_graph
+    from pipeline.engine.graph import build_graph
     from stages.index import build_index
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def _line(row: dict) -> str:
 
 
 def report(path: Path) -> None:
-    from stages.common.curves import plot_curves
+    from stages.common.adapters.curves import plot_curves
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in rows:

@@ -66,9 +66,9 @@ def labelled(name: str, work: Path, cache: Path, tool: str = "bench.query_map") 
     """The question generator's questions of ``name``'s stripped copy (never a README evaluation program)."""
     from omegaconf import OmegaConf
 
-    from pipeline.errors import PipelineError
-    from stages.common.evaluation import load_questions, phrase
-    from stages.common.scoring import window_fields
+    from pipeline.engine.errors import PipelineError
+    from stages.common.retrieval.evaluation import load_questions, phrase
+    from stages.common.retrieval.scoring import window_fields
     from stages.index import IndexProgram
     from stages.questions import DocstringQuestions
 
@@ -95,7 +95,7 @@ def labelled(name: str, work: Path, cache: Path, tool: str = "bench.query_map") 
 
 def embedded(program: Labelled, enc, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """``program``'s window vectors (windows, dim) and its questions' (questions, phrasings, dim) under ``enc``."""
-    from stages.common.dense import window_vectors
+    from stages.common.retrieval.dense import window_vectors
 
     windows = window_vectors(program.index, enc, 128, cache, progress=False)
     return windows, np.stack([enc.encode([a[j] for a in program.asked], 128) for j in range(len(PHRASINGS))], 1)
@@ -108,7 +108,7 @@ def pairs(name: str, work: Path, cache: Path, enc) -> ProgramPairs:
 
 def top_k(matrix: np.ndarray, program: ProgramPairs, k: int = 5) -> list[np.ndarray]:
     """Per phrasing, each question's ``k`` best windows (rows of window positions) under the mapped vectors."""
-    from stages.common.querymap import apply
+    from stages.common.retrieval.querymap import apply
 
     return [np.argsort(-(apply(matrix, program.questions[:, j]) @ program.windows.T), axis=1, kind="stable")[:, :k]
             for j in range(len(PHRASINGS))]
@@ -170,8 +170,8 @@ def version(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.common.dense import encoder
-    from stages.common.querymap import SHIPPED, write
+    from stages.common.retrieval.dense import encoder
+    from stages.common.retrieval.querymap import SHIPPED, write
 
     parser = argparse.ArgumentParser(prog="python -m bench.query_map", description=__doc__.splitlines()[0])
     parser.add_argument("--programs", default=PROGRAMS, help="installed packages or folders to train on")

@@ -15,13 +15,13 @@ if not OmegaConf.has_resolver("project_root"):
 
 def generate_answer(*args, **kwargs):
     """See `pipeline.api.generate_answer` (imported lazily: importing the framework stays cheap)."""
-    from .api import generate_answer as impl
+    from pipeline.api import generate_answer as impl
 
     return impl(*args, **kwargs)
 
 
 def retrieve(*args, **kwargs):
     """See `pipeline.api.retrieve`."""
-    from .api import retrieve as impl
+    from pipeline.api import retrieve as impl
 
     return impl(*args, **kwargs)

@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from . import CONF_DIR
-from .app import result_value, run_config
-from .cli import follow_renamed, text_override_value
-from .errors import ConfigError
-from .execute import RunResult
+from pipeline import CONF_DIR
+from pipeline.app import result_value, run_config
+from pipeline.cli import text_override_value
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.execute import RunResult
 
 _COMPOSE = threading.Lock()
 
@@ -89,7 +89,7 @@ def compose(overrides: list[str], config_name: str = "config"):
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                return hydra_compose(config_name, overrides=follow_renamed(overrides))
+                return hydra_compose(config_name, overrides=list(overrides))
         except (HydraException, OmegaConfBaseException) as err:
             raise ConfigError(str(err).splitlines()[0]) from err
         finally:

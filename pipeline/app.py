@@ -11,18 +11,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .cache import write_atomic
-from .errors import PipelineError
-from .execute import RunResult, execute
-from .graph import Graph, build_graph
-from .stage import RunContext
+from pipeline.engine.cache import write_atomic
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.execute import RunResult, execute
+from pipeline.engine.graph import Graph, build_graph
+from pipeline.engine.stage import RunContext
 
 log = logging.getLogger(__name__)
 
 
 def as_text(value: str) -> str:
     """A string to put in a config that stays text: OmegaConf would read ``${...}`` as an interpolation."""
-    from .cli import escape_interpolation
+    from pipeline.cli import escape_interpolation
 
     return escape_interpolation(value)
 
@@ -55,7 +55,7 @@ def trace_of(graph: Graph, overrides: list[str], context: RunContext) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _graph_section(name: str) -> DictConfig:
-    from .api import compose
+    from pipeline.api import compose
 
     return compose([f"pipeline={name}"]).pipeline
 
@@ -134,8 +134,7 @@ class Console:
 
 @contextlib.contextmanager
 def console(stream: Any):
-    from . import resources
-
+    from pipeline.engine import resources
     lent = Console(stream) if stream is not None else None
     previous = resources.get("console", "stream")
     resources.put("console", "stream", lent)
@@ -150,8 +149,8 @@ def write_report(cfg: DictConfig, run_dir: Path) -> Path | None:
     section = cfg.get("report")
     if section is None or str(section.get("format", "none")) != "html" or not (run_dir / "trace.json").is_file():
         return None
-    from .report import write_run_report
-    from .runfolder import ReportError, settings_of
+    from pipeline.report import write_run_report
+    from pipeline.runfolder import ReportError, settings_of
 
     try:
         return write_run_report(run_dir, settings_of(cfg))

@@ -1,7 +1,7 @@
 """`python -m pipeline.chat program_root=<tree> [overrides]` (`pca-chat`): question after question, one process.
 
 The model, the program's index and its adapters are loaded by the first question and reused by every later one
-(`pipeline/resources.py`). Each question runs the composed graph into its own folder under the session folder,
+(`pipeline/engine/resources.py`). Each question runs the composed graph into its own folder under the session folder,
 with its report; on a terminal the answer streams as it decodes. After the checks, an answer that is grounded
 (telemetry `grounded`, or at least one valid citation where a run does not report it) is printed with the code of
 the windows it cites; one that is not says "I could not find this in the program" instead of guessing.
@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from pipeline import CONF_DIR
 from pipeline.app import as_text, console, run_config, write_report
 from pipeline.cli import launch, text_override_value, usage
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 
 NOT_FOUND = "I could not find this in the program."
 MAX_LINES_SHOWN = 30

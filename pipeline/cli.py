@@ -64,26 +64,11 @@ def _already_quoted(value: str) -> list[str] | None:
     return texts if all(isinstance(t, str) for t in texts) else None
 
 
-def follow_renamed(overrides: Iterable[str]) -> list[str]:
-    """Overrides of a renamed node (``pipeline.nodes.prompt.…``, conf/renamed.yaml) address the new name, with a
-    warning, for one release."""
-    from .graph import renamed, renamed_names
-
-    out = []
-    for arg in overrides:
-        match = re.match(r"^([+~]{0,2}pipeline\.nodes\.)(\w+)(\..*|=.*)?$", arg, re.S)
-        if match and match.group(2) in renamed_names()["nodes"]:
-            arg = match.group(1) + renamed("nodes", match.group(2), f"override '{arg.split('=')[0]}'") \
-                + (match.group(3) or "")
-        out.append(arg)
-    return out
-
-
 def prepare_argv(argv: Iterable[str]) -> list[str]:
     """Quote free-text values for Hydra. A value already quoted for Hydra ('q1','q2' sweeps two questions)
-    keeps its meaning but is re-escaped, so that no question is ever interpolated. Renamed nodes are followed."""
+    keeps its meaning but is re-escaped, so that no question is ever interpolated."""
     out = []
-    for arg in follow_renamed(argv):
+    for arg in argv:
         key = _free_text_key(arg)
         if key is None:
             out.append(arg)
@@ -115,7 +100,7 @@ def _config_keys(config_name: str, overrides: list[str]) -> list[str]:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from . import CONF_DIR
+    from pipeline import CONF_DIR
 
     groups = [o for o in overrides if "=" in o and not o.startswith(("+", "~")) and "." not in o.split("=", 1)[0]
               and (CONF_DIR / o.split("=", 1)[0]).is_dir()]
@@ -230,7 +215,7 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
 
 def usage(command: str, what: str, examples: list[str], groups: Iterable[str] = ()) -> str:
     """A short usage: the command, the common keys, the common groups with their options (read from conf/)."""
-    from . import CONF_DIR
+    from pipeline import CONF_DIR
 
     lines = [f"usage: {command} [key=value ...] [group=option ...] [-m for a sweep]", "", what, "",
              "  program_root=<folder>   the program (source tree) to ask about; default: this project",

@@ -23,9 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .cache import write_atomic
-from .htmlkit import SORT_JS, bar_chart, dag_svg, esc, fmt, heatmap, highlight, key_values, page, table
-from .runfolder import (
+from pipeline.engine.cache import write_atomic
+from pipeline.htmlkit import SORT_JS, bar_chart, dag_svg, esc, fmt, heatmap, highlight, key_values, page, table
+from pipeline.runfolder import (
     CONFIG_ERRORS,
     ReportError,
     RunFolder,
@@ -387,7 +387,7 @@ def write_run_report(folder: str | Path, settings: dict | None = None) -> Path:
 
 
 def render_sweep(folder: Path, settings: dict) -> str:
-    from .summary import KEY_COLUMNS, find_jobs, read_job, shown_columns, split_overrides
+    from pipeline.summary import KEY_COLUMNS, find_jobs, read_job, shown_columns, split_overrides
 
     jobs = find_jobs(folder)
     rows = [read_job(job) for job in jobs]
@@ -437,7 +437,7 @@ def _raw_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_sweep_report(folder: str | Path, settings: dict | None = None) -> Path:
     """The sweep's report.html; a job without a report gets one first (so every row links to one)."""
-    from .summary import SummaryError, find_jobs
+    from pipeline.summary import SummaryError, find_jobs
 
     folder = Path(folder)
     try:

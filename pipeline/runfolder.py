@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import CONF_DIR
+from pipeline import CONF_DIR
 
 MAX_PROGRAM_FILE_BYTES = 4_000_000
 

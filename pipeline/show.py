@@ -12,8 +12,8 @@ import networkx as nx
 from omegaconf import DictConfig
 
 from pipeline import CONF_DIR
-from pipeline.errors import PipelineError
-from pipeline.graph import INPUTS, Graph, build_graph
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.graph import INPUTS, Graph, build_graph
 
 
 def describe(graph: Graph) -> str:

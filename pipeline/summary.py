@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import CONF_DIR
+from pipeline import CONF_DIR
 
 # which result files a job may hold and which values are shown: data in conf/summary.yaml (stages' names, not ours)
 SETTINGS = yaml.safe_load((CONF_DIR / "summary.yaml").read_text(encoding="utf-8"))

@@ -1,1 +1,1 @@
-"""The steps of pca-pipeline, one module each. A stage imports `pipeline.stage` and `stages.common` only."""
+"""The steps of pca-pipeline, one module each. A stage imports `pipeline.engine.stage` and `stages.common` only."""

@@ -1,7 +1,7 @@
 """Build artifacts (SPEC §2): locate the folder of (program, build config, model), store it, load it.
 
 A folder is keyed by what made it (``artifact_key``): the program's index fingerprint (its files and the indexing
-code), the build config, the model's shapes, and the source fingerprint (pipeline/cache.py) of the code that writes
+code), the build config, the model's shapes, and the source fingerprint (pipeline/engine/cache.py) of the code that writes
 the folder (this module) and of every stage the build config names with a ``_target_`` (embed, synth): an edit to
 synthesis or fitting code is a new key, so a stale adapter is never reused.
 
@@ -21,12 +21,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir, source_fingerprint
-from pipeline.errors import InputError
-from pipeline.stage import Stage
-from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz, save_npz
-from stages.common.curves import write_curve
-from stages.common.program import read_small
+from pipeline.engine.cache import clean_stale_partials, discard, fingerprint, publish_dir, source_fingerprint
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage import Stage
+from stages.common.adapters.curves import write_curve
+from stages.common.adapters.factors import AdapterSet, check_factors, factor_check, infer_targets, load_npz, save_npz
+from stages.common.program.walk import read_small
 from stages.common.types import ArtifactLocation, Artifacts, LanguageModel, ProgramEmbedding, ProgramIndex
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 
 import numpy as np
 
-from pipeline.stage import Range, Stage
-from stages.common.evaluation import QuestionSet, Record, SystemRun
-from stages.common.text import tokens
+from pipeline.engine.stage import Range, Stage
+from stages.common.program.text import tokens
+from stages.common.retrieval.evaluation import QuestionSet, Record, SystemRun
 from stages.common.types import ProgramIndex
 
 _PLAIN = re.compile(r"(?u)\b\w\w+\b")  # bm25s.tokenize's default token pattern

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
-from pipeline.errors import ConfigError
-from pipeline.stage import Range, Stage
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.knobs import parse_weights
 from stages.common.types import Capacity, ProgramIndex, Selection
-from stages.common.weights import parse_weights
 
 Unit = Annotated[float, Range(ge=0, le=1)]
 

@@ -6,7 +6,7 @@ attempt is the answer.
 """
 from __future__ import annotations
 
-from pipeline.stage import Stage
+from pipeline.engine.stage import Stage
 from stages.common.types import Answer, CitationReport, Draft
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pipeline.stage import Range, Stage
-from stages.common.citations import check
-from stages.common.identifiers import NameCheck
+from pipeline.engine.stage import Range, Stage
+from stages.common.grounding.citations import check
+from stages.common.grounding.identifiers import NameCheck
 from stages.common.types import CitationReport, Draft, Evidence, ProgramIndex
 
 

@@ -2,7 +2,7 @@
 
 For every question of a SPEC §9 set, with no evidence in the prompt, every definition name of the program is
 scored by the model's likelihood of answering with it (one prompt forward, candidates packed over its KV cache:
-`stages.common.continuations`), and the gold definition's rank is recorded. Wired to `model.lm` it measures the plain
+`stages.common.generation.continuations`), and the gold definition's rank is recorded. Wired to `model.lm` it measures the plain
 model, to `mix.lm` the model as an answer would mix it (the real mix path), so `-m synth=none,hashed,fitted`
 compares adapters. `score=pmi` subtracts each name's log-likelihood under the same prompt with an empty question
 (one more forward for the whole run), so a name the model favours whatever is asked gains nothing.
@@ -16,14 +16,14 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from pipeline import resources
-from pipeline.cache import write_atomic
-from pipeline.errors import InputError
-from pipeline.stage import Range, RunContext, Stage
-from stages.common.continuations import encode_prefix, score_continuations
-from stages.common.evaluation import QuestionSet
-from stages.common.mixing import exclusive
-from stages.common.text import token_set
+from pipeline.engine import resources
+from pipeline.engine.cache import write_atomic
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage import Range, RunContext, Stage
+from stages.common.adapters.mixing import exclusive
+from stages.common.generation.continuations import encode_prefix, score_continuations
+from stages.common.program.text import token_set
+from stages.common.retrieval.evaluation import QuestionSet
 from stages.common.types import LanguageModel, ProgramIndex
 
 log = logging.getLogger(__name__)

@@ -3,11 +3,11 @@
 `Decode` is the first attempt; `RetryDecode` is the stage-2 retry: greedy and at least 256 new tokens.
 
 Grounded decoding (options, each measured; README): `constrain` applies, inside `generate`
-(stages/common/grounding.py), the prompt's lead choices (`lead`), its citation strings (`citations`: a citation the
+(stages/common/grounding/constraints.py), the prompt's lead choices (`lead`), its citation strings (`citations`: a citation the
 model opens names a packed span) and its names (`code`: inline code the model opens names an identifier of the
 evidence or the question) and its prose (`prose`: a word written like code, snake_case or camelCase, must be a
 name of the evidence or the question) and its code (`quotes`: a line that starts as Python code must
-stay a prefix of a packed line, stages/common/quoteguard.py) and its labels (`labels`: a citation right after
+stay a prefix of a packed line, stages/common/grounding/quoteguard.py) and its labels (`labels`: a citation right after
 `` `name` ``, a definition of the program, may only name a span where that definition starts; none packed: no
 citation there);
 `penalize_prompt=false` keeps the repetition penalty off the prompt's tokens (with it on, every identifier of the
@@ -30,14 +30,14 @@ import logging
 import time
 from typing import Annotated, Any, Literal
 
-from pipeline import resources
-from pipeline.errors import PipelineError
-from pipeline.stage import Range, RunContext, Stage
-from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie, token_texts
-from stages.common.leads import LeadChoice
-from stages.common.mixing import AdapterMix, exclusive
-from stages.common.quoteguard import QuoteGuard
-from stages.common.streaming import console_streamer
+from pipeline.engine import resources
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.stage import Range, RunContext, Stage
+from stages.common.adapters.mixing import AdapterMix, exclusive
+from stages.common.generation.streaming import console_streamer
+from stages.common.grounding.constraints import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie, token_texts
+from stages.common.grounding.leads import LeadChoice
+from stages.common.grounding.quoteguard import QuoteGuard
 from stages.common.types import Draft, LanguageModel, Prompt
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,13 @@ def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: l
                       chunk: int | None = None) -> tuple[Any, list[float]]:
     """The prompt's cache, and each name's score after it (minus its score after the neutral prompt, if any); the
     prompts are encoded ``chunk`` tokens a forward (`decode.prefill_chunk`)."""
-    from stages.common.continuations import PrefixState, common_prefix, crop_to, encode_prefix, score_continuations
+    from stages.common.generation.continuations import (
+        PrefixState,
+        common_prefix,
+        crop_to,
+        encode_prefix,
+        score_continuations,
+    )
 
     # the two prompts share everything before the question (scaffold.question_first=false): encode that once, and
     # keep one cache: the neutral prompt extends it and is scored, the cache is cropped back to the shared part, and
@@ -393,9 +399,9 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: dict, seed: int, reuse
     import torch
     from transformers import GenerationConfig
 
-    from stages.common.continuations import cache_kwarg, encode_prefix
-    from stages.common.heap import release_free_heap
-    from stages.common.kvcache import reserved_cache
+    from stages.common.generation.continuations import cache_kwarg, encode_prefix
+    from stages.common.generation.heap import release_free_heap
+    from stages.common.generation.kvcache import reserved_cache
 
     tok = lm.tokenizer
     prefill_ids = tok(prompt.prefill, add_special_tokens=False, split_special_tokens=True)["input_ids"] if prompt.prefill else []

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pipeline.stage import Range, Stage
-from stages.common.embedding import DEFAULT_WEIGHTS, embed
+from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.embedding import DEFAULT_WEIGHTS, embed
+from stages.common.adapters.knobs import parse_weights
 from stages.common.types import ProgramEmbedding, ProgramIndex
-from stages.common.weights import parse_weights
 
 
 class EmbedProgram(Stage):

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pipeline.cache import write_atomic
-from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.stage import Range, RunContext, Stage
-from stages.common.evaluation import (
+from pipeline.engine.cache import write_atomic
+from pipeline.engine.errors import ConfigError, InputError, PipelineError
+from pipeline.engine.stage import Range, RunContext, Stage
+from stages.common.retrieval.evaluation import (
     QuestionSet,
     Record,
     SystemRun,

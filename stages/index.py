@@ -1,10 +1,10 @@
 """Stage `index` (SPEC §1): walk the program, parse Python with ast, build the typed graph and windows index.
 
 Per-file facts and the built index are stored on disk as plain arrays, one ``.npz`` per program root
-(stages/common/indexstore.py): an unchanged program in a new process is loaded from it without parsing or building
+(stages/common/program/indexstore.py): an unchanged program in a new process is loaded from it without parsing or building
 anything, a changed one re-parses only its changed files (in worker processes when there are many:
 ``workers``, ``parallel_min_files``). The whole index is also kept in-process for the next job of a multirun when
-no file changed (size and mtime). The call graph is arrays (stages/common/callgraph.py); networkx is built only
+no file changed (size and mtime). The call graph is arrays (stages/common/program/callgraph.py); networkx is built only
 when a stage asks for ``index.graph``.
 
 The walk is bounded (``max_files``, ``max_total_bytes``: a root such as ``/`` is refused with a message, not
@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from pipeline import resources
-from pipeline.cache import fingerprint, source_fingerprint
-from pipeline.errors import InputError
-from pipeline.stage import Range, RunContext, Stage
-from stages.common import indexstore
-from stages.common.callgraph import EDGE_TYPES, CallGraph, GraphBuilder
-from stages.common.program import (
+from pipeline.engine import resources
+from pipeline.engine.cache import fingerprint, source_fingerprint
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage import Range, RunContext, Stage
+from stages.common.program import indexstore
+from stages.common.program.callgraph import EDGE_TYPES, CallGraph, GraphBuilder
+from stages.common.program.pyfacts import available_cores, parse_many, python_facts, text_facts
+from stages.common.program.walk import (
     DEFAULT_IGNORE,
     Entry,
     Limits,
@@ -35,7 +36,6 @@ from stages.common.program import (
     resolve_root,
     scan,
 )
-from stages.common.pyfacts import available_cores, parse_many, python_facts, text_facts
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def indexing_code() -> str:
     """The source fingerprint of the code that indexes (this module and the stages.common modules it imports):
-    a stored index made by other code is rebuilt, never reused (pipeline/cache.py ``source_fingerprint``)."""
+    a stored index made by other code is rebuilt, never reused (pipeline/engine/cache.py ``source_fingerprint``)."""
     return source_fingerprint(__name__)
 
 

@@ -15,15 +15,15 @@ from typing import Annotated
 
 import numpy as np
 
-from pipeline.stage import Range, Stage
-from stages.common.leads import LeadChoice
-from stages.common.scoring import standardise
+from pipeline.engine.stage import Range, Stage
+from stages.common.grounding.leads import LeadChoice
+from stages.common.retrieval.scoring import standardise
 from stages.common.types import Prompt
 
 
 def choice_text(choice: str) -> str:
     """`` `qualname` [path:A-B] `` -> ``path words: qualname words`` (how select=hybrid names a window's definitions)."""
-    from stages.common.dense import name_words
+    from stages.common.retrieval.dense import name_words
 
     lead = LeadChoice.parse(choice)
     return f"{name_words(lead.path.rsplit('.', 1)[0])}: {name_words(lead.name)}"
@@ -41,7 +41,7 @@ class LeadSimilarity(Stage):
     def run(self, prompt: Prompt, question: str) -> dict:
         if len(prompt.lead) < 2:
             return {"prompt": prompt}
-        from stages.common.dense import encoder
+        from stages.common.retrieval.dense import encoder
 
         enc = encoder(self.package, self.batch_size)
         vectors = enc.encode([question, *map(choice_text, prompt.lead)], self.max_tokens)

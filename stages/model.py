@@ -15,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pipeline import resources
-from pipeline.cache import clean_stale_partials, discard, fingerprint, publish_dir
-from pipeline.errors import ConfigError, InputError
-from pipeline.stage import Range, Stage
-from stages.common.attention import Attention, use_attention
-from stages.common.precision import (
+from pipeline.engine import resources
+from pipeline.engine.cache import clean_stale_partials, discard, fingerprint, publish_dir
+from pipeline.engine.errors import ConfigError, InputError
+from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.weightfile import HeaderError, read_header, remember
+from stages.common.generation.attention import Attention, use_attention
+from stages.common.generation.precision import (
     Quantize,
     quantize_int8,
     quiet_torchao_import,
@@ -29,7 +30,6 @@ from stages.common.precision import (
     torch_dtype,
 )
 from stages.common.types import LanguageModel
-from stages.common.weightfile import HeaderError, read_header, remember
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "cuda", "auto"]

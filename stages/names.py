@@ -5,9 +5,9 @@ sends a question to the stage-2 retry), then `repair` marks them for the reader 
 """
 from __future__ import annotations
 
-from pipeline.stage import Stage
-from stages.common.citations import parse_citations
-from stages.common.identifiers import NameCheck, check_names
+from pipeline.engine.stage import Stage
+from stages.common.grounding.citations import parse_citations
+from stages.common.grounding.identifiers import NameCheck, check_names
 from stages.common.types import Draft, ProgramIndex
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from pipeline.errors import ConfigError
-from pipeline.stage import Range, Stage
-from stages.common.lines import split_lines
-from stages.common.mixing import exclusive
-from stages.common.scoring import RELEVANCE, check_relevance, score_windows, window_fields
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.mixing import exclusive
+from stages.common.program.lines import split_lines
+from stages.common.retrieval.scoring import RELEVANCE, check_relevance, score_windows, window_fields
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
 
 log = logging.getLogger(__name__)

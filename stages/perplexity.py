@@ -1,6 +1,6 @@
 """Stage `perplexity` (SPEC §4b): how well the model, as currently mixed, knows the program's own text.
 
-It scores two splits the fitted synthesizer never trains on (`stages.common.corpus.split`, the same function
+It scores two splits the fitted synthesizer never trains on (`stages.common.program.corpus.split`, the same function
 and knobs the synthesizer uses): held-out segments of trained files, and whole held-out files
 (`held_out_files`, generalisation to code the adapter never saw). Wire it to `model.lm` for the plain model and
 to `mix.lm` for the mixed one, so the numbers go through the real mix path (capacity, target weights,
@@ -13,11 +13,11 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pipeline.cache import write_atomic
-from pipeline.errors import ConfigError
-from pipeline.stage import Range, RunContext, Stage
-from stages.common.corpus import perplexity, split, spread
-from stages.common.mixing import exclusive
+from pipeline.engine.cache import write_atomic
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import Range, RunContext, Stage
+from stages.common.adapters.mixing import exclusive
+from stages.common.program.corpus import perplexity, split, spread
 from stages.common.types import Artifacts, LanguageModel, ProgramIndex
 
 

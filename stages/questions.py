@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
-from pipeline.cache import write_atomic
-from pipeline.errors import InputError
-from pipeline.stage import Range, RunContext, Stage
-from stages.common.program import DEFAULT_IGNORE, resolve_root, walk
+from pipeline.engine.cache import write_atomic
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage import Range, RunContext, Stage
+from stages.common.program.walk import DEFAULT_IGNORE, resolve_root, walk
 
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")  # the line breaks Python's tokenizer counts
 _ROLE = re.compile(r":[\w:.-]+:`~?([^`]+)`")  # :func:`echo` -> echo

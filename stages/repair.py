@@ -3,11 +3,11 @@
 - Every invalid citation is replaced in the text by `[not in evidence: path:A-B]` and kept in telemetry with
   `valid: false, removed: true` (both `repair=overlap` and `repair=none`).
 - Every code-like name the program does not contain (the `names` check) is followed by `[not in program]`.
-- `code` (both variants): Python-looking lines of the answer that no packed window contains (stages/common/quotes.py)
+- `code` (both variants): Python-looking lines of the answer that no packed window contains (stages/common/grounding/quotes.py)
   are left out (`drop`, the default: each code block holding one becomes a marker line that keeps its citations),
   marked `[not in evidence]` (`mark`) or kept (`keep`).
 - `labels` (both variants): a citation labelled with a definition's name whose span does not define it
-  (stages/common/labels.py) is followed by `[not where `name` is defined]` (`mark`, the default) or left (`keep`).
+  (stages/common/grounding/labels.py) is followed by `[not where `name` is defined]` (`mark`, the default) or left (`keep`).
 - `repair=overlap`: a paragraph that still has no valid citation gets the packed window it overlaps most
   (share of the paragraph's tokens found in the window; ties -> earlier window) appended as `[path:A-B]`,
   only when that share reaches `threshold`. Such citations are marked `source: attributed`.
@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from pipeline.stage import Range, Stage
-from stages.common.citations import paragraphs, parse_citations
-from stages.common.identifiers import mark_unknown
-from stages.common.labels import LabelAction, mark_mislabels
-from stages.common.quotes import CodeAction, handle_unverified
-from stages.common.text import token_set
+from pipeline.engine.stage import Range, Stage
+from stages.common.grounding.citations import paragraphs, parse_citations
+from stages.common.grounding.identifiers import mark_unknown
+from stages.common.grounding.labels import LabelAction, mark_mislabels
+from stages.common.grounding.quotes import CodeAction, handle_unverified
+from stages.common.program.text import token_set
 from stages.common.types import Answer, Citation, Evidence, PackedWindow, ProgramIndex
 
 

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import numpy as np
 
-from pipeline.stage import Range, Stage
-from stages.common.scoring import RELEVANCE, check_relevance, score_windows, standardise, terms, window_fields
+from pipeline.engine.stage import Range, Stage
+from stages.common.retrieval.scoring import RELEVANCE, check_relevance, score_windows, standardise, terms, window_fields
 from stages.common.types import LanguageModel, ProgramIndex, Selection, Window
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pipeline.errors import ConfigError
-from pipeline.stage import Range, Stage
-from stages.common.identifiers import DOTTED, IDENT
-from stages.common.labels import label_spans
-from stages.common.leads import LeadChoice
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import Range, Stage
+from stages.common.grounding.identifiers import DOTTED, IDENT
+from stages.common.grounding.labels import label_spans
+from stages.common.grounding.leads import LeadChoice
 from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
 
 SYSTEM = ("You answer questions about a program. Use only the source code shown in the [ctx] blocks, "

@@ -13,17 +13,17 @@ from typing import Annotated, Literal
 import networkx as nx
 import numpy as np
 
-from pipeline.errors import InputError
-from pipeline.stage import Range, Stage
-from stages.common import encoder_lora, querymap
-from stages.common.program import is_test_path
-from stages.common.scoring import RELEVANCE, score_windows, standardise
-from stages.common.text import token_set, tokens
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage import Range, Stage
+from stages.common.program.text import token_set, tokens
+from stages.common.program.walk import is_test_path
+from stages.common.retrieval import encoder_lora, querymap
+from stages.common.retrieval.scoring import RELEVANCE, score_windows, standardise
 from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
 
 class QuestionSelect(Stage):
-    """Files ranked by their best window's BM25F score against the prompt (stages.common.scoring): the words of
+    """Files ranked by their best window's BM25F score against the prompt (stages.common.retrieval.scoring): the words of
     the question matched against symbol names, signatures, docstrings, paths and source text, rarer words
     weighing more. A file is as relevant as the definition in it that best matches."""
 
@@ -69,14 +69,14 @@ class QuestionSelect(Stage):
 
 class HybridSelect(QuestionSelect):
     """`select=hybrid`: select=question's BM25F window scores fused with the cosine similarity of the question's
-    and each window's all-MiniLM-L6-v2 vectors (stages.common.dense; window vectors cached per program).
+    and each window's all-MiniLM-L6-v2 vectors (stages.common.retrieval.dense; window vectors cached per program).
 
     `fusion=zscore`: ``dense_weight·z(cosine) + (1 − dense_weight)·z(BM25F)``, each standardised over all windows;
     `fusion=rrf`: reciprocal-rank fusion ``dense_weight/(rrf_k + rank_dense) + (1 − dense_weight)/(rrf_k + rank_bm25f)``.
     `encoder_adapter` (a shipped adapter's name or an .npz path; null: MiniLM as it ships) is a LoRA delta of the
-    encoder learnt on other programs' docstring/definition pairs (stages.common.encoder_lora), merged for questions
+    encoder learnt on other programs' docstring/definition pairs (stages.common.retrieval.encoder_lora), merged for questions
     and windows alike; `query_map` (a shipped map's name or an .npz path; null: none) maps the question's vector
-    with a matrix learnt the same way (stages.common.querymap) before the cosine. Files are ranked by their
+    with a matrix learnt the same way (stages.common.retrieval.querymap) before the cosine. Files are ranked by their
     best fused window, and the fused ranking of every file's windows goes with the selection, so pack shows the
     windows that made the files win."""
 
@@ -104,7 +104,7 @@ class HybridSelect(QuestionSelect):
             encoder_lora.load(self.encoder_adapter)
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
-        from stages.common.dense import encoder, window_vectors
+        from stages.common.retrieval.dense import encoder, window_vectors
 
         enc = encoder(self.package, self.batch_size, self.encoder_adapter)
         vectors = window_vectors(index, enc, self.max_tokens, self.cache_dir, self.progress)

@@ -13,13 +13,13 @@ from typing import Annotated, Literal
 
 import numpy as np
 
-from pipeline.errors import InputError
-from pipeline.stage import Range, Stage
-from stages.common.adapters import AdapterSet, check_factors, factor_check, infer_targets, load_npz
-from stages.common.embedding import DEFAULT_WEIGHTS, embed
-from stages.common.synthesis import round_factors, synthesize
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.embedding import DEFAULT_WEIGHTS, embed
+from stages.common.adapters.factors import AdapterSet, check_factors, factor_check, infer_targets, load_npz
+from stages.common.adapters.knobs import parse_weights
+from stages.common.adapters.synthesis import round_factors, synthesize
 from stages.common.types import Artifacts, Capacity, LanguageModel, ProgramIndex, Selection
-from stages.common.weights import parse_weights
 
 
 class SubgraphAdapter(Stage):

@@ -11,14 +11,14 @@ from typing import Annotated, Literal
 
 import numpy as np
 
-from pipeline.errors import ConfigError
-from pipeline.stage import Range, Stage
-from stages.common.adapters import TARGETS, AdapterSet, infer_targets
-from stages.common.corpus import perplexity, split, spread, training_pieces
-from stages.common.embedding import embed
-from stages.common.fitting import Autocast, Schedule, fit_lora
-from stages.common.mixing import AdapterMix, MixSettings, exclusive
-from stages.common.synthesis import synthesize
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.embedding import embed
+from stages.common.adapters.factors import TARGETS, AdapterSet, infer_targets
+from stages.common.adapters.fitting import Autocast, Schedule, fit_lora
+from stages.common.adapters.mixing import AdapterMix, MixSettings, exclusive
+from stages.common.adapters.synthesis import synthesize
+from stages.common.program.corpus import perplexity, split, spread, training_pieces
 from stages.common.types import LanguageModel, ProgramEmbedding, ProgramIndex
 
 Gate = Literal["zmean", "cosine", "hump", "linear"]

@@ -15,11 +15,11 @@ import math
 import re
 from typing import Annotated
 
-from pipeline.stage import Range, Stage
-from stages.common.adapters import TARGETS, infer_targets
-from stages.common.mixing import layer_third
+from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.factors import TARGETS, infer_targets
+from stages.common.adapters.knobs import parse_weights
+from stages.common.adapters.mixing import layer_third
 from stages.common.types import Capacity, LanguageModel, TargetPlan
-from stages.common.weights import parse_weights
 
 RANK_FRACTION = {"o_proj": 1.0, "up_proj": 1.0, "down_proj": 0.9, "gate_proj": 0.8, "q_proj": 0.7, "k_proj": 0.65,
                  "v_proj": 0.6}

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import write_atomic
-from pipeline.stage import RunContext, Stage
-from stages.common.labels import mislabels
-from stages.common.quotes import check_code
+from pipeline.engine.cache import write_atomic
+from pipeline.engine.stage import RunContext, Stage
+from stages.common.grounding.labels import mislabels
+from stages.common.grounding.quotes import check_code
 from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, ProgramIndex, Selection
 
 

@@ -29,7 +29,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 import pipeline  # registers the `project_root` resolver
-from pipeline import resources
+from pipeline.engine import resources
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 PROJECT_ROOT = pipeline.PROJECT_ROOT
@@ -98,7 +98,7 @@ def make_index():
 def tiny_lm():
     """The `model=tiny_random` language model, built through its stage (so the test uses the real config)."""
     graph_cfg = compose_config("model=tiny_random")
-    from pipeline.graph import build_graph
+    from pipeline.engine.graph import build_graph
 
     graph = build_graph(graph_cfg).instantiate()
     return graph.nodes["model"].stage.run()["lm"]
@@ -107,7 +107,7 @@ def tiny_lm():
 @pytest.fixture(scope="session")
 def project_index(tmp_path_factory):
     """This project's source, indexed by the `index` node of the default config (cache in a temp folder)."""
-    from pipeline.graph import build_graph
+    from pipeline.engine.graph import build_graph
 
     cache = tmp_path_factory.mktemp("index-cache")
     cfg = compose_config(f"index.cache_dir={cache}")
@@ -167,7 +167,7 @@ def default_tokenizer():
     saved = PROJECT_ROOT / "outputs" / "cache" / "tokenizers" / f"{gguf.stem}-{gguf.stat().st_size}"
     if not (saved / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        from pipeline.cache import publish_dir
+        from pipeline.engine.cache import publish_dir
 
         with publish_dir(saved) as tmp:
             tokenizer.save_pretrained(tmp)

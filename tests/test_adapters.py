@@ -13,7 +13,7 @@ import torch
 from conftest import generation
 
 from pipeline import api
-from stages.common.adapters import infer_targets
+from stages.common.adapters.factors import infer_targets
 from stages.common.types import ProgramIndex, Selection
 
 PROGRAM = {
@@ -208,9 +208,8 @@ def test_ablate_attn_zeroes_attention_deltas(tmp_path, program):
     assert telemetry["delta_norms"] == norms
 
 
-def test_delta_cap_from_environment_bounds_every_delta(tmp_path, program, monkeypatch):
-    monkeypatch.setenv("PCA_DELTA_CAP", "0.001")
-    _, result = run(tmp_path, f"program_root={program}", "prompt=add")
+def test_delta_cap_bounds_every_delta(tmp_path, program):
+    _, result = run(tmp_path, f"program_root={program}", "prompt=add", "mix.delta_cap=0.001")
     report = result.output("mix", "report")
     assert report["deltas_capped"] == report["deltas_applied"] > 0
     lm = result.output("model", "lm")
@@ -224,8 +223,8 @@ def test_mix_handle_restores_bit_for_bit_after_random_mixes_and_failures(mode, t
     """The mix handle itself, 200 times: random settings, remixes, a failure in the middle of an apply (a delta
     whose module raises) and a failure while mixed; the weights and the hooks come back exactly every time. The
     end-to-end version (100 full answers with random knobs and injected failures) is the soak in test_fault_matrix."""
-    from stages.common.mixing import AdapterMix, MixSettings, model_lock
-    from stages.common.synthesis import synthesize
+    from stages.common.adapters.mixing import AdapterMix, MixSettings, model_lock
+    from stages.common.adapters.synthesis import synthesize
 
     model, rng = tiny_lm.model, random.Random(7)
     tmap = infer_targets(model)
@@ -347,8 +346,8 @@ def test_fused_gate_up_is_mixed_by_rows_and_merge_equals_hooks():
     """A model with a fused gate_up_proj (Phi-3): each half gets its own delta; both mix modes agree and restore."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from stages.common.mixing import AdapterMix, MixSettings
-    from stages.common.synthesis import synthesize
+    from stages.common.adapters.mixing import AdapterMix, MixSettings
+    from stages.common.adapters.synthesis import synthesize
 
     torch.manual_seed(0)
     model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -382,8 +381,8 @@ def test_fused_gate_up_is_mixed_by_rows_and_merge_equals_hooks():
 
 
 def test_merge_mode_reuses_its_workspace_and_a_nested_merge_restores_exactly(tiny_lm):
-    from stages.common.mixing import AdapterMix, MixSettings
-    from stages.common.synthesis import synthesize
+    from stages.common.adapters.mixing import AdapterMix, MixSettings
+    from stages.common.adapters.synthesis import synthesize
 
     model = tiny_lm.model
     tmap = infer_targets(model)

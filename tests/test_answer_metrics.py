@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.common.evaluation import ANSWER_METRICS, Question, Record, answer_metrics, mentions, score
-from stages.common.identifiers import UNKNOWN_MARK, check_names, code_names, mark_unknown
+from stages.common.grounding.identifiers import UNKNOWN_MARK, check_names, code_names, mark_unknown
+from stages.common.retrieval.evaluation import ANSWER_METRICS, Question, Record, answer_metrics, mentions, score
 
 Q1 = Question("Checks if an encoding is ascii.", "_compat.py", 43, 48, "is_ascii_encoding")
 Q2 = Question("Returns the best encoding.", "_compat.py", 51, 56, "get_best_encoding")

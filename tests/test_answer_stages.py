@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.execute import NodeTrace, RunResult
-from pipeline.stage import RunContext
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.execute import NodeTrace, RunResult
+from pipeline.engine.stage import RunContext
 from stages.choose import ChooseBetter
-from stages.common.citations import check
+from stages.common.grounding.citations import check
 from stages.common.types import Answer, Draft, Prompt, Selection, Window
 from stages.decode import Decode, RetryDecode
 from stages.pack import PackFunctionFirst, PackHeads, PackWindows

@@ -1,10 +1,10 @@
-"""pipeline.cache (content keys, crash-safe writes) and pipeline.resources (process-wide handles)."""
+"""pipeline.engine.cache (content keys, crash-safe writes) and pipeline.engine.resources (process-wide handles)."""
 from __future__ import annotations
 
 import pytest
 
-from pipeline import resources
-from pipeline.cache import fingerprint, publish_dir, write_atomic
+from pipeline.engine import resources
+from pipeline.engine.cache import fingerprint, publish_dir, write_atomic
 
 
 def test_fingerprint_is_canonical():

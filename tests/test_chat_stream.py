@@ -15,7 +15,7 @@ from report_fixtures import telemetry, write_program, write_run
 from pipeline import PROJECT_ROOT
 from pipeline.chat import NOT_FOUND, show_answer
 from pipeline.runfolder import settings_of
-from stages.common.streaming import DRAFT_BANNER, RETRY_BANNER
+from stages.common.generation.streaming import DRAFT_BANNER, RETRY_BANNER
 
 TINY = ["model=tiny_random", "decode.max_new_tokens=6", "decode.min_new_tokens=6", "fallback.max_new_tokens_floor=6"]
 PROGRAM = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add two numbers."""\n    return a + b\n'}

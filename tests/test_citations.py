@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from stages.cite import CheckCitations
-from stages.common.citations import check, paragraphs, parse_citations, validate
+from stages.common.grounding.citations import check, paragraphs, parse_citations, validate
 from stages.common.types import Answer, Draft, Evidence, PackedWindow
 from stages.repair import AttributeByOverlap, MarkInvalidOnly
 

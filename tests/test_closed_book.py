@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import api
-from pipeline.errors import PipelineError
+from pipeline.engine.errors import PipelineError
 from stages.closed_book import ranks
 
 PROGRAM = {
@@ -27,7 +27,7 @@ def naive(lm, prompt, candidate):
 
 
 def test_stage_scores_are_sums_or_means_of_exact_token_scores(tiny_lm, compose):
-    """The stage's candidate scores (stages.common.continuations, tested exact there) reduced per candidate."""
+    """The stage's candidate scores (stages.common.generation.continuations, tested exact there) reduced per candidate."""
     from hydra.utils import instantiate
 
     prompt, candidates = list(range(20, 32)), [[5], [5, 7], [5, 7, 9], [6, 7, 8, 9, 10], [5, 7]]
@@ -105,8 +105,7 @@ def test_closed_book_bad_inputs(tmp_path, make_tree):
 
 
 def test_plain_ranking_is_computed_once_for_a_sweep_over_adapters(tmp_path, make_tree):
-    from pipeline import resources
-
+    from pipeline.engine import resources
     program = make_tree(tmp_path / "prog", PROGRAM)
     questions, _ = questions_for(program, tmp_path, ["area_3", "blend"])
     resources.clear("closed-book-plain")  # an earlier test may have ranked the same program and questions

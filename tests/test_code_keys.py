@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import api, resources
-from pipeline.cache import source_fingerprint
-from pipeline.errors import ConfigError
-from stages.common import dense, indexstore, pyfacts
+from pipeline import api
+from pipeline.engine import resources
+from pipeline.engine.cache import source_fingerprint
+from pipeline.engine.errors import ConfigError
+from stages.common.program import indexstore, pyfacts
+from stages.common.retrieval import dense
 from stages.index import build_index
 from tests.test_adapters import PROGRAM
 

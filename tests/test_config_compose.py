@@ -10,8 +10,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import ConfigError
-from pipeline.graph import INPUTS, build_graph, resolve_stage
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.graph import INPUTS, build_graph, resolve_stage
 
 # Values for keys a config marks mandatory (`???`); any other mandatory key gets a string placeholder.
 MANDATORY_VALUES = {

@@ -26,7 +26,7 @@ from conftest import CONF_DIR, PROJECT_ROOT
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from test_config_compose import OPTIONS, choices_of, compose_primary, missing_keys, primary_for, supply
 
-from pipeline.graph import resolve_stage
+from pipeline.engine.graph import resolve_stage
 
 # keywords a graph sets on a node with `with:` (not a user's knob, so not in the group's YAML)
 SET_BY_GRAPH = {("closed_book", "reuse_plain")}
@@ -177,7 +177,7 @@ def test_a_disagreement_is_caught(monkeypatch):
 
 
 def test_bm25f_weights_are_written_once():
-    from stages.common.scoring import RELEVANCE
+    from stages.common.retrieval.scoring import RELEVANCE
     from stages.pack import PackFunctionFirst, PackWindows
     from stages.rerank import LMRescore
     from stages.select import QuestionSelect
@@ -201,7 +201,7 @@ def test_no_default_hides_in_an_interpolation_fallback():
 
 
 def test_relevance_falls_back_to_the_stage_default_without_select_weights():
-    from stages.common.scoring import RELEVANCE, check_relevance
+    from stages.common.retrieval.scoring import RELEVANCE, check_relevance
 
     node, _ = stage_config("pack", "windows")
     cfg = composed("select", "zoom")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common.continuations import common_prefix, encode_prefix, score_continuations
+from stages.common.generation.continuations import common_prefix, encode_prefix, score_continuations
 
 PROMPT = list(range(10, 70))
 CANDIDATES = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [1, 2, 4]]

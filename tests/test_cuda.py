@@ -83,9 +83,9 @@ def test_closed_book_runs_on_cuda(tmp_path, program):
 def test_mix_restores_bit_for_bit_on_cuda(tiny_lm, mode, dtype):
     import copy
 
-    from stages.common.adapters import infer_targets
-    from stages.common.mixing import AdapterMix, MixSettings
-    from stages.common.synthesis import synthesize
+    from stages.common.adapters.factors import infer_targets
+    from stages.common.adapters.mixing import AdapterMix, MixSettings
+    from stages.common.adapters.synthesis import synthesize
     from stages.common.types import LanguageModel
 
     lm = LanguageModel(copy.deepcopy(tiny_lm.model).to("cuda", dtype=dtype), tiny_lm.tokenizer, "tiny", "cuda")
@@ -115,10 +115,10 @@ def test_mix_restores_bit_for_bit_on_cuda(tiny_lm, mode, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_in_place_reads_back_from_the_file_on_cuda(tmp_path, dtype):
     """A checkpoint loaded onto the GPU: merge writes into its weights and restores them from the file (bit-exact)."""
-    from stages.common.adapters import infer_targets
-    from stages.common.mixing import _WORKSPACES, AdapterMix, MixSettings
-    from stages.common.synthesis import synthesize
-    from stages.common.weightfile import weight_file
+    from stages.common.adapters.factors import infer_targets
+    from stages.common.adapters.mixing import _WORKSPACES, AdapterMix, MixSettings
+    from stages.common.adapters.synthesis import synthesize
+    from stages.common.adapters.weightfile import weight_file
     from stages.model import HFCheckpoint
     from tests.test_merge_in_place import bits, save_tiny
 
@@ -141,7 +141,7 @@ def test_merge_in_place_reads_back_from_the_file_on_cuda(tmp_path, dtype):
 def test_candidate_scores_on_cuda_equal_separate_forwards(tiny_lm):
     import copy
 
-    from stages.common.continuations import encode_prefix, score_continuations
+    from stages.common.generation.continuations import encode_prefix, score_continuations
 
     model = copy.deepcopy(tiny_lm.model).to("cuda")
     prompt = [5, 9, 17, 33, 2, 81, 40]
@@ -158,7 +158,7 @@ def test_candidate_scores_on_cuda_equal_separate_forwards(tiny_lm):
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 0.05)])
 def test_packed_attention_on_cuda_decodes_like_sdpa(dtype, tol):
-    from stages.common.attention import use_attention
+    from stages.common.generation.attention import use_attention
     from stages.model import TinyRandomLlama
     from tests.test_precision import _decode_logits
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from stages.common.adapters import infer_targets
-from stages.common.mixing import AdapterMix, MixSettings
-from stages.common.synthesis import synthesize
+from pipeline.engine.errors import PipelineError
+from stages.common.adapters.factors import infer_targets
+from stages.common.adapters.mixing import AdapterMix, MixSettings
+from stages.common.adapters.synthesis import synthesize
 from stages.common.types import LanguageModel, Prompt
 from stages.decode import Decode
 

@@ -1,4 +1,4 @@
-"""`select.encoder_adapter`: a LoRA delta of the MiniLM sentence encoder (stages/common/encoder_lora.py), the shipped
+"""`select.encoder_adapter`: a LoRA delta of the MiniLM sentence encoder (stages/common/retrieval/encoder_lora.py), the shipped
 adapter, and its fitting (bench/encoder_lora.py)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from bench.encoder_lora import LoRA, ProgramTexts, embed, fit, mine, recall
 from bench.query_map import EVALUATED, PHRASINGS
-from pipeline.errors import InputError
-from stages.common import dense, encoder_lora
+from pipeline.engine.errors import InputError
+from stages.common.retrieval import dense, encoder_lora
 from stages.select import HybridSelect
 
 PROGRAM = {

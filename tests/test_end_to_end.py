@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import PROJECT_ROOT, compose_config
 
-from stages.common.citations import parse_citations
+from stages.common.grounding.citations import parse_citations
 from stages.index import build_index
 
 # SPEC §6 telemetry fields ("config overrides" is `overrides`)

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import KETTLE_PROGRAM, evaluate
 
-from pipeline.errors import PipelineError
-from pipeline.stage import RunContext
+from pipeline.engine.errors import PipelineError
+from pipeline.engine.stage import RunContext
 from stages.bm25 import BM25Windows, plain_tokens
-from stages.common.evaluation import Question, QuestionSet, Record, load_questions, score, spread
+from stages.common.retrieval.evaluation import Question, QuestionSet, Record, load_questions, score, spread
 from stages.index import build_index
 from stages.questions import DocstringQuestions
 

@@ -8,8 +8,8 @@ import pytest
 from conftest import write_tree
 
 from pipeline.api import run
-from pipeline.errors import InputError, PipelineError
-from pipeline.stage import RunContext
+from pipeline.engine.errors import InputError, PipelineError
+from pipeline.engine.stage import RunContext
 from stages.questions import DocstringQuestions, documented, first_sentence, strip_docstrings
 
 TRICKY = (

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import ConfigError
-from stages.common.program import is_test_path
-from stages.common.scoring import RELEVANCE, check_relevance, score_windows, stem, terms
+from pipeline.engine.errors import ConfigError
+from stages.common.program.walk import is_test_path
+from stages.common.retrieval.scoring import RELEVANCE, check_relevance, score_windows, stem, terms
 from stages.common.types import PackedWindow
 from stages.pack import PackWindows, interleave, rank_windows
 from stages.select import QuestionSelect

@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 
 from pipeline import PROJECT_ROOT
 from pipeline.app import run_config
-from pipeline.errors import StageFailed
-from pipeline.execute import execute, peak_rss_mb
-from pipeline.graph import build_graph
-from pipeline.stage import RunContext, Stage
+from pipeline.engine.errors import StageFailed
+from pipeline.engine.execute import execute, peak_rss_mb
+from pipeline.engine.graph import build_graph
+from pipeline.engine.stage import RunContext, Stage
 
 EVENTS: list[str] = []
 
@@ -312,7 +312,7 @@ def test_peak_rss_is_the_process_own_not_its_parents():
 
     ballast = bytearray(800 * 2**20)  # make this (parent) process's peak clearly large
     ballast[::4096] = b"\x01" * len(ballast[::4096])
-    child = subprocess.run([sys.executable, "-c", "from pipeline.execute import peak_rss_mb; print(peak_rss_mb())"],
+    child = subprocess.run([sys.executable, "-c", "from pipeline.engine.execute import peak_rss_mb; print(peak_rss_mb())"],
                            capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
     assert peak_rss_mb() > 800
     assert 0 < float(child.stdout) < 300  # ru_maxrss would report the parent's > 800 MB here

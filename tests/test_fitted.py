@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pipeline import api
-from pipeline.errors import PipelineError
-from stages.common.adapters import TARGETS, infer_targets, load_npz
-from stages.common.corpus import pieces, segments
-from stages.common.fitting import fit_lora
+from pipeline.engine.errors import PipelineError
+from stages.common.adapters.factors import TARGETS, infer_targets, load_npz
+from stages.common.adapters.fitting import fit_lora
+from stages.common.program.corpus import pieces, segments
 
 SOURCE = "\n".join(
     f"def function_{i}(value):\n    \"\"\"Return value plus {i}.\"\"\"\n    total = value + {i}\n    return total\n\n"
@@ -76,14 +76,14 @@ def test_time_budget_stops_training(index, tiny_lm):
 def test_a_step_that_could_overrun_the_budget_is_not_started(index, tiny_lm, monkeypatch):
     import types
 
-    import stages.common.fitting
+    import stages.common.adapters.fitting
 
     clock = {"now": 0.0, "steps": iter([3.0, 1.0, 3.0, 3.0])}  # seconds each training step takes
 
     def one_step_passes(module, args, output):
         clock["now"] += next(clock["steps"])
 
-    monkeypatch.setattr(stages.common.fitting, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(stages.common.adapters.fitting, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
     hook = tiny_lm.model.register_forward_hook(one_step_passes)
     try:
         train, _ = pieces(index, tiny_lm.tokenizer, seq_len=64, val_every=5)
@@ -108,7 +108,7 @@ def test_same_program_and_config_give_identical_factors(tmp_path, program):
 
 def test_stored_fold_makes_the_mix_equal_the_trained_model(tmp_path, program, tiny_lm, monkeypatch):
     """Mix at default knobs adds exactly s·A_trained·B_trained, the delta the training hooks added."""
-    import stages.common.fitting as fitting
+    import stages.common.adapters.fitting as fitting
 
     captured = {}
     real_fit = fitting.fit_lora
@@ -119,8 +119,8 @@ def test_stored_fold_makes_the_mix_equal_the_trained_model(tmp_path, program, ti
         return result
 
     monkeypatch.setattr("stages.synth.fit_lora", remember)
-    monkeypatch.setenv("PCA_DELTA_CAP", "off")
-    _, result = run(tmp_path, f"program_root={program}", *FAST, "prompt=function", pipeline="perplexity")
+    _, result = run(tmp_path, f"program_root={program}", *FAST, "prompt=function", "mix.delta_cap=null",
+                    pipeline="perplexity")
     trained = copy.deepcopy(tiny_lm.model)
     tmap = infer_targets(trained)
     with torch.no_grad():
@@ -213,7 +213,7 @@ def many_files(tmp_path, make_tree):
 
 
 def test_held_out_files_are_a_stable_share_and_never_trained_on(many_files, tiny_lm):
-    from stages.common.corpus import choose_held_out_files, split, training_pieces
+    from stages.common.program.corpus import choose_held_out_files, split, training_pieces
     from stages.index import build_index
 
     index = build_index(str(many_files), [], 10**6, 80, None)
@@ -237,7 +237,7 @@ def test_held_out_files_are_a_stable_share_and_never_trained_on(many_files, tiny
 
 
 def test_packed_pieces_are_full_and_summaries_name_trained_definitions(many_files, tiny_lm):
-    from stages.common.corpus import split, training_pieces
+    from stages.common.program.corpus import split, training_pieces
     from stages.index import build_index
 
     index = build_index(str(many_files), [], 10**6, 80, None)
@@ -254,7 +254,7 @@ def test_packed_pieces_are_full_and_summaries_name_trained_definitions(many_file
 
 
 def test_learning_rate_schedule():
-    from stages.common.fitting import lr_at
+    from stages.common.adapters.fitting import lr_at
 
     assert lr_at(0, 0.0, 1.0, 10, 100.0, "constant", 0, 0.1) == 1.0
     assert lr_at(0, 0.0, 1.0, 10, 100.0, "cosine", 3, 0.1) == pytest.approx(0.25)  # warm-up: 1/4, 2/4, 3/4
@@ -264,7 +264,7 @@ def test_learning_rate_schedule():
 
 
 def test_curve_and_early_stopping_keep_the_best_checkpoint(index, tiny_lm):
-    from stages.common.corpus import Piece
+    from stages.common.program.corpus import Piece
 
     train, _ = pieces(index, tiny_lm.tokenizer, seq_len=64, val_every=5)
     tmap = infer_targets(tiny_lm.model)
@@ -279,7 +279,7 @@ def test_curve_and_early_stopping_keep_the_best_checkpoint(index, tiny_lm):
     best = min(curve, key=lambda r: r["ppl_held_out"])
     assert result.best_step == best["step"]
     # the kept factors are the best checkpoint's: scoring them gives the best check's perplexity
-    from stages.common.corpus import perplexity
+    from stages.common.program.corpus import perplexity
 
     with torch.no_grad():
         deltas = {key: torch.from_numpy(a) @ torch.from_numpy(b) for key, (a, b) in result.factors.items()}
@@ -303,7 +303,7 @@ def test_bf16_autocast_trains_float32_factors(index, tiny_lm):
 def test_dropout_changes_training_only_and_is_seeded(index, tiny_lm):
     """`synth.dropout` drops LoRA inputs while training (seeded: the same factors twice), never in a forward without
     gradients (the mix path and the perplexity checks stay exact)."""
-    from stages.common.mixing import lora_forward_hook
+    from stages.common.adapters.mixing import lora_forward_hook
 
     train, _ = pieces(index, tiny_lm.tokenizer, seq_len=64, val_every=5)
 
@@ -324,9 +324,9 @@ def test_dropout_changes_training_only_and_is_seeded(index, tiny_lm):
 
 
 def test_perplexity_graph_reports_held_out_files_and_the_build_curve(tmp_path, many_files, monkeypatch):
-    monkeypatch.setenv("PCA_DELTA_CAP", "off")  # the tiny model's fitted delta passes the cap; the real one is far under
+    # mix.delta_cap=null: the tiny model's fitted delta passes the cap; the real one is far under
     _, result = run(tmp_path, f"program_root={many_files}", *FAST, "synth.curve_every=1", "synth.curve_pieces=2",
-                    "prompt=function", pipeline="perplexity")
+                    "prompt=function", "mix.delta_cap=null", pipeline="perplexity")
     report = result.output("ppl_report", "report")
     artifacts = result.output("load_artifacts", "artifacts")
     manifest = artifacts.manifest["synth"]

@@ -9,7 +9,7 @@ import yaml
 from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
-from pipeline.graph import build_graph
+from pipeline.engine.graph import build_graph
 
 GRAPHS = Path(CONF_DIR) / "pipeline"
 REGION = yaml.safe_load((GRAPHS / "region.yaml").read_text())

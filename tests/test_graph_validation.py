@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.errors import ConfigError
-from pipeline.graph import build_graph
-from pipeline.stage import Range, Stage
+from pipeline.engine.errors import ConfigError
+from pipeline.engine.graph import build_graph
+from pipeline.engine.stage import Range, Stage
 
 # ---------------------------------------------------------------- toy stages (a weather station, not code QA)
 
@@ -154,7 +154,7 @@ def toy_package(tmp_path, monkeypatch):
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "sensors.py").write_text(textwrap.dedent("""
-        from pipeline.stage import Stage
+        from pipeline.engine.stage import Stage
 
         class Barometer(Stage):
             outputs = {"pressure": float}

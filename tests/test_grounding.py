@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from stages.common.citations import parse_citations
-from stages.common.grounding import CITATION_OPENER, CODE_OPENER, END, GroundingProcessor, TokenTrie
+from stages.common.grounding.citations import parse_citations
+from stages.common.grounding.constraints import CITATION_OPENER, CODE_OPENER, END, GroundingProcessor, TokenTrie
 from stages.common.types import Evidence, PackedWindow
 from stages.scaffold import BuildPrompt, encode_chat
 
@@ -194,7 +194,7 @@ def test_inline_code_can_only_name_identifiers_of_the_evidence(default_tokenizer
 
 
 def token_texts_of(tok):
-    from stages.common.grounding import token_texts
+    from stages.common.grounding.constraints import token_texts
 
     return token_texts(tok)
 
@@ -219,7 +219,7 @@ def test_likelihood_lead_decodes_on_from_the_prompt_cache_exactly(tiny_lm, index
 def test_words_written_like_code_are_names_of_the_evidence(default_tokenizer, sample):
     """Outside slots, a snake_case / camelCase / inner-capital word must be a known name, whole: never a made-up one,
     never a known name cut short. Plain words pass. The same tempted walk without the guard writes made-up ones."""
-    from stages.common.identifiers import CODE_SHAPE
+    from stages.common.grounding.identifiers import CODE_SHAPE
 
     tok = default_tokenizer
     texts = token_texts_of(tok)
@@ -278,7 +278,7 @@ def _stopped_at(stop, prompt: list[int], reply: list[int]) -> int | None:
 
 
 def test_paragraph_stop_ends_the_reply_after_its_paragraphs(default_tokenizer):
-    from stages.common.grounding import token_texts
+    from stages.common.grounding.constraints import token_texts
     from stages.decode import _ReplyStop
 
     tok = default_tokenizer
@@ -291,7 +291,7 @@ def test_paragraph_stop_ends_the_reply_after_its_paragraphs(default_tokenizer):
 
 
 def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeats(default_tokenizer):
-    from stages.common.grounding import token_texts
+    from stages.common.grounding.constraints import token_texts
     from stages.decode import _ReplyStop, drop_repeated_lines
 
     tok = default_tokenizer

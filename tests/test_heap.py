@@ -1,4 +1,4 @@
-"""Free heap pages handed back before the prefill (`stages/common/heap.py`)."""
+"""Free heap pages handed back before the prefill (`stages/common/generation/heap.py`)."""
 from __future__ import annotations
 
 import platform
@@ -6,7 +6,7 @@ import platform
 import numpy as np
 import pytest
 
-from stages.common.heap import release_free_heap
+from stages.common.generation.heap import release_free_heap
 
 
 def _rss_mb() -> float:

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import resources
-from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.engine import resources
+from pipeline.engine.errors import ConfigError, InputError, PipelineError
 
 GOOD = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add."""\n    return a + b\n'}
 QUICK = ["decode.max_new_tokens=4", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=4"]
@@ -128,7 +128,7 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
     failed = json.loads((tmp_path / "failing.json").read_text())
     assert failed["status"] == "failed"
     assert same_state(model, snap) and hook_count(model) == 0
-    from stages.common.mixing import model_lock
+    from stages.common.adapters.mixing import model_lock
 
     assert not model_lock(model).held
 
@@ -136,9 +136,9 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
 def test_a_mix_dropped_without_unmix_gives_back_weights_and_lock(tiny_lm):
     import gc
 
-    from stages.common.adapters import infer_targets
-    from stages.common.mixing import AdapterMix, MixSettings, model_lock
-    from stages.common.synthesis import synthesize
+    from stages.common.adapters.factors import infer_targets
+    from stages.common.adapters.mixing import AdapterMix, MixSettings, model_lock
+    from stages.common.adapters.synthesis import synthesize
 
     tmap = infer_targets(tiny_lm.model)
     adapters = synthesize(np.ones(64, np.float32), tmap.num_layers, tmap.shapes, tmap.targets, 4, 0, "zmean", None)
@@ -159,9 +159,9 @@ def test_a_mix_dropped_without_unmix_gives_back_weights_and_lock(tiny_lm):
 
 
 def test_a_failed_mix_releases_the_model(tiny_lm):
-    from stages.common.adapters import infer_targets
-    from stages.common.mixing import AdapterMix, MixSettings, model_lock
-    from stages.common.synthesis import synthesize
+    from stages.common.adapters.factors import infer_targets
+    from stages.common.adapters.mixing import AdapterMix, MixSettings, model_lock
+    from stages.common.adapters.synthesis import synthesize
 
     tmap = infer_targets(tiny_lm.model)
     adapters = synthesize(np.ones(64, np.float32), tmap.num_layers, tmap.shapes, tmap.targets, 4, 0, "zmean", None)
@@ -193,7 +193,7 @@ def test_the_filesystem_root_is_bounded_by_the_index_budget(cli, tmp_path):
 
 
 def test_byte_budget(tmp_path, make_tree):
-    from stages.common.program import Limits
+    from stages.common.program.walk import Limits
     from stages.index import build_index
 
     root = make_tree(tmp_path / "prog", {f"m{i}.py": "x = 1\n" * 200 for i in range(5)})
@@ -203,7 +203,7 @@ def test_byte_budget(tmp_path, make_tree):
 
 
 def test_a_fifo_or_a_pseudo_filesystem_folder_inside_the_program_is_never_opened(tmp_path, make_tree, monkeypatch):
-    import stages.common.program as program
+    import stages.common.program.walk as program
     from stages.index import build_index
 
     root = make_tree(tmp_path / "prog", GOOD)
@@ -229,7 +229,7 @@ def _build(tmp_path, program) -> Path:
 
 def test_a_named_npz_is_the_file_loaded(tmp_path, make_tree):
     import pipeline.api
-    from stages.common.adapters import save_npz
+    from stages.common.adapters.factors import save_npz
 
     program = make_tree(tmp_path / "prog", GOOD)
     folder = _build(tmp_path, program)
@@ -278,7 +278,7 @@ def test_a_truncated_cached_adapters_npz_is_rebuilt_with_a_warning(tmp_path, mak
 
 
 def test_partial_folders_of_killed_builds_are_cleaned_but_not_a_live_one(tmp_path, make_tree):
-    from pipeline.cache import PARTIAL_LOCK
+    from pipeline.engine.cache import PARTIAL_LOCK
 
     program = make_tree(tmp_path / "prog", GOOD)
     folder = _build(tmp_path, program)
@@ -317,7 +317,7 @@ def _tiny_checkpoint_writer(tiny_lm, calls):
 
 def test_a_truncated_converted_model_is_converted_again(tmp_path, tiny_lm, caplog, monkeypatch):
     import stages.model
-    from pipeline.cache import PARTIAL_LOCK
+    from pipeline.engine.cache import PARTIAL_LOCK
 
     gguf = tmp_path / "Fake.gguf"
     gguf.write_bytes(b"GGUF")
@@ -380,7 +380,7 @@ def test_an_npz_bomb_is_refused_from_its_header(tmp_path, tiny_lm):
 
 
 def test_npz_members_of_unknown_keys_or_huge_plain_arrays_are_refused_unread(tmp_path):
-    from stages.common.adapters import factor_check, load_npz
+    from stages.common.adapters.factors import factor_check, load_npz
 
     _bomb(tmp_path / "a.npz", "evil", (300, 300))
     with pytest.raises(InputError, match="'evil' is not an adapter key"):

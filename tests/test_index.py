@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from pipeline import resources
-from pipeline.errors import InputError, StageFailed
-from pipeline.execute import execute
-from pipeline.graph import build_graph
-from pipeline.stage import RunContext
+from pipeline.engine import resources
+from pipeline.engine.errors import InputError, StageFailed
+from pipeline.engine.execute import execute
+from pipeline.engine.graph import build_graph
+from pipeline.engine.stage import RunContext
 from stages import index as index_module
 from stages.index import IndexProgram, build_index
 

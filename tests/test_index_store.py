@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import resources
-from stages.common import pyfacts
-from stages.common.callgraph import CallGraph, pack_strings, unpack_strings
+from pipeline.engine import resources
+from stages.common.program import pyfacts
+from stages.common.program.callgraph import CallGraph, pack_strings, unpack_strings
 from stages.index import Parsing, build_index
 from tests.test_index import SIMPLE
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from stages.common.continuations import cache_kwarg
-from stages.common.kvcache import reserved_cache, reserved_layer_class
+from stages.common.generation.continuations import cache_kwarg
+from stages.common.generation.kvcache import reserved_cache, reserved_layer_class
 
 PROMPT = list(range(10, 50))
 

@@ -1,9 +1,9 @@
-"""Citations labelled with a definition's name whose span does not define it (stages/common/labels.py)."""
+"""Citations labelled with a definition's name whose span does not define it (stages/common/grounding/labels.py)."""
 from __future__ import annotations
 
 import pytest
 
-from stages.common.labels import mark_mislabels, mislabels
+from stages.common.grounding.labels import mark_mislabels, mislabels
 
 TREE = {
     "base.py": ("class Node:\n"            # 1
@@ -55,7 +55,7 @@ def test_repair_marks_mislabelled_citations(program, variant):
 
 
 def test_label_spans_are_the_citations_where_each_definition_starts(program):
-    from stages.common.labels import label_spans
+    from stages.common.grounding.labels import label_spans
 
     citations = {"base.py:1-6": ("base.py", 1, 6), "base.py:2-3": ("base.py", 2, 3), "base.py:5-6": ("base.py", 5, 6),
                  "util.py:1-2": ("util.py", 1, 2)}
@@ -74,8 +74,14 @@ def test_decoding_with_labels_writes_no_mislabelled_citation(program, default_to
 
     import torch
 
-    from stages.common.grounding import CITATION_OPENER, CODE_OPENER, GroundingProcessor, TokenTrie, token_texts
-    from stages.common.labels import label_spans
+    from stages.common.grounding.constraints import (
+        CITATION_OPENER,
+        CODE_OPENER,
+        GroundingProcessor,
+        TokenTrie,
+        token_texts,
+    )
+    from stages.common.grounding.labels import label_spans
 
     tok = default_tokenizer
     texts = token_texts(tok)

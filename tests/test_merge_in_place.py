@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import InputError
-from stages.common.adapters import infer_targets
-from stages.common.mixing import _WORKSPACES, AdapterMix, MixSettings
-from stages.common.synthesis import synthesize
-from stages.common.weightfile import weight_file
+from pipeline.engine.errors import InputError
+from stages.common.adapters.factors import infer_targets
+from stages.common.adapters.mixing import _WORKSPACES, AdapterMix, MixSettings
+from stages.common.adapters.synthesis import synthesize
+from stages.common.adapters.weightfile import weight_file
 from stages.model import HFCheckpoint, byte_tokenizer
 
 
@@ -122,7 +122,7 @@ def test_generation_that_raises_still_reads_the_weights_back(tmp_path, monkeypat
 
 
 def test_a_failed_read_back_is_an_error_and_the_model_is_refused_after(tmp_path, monkeypatch):
-    import stages.common.weightfile as weightfile
+    import stages.common.adapters.weightfile as weightfile
 
     folder = save_tiny(tmp_path / "ckpt")
     lm = load(folder)
@@ -141,7 +141,7 @@ def test_a_failed_read_back_is_an_error_and_the_model_is_refused_after(tmp_path,
 @pytest.mark.parametrize("head, problem", [(b"\x01\x02", "shorter than its header"),
                                            ((10**9).to_bytes(8, "little") + b"{}", "header of 1000000000 bytes")])
 def test_a_broken_header_is_named_by_the_check_and_keeps_merge_on_copies(tmp_path, caplog, head, problem):
-    from stages.common.weightfile import remember
+    from stages.common.adapters.weightfile import remember
     from stages.model import safetensors_problem
 
     folder = tmp_path / "ckpt"

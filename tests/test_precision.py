@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from pipeline import api
-from pipeline.errors import ConfigError, StageFailed
-from stages.common.adapters import TARGETS, infer_targets
-from stages.common.attention import use_attention
-from stages.common.continuations import cache_kwarg
-from stages.common.mixing import AdapterMix, MixSettings
-from stages.common.precision import is_plain_float, weight_bytes
-from stages.common.synthesis import synthesize
+from pipeline.engine.errors import ConfigError, StageFailed
+from stages.common.adapters.factors import TARGETS, infer_targets
+from stages.common.adapters.mixing import AdapterMix, MixSettings
+from stages.common.adapters.synthesis import synthesize
+from stages.common.generation.attention import use_attention
+from stages.common.generation.continuations import cache_kwarg
+from stages.common.generation.precision import is_plain_float, weight_bytes
 from stages.model import TinyRandomLlama
 from tests.test_adapters import PROGRAM
 

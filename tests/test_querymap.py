@@ -1,4 +1,4 @@
-"""`select.query_map`: a learned linear map of the question's MiniLM vector (stages/common/querymap.py), the
+"""`select.query_map`: a learned linear map of the question's MiniLM vector (stages/common/retrieval/querymap.py), the
 shipped map, and its fitting (bench/query_map.py)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bench.query_map import EVALUATED, PHRASINGS, ProgramPairs, fit, recall_at
-from pipeline.errors import InputError
-from stages.common import querymap
+from pipeline.engine.errors import InputError
+from stages.common.retrieval import querymap
 from stages.select import HybridSelect
 
 PROGRAM = {
@@ -116,7 +116,7 @@ def test_fitting_learns_a_map_that_generalises_to_another_program():
 
 
 def test_a_map_member_declaring_too_many_bytes_is_refused_from_its_header(tmp_path):
-    from stages.common.adapters import MAX_ARRAY_BYTES
+    from stages.common.adapters.factors import MAX_ARRAY_BYTES
 
     path = tmp_path / "bomb.npz"
     side = int((MAX_ARRAY_BYTES // 4) ** 0.5) + 1  # a square float32 matrix just over the bound

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from stages.common.grounding import GroundingProcessor, token_texts
-from stages.common.quoteguard import STARTED, QuoteGuard, normal
-from stages.common.quotes import check_code, code_like
+from stages.common.grounding.constraints import GroundingProcessor, token_texts
+from stages.common.grounding.quoteguard import STARTED, QuoteGuard, normal
+from stages.common.grounding.quotes import check_code, code_like
 from stages.common.types import Evidence, PackedWindow
 
 EVIDENCE = Evidence([PackedWindow("kettle.py", 1, 9, (
@@ -199,7 +199,7 @@ def test_lines_going_on_a_code_block_are_held_too(default_tokenizer):
 def test_decode_with_quotes_and_labels_on_the_tiny_model(tiny_lm, index_with_windows):
     """Through `Decode` and transformers' generate: the prompt carries the packed lines and the label spans, and
     what the sampled reply holds is neither unverified code nor a mislabelled citation."""
-    from stages.common.labels import mislabels
+    from stages.common.grounding.labels import mislabels
     from stages.decode import Decode
     from stages.scaffold import BuildPrompt
 

@@ -1,10 +1,10 @@
-"""Code the answer "quotes" that the packed evidence does not hold (stages/common/quotes.py), and what repair does
+"""Code the answer "quotes" that the packed evidence does not hold (stages/common/grounding/quotes.py), and what repair does
 with it."""
 from __future__ import annotations
 
 import pytest
 
-from stages.common.quotes import check_code, code_blocks, code_like, handle_unverified
+from stages.common.grounding.quotes import check_code, code_blocks, code_like, handle_unverified
 from stages.common.types import Evidence, PackedWindow
 
 SHOWN = Evidence([PackedWindow("pkg/io.py", 10, 14, "def read_all(path, mode='r'):\n    with open(path, mode) as handle:\n"

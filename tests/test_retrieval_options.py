@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from conftest import KETTLE_PROGRAM, evaluate
 
-from pipeline import resources
 from pipeline.api import compose, run
-from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.graph import build_graph
-from pipeline.stage import RunContext
-from stages.common.evaluation import keywords, phrase
+from pipeline.engine import resources
+from pipeline.engine.errors import ConfigError, InputError, PipelineError
+from pipeline.engine.graph import build_graph
+from pipeline.engine.stage import RunContext
+from stages.common.retrieval.evaluation import keywords, phrase
 from stages.questions import DocstringQuestions
 from stages.select import HybridSelect, QuestionSelect, fuse
 
@@ -170,7 +170,7 @@ def test_hybrid_weighs_tests_less_yet_finds_a_test_asked_about(tmp_path, make_tr
 
 
 def test_window_vectors_are_cached_per_window_text_and_a_corrupt_cache_heals(tmp_path, make_tree, monkeypatch, caplog):
-    from stages.common import dense
+    from stages.common.retrieval import dense
     from stages.index import build_index
 
     root = make_tree(tmp_path / "prog", PROGRAM)
@@ -266,8 +266,7 @@ def test_the_encoder_lets_its_weights_go_after_each_call(monkeypatch):
     import gc
     import weakref
 
-    from stages.common import dense
-
+    from stages.common.retrieval import dense
     enc = dense.SentenceEncoder(dense.model_dir())
     models = []
     real = dense.SentenceEncoder._model
@@ -293,9 +292,8 @@ def test_the_encoder_loads_its_weights_under_the_resources_lock(monkeypatch):
 
     import transformers
 
-    from pipeline import resources
-    from stages.common import dense
-
+    from pipeline.engine import resources
+    from stages.common.retrieval import dense
     held = []
     real = transformers.AutoModel.from_pretrained
 

@@ -5,7 +5,7 @@ import ast
 
 import pytest
 
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 from stages.index import build_index
 from stages.select import QuestionSelect, ZoomSelect, find_symbols
 
@@ -13,16 +13,16 @@ from stages.select import QuestionSelect, ZoomSelect, find_symbols
 
 
 def test_project_index_honours_the_configured_ignore_list(project_index):
-    assert "pipeline/graph.py" in project_index.files and "stages/select.py" in project_index.files
+    assert "pipeline/engine/graph.py" in project_index.files and "stages/select.py" in project_index.files
     assert not any(p.startswith((".venv/", "outputs/", ".git/")) or "__pycache__" in p for p in project_index.files)
 
 
 def test_zoom_radius_0_is_the_seed_file(project_index):
     selection = ZoomSelect("build_graph", zoom_radius=0, top_k=100).run(project_index, "")["selection"]
-    assert selection.files == ["pipeline/graph.py"]
+    assert selection.files == ["pipeline/engine/graph.py"]
     assert selection.symbols == ["build_graph"]
-    assert "sym:pipeline/graph.py::build_graph" in selection.nodes
-    assert selection.modules == ["pipeline.graph"]
+    assert "sym:pipeline/engine/graph.py::build_graph" in selection.nodes
+    assert selection.modules == ["pipeline.engine.graph"]
 
 
 def callers_of(index, name: str) -> set[str]:
@@ -48,7 +48,7 @@ def test_zoom_radius_1_reaches_the_callers(project_index):
     callers = callers_of(project_index, "build_graph")
     assert "pipeline/app.py" in callers  # imports and calls it
     selection = ZoomSelect("build_graph", zoom_radius=1, top_k=1000).run(project_index, "")["selection"]
-    assert selection.files[0] == "pipeline/graph.py"  # distance 0 first
+    assert selection.files[0] == "pipeline/engine/graph.py"  # distance 0 first
     assert callers <= set(selection.files), callers - set(selection.files)
     radius0 = set(ZoomSelect("build_graph", zoom_radius=0, top_k=1000).run(project_index, "")["selection"].files)
     radius2 = set(ZoomSelect("build_graph", zoom_radius=2, top_k=1000).run(project_index, "")["selection"].files)
@@ -57,13 +57,13 @@ def test_zoom_radius_1_reaches_the_callers(project_index):
 
 def test_zoom_top_k_caps_the_region(project_index):
     selection = ZoomSelect("build_graph", zoom_radius=2, top_k=2).run(project_index, "")["selection"]
-    assert len(selection.files) == 2 and selection.files[0] == "pipeline/graph.py"
+    assert len(selection.files) == 2 and selection.files[0] == "pipeline/engine/graph.py"
 
 
 def test_zoom_accepts_qualnames_and_module_qualified_names(project_index):
-    assert {s.path for s in find_symbols(project_index, "pipeline.graph.build_graph")} == {"pipeline/graph.py"}
+    assert {s.path for s in find_symbols(project_index, "pipeline.engine.graph.build_graph")} == {"pipeline/engine/graph.py"}
     seeds = find_symbols(project_index, "Graph.instantiate")
-    assert [(s.path, s.kind) for s in seeds] == [("pipeline/graph.py", "method")]
+    assert [(s.path, s.kind) for s in seeds] == [("pipeline/engine/graph.py", "method")]
 
 
 def test_zoom_unknown_symbol_lists_close_matches(project_index):

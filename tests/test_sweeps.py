@@ -8,9 +8,10 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from pipeline import CONF_DIR, PROJECT_ROOT, resources
+from pipeline import CONF_DIR, PROJECT_ROOT
 from pipeline.app import run_config
-from pipeline.graph import build_graph
+from pipeline.engine import resources
+from pipeline.engine.graph import build_graph
 
 
 def compose(overrides, hydra=False):

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.common.adapters import AdapterSet
-from stages.common.callgraph import CallGraph
-from stages.common.lines import split_lines
+from stages.common.adapters.factors import AdapterSet
+from stages.common.program.callgraph import CallGraph
+from stages.common.program.lines import split_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +246,7 @@ class CitationReport:
     required: int
     must: int = 0
     reason: str = ""
-    names: Any = None  # the draft's NameCheck (stages/common/identifiers.py) when the `names` node ran
+    names: Any = None  # the draft's NameCheck (stages/common/grounding/identifiers.py) when the `names` node ran
 
     @property
     def unknown_names(self) -> list[str]:

@@ -1,0 +1,1 @@
+"""Program-conditioned LoRA: factor sets, the program embedding, synthesis, fitting, mixing, weight files, PEFT export."""

@@ -1,0 +1,442 @@
+"""Mixing LoRA deltas into a model, reversibly and exactly (SPEC §5 mix).
+
+For layer i and target t:  Δ = (1-gsub)·A_base B_base + gsub·A_sub B_sub  (one of them alone when the other
+is missing), × target weight × layer multiplier × alpha/rank, using the first ``keep`` rank components of
+each pair; if ‖Δ‖_F > cap·‖W‖_F it is scaled down to that. Δ stays low-rank (A_cat, B_cat) throughout.
+
+One loaded model is shared by every answer of the process (a multirun, an application's threads), so its users
+are serialised by a per-model lock (``exclusive``): an ``AdapterMix`` holds it from its first ``apply`` (mix) to
+its ``restore`` (unmix, a node that runs even after a failure or Ctrl-C); a mix that is dropped without a restore
+(a custom graph without unmix) is restored and its lock released when it is garbage collected. A second thread's
+answer waits at its mix until the first one has unmixed. The lock is re-entrant within a thread.
+
+Two ways to apply it, both restoring the model bit for bit:
+- ``hooks``: forward hooks add ``x B_catᵀ A_catᵀ`` to the module output; the weights are never written.
+- ``merge``: ``W + A_cat B_cat`` is written into each touched weight. A weight whose bytes are those of the
+  checkpoint file the model was loaded from (stages/common/adapters/weightfile.py) is written in place and read back from
+  the file at restore: no copy of it is kept (212 MB on SmolLM2 in bfloat16). Any other weight tensor is swapped
+  for a merged copy, and restore swaps the original, never written, back in.
+In every weight dtype the delta is computed in float32 and cast once: a hook computes ``x B_catᵀ A_catᵀ`` in float32
+and adds it to the output in the output's dtype; merge computes ``W + A_cat B_cat`` in float32 and rounds it once to
+the weight's dtype. With int8 weights (``model.quantize=int8``) only hooks can mix; merge is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import threading
+import weakref
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.engine.errors import ConfigError, InputError
+from stages.common.adapters.factors import AdapterSet, TargetMap
+from stages.common.adapters.weightfile import WeightFile, weight_file
+from stages.common.generation.precision import dequantized, is_plain_float
+
+log = logging.getLogger(__name__)
+Mode = Literal["hooks", "merge"]
+
+
+@dataclasses.dataclass
+class MixSettings:
+    gsub: float
+    alpha: float
+    rank: int  # the capacity rank: Δ is scaled by alpha/rank
+    weights: dict[str, float]
+    layer_multipliers: list[float]
+    keeps: dict[tuple[int, str], int]  # missing -> the full rank of each pair
+    delta_cap: float | None
+    beta: float = 0.0
+    ablate: tuple[str, ...] = ()  # targets whose delta is zero
+
+
+@dataclasses.dataclass
+class LowRankDelta:
+    a: np.ndarray  # d_out x R, every scale folded in
+    b: np.ndarray  # R x d_in
+    norm: float  # ‖a @ b‖_F
+    capped: bool
+    bias: np.ndarray | None = None
+
+
+def layer_third(layer: int, num_layers: int) -> int:
+    """0, 1, 2 for the low, mid and top third of the layers (f = i/(L-1))."""
+    f = layer / (num_layers - 1) if num_layers > 1 else 0.0
+    return 0 if f < 1 / 3 else 1 if f < 2 / 3 else 2
+
+
+def gram_norm(a: np.ndarray, b: np.ndarray) -> float:
+    """‖a b‖_F without forming a b: sqrt(sum((aᵀa) ∘ (b bᵀ)))."""
+    a64: np.ndarray = a.astype(np.float64)
+    b64: np.ndarray = b.astype(np.float64)
+    total = float(np.sum((a64.T @ a64) * (b64 @ b64.T)))
+    return total if math.isnan(total) else math.sqrt(max(0.0, total))  # nan stays nan, never 0.0
+
+
+def weight_norms(tmap: TargetMap) -> dict[tuple[int, str], float]:
+    import torch
+
+    norms = {}
+    with torch.no_grad():
+        for key, (_, module, rows) in tmap.modules.items():
+            weight = dequantized(module.weight)
+            w = weight if rows is None else weight[rows]
+            norms[key] = float(torch.linalg.vector_norm(w.float()))
+    return norms
+
+
+def build_deltas(base: AdapterSet | None, sub: AdapterSet | None, tmap: TargetMap, settings: MixSettings,
+                 norms: dict[tuple[int, str], float]) -> dict[tuple[int, str], LowRankDelta]:
+    deltas = {}
+    for layer in range(tmap.num_layers):
+        for target in tmap.targets:
+            if target in settings.ablate or (layer, target) not in tmap.modules:
+                continue
+            parts = []
+            base_pair = base.pair(layer, target) if base else None
+            sub_pair = sub.pair(layer, target) if sub else None
+            both = base_pair is not None and sub_pair is not None
+            keep = settings.keeps.get((layer, target))
+            for pair, share in ((base_pair, 1.0 - settings.gsub), (sub_pair, settings.gsub)):
+                if pair is None:
+                    continue
+                a, b = pair
+                k = a.shape[1] if keep is None else max(1, min(keep, a.shape[1]))
+                parts.append(((share if both else 1.0) * a[:, :k], b[:k, :]))
+            if not parts:
+                continue
+            scale = settings.weights.get(target, 1.0) * settings.layer_multipliers[layer] * settings.alpha / settings.rank
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as one error
+                a_cat = np.concatenate([p[0] for p in parts], axis=1) * scale
+                b_cat = np.concatenate([p[1] for p in parts], axis=0)
+                norm = gram_norm(a_cat, b_cat)
+                capped = False
+                if settings.delta_cap is not None and norm > settings.delta_cap * norms[(layer, target)] > 0:
+                    factor = settings.delta_cap * norms[(layer, target)] / norm
+                    # both factors shrink by √factor: scaling A alone leaves B as large as it came (3e38 B with a
+                    # tiny A overflows x Bᵀ in the hook although the product is small)
+                    root = math.sqrt(factor)
+                    a_cat, b_cat, norm, capped = a_cat * root, b_cat * root, norm * factor, True
+                bias = None
+                for adapters in (base, sub):
+                    extra = adapters.bias(layer, target) if adapters else None
+                    if extra is not None and settings.beta:
+                        bias = (bias if bias is not None else 0) + settings.beta * extra
+                delta = LowRankDelta(a_cat.astype(np.float32), b_cat.astype(np.float32), norm, capped, bias)
+            check_finite(delta, layer, target)
+            deltas[(layer, target)] = delta
+    return deltas
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite(delta: LowRankDelta, layer: int, target: str) -> None:
+    """A delta with nan/inf (huge but finite factors overflow float32) must never reach the model's weights."""
+    finite = (math.isfinite(delta.norm) and delta.norm <= FLOAT32_MAX and bool(np.isfinite(delta.a).all())
+              and bool(np.isfinite(delta.b).all()) and (delta.bias is None or bool(np.isfinite(delta.bias).all())))
+    if not finite:
+        raise InputError(
+            f"the mixed delta of layer {layer} {target} is not finite (‖Δ‖_F = {delta.norm:.3g}): the adapter "
+            "factors or the mix knobs are too large for float32 (not applied)")
+
+
+def delta_norms(deltas: dict[tuple[int, str], LowRankDelta], tmap: TargetMap, num_layers: int) -> dict[str, float]:
+    """Mean ‖Δ‖_F per target over layers (0.0 for an ablated or absent target)."""
+    return {t: float(sum(d.norm for (i, tt), d in deltas.items() if tt == t) / max(1, num_layers)) for t in tmap.targets}
+
+
+# merge mode writes W + AB into a buffer per module that lives as long as the module: a fresh 400 MB each answer
+# costs ~150 k page faults (0.3-0.9 s on SmolLM2, measured), more than the arithmetic
+_WORKSPACES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _workspace(module: Any, like: Any) -> Any:
+    buffer = _WORKSPACES.get(module)
+    if buffer is not None and buffer.data_ptr() == like.data_ptr():
+        return like.new_empty(like.shape)  # a second mix over one already merged: never write into its weights
+    if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
+        buffer = _WORKSPACES[module] = like.new_empty(like.shape)
+    return buffer
+
+
+class ModelLock:
+    """Serialises the users of one loaded model across threads; re-entrant per thread.
+
+    Unlike ``threading.RLock`` it may be released by another thread than the one that took it: the garbage
+    collector may finalise an abandoned mix anywhere, and its lock must still come back.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self, lease: Lease | None = None) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner not in (None, me):
+                log.info("waiting for another answer to finish with the model")
+                while self._owner not in (None, me):
+                    self._cond.wait()
+            self._owner, self._depth = me, self._depth + 1
+            if lease is not None:
+                lease.held = True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._depth == 0:
+                raise RuntimeError("model lock released more often than taken")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    @property
+    def held(self) -> bool:
+        return self._owner is not None
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, ModelLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> ModelLock:
+    """The lock of one loaded model (created on first use, gone with the model)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = ModelLock()
+        return lock
+
+
+@contextlib.contextmanager
+def exclusive(model: Any):
+    """Use the shared model alone for a while (scoring, training, tokenizing): no other thread's mix is in it."""
+    lock = model_lock(model)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class Lease:
+    """One holder's share of a ``ModelLock``: taken at most once, given back at most once."""
+
+    def __init__(self, lock: ModelLock) -> None:
+        self.lock, self.held = lock, False
+
+    def take(self) -> None:
+        if not self.held:
+            self.lock.acquire(self)
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+
+class MixHandle:
+    """The model's adapted state. ``restore`` is idempotent and puts back every weight bit for bit."""
+
+    def __init__(self, tmap: TargetMap, mode: Mode, source: WeightFile | None = None):
+        self.tmap, self.mode, self.source = tmap, mode, source
+        self._hooks: list[Any] = []
+        self._originals: dict[str, tuple[Any, Any]] = {}  # module name -> (module, its original weight tensor)
+        self._written: dict[str, Any] = {}  # parameter name -> the weight written in place (read back from source)
+        self.active = False
+        self.applied = 0
+
+    def apply(self, deltas: dict[tuple[int, str], LowRankDelta]) -> None:
+        if self.active:
+            self.restore()
+        try:
+            self._apply(deltas)
+        except BaseException:
+            self.restore()
+            raise
+        self.active = True
+        self.applied += 1
+
+    def _apply(self, deltas: dict[tuple[int, str], LowRankDelta]) -> None:
+        import torch
+
+        per_module: dict[str, list] = {}
+        for key, delta in deltas.items():
+            name, module, rows = self.tmap.modules[key]
+            weight = module.weight
+            if self.mode == "merge" and not is_plain_float(weight):
+                raise ConfigError(f"mix.mode=merge cannot write a delta into the {type(weight).__name__} weights of "
+                                  f"'{name}' (model.quantize=int8?); use mix.mode=hooks")
+            # float32 factors in every weight dtype: the delta is computed in float32 and cast once
+            a = torch.from_numpy(delta.a).to(weight.device, torch.float32)
+            b = torch.from_numpy(delta.b).to(weight.device, torch.float32)
+            bias = torch.from_numpy(delta.bias).to(weight.device, torch.float32) if delta.bias is not None else None
+            per_module.setdefault(name, [module, []])[1].append((a, b, rows, bias))
+        scratch = None  # float32 W + AB of a low-precision weight: one buffer for every module, not two new ones each
+        with torch.no_grad():
+            for name, (module, items) in per_module.items():
+                if self.mode == "merge":
+                    original, param = module.weight.data, f"{name}.weight"
+                    if self.source is not None and self.source.claim(param, original):
+                        self._written[param] = merged = original  # before the first write: a failure reads it back
+                    else:
+                        merged = _workspace(module, original).copy_(original)
+                        self._originals[name] = (module, original)
+                    for a, b, rows, _ in items:  # rows: one half of a fused module (gate_up)
+                        part = merged if rows is None else merged[rows]
+                        if part.dtype == torch.float32:
+                            part.addmm_(a, b)
+                        else:  # W + AB in float32, rounded once to the weight's dtype
+                            if scratch is None or scratch.device != part.device:  # sized for the largest module
+                                scratch = torch.empty(max(m.weight.numel() for m, _ in per_module.values()),
+                                                      dtype=torch.float32, device=part.device)
+                            exact = scratch[:part.numel()].view(part.shape).copy_(part)
+                            part.copy_(exact.addmm_(a, b))
+                    if merged is not original:
+                        module.weight.data = merged
+                    hook_items = [(None, None, rows, bias) for a, b, rows, bias in items if bias is not None]
+                else:
+                    hook_items = items
+                if hook_items:
+                    self._hooks.append(module.register_forward_hook(lora_forward_hook(hook_items)))
+
+    def restore(self) -> None:
+        import torch
+
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        failed = []
+        with torch.no_grad():
+            for module, original in self._originals.values():
+                module.weight.data = original
+            for param, weight in self._written.items():
+                assert self.source is not None  # only a source's weights are written in place
+                try:
+                    self.source.read_back(param, weight)
+                except OSError as err:  # the others are still read back; this model is then refused (see lost)
+                    failed.append(f"{param}: {err}")
+        self._originals.clear()
+        self._written.clear()
+        self.active = False
+        if failed:
+            assert self.source is not None
+            self.source.lost = f"{len(failed)} weights not read back from {self.source.folder} ({failed[0]})"
+            raise InputError(f"the model's weights could not be restored: {self.source.lost}; load it again")
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "active": self.active, "applied": self.applied}
+
+
+def lora_forward_hook(items: list, scale: float = 1.0, dropout: float = 0.0):
+    """The forward hook of a LoRA path: ``output += scale · (x Bᵀ) Aᵀ (+ bias)`` for each ``(a, b, rows, bias)``
+    of ``items`` (``rows``: one half of a fused module's output; ``a`` None: a bias only). Computed in float32 and
+    cast once to the output's dtype; differentiable (the fitting stage trains its factors through this very hook,
+    so what it stores reproduces the trained model through the mix). ``dropout`` (training only: while gradients
+    are on) drops inputs of the LoRA path, as PEFT's ``lora_dropout`` does."""
+    import torch
+
+    a32 = torch.float32
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        x32 = x if x.dtype == a32 else x.float()
+        if dropout and torch.is_grad_enabled():
+            x32 = torch.nn.functional.dropout(x32, p=dropout, training=True)
+        for a, b, rows, bias in items:
+            delta = (x32 @ b.T) @ a.T if a is not None else 0
+            if scale != 1.0 and a is not None:
+                delta = delta * scale
+            if bias is not None:
+                delta = delta + bias
+            if not isinstance(delta, int) and delta.dtype != output.dtype:
+                delta = delta.to(output.dtype)  # computed in float32, cast once
+            if rows is None:
+                output = output + delta
+            else:
+                output = output.clone()
+                output[..., rows] += delta
+        return output
+
+    return hook
+
+
+class AdapterMix:
+    """What was mixed into a model (adapters, settings) and the handle that undoes it; remix re-applies."""
+
+    def __init__(self, lm: Any, tmap: TargetMap, mode: Mode, base: AdapterSet | None, sub: AdapterSet | None,
+                 full_alpha: float):
+        self.lm, self.tmap, self.base, self.sub, self.full_alpha = lm, tmap, base, sub, full_alpha
+        self.handle = MixHandle(tmap, mode, weight_file(lm.model))
+        self.lease = Lease(model_lock(lm.model))
+        self.norms: dict[tuple[int, str], float] | None = None  # of the unmixed weights, read under the lock
+        self.settings: MixSettings | None = None
+        self.weights_key: str | None = None  # digest of the deltas in the model (None while nothing is mixed)
+        # never forgotten: a mix dropped without restore() puts the weights back and frees the model when collected
+        weakref.finalize(self, _abandon, self.handle, self.lease)
+
+    def apply(self, settings: MixSettings) -> dict[str, Any]:
+        """Mix (or re-mix) into the model; holds the model's lock from here to ``restore``."""
+        self.lease.take()
+        try:
+            source = self.handle.source
+            if source is not None and source.lost:
+                raise InputError(f"the model's weights are not exact since a restore failed: {source.lost}; load it again")
+            if self.norms is None:
+                self.norms = weight_norms(self.tmap)
+            deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
+            self.weights_key = None
+            self.handle.apply(deltas)
+            self.weights_key = deltas_digest(deltas, self.handle.mode)
+        finally:
+            if not self.handle.active:  # nothing of ours is in the model: let the next answer in
+                self.lease.give_back()
+        self.settings = settings
+        return {
+            "rank": settings.rank, "gsub": settings.gsub, "alpha": settings.alpha, "beta": settings.beta,
+            "mix_mode": self.handle.mode, "ablate": list(settings.ablate),
+            "delta_norms": delta_norms(deltas, self.tmap, self.tmap.num_layers),
+            "deltas_capped": sum(d.capped for d in deltas.values()), "deltas_applied": len(deltas),
+            # forward hooks in the model while this mix is in (under its lock: this answer's own, no other's)
+            "hooks_active": sum(len(m._forward_hooks) for m in self.lm.model.modules()),
+        }
+
+    def restore(self) -> None:
+        """Put every weight back bit for bit, then release the model to the next answer."""
+        self.weights_key = None
+        try:
+            self.handle.restore()
+        finally:
+            self.lease.give_back()
+
+    def summary(self) -> dict[str, Any]:
+        return self.handle.summary()
+
+
+def deltas_digest(deltas: dict[tuple[int, str], LowRankDelta], mode: str) -> str:
+    """What a mix puts into the model, as a digest of every delta's factors (equal digests: equal mixed weights)."""
+    import hashlib
+
+    digest = hashlib.blake2b(mode.encode(), digest_size=16)
+    for key in sorted(deltas):
+        delta = deltas[key]
+        digest.update(repr((key, delta.a.shape, delta.b.shape, delta.bias is not None)).encode())
+        for array in (delta.a, delta.b, delta.bias):
+            if array is not None:
+                digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _abandon(handle: MixHandle, lease: Lease) -> None:
+    if lease.held or handle.active:
+        log.warning("an adapter mix was dropped without unmix; restoring the model's weights")
+    try:
+        handle.restore()
+    finally:
+        lease.give_back()

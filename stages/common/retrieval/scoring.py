@@ -1,0 +1,134 @@
+"""Question-to-window relevance shared by `select` and `pack`: BM25F over the windows index (SPEC §1).
+
+A window is scored field by field (the names of the definitions it holds, their signatures, docstrings, the
+file path and the source text), each field's term counts weighted, then saturated BM25-style with idf over all
+windows. Words are stemmed lightly on both sides so that "parses" finds `parse` and "entries" finds `entry`.
+Everything per-index is computed once and kept on the index (`ProgramIndex.derived`), so the next question of
+an eval or a sweep only pays for the lookup.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter, defaultdict
+
+from pipeline.engine.errors import ConfigError
+from stages.common.program.text import tokens
+from stages.common.types import ProgramIndex, Window
+
+FIELDS = ("name", "signature", "doc", "path", "text")
+# field weights and BM25 saturation (k1) / length normalisation (b), written once: select's defaults (its
+# *_weight, k1, b keywords) and the window ranking of pack and rescore (conf/relevance/select.yaml links them)
+RELEVANCE = {"name": 4.0, "signature": 0.0, "doc": 0.3, "path": 0.8, "text": 0.1, "k1": 0.6, "b": 0.75}
+
+
+def check_relevance(owner: str, relevance: dict) -> dict[str, float]:
+    """``relevance`` completed with the defaults (a key that is absent or null takes ``RELEVANCE``'s value); an unknown
+    key or a negative value is a ConfigError."""
+    relevance = {k: v for k, v in relevance.items() if v is not None}
+    unknown = sorted(set(relevance) - set(RELEVANCE))
+    if unknown:
+        raise ConfigError(f"{owner}: unknown relevance key '{unknown[0]}'; keys: {', '.join(RELEVANCE)}")
+    merged = {**RELEVANCE, **relevance}
+    bad = [k for k, v in merged.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise ConfigError(f"{owner}: relevance.{bad[0]} must be a number >= 0, got {merged[bad[0]]!r}")
+    return {k: float(v) for k, v in merged.items()}
+
+
+def stem(word: str) -> str:
+    """A light suffix stripper (plural, -ing, -ed, final e/y): enough to join inflections of code words."""
+    if len(word) <= 3:
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        word = word[:-3] + "y"
+    elif word.endswith("sses"):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    if word.endswith("ing") and len(word) > 5:
+        word = word[:-3]
+    elif word.endswith("ed") and len(word) > 4:
+        word = word[:-2]
+    if len(word) > 3 and word[-1] in "ey":
+        word = word[:-1]
+    return word
+
+
+def terms(text: str) -> list[str]:
+    # a compound is joined without underscores so that render_table and renderTable are one term
+    return [stem(t.replace("_", "")) for t in tokens(text)]
+
+
+@dataclasses.dataclass
+class WindowFields:
+    windows: list[Window]
+    postings: dict[str, dict[str, list[tuple[int, int]]]]  # field -> term -> [(window, count)]
+    lengths: list[int]
+    average: float
+    idf: dict[str, float]
+    by_path: dict[str, list[int]]
+
+
+def window_fields(index: ProgramIndex) -> WindowFields:
+    return index.derived("scoring.window_fields", lambda: _build(index))
+
+
+def _build(index: ProgramIndex) -> WindowFields:
+    postings: dict[str, dict[str, list[tuple[int, int]]]] = {f: defaultdict(list) for f in FIELDS}
+    lengths: list = []
+    df: Counter[str] = Counter()
+    by_path: dict[str, list] = defaultdict(list)
+    path_terms = {}
+    for i, window in enumerate(index.windows):
+        inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end]
+        if window.kind == "head":
+            inside = [s for s in inside if "." not in s.qualname]
+        if window.path not in path_terms:
+            path_terms[window.path] = Counter(terms(window.path.rsplit(".", 1)[0]))
+        text = Counter(terms("\n".join(index.lines(window.path)[window.start - 1 : window.end])))
+        counts = {
+            "name": Counter(t for s in inside for t in terms(s.qualname)),
+            "signature": Counter(t for s in inside for t in terms(s.signature)),
+            "doc": Counter(t for s in inside for t in terms(s.doc)),
+            "path": path_terms[window.path],
+            "text": text,
+        }
+        for field, counter in counts.items():
+            for term, count in counter.items():
+                postings[field][term].append((i, count))
+        df.update(set().union(*counts.values()))
+        lengths.append(sum(text.values()) or 1)
+        by_path[window.path].append(i)
+    n = len(index.windows)
+    idf = {t: math.log(1 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
+    return WindowFields(list(index.windows), {f: dict(p) for f, p in postings.items()}, lengths,
+                        sum(lengths) / max(1, n), idf, dict(by_path))
+
+
+def score_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float]) -> dict[int, float]:
+    """BM25F score of every window that shares a term with ``prompt`` (window position in the index -> score)."""
+    wf = window_fields(index)
+    k1, b = relevance["k1"], relevance["b"]
+    weights = {f: relevance[f] for f in FIELDS}
+    query = list(dict.fromkeys(terms(prompt)))
+    scores: dict[int, float] = defaultdict(float)
+    for term in query:
+        idf = wf.idf.get(term)
+        if idf is None:
+            continue
+        weighted: dict[int, float] = defaultdict(float)
+        for field, weight in weights.items():
+            if weight:
+                for i, count in wf.postings[field].get(term, ()):
+                    weighted[i] += weight * count
+        for i, tf in weighted.items():
+            norm = k1 * (1 - b + b * wf.lengths[i] / wf.average)
+            scores[i] += idf * tf * (k1 + 1) / (tf + norm)
+    return dict(scores)
+
+
+def standardise(values):
+    """z-scores of a float array (all zeros when the values do not vary): puts two rankings on one scale."""
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else values * 0.0
