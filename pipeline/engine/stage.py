@@ -160,7 +160,12 @@ class Stage:
         """The fields of ``Config`` (or the keyword arguments of ``__init__``; a ``**kwargs`` passed up to the parent
         adds the parent's)."""
         if cls.Config is not None:
-            return dict(inspect.signature(cls.Config).parameters)
+            params = {}
+            for f in dataclasses.fields(cls.Config):
+                default = f.default if f.default is not dataclasses.MISSING else (
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else _EMPTY)
+                params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default)
+            return params
         params: dict[str, inspect.Parameter] = {}
         for init in cls._init_chain():
             for n, p in inspect.signature(init).parameters.items():
