@@ -198,7 +198,7 @@ _INDEX_CODE = """
 import json, os, sys, time
 t = time.perf_counter()
 from pathlib import Path
-from stages.index import build_index
+from stages.common.program.indexing import build_index
 from pipeline.engine.execute import peak_rss_mb
 imports = time.perf_counter() - t
 t = time.perf_counter()
@@ -214,8 +214,8 @@ def indexing() -> list[dict]:
     """sympy (~1,500 .py files): cold index (parsing in worker processes) vs the bare single-process ast.parse loop,
     interleaved twice in this run (best of each); then the unchanged tree in a new process (only its on-disk index)."""
     from pipeline.engine import resources
+    from stages.common.program.indexing import build_index
     from stages.common.program.pyfacts import available_cores
-    from stages.index import build_index
 
     files = sorted(p for p in TREE_2000.rglob("*.py") if "__pycache__" not in p.parts)
     bare, cold = [], []

@@ -1,4 +1,4 @@
-"""`python -m bench.fitting_study`: choices of the fitted synthesizer (SPEC §4b, issue 17) side by side.
+"""`python -m bench.fitting_study`: choices of the fitted synthesizer (SPEC §4b) side by side.
 
 Each variant is a list of `synth.*` overrides of `synth=fitted`; each run goes through the real `synth` stage
 (split, training data, fit, perplexity of the stored delta through the mix path), one process, the model loaded
@@ -65,7 +65,7 @@ def run(programs: list[str], variants: list[str], out: Path, steps: int, extra: 
 
     import pipeline
     from pipeline.engine.graph import build_graph
-    from stages.index import build_index
+    from stages.common.program.indexing import build_index
 
     out.parent.mkdir(parents=True, exist_ok=True)
     lm = None

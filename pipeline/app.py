@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,6 @@ from pipeline.engine.errors import PipelineError
 from pipeline.engine.execute import RunResult, execute
 from pipeline.engine.graph import Graph, build_graph
 from pipeline.engine.stage import RunContext
-
-log = logging.getLogger(__name__)
-
 
 def as_text(value: str) -> str:
     """A string to put in a config that stays text: OmegaConf would read ``${...}`` as an interpolation."""
@@ -89,6 +85,8 @@ def hydra_main(cfg: DictConfig) -> Any:
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
+    from pipeline.report import write_after
+
     hydra_cfg = HydraConfig.get()
     verbose = bool(hydra_cfg.verbose)
     single = hydra_cfg.mode != RunMode.MULTIRUN
@@ -99,15 +97,15 @@ def hydra_main(cfg: DictConfig) -> Any:
     except (PipelineError, OmegaConfBaseException) as err:
         if verbose:
             raise
-        where = write_report(cfg, run_dir)
+        where = write_after(cfg, run_dir)
         print(f"error: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if verbose:
             raise
-        print("error: interrupted (model weights restored)", file=sys.stderr)
+        print(f"error: {interrupted(cfg, run_dir)}", file=sys.stderr)
         sys.exit(130)
-    where = write_report(cfg, run_dir)
+    where = write_after(cfg, run_dir)
     value = result_value(cfg, result)
     if value is not None:
         if terminal is not None and terminal.wrote:  # the draft was streamed: the checked answer follows
@@ -116,6 +114,14 @@ def hydra_main(cfg: DictConfig) -> Any:
     if single:  # on stderr: stdout ends with the result, for scripts (`... | tail -1`)
         print(f"run folder: {run_dir}" + (f"\nreport: {where}" if where else ""), file=sys.stderr)
     return value
+
+
+def interrupted(cfg: DictConfig, run_dir: Path) -> str:
+    """The words for a Ctrl-C: interrupted, and what the nodes that ran after it put right (conf/report/html.yaml)."""
+    from pipeline.runfolder import interrupt_notes, settings_of
+
+    notes = interrupt_notes(run_dir, settings_of(cfg))
+    return "interrupted" + (f" ({', '.join(notes)})" if notes else "")
 
 
 class Console:
@@ -142,18 +148,3 @@ def console(stream: Any):
         yield lent
     finally:
         resources.put("console", "stream", previous)
-
-
-def write_report(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The run's report.html when `report=html` (a failure to write it is a warning, never the run's error)."""
-    section = cfg.get("report")
-    if section is None or str(section.get("format", "none")) != "html" or not (run_dir / "trace.json").is_file():
-        return None
-    from pipeline.report import write_run_report
-    from pipeline.runfolder import ReportError, settings_of
-
-    try:
-        return write_run_report(run_dir, settings_of(cfg))
-    except (ReportError, OSError) as err:
-        log.warning("no report: %s", str(err).splitlines()[0])
-        return None

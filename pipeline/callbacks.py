@@ -2,6 +2,7 @@
 
 Hydra creates the run folder itself, before our app runs; an unwritable `hydra.run.dir` would end in Hydra's
 traceback. `CheckOutputDir` tries the folder first and turns the failure into our one-line error (exit 2).
+`SweepReport` writes a multirun's report when its last job has ended (each job's own is written by the app).
 """
 from __future__ import annotations
 
@@ -51,3 +52,16 @@ class CheckOutputDir(Callback):
             raise OSError(message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+class SweepReport(Callback):
+    """After a multirun: print where its jobs went and write the sweep's report.html (unless report=none)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline.report import write_after
+
+        folder = Path(str(config.hydra.sweep.dir))
+        print(f"sweep folder: {folder}", file=sys.stderr)
+        where = write_after(config, folder)
+        if where is not None:
+            print(f"report: {where}", file=sys.stderr)

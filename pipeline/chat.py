@@ -18,9 +18,10 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline import CONF_DIR
-from pipeline.app import as_text, console, run_config, write_report
+from pipeline.app import as_text, console, interrupted, run_config
 from pipeline.cli import launch, text_override_value, usage
 from pipeline.engine.errors import PipelineError
+from pipeline.report import write_after
 
 NOT_FOUND = "I could not find this in the program."
 MAX_LINES_SHOWN = 30
@@ -31,27 +32,24 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
     from pipeline.runfolder import RunFolder, read_lines, source_hashes
 
     run = RunFolder.load(run_dir, settings)
-    keys = settings["keys"]
-    tele = run.telemetry
-    if not tele:
+    record = run.record
+    if record is None:
         print(f"(no {settings['files']['telemetry']} was written: {run.problems})", file=out)
         return
     if not run.grounded():
         print(NOT_FOUND, file=out)
         return
-    print(tele.get(keys["answer"]) or "", file=out)
+    print(record.answer or "", file=out)
     seen, hashes = set(), source_hashes(run)
-    for citation in tele.get(keys["citations"]) or []:
-        if not isinstance(citation, dict) or not citation.get("valid"):
-            continue
-        span = (str(citation["path"]), int(citation["start"]), int(citation.get("end") or citation["start"]))
-        if span in seen:
+    for citation in record.citations:
+        span = (citation.path, citation.start, citation.last)
+        if not citation.valid or span in seen:
             continue
         seen.add(span)
         path, start, end = span
         lines, why = read_lines(settings.get("program_root"), path, start, min(end, start + MAX_LINES_SHOWN - 1),
                                 hashes.get(path))
-        print(f"\n── {path}:{start}-{end} ({citation.get('source', 'model')} citation)", file=out)
+        print(f"\n── {path}:{start}-{end} ({citation.source} citation)", file=out)
         if lines is None:
             print(f"   (code not shown: {why})", file=out)
             continue
@@ -96,13 +94,13 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
             try:
                 run_config(job, run_dir, [*overrides, f"prompt={text_override_value(question)}"])
             except PipelineError as err:
-                where = write_report(job, run_dir)
+                where = write_after(job, run_dir)
                 print(f"\nerror: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=out)
                 continue
             except KeyboardInterrupt:
-                print("\ninterrupted (model weights restored); ask again, or end with exit", file=out)
+                print(f"\n{interrupted(job, run_dir)}; ask again, or end with exit", file=out)
                 continue
-        where = write_report(job, run_dir)
+        where = write_after(job, run_dir)
         print("", file=out)
         show_answer(run_dir, settings_of(job), out)
         print(f"\nreport: {where or run_dir}", file=out)

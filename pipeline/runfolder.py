@@ -1,5 +1,6 @@
 """A run folder as files: its report settings, its JSON result files (a truncated one keeps its complete entries),
-its config, and the program lines its windows point at (never read outside the program root).
+its telemetry as the typed record, its config, and the program lines its windows point at (never read outside the
+program root).
 
 Used by the report, the chat and the export app; it imports no stage and knows no stage by name.
 """
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import CONF_DIR
+from pipeline.engine.records import Telemetry
 
 MAX_PROGRAM_FILE_BYTES = 4_000_000
 
@@ -104,6 +106,20 @@ def is_sweep_folder(folder: Path) -> bool:
         p.parent.parent != folder for p in folder.glob("*/.hydra/overrides.yaml"))
 
 
+def interrupt_notes(folder: Path, settings: dict) -> list[str]:
+    """What the nodes that still ran after a Ctrl-C put right: the words `after_interrupt` (conf/report/html.yaml)
+    gives each node output that is true in the folder's trace."""
+    trace, _ = read_json(folder / settings["files"]["trace"])
+    rows = trace.get("nodes") if isinstance(trace, dict) else None
+    ran = {str(n.get("node")): n.get("outputs") or {} for n in rows or [] if isinstance(n, dict) and n.get("status") == "ok"}
+    notes = []
+    for node, said in (settings.get("after_interrupt") or {}).items():
+        outputs = ran.get(str(node))
+        if isinstance(outputs, dict) and isinstance(said, dict):
+            notes += [str(words) for output, words in said.items() if outputs.get(output) is True]
+    return notes
+
+
 # ------------------------------------------------------------------------------------------------- a run
 
 
@@ -114,6 +130,7 @@ class RunFolder:
     config: DictConfig | None
     data: dict[str, Any]  # role (telemetry, trace, ...) -> parsed file
     problems: dict[str, str]  # file name -> what is wrong with it
+    record: Telemetry | None = None  # the telemetry file read as its record (None: the run wrote none)
 
     @classmethod
     def load(cls, folder: Path, settings: dict | None = None) -> RunFolder:
@@ -140,16 +157,18 @@ class RunFolder:
                 data[role] = value
             if problem:
                 problems[name] = problem
+        record = _record(data.get("telemetry"), settings["files"].get("telemetry"), problems)
         if bad_config:
             problems[".hydra/config.yaml"] = f"unreadable ({bad_config})"
         runtime_cwd = _runtime_cwd(folder)
         root = settings.get("program_root")
         if root and runtime_cwd and not Path(root).is_absolute():
             settings = {**settings, "program_root": str(Path(runtime_cwd) / root)}
-        return cls(folder, settings, config, data, problems)
+        return cls(folder, settings, config, data, problems, record)
 
     @property
     def telemetry(self) -> dict:
+        """The telemetry file as it is (older runs may hold keys the record has no field for)."""
         return self.data.get("telemetry") or {}
 
     @property
@@ -157,17 +176,24 @@ class RunFolder:
         return self.data.get("trace") or {}
 
     def grounded(self) -> bool | None:
-        """Telemetry's `grounded` when it reports one, else whether any citation is valid; None without telemetry."""
-        if not self.telemetry:
+        """The record's `grounded` when it has one, else whether any citation is valid; None without telemetry."""
+        if self.record is None:
             return None
-        flag = self.key("grounded")
-        if isinstance(flag, bool):
-            return flag
-        return any(isinstance(c, dict) and c.get("valid") for c in self.key("citations") or [])
+        if self.record.grounded is not None:
+            return self.record.grounded
+        return any(c.valid for c in self.record.citations)
 
-    def key(self, role: str, default: Any = None) -> Any:
-        name = self.settings["keys"].get(role)
-        return self.telemetry.get(name, default) if name else default
+
+def _record(data: dict | None, name: str | None, problems: dict[str, str]) -> Telemetry | None:
+    """The telemetry as its record; an entry of the wrong type is named in ``problems`` and left at its default."""
+    if not data:
+        return None
+    try:
+        return Telemetry.from_json(data)
+    except ValueError as err:
+        shown = name or "telemetry"
+        problems[shown] = "; ".join(p for p in (problems.get(shown), str(err)) if p)
+        return Telemetry.from_json(data, strict=False)
 
 
 def _runtime_cwd(folder: Path) -> str | None:

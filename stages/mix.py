@@ -1,6 +1,6 @@
 """Stages `mix`, `remix` and `unmix` (SPEC §5 mix and stage-2 fallback).
 
-`mix` blends base and subgraph adapters into the model (Δ formula in stages/common/adapters/mixing.py), `remix`
+`mix` blends base and subgraph adapters into the model (Δ formula in stages/common/adapters/deltas.py), `remix`
 (only when the first citation check failed) re-mixes with boosted top layers and a larger gsub at full
 alpha, and `unmix` (a node that runs also after a failure) restores every weight bit for bit.
 """
@@ -12,8 +12,10 @@ from typing import Annotated, Literal
 
 from pipeline.engine.errors import ConfigError, InputError
 from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.deltas import MixSettings, build_deltas, layer_third, weight_norms
 from stages.common.adapters.factors import ATTN, MLP, AdapterSet, infer_targets
-from stages.common.adapters.mixing import AdapterMix, MixSettings, build_deltas, exclusive, layer_third, weight_norms
+from stages.common.adapters.lock import exclusive
+from stages.common.adapters.mixing import AdapterMix
 from stages.common.adapters.peft_io import write_peft
 from stages.common.types import Artifacts, Capacity, LanguageModel, TargetPlan
 
@@ -43,7 +45,7 @@ class MixAdapters(Stage):
     def run(self, lm: LanguageModel, artifacts: Artifacts, capacity: Capacity, plan: TargetPlan,
             sub: AdapterSet | None = None) -> dict:
         tmap = infer_targets(lm.model)
-        # from here to unmix this answer holds the model's lock (stages/common/adapters/mixing.py): another thread's answer
+        # from here to unmix this answer holds the model's lock (stages/common/adapters/lock.py): another thread's answer
         # waits at its own mix, so neither sees the other's delta
         mix = AdapterMix(lm, tmap, self.config.mode, artifacts.adapters, sub, self.config.alpha)
         try:

@@ -5,14 +5,15 @@ added best first while the total stays within `context_tokens` (counted with the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Range, Stage
 from stages.common.adapters.mixing import exclusive
 from stages.common.program.lines import split_lines
-from stages.common.retrieval.scoring import RELEVANCE, check_relevance, score_windows, window_fields
+from stages.common.retrieval.scoring import RelevanceConfig, score_windows, window_fields
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
 
 log = logging.getLogger(__name__)
@@ -91,21 +92,23 @@ class PackWindows(Stage):
     """Up to `windows_per_file` windows per selected file from the windows index, best-scoring first.
 
     SPEC's `pack=windows` shows 1-2 windows per file (the default, 2); a larger `windows_per_file` lets a long file
-    show its third or fourth best window before another file's weaker one (measured: more evidence recall, worse
-    answers; README, Evaluation)."""
+    show its third or fourth best window before another file's weaker one."""
 
     outputs = {"evidence": Evidence}
 
-    def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000,
-                 windows_per_file: Annotated[int, Range(ge=1)] = 2,
-                 second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0, relevance: dict = dict(RELEVANCE)):
-        self.context_tokens, self.windows_per_file = context_tokens, windows_per_file
-        self.second_window_weight = second_window_weight
-        self.relevance = check_relevance("pack", relevance)
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(RelevanceConfig):
+        owner: ClassVar[str] = "pack"
+        context_tokens: Annotated[int, Range(ge=1)] = 2000
+        windows_per_file: Annotated[int, Range(ge=1)] = 2
+        second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0
+
+    config: Config
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        # windows ranked by select/rerank themselves (select=hybrid, rerank=lm) are shown in their order
-        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
+        c = self.config
+        # windows ranked by select/rescore themselves (select=hybrid, rescore=lm) are shown in their order
+        by_file = selection.window_ranking or rank_windows(index, prompt, c.relevance)
         firsts, extras = [], []
         for path in selection.files:
             ranked = by_file.get(path, [])
@@ -116,13 +119,13 @@ class PackWindows(Stage):
             # a further window adds lines the ones before it do not show (a short file's head window is its whole file)
             chosen = [best]
             for score, window in ranked[1:]:
-                if len(chosen) >= self.windows_per_file or score <= 0:
+                if len(chosen) >= c.windows_per_file or score <= 0:
                     break
                 if _disjoint(chosen, window):
                     chosen.append(window)
                     extras.append(cut(index, window, score))
-        candidates = interleave(firsts, extras, self.second_window_weight)
-        return {"evidence": fit(candidates, lm, self.context_tokens)}
+        candidates = interleave(firsts, extras, c.second_window_weight)
+        return {"evidence": fit(candidates, lm, c.context_tokens)}
 
 
 class PackHeads(Stage):
@@ -130,48 +133,52 @@ class PackHeads(Stage):
 
     outputs = {"evidence": Evidence}
 
-    def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000):
-        self.context_tokens = context_tokens
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        context_tokens: Annotated[int, Range(ge=1)] = 2000
+
+    config: Config
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
         heads = {w.path: w for w in index.windows if w.kind == "head"}
         candidates = [cut(index, heads[p]) for p in selection.files if p in heads]
-        return {"evidence": fit(candidates, lm, self.context_tokens)}
+        return {"evidence": fit(candidates, lm, self.config.context_tokens)}
 
 
 class PackFunctionFirst(Stage):
-    """Windows scored by the model's probability of "yes" to "Is this code relevant to the question?"."""
+    """Windows scored by the model's probability of "yes" to "Is this code relevant to the question?" minus
+    `ff_noise_penalty` × their share of blank and comment lines, packed best first."""
 
     outputs = {"evidence": Evidence}
 
-    def __init__(self, context_tokens: Annotated[int, Range(ge=1)] = 2000,
-                 ff_max_candidates: Annotated[int, Range(ge=1)] = 24,
-                 ff_window_lines: Annotated[int, Range(ge=1)] = 80,
-                 ff_noise_penalty: Annotated[float, Range(ge=0)] = 0.30,
-                 ff_threshold: Annotated[float, Range(ge=0, le=1)] = 0.55,
-                 ff_max_code_tokens: Annotated[int, Range(ge=16)] = 384, relevance: dict = dict(RELEVANCE)):
-        self.context_tokens, self.max_candidates, self.window_lines = context_tokens, ff_max_candidates, ff_window_lines
-        self.noise_penalty, self.threshold, self.max_code_tokens = ff_noise_penalty, ff_threshold, ff_max_code_tokens
-        self.relevance = check_relevance("pack", relevance)  # orders the candidates before the model scores them
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(RelevanceConfig):  # relevance orders the candidates before the model scores them
+        owner: ClassVar[str] = "pack"
+        context_tokens: Annotated[int, Range(ge=1)] = 2000
+        ff_max_candidates: Annotated[int, Range(ge=1)] = 24
+        ff_window_lines: Annotated[int, Range(ge=1)] = 80
+        ff_noise_penalty: Annotated[float, Range(ge=0)] = 0.30
+        ff_max_code_tokens: Annotated[int, Range(ge=16)] = 384
+
+    config: Config
 
     def run(self, index: ProgramIndex, selection: Selection, prompt: str, lm: LanguageModel) -> dict:
-        by_file = selection.window_ranking or rank_windows(index, prompt, self.relevance)
+        c = self.config
+        by_file = selection.window_ranking or rank_windows(index, prompt, c.relevance)
         candidates: list[Window] = []
         for path in selection.files:
             for _, window in by_file.get(path, []):
-                end = min(window.end, window.start + self.window_lines - 1)
+                end = min(window.end, window.start + c.ff_window_lines - 1)
                 candidates.append(Window(window.path, window.start, end, window.anchor, window.kind))
-        candidates = candidates[: self.max_candidates]
+        candidates = candidates[: c.ff_max_candidates]
         scored = []
         for window in candidates:
             packed = cut(index, window)
             with exclusive(lm.model):  # the model as this graph mixed it, never another thread's mix
-                p_yes = yes_probability(lm, prompt, packed, self.max_code_tokens)
-            score = p_yes - self.noise_penalty * noise(packed.text)
+                p_yes = yes_probability(lm, prompt, packed, c.ff_max_code_tokens)
+            score = p_yes - c.ff_noise_penalty * noise(packed.text)
             scored.append(PackedWindow(packed.path, packed.start, packed.end, packed.text, round(score, 4)))
-        keep = sorted((w for w in scored if w.score >= self.threshold), key=lambda w: -w.score)
-        rest = sorted((w for w in scored if w.score < self.threshold), key=lambda w: -w.score)
-        return {"evidence": fit(keep + rest, lm, self.context_tokens)}
+        return {"evidence": fit(sorted(scored, key=lambda w: -w.score), lm, c.context_tokens)}
 
 
 def noise(text: str) -> float:
@@ -203,7 +210,7 @@ def _first_ids(tokenizer, words: list[str]) -> list[int]:
     return sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
 
 
-class PackNothing(Stage):
+class NoPack(Stage):
     """`pack=none` (pack_context off): an empty evidence set, so no citation can be valid."""
 
     outputs = {"evidence": Evidence}

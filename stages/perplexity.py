@@ -8,6 +8,7 @@ schedules, delta cap, gsub blend). Given the artifacts, it checks that the build
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pipeline.engine.cache import write_atomic
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Range, RunContext, Stage
-from stages.common.adapters.mixing import exclusive
+from stages.common.adapters.lock import exclusive
 from stages.common.program.corpus import perplexity, split, spread
 from stages.common.types import Artifacts, LanguageModel, ProgramIndex
 
@@ -24,27 +25,33 @@ from stages.common.types import Artifacts, LanguageModel, ProgramIndex
 class ProgramPerplexity(Stage):
     outputs = {"perplexity": float, "files_perplexity": float}
 
-    def __init__(self, seq_len: Annotated[int, Range(ge=8)] = 256, val_every: Annotated[int, Range(ge=2)] = 5,
-                 seed: int = 0, held_out_files: Annotated[float, Range(ge=0, le=0.5)] = 0.1,
-                 split: Literal["held_out", "train"] = "held_out",
-                 max_pieces: Annotated[int, Range(ge=1)] = 32, batch_size: Annotated[int, Range(ge=1)] = 4):
-        self.seq_len, self.val_every, self.seed, self.split = seq_len, val_every, seed, split
-        self.held_out_files, self.max_pieces, self.batch_size = held_out_files, max_pieces, batch_size
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        seq_len: Annotated[int, Range(ge=8)] = 256
+        val_every: Annotated[int, Range(ge=2)] = 5
+        seed: int = 0
+        held_out_files: Annotated[float, Range(ge=0, le=0.5)] = 0.1
+        split: Literal["held_out", "train"] = "held_out"
+        max_pieces: Annotated[int, Range(ge=1)] = 32
+        batch_size: Annotated[int, Range(ge=1)] = 4
+
+    config: Config
 
     def run(self, index: ProgramIndex, lm: LanguageModel, artifacts: Artifacts | None = None) -> dict:
-        corpus = split(index, lm.tokenizer, self.seq_len, self.val_every, self.held_out_files, self.seed)
+        c = self.config
+        corpus = split(index, lm.tokenizer, c.seq_len, c.val_every, c.held_out_files, c.seed)
         synth = (artifacts.manifest.get("synth") or {}) if artifacts is not None else {}
         if artifacts is not None and synth.get("name") == "fitted":  # a fitted build trained on every file it did not list as held out
             trained_on = set(corpus.files) - set(synth.get("held_out_files") or [])
             if trained_on:
-                raise ConfigError(f"perplexity.held_out_files={self.held_out_files} holds out "
+                raise ConfigError(f"perplexity.held_out_files={c.held_out_files} holds out "
                                   f"'{sorted(trained_on)[0]}', which the build at '{artifacts.path}' trained on; "
                                   "set corpus.held_out_files (the synthesizer and this stage both read it) or rebuild")
-        chosen = corpus.evaluation(self.max_pieces)["held_out"] if self.split == "held_out" else spread(corpus.train, self.max_pieces)
-        files = corpus.evaluation(self.max_pieces)["held_out_files"]
+        chosen = corpus.evaluation(c.max_pieces)["held_out"] if c.split == "held_out" else spread(corpus.train, c.max_pieces)
+        files = corpus.evaluation(c.max_pieces)["held_out_files"]
         with exclusive(lm.model):  # the model as this graph mixed it (or plain), never another thread's mix
-            return {"perplexity": perplexity(lm.model, chosen, self.batch_size) if chosen else float("nan"),
-                    "files_perplexity": perplexity(lm.model, files, self.batch_size) if files else float("nan")}
+            return {"perplexity": perplexity(lm.model, chosen, c.batch_size) if chosen else float("nan"),
+                    "files_perplexity": perplexity(lm.model, files, c.batch_size) if files else float("nan")}
 
 
 def _change(plain: float, mixed: float) -> float:

@@ -1,4 +1,4 @@
-"""Stage `attribute` (SPEC §5, citation repair): what reaches the user carries only evidence it was shown.
+"""Stage `repair` (SPEC §5, citation repair): what reaches the user carries only evidence it was shown.
 
 - Every invalid citation is replaced in the text by `[not in evidence: path:A-B]` and kept in telemetry with
   `valid: false, removed: true` (both `repair=overlap` and `repair=none`).
@@ -64,12 +64,36 @@ def best_window(paragraph: str, windows: list[PackedWindow], window_tokens: list
     return best, chosen
 
 
-class AttributeByOverlap(Stage):
+class MarkInvalidOnly(Stage):
+    """`repair=none`: adds no citation; marks invalid citations, unknown names and mislabelled citations, and leaves
+    out (or marks) code no packed window holds."""
+
     outputs = {"answer": Answer}
 
-    def __init__(self, threshold: Annotated[float, Range(ge=0, le=1)] = 0.25, code: CodeAction = "drop",
-                 labels: LabelAction = "mark"):
-        self.threshold, self.code, self.labels = threshold, code, labels
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        code: CodeAction = "drop"  # Python-looking lines no packed window holds: drop, mark or keep
+        labels: LabelAction = "mark"  # a citation labelled with a definition its span does not define: mark or keep
+
+    config: Config
+
+    def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
+        text, citations = mark(answer, index)
+        text = handle_unverified(mark_mislabels(text, index, self.config.labels), evidence, self.config.code)
+        return {"answer": dataclasses.replace(answer, text=text, citations=citations)}
+
+
+class AttributeByOverlap(Stage):
+    """`repair=overlap`: marks as `repair=none` does, and a paragraph without a valid citation gets the packed window
+    it overlaps most."""
+
+    outputs = {"answer": Answer}
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(MarkInvalidOnly.Config):
+        threshold: Annotated[float, Range(ge=0, le=1)] = 0.25  # share of a paragraph's tokens found in the window
+
+    config: Config
 
     def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
         text, citations, valid_spans = mark_invalid(answer, index)
@@ -83,25 +107,11 @@ class AttributeByOverlap(Stage):
             if has_valid:
                 continue
             share, window = best_window(body, evidence.windows, window_tokens)
-            if window is not None and share >= self.threshold:
+            if window is not None and share >= self.config.threshold:
                 pieces.append(f" [{window.path}:{window.start}-{window.end}]")
                 added.append(Citation(window.path, window.start, window.end, True, "attributed", False,
                                       f"token overlap {share:.2f}"))
         pieces.append(text[cursor:])
-        final = mark_unknown(mark_mislabels("".join(pieces), index, self.labels), answer.report.unknown_names)
-        final = handle_unverified(final, evidence, self.code)
+        final = mark_unknown(mark_mislabels("".join(pieces), index, self.config.labels), answer.report.unknown_names)
+        final = handle_unverified(final, evidence, self.config.code)
         return {"answer": dataclasses.replace(answer, text=final, citations=citations + added)}
-
-
-class MarkInvalidOnly(Stage):
-    """`repair=none`: no citation is added; invalid ones are still marked, never shown as evidence."""
-
-    outputs = {"answer": Answer}
-
-    def __init__(self, code: CodeAction = "drop", labels: LabelAction = "mark"):
-        self.code, self.labels = code, labels
-
-    def run(self, answer: Answer, index: ProgramIndex, evidence: Evidence) -> dict:
-        text, citations = mark(answer, index)
-        text = handle_unverified(mark_mislabels(text, index, self.labels), evidence, self.code)
-        return {"answer": dataclasses.replace(answer, text=text, citations=citations)}

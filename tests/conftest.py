@@ -84,7 +84,7 @@ def make_tree():
 
 def index_tree(root: Path, files: dict[str, str | bytes]):
     """Write ``files`` under ``root`` and index them with the index stage's defaults (no cache)."""
-    from stages.index import build_index
+    from stages.common.program.indexing import build_index
 
     return build_index(str(write_tree(root, files)), [], 1_000_000, 80, None)
 
@@ -200,10 +200,11 @@ def index_with_windows(tmp_path_factory):
     return index, Evidence(windows, 0)
 
 
-def generation(text: str, prompt_tokens: int = 5, generated_tokens: int = 5, seconds: float = 0.0) -> dict:
-    """What `stages.decode.generate` returns, for tests that replace the model's decoding with a fixed text."""
-    return {"text": text, "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens, "seconds": seconds,
-            "prefill_seconds": 0.0, "constrained_citations": 0}
+def generation(text: str, prompt_tokens: int = 5, generated_tokens: int = 5, seconds: float = 0.0):
+    """What `stages.decode.generate` returns (a Draft), for tests that replace the model's decoding with a fixed text."""
+    from stages.common.types import Draft
+
+    return Draft(text, prompt_tokens, generated_tokens, seconds, "cpu")
 
 
 # a small documented program whose questions have one right answer each (retrieval and eval tests)

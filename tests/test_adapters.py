@@ -270,7 +270,7 @@ def test_mix_handle_restores_bit_for_bit_after_random_mixes_and_failures(mode, t
 
 # --- fallback -------------------------------------------------------------------------------------------------
 
-def _citing_generate(lm, prompt, settings, seed, reuse=None):
+def _citing_generate(lm, prompt, settings, reuse=None):
     """A decode that cites three packed windows, as a model that follows the scaffold would."""
     import re
 

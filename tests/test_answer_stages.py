@@ -162,6 +162,13 @@ def test_prompt_per_paragraph_and_strong(evidence, tiny_lm):
     assert "citation" not in plain.messages[-1]["content"].lower()
 
 
+def test_prompt_system_message(evidence, tiny_lm):
+    prompt = BuildPrompt(system="Answer in French.").run(QUESTION, evidence, tiny_lm)["prompt"]
+    assert prompt.messages[0] == {"role": "system", "content": "Answer in French."}
+    assert "Answer in French." in prompt.text
+    assert BuildPrompt().run(QUESTION, evidence, tiny_lm)["prompt"].messages[0]["content"].startswith("You answer")
+
+
 def test_prompt_adapter_aware(evidence, tiny_lm):
     prompt = BuildPrompt(adapter_aware_decoding=True, prefill_pointer=True).run(QUESTION, evidence, tiny_lm)["prompt"]
     first = evidence.windows[0]
@@ -176,13 +183,29 @@ def test_decode_settings():
     plain = Prompt([], "x")
     hinted = Prompt([], "x", decode_hints={"top_p": 0.03, "repetition_penalty": -0.05})
     stage = Decode(top_p=0.98, repetition_penalty=1.02, min_new_tokens=64, max_new_tokens=16)
-    assert stage.settings(plain)["min_new_tokens"] == 16  # never more than max
-    s = stage.settings(hinted)
-    assert s["top_p"] == pytest.approx(0.99) and s["repetition_penalty"] == pytest.approx(1.0)
-    assert Decode(top_p=0.5).settings(hinted)["top_p"] == pytest.approx(0.53)
-    retry = RetryDecode(do_sample=True, max_new_tokens=16).settings(plain)
-    assert retry["do_sample"] is False and retry["max_new_tokens"] == 256
-    assert RetryDecode(max_new_tokens=300).settings(plain)["max_new_tokens"] == 300
+    assert stage.for_prompt(plain).min_new_tokens == 16  # never more than max
+    s = stage.for_prompt(hinted)
+    assert s.top_p == pytest.approx(0.99) and s.repetition_penalty == pytest.approx(1.0)
+    assert stage.for_prompt(plain).repetition_penalty == 1.02
+    assert Decode(top_p=0.5).for_prompt(hinted).top_p == pytest.approx(0.53)
+    retry = RetryDecode(do_sample=True, max_new_tokens=16).for_prompt(plain)
+    assert retry.do_sample is False and retry.max_new_tokens == 256 and retry.min_new_tokens == 16
+    assert RetryDecode(max_new_tokens=300).for_prompt(plain).max_new_tokens == 300
+    assert RetryDecode(max_new_tokens=16, max_new_tokens_floor=20).for_prompt(plain).max_new_tokens == 20
+
+
+def test_sampling_narrows_to_greedy_with_top_k_one_or_a_cold_temperature(evidence, tiny_lm):
+    """top_k=1 keeps only the likeliest token and a temperature near 0 makes it all but certain: either way sampling
+    writes the greedy reply, whatever the seed; hot and unrestricted, some seed writes another."""
+    prompt = BuildPrompt(form="free").run(QUESTION, evidence, tiny_lm)["prompt"]
+    free = {"constrain": [], "max_new_tokens": 8, "min_new_tokens": 8}
+    greedy = Decode(**free).run(tiny_lm, prompt)["draft"].text
+    for seed in (1, 2, 3):
+        assert Decode(do_sample=True, top_k=1, temperature=1.5, seed=seed, **free).run(tiny_lm, prompt)["draft"].text == greedy
+        assert Decode(do_sample=True, top_k=0, temperature=1e-4, seed=seed, **free).run(tiny_lm, prompt)["draft"].text == greedy
+    hot = {Decode(do_sample=True, top_k=0, temperature=1.5, seed=seed, **free).run(tiny_lm, prompt)["draft"].text
+           for seed in (1, 2, 3)}
+    assert hot - {greedy}
 
 
 def test_decode_runs_and_counts_tokens(evidence, tiny_lm):

@@ -163,6 +163,22 @@ def test_cite_stage_marks_prefilled_citations_as_attributed(program, evidence):
     assert [c.source for c in out["report"].citations] == ["attributed", "model", "model"]
 
 
+def test_cite_stage_settings_decide_the_check(program, evidence):
+    """The stage passes its settings on: one citation per paragraph, files that must be cited, unknown names."""
+    from stages.common.grounding.identifiers import NameCheck
+
+    def passed(text: str, names: NameCheck | None = None, **config) -> bool:
+        draft = Draft(text, 10, 10, 0.1, "cpu")
+        return CheckCitations(**config).run(draft=draft, index=program, evidence=evidence, names=names)["passed"]
+
+    two = "It starts at a.py:10.\n\nThen it goes on."
+    assert passed(two) and not passed(two, citations_per_paragraph=True)
+    assert not passed(two, must_cite=["b.py"]) and passed(two + " See b.py:2.", must_cite=["b.py"])
+    unknown = NameCheck(["x10", "frobnicate_all"], ["frobnicate_all"])
+    assert not passed(two, unknown) and passed(two, unknown, max_unknown_names=1)
+    assert passed(two, unknown, max_unknown_names=None)
+
+
 # ---------------------------------------------------------------- attribute (citation repair)
 
 

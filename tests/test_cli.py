@@ -41,7 +41,7 @@ def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
         for name in ("index", "select", "rerank", "pack", "scaffold", "decode", "cite", "repair", "telemetry"):
             assert statuses[name] == "ok", (job.name, name)
         rerank = next(n for n in trace["nodes"] if n["node"] == "rerank")
-        expected = "HeuristicRerank" if "rerank=heuristic" in tele["overrides"] else "KeepOrder"
+        expected = "HeuristicRerank" if "rerank=heuristic" in tele["overrides"] else "NoRerank"
         assert rerank["stage"].endswith(expected)
         # the stage-2 retry ran exactly when the first citation check failed
         cite = next(n for n in trace["nodes"] if n["node"] == "cite")
@@ -118,7 +118,7 @@ def test_bench_names_its_benchmarks_when_given_an_unknown_one():
 def test_hydra_cfg_and_info_flags_print_and_run_nothing(tmp_path, cli):
     proc = cli(["--cfg", "job", "rerank=none", "select=zoom", f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "_target_: stages.rerank.KeepOrder" in proc.stdout and "zoom_symbol" in proc.stdout
+    assert "_target_: stages.rerank.NoRerank" in proc.stdout and "zoom_symbol" in proc.stdout
     assert not (tmp_path / "run").exists()  # composed and printed, nothing ran
     proc = cli(["--cfg", "job", "--package", "pipeline"])
     assert proc.returncode == 0 and proc.stdout.startswith("# @package pipeline") and "name: answer" in proc.stdout

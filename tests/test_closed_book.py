@@ -9,7 +9,7 @@ import torch
 
 from pipeline import api
 from pipeline.engine.errors import PipelineError
-from stages.closed_book import ranks
+from stages.common.retrieval.evaluation import ranks
 
 PROGRAM = {
     "shapes.py": "\n".join(
@@ -38,12 +38,26 @@ def test_stage_scores_are_sums_or_means_of_exact_token_scores(tiny_lm, compose):
     assert np.allclose(mean, reference / np.array([len(c) for c in candidates]), atol=1e-4)
 
 
+def test_prompt_chat_and_prefix_make_the_scored_prompt(tiny_lm, compose):
+    from hydra.utils import instantiate
+
+    tok = tiny_lm.tokenizer
+    default = instantiate(compose().closed_book)
+    content = default.config.prompt.format(program="prog", question="What adds?")
+    chat = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    assert default._prompt_ids(tiny_lm, "prog", "What adds?") == tok(chat, add_special_tokens=False)["input_ids"]
+    plain = instantiate(compose("closed_book.chat=false", "closed_book.prompt='In {program}: {question}'",
+                                "closed_book.prefix=' Name:'").closed_book)
+    assert plain._prompt_ids(tiny_lm, "prog", "What adds?") == tok("In prog: What adds? Name:",
+                                                                   add_special_tokens=False)["input_ids"]
+
+
 def test_ranks_share_the_better_rank_on_ties():
     assert ranks(np.array([0.5, 2.0, 0.5, -1.0])).tolist() == [2, 1, 2, 4]
 
 
 def questions_for(program, tmp_path, names):
-    from stages.index import build_index
+    from stages.common.program.indexing import build_index
 
     index = build_index(str(program), [], 10**6, 80, None)
     by_name = {s.name: s for s in index.symbols}
@@ -83,13 +97,17 @@ def test_closed_book_ranks_every_definition_name(tmp_path, make_tree, tiny_lm, c
     assert m["mrr"] == pytest.approx(np.mean(1 / ranked), abs=1e-4) and m["top5"] == np.mean(ranked <= 5)
 
 
-def test_closed_book_mixed_differs_with_an_adapter(tmp_path, make_tree):
+def test_closed_book_mixed_differs_with_an_adapter(tmp_path, make_tree, capsys):
     program = make_tree(tmp_path / "prog", PROGRAM)
     questions, _ = questions_for(program, tmp_path, ["area_3", "blend"])
-    report, _ = closed_book(tmp_path, program, questions, "synth=hashed")
+    report, _ = closed_book(tmp_path, program, questions, "synth=hashed", "closed_book.top=3", "eval.k=3",
+                            "closed_book.progress=true")
     assert report["score"] == "pmi" and report["synth"] == "hashed"
+    assert "top3" in report["plain"] and "top5" not in report["mixed"] and "top3_ratio" in report
     per_question = json.loads((tmp_path / "run" / "closed_book.json").read_text())["per_question"]
     assert all(1 <= r["rank"] <= 12 and 1 <= r["plain_rank"] <= 12 for r in per_question)
+    assert all(len(r["top"]) == len(r["plain_top"]) == 3 for r in per_question)
+    assert "closed book" in capsys.readouterr().err  # the progress bar
 
 
 def test_closed_book_bad_inputs(tmp_path, make_tree):
@@ -141,7 +159,7 @@ def test_closed_book_multirun_over_synthesizers_and_summary(tmp_path, make_tree,
 
 
 def test_shared_words_split():
-    from stages.closed_book import shares_words
+    from stages.common.retrieval.evaluation import shares_words
 
     assert shares_words("is_ascii_encoding", "Checks if a given encoding is ascii.")
     assert shares_words("TerminalWidth", "Return the width of the terminal.")

@@ -16,8 +16,8 @@ from pipeline.engine import resources
 from pipeline.engine.cache import source_fingerprint
 from pipeline.engine.errors import ConfigError
 from stages.common.program import indexstore, pyfacts
+from stages.common.program.indexing import build_index
 from stages.common.retrieval import dense
-from stages.index import build_index
 from tests.test_adapters import PROGRAM
 
 
@@ -89,14 +89,14 @@ def test_index_cache_hits_while_the_indexing_code_is_unchanged_and_heals_when_it
     (stored,) = (cache / "index").glob("*.npz")
     parses = []
     real = pyfacts.python_facts
-    monkeypatch.setattr("stages.index.python_facts", lambda *a: parses.append(1) or real(*a))
+    monkeypatch.setattr("stages.common.program.indexing.python_facts", lambda *a: parses.append(1) or real(*a))
 
     resources.clear("program-index")  # a new process, same code: everything from the store
     source_fingerprint.cache_clear()
     same = build_index(str(root), [], 1_000_000, 80, cache)
     assert parses == [] and same.fingerprint == first.fingerprint
 
-    monkeypatch.setattr("stages.index.indexing_code", lambda: "edited")  # the indexing code was edited
+    monkeypatch.setattr("stages.common.program.indexing.indexing_code", lambda: "edited")  # the indexing code was edited
     resources.clear("program-index")
     with caplog.at_level(logging.INFO, logger="stages"):
         rebuilt = build_index(str(root), [], 1_000_000, 80, cache)

@@ -173,10 +173,10 @@ def test_with_overrides_are_merged_and_checked():
 
 def test_command_line_knobs_reach_the_stage():
     graph = build_graph(compose_config("select.top_k=3", "decode.max_new_tokens=17", "rerank=none")).instantiate()
-    assert graph.nodes["select"].stage.top_k == 3
-    assert graph.nodes["decode"].stage.max_new_tokens == 17
-    assert graph.nodes["decode_retry"].stage.max_new_tokens == 17  # reads the same config
-    assert graph.nodes["rerank"].stage_cls.__name__ == "KeepOrder"
+    assert graph.nodes["select"].stage.config.top_k == 3
+    assert graph.nodes["decode"].stage.config.max_new_tokens == 17
+    assert graph.nodes["decode_retry"].stage.config.max_new_tokens == 17  # reads the same config
+    assert graph.nodes["rerank"].stage_cls.__name__ == "NoRerank"
 
 
 def test_min_citations_zero_is_accepted_everywhere_it_flows():
@@ -184,6 +184,6 @@ def test_min_citations_zero_is_accepted_everywhere_it_flows():
     graph = build_graph(compose_config("cite.min_citations=0")).instantiate()
     flows = [n for n in ("cite", "cite_retry", "scaffold", "scaffold_retry") if n in graph.nodes]
     assert flows == ["cite", "cite_retry", "scaffold", "scaffold_retry"]
-    assert [graph.nodes[n].stage.min_citations for n in flows] == [0, 0, 0, 0]
+    assert [graph.nodes[n].stage.config.min_citations for n in flows] == [0, 0, 0, 0]
     with pytest.raises(ConfigError, match="min_citations"):
         build_graph(compose_config("cite.min_citations=-1")).instantiate()

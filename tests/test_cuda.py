@@ -138,6 +138,15 @@ def test_merge_in_place_reads_back_from_the_file_on_cuda(tmp_path, dtype):
         assert bits(lm.model) == before
 
 
+def test_device_map_places_the_weights_and_the_device_setting_leaves_them(tmp_path):
+    from stages.model import HFCheckpoint
+    from tests.test_merge_in_place import save_tiny
+
+    folder = save_tiny(tmp_path / "ckpt", torch.float32)
+    lm = HFCheckpoint(id=str(folder), device="cpu", device_map="cuda:0").run()["lm"]
+    assert lm.device == "cuda:0" and all(p.device.type == "cuda" for p in lm.model.parameters())
+
+
 def test_candidate_scores_on_cuda_equal_separate_forwards(tiny_lm):
     import copy
 

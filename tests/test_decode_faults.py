@@ -33,14 +33,14 @@ def test_out_of_memory_fallback_unmixes_moves_and_remixes(tiny_lm, monkeypatch, 
     mix.apply(MixSettings(0.0, 8.0, 4, {}, [1.0] * tmap.num_layers, {}, None))
     real, calls = stages.decode.generate, {"n": 0}
 
-    def out_of_memory_once(lm_, prompt, settings, seed, reuse=None):
+    def out_of_memory_once(lm_, prompt, settings, reuse=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         # decoding resumes on a float32 model that carries the same adapter again
         assert {p.dtype for p in lm_.model.parameters()} == {torch.float32}
         assert mix.handle.active
-        return real(lm_, prompt, settings, seed, reuse)
+        return real(lm_, prompt, settings, reuse)
 
     monkeypatch.setattr(stages.decode, "generate", out_of_memory_once)
     prompt = Prompt([], "hello", ids=lm.tokenizer("hello", add_special_tokens=False)["input_ids"])

@@ -1,16 +1,19 @@
-"""`select.encoder_adapter`: a LoRA delta of the MiniLM sentence encoder (stages/common/retrieval/encoder_lora.py), the shipped
-adapter, and its fitting (bench/encoder_lora.py)."""
+"""`select.encoder_adapter`: a LoRA delta of the MiniLM sentence encoder (stages/common/retrieval/encoder_lora.py), the
+shipped adapter, and its fitting (stages/common/retrieval/encoder_fit.py; tools/fit_encoder_adapter.py runs it)."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from bench.encoder_lora import LoRA, ProgramTexts, embed, fit, mine, recall
-from bench.query_map import EVALUATED, PHRASINGS
+from pipeline import PROJECT_ROOT
 from pipeline.engine.errors import InputError
 from stages.common.retrieval import dense, encoder_lora
+from stages.common.retrieval.encoder_fit import EVALUATED, PHRASINGS, LoRA, ProgramTexts, embed, fit, mine, recall
 from stages.select import HybridSelect
 
 PROGRAM = {
@@ -98,7 +101,7 @@ def test_unknown_names_and_layers_the_encoder_lacks_are_input_errors(tmp_path):
 
 
 def test_the_merged_weights_give_what_training_computed():
-    """bench.encoder_lora trains with hooks (W x + scale·B A x); the pipeline merges W += scale·B A: the same vectors."""
+    """The fit trains with hooks (W x + scale·B A x); the pipeline merges W += scale·B A: the same vectors."""
     import torch
 
     tokenizer, texts = _tokenizer(), ["def boil_water(kettle): kettle.heat(100)", "Pour the tea into the cup."]
@@ -115,6 +118,31 @@ def test_the_merged_weights_give_what_training_computed():
     assert torch.allclose(trained, merged, atol=1e-5) and not torch.allclose(plain, merged, atol=1e-3)
 
 
+def test_an_adapter_member_declaring_too_many_bytes_is_refused_from_its_header(tmp_path):
+    import io
+    import zipfile
+
+    from stages.common.adapters.factors import MAX_ARRAY_BYTES
+
+    path = tmp_path / "bomb.npz"
+    side = int((MAX_ARRAY_BYTES // 4) ** 0.5) + 1  # a square float32 matrix just over the bound
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32)) | {"shape": (side, side)}
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{LAYER}.A.npy", member.getvalue())  # the header only: no data behind it
+    with pytest.raises(InputError, match="select.encoder_adapter file") as err:
+        encoder_lora.load(str(path))
+    assert "declares shape" in str(err.value) and "nothing was read" in str(err.value)
+
+
+def test_a_rewritten_adapter_file_is_read_again(tmp_path):
+    path = tmp_path / "lora.npz"
+    first = encoder_lora.load(_write(path, {LAYER: (np.ones((2, 4)), np.ones((4, 2)))}, 1.0))
+    second = encoder_lora.load(_write(path, {LAYER: (np.ones((2, 4)), np.ones((4, 2)))}, 2.0))
+    assert (first.scale, second.scale) == (1.0, 2.0) and first.key != second.key
+
+
 def test_a_written_adapter_reads_back_and_has_the_same_bytes_for_the_same_contents(tmp_path):
     pairs = {LAYER: (np.arange(8.0).reshape(2, 4), np.ones((4, 2)))}
     a, b = _write(tmp_path / "a.npz", pairs, 0.5), _write(tmp_path / "b.npz", pairs, 0.5)
@@ -128,7 +156,7 @@ def test_hybrid_select_embeds_with_the_adapter_and_keeps_its_vectors_apart(tmp_p
     prompt = "Where is the water boiled in the kettle?"
 
     def run(adapter):
-        return HybridSelect(cache_dir=str(tmp_path / "cache"), progress=False, dense_weight=1.0, query_map=None,
+        return HybridSelect(cache_dir=str(tmp_path / "cache"), progress=False, dense_weight=1.0,
                             encoder_adapter=adapter).run(index, prompt)["selection"]
 
     plain = run(None)
@@ -144,8 +172,8 @@ def test_hybrid_select_embeds_with_the_adapter_and_keeps_its_vectors_apart(tmp_p
 
 def test_a_bad_adapter_fails_the_precheck_before_anything_loads(tmp_path):
     with pytest.raises(InputError, match="missing.npz' is not a file"):
-        HybridSelect(encoder_adapter=str(tmp_path / "missing.npz"), query_map=None).precheck(prompt="q")
-    HybridSelect(encoder_adapter=None, query_map=None).precheck(prompt="q")  # nothing to check
+        HybridSelect(encoder_adapter=str(tmp_path / "missing.npz")).precheck(prompt="q")
+    HybridSelect(encoder_adapter=None).precheck(prompt="q")  # nothing to check
 
 
 @pytest.mark.parametrize("draws, schedule", [(1, "constant"), (2, "cosine")])
@@ -179,3 +207,17 @@ def test_mined_negatives_are_the_nearest_windows_of_other_files_that_do_not_repe
     asked = np.tile(np.array([0.9, 0.8, 0.1, 0.7, 0.3], dtype=np.float32), (1, len(PHRASINGS), 1))
     assert mine(program, vectors, asked, 2) == [[4, 2]]
     assert mine(program, vectors, asked, 9) == [[4, 2]]  # fewer than asked for: all there are
+
+
+def test_the_fitting_tool_refuses_a_program_without_questions_in_one_line(tmp_path):
+    """tools/fit_encoder_adapter.py names the program that cannot give training questions (a shim package, no
+    docstrings), before any model loads."""
+    root = tmp_path / "shim"
+    root.mkdir()
+    (root / "__init__.py").write_text("from real import *\n")
+    proc = subprocess.run([sys.executable, "-m", "tools.fit_encoder_adapter", "--programs", str(root), "--validate", "",
+                           "--work", str(tmp_path / "work")], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert re.match(rf"^tools\.fit_encoder_adapter: '{re.escape(str(root))}' cannot be used: .*no documented def/class",
+                    proc.stderr)

@@ -9,10 +9,10 @@ from conftest import KETTLE_PROGRAM, evaluate
 
 from pipeline.engine.errors import PipelineError
 from pipeline.engine.stage import RunContext
-from stages.bm25 import BM25Windows, plain_tokens
+from stages.baseline import BM25Windows, plain_tokens
+from stages.common.program.indexing import build_index
 from stages.common.retrieval.evaluation import Question, QuestionSet, Record, load_questions, score, spread
-from stages.index import build_index
-from stages.questions import DocstringQuestions
+from stages.qgen import DocstringQuestions
 
 PROGRAM = {
     **KETTLE_PROGRAM,
@@ -72,11 +72,44 @@ def test_sweep_knobs_reach_the_inner_runs(question_set, tmp_path):
     assert "select.top_k=1" in inner["overrides"]
 
 
+def test_the_eval_yaml_writes_the_defaults_of_the_stages_that_read_it(compose):
+    """conf/eval has no _target_ (the eval and closed-book graphs pass its keys to their stages with `with:`), so
+    tests/test_config_defaults.py does not see it: each of its keys a stage reads equals that stage's default."""
+    from omegaconf import OmegaConf
+
+    from stages.closed_book import ClosedBookReport
+    from stages.eval import EvalReport, LoadQuestions, RunGraphPerQuestion
+
+    values = OmegaConf.to_container(compose().eval, resolve=True)
+    for cls in (LoadQuestions, RunGraphPerQuestion, EvalReport, ClosedBookReport):
+        for name, param in cls.config_params().items():
+            default = list(param.default) if isinstance(param.default, tuple) else param.default
+            assert values[name] == default, f"conf/eval/default.yaml: {name} = {values[name]!r}, {cls.__name__}: {default!r}"
+
+
+def test_the_held_out_templates_compose_as_the_question_templates(compose):
+    from pipeline.engine.graph import build_graph
+
+    cfg = compose("pipeline=eval", "eval.phrasing=template", "eval.templates=${eval.heldout_templates}")
+    stage = build_graph(cfg).instantiate().nodes["questions"].stage
+    assert stage.config.phrasing == "template" and list(stage.config.templates) == list(cfg.eval.heldout_templates)
+    assert len(stage.config.templates) == 3 and not set(stage.config.templates) & set(compose().eval.templates)
+
+
 def test_metric_result_for_optuna(question_set, tmp_path):
     base, program, questions = question_set
     value, _, report = evaluate(base, program, questions, "pipeline.result=report.metric",
                                 "eval.metric=file_recall@k", "eval.k=2", run_dir=tmp_path)
     assert isinstance(value, float) and value == report["metrics"]["ours"]["file_recall@2"]
+
+
+def test_refs_name_what_is_scored_and_progress_draws_a_bar(question_set, tmp_path, capsys):
+    base, program, questions = question_set
+    _, _, report = evaluate(base, program, questions, "~eval.refs.evidence", "eval.limit=2", "eval.progress=true",
+                            run_dir=tmp_path)
+    ours = report["metrics"]["ours"]  # no windows read from the inner runs: no evidence scored, files still ranked
+    assert ours["windows_shown"] == 0.0 and ours["evidence_recall"] == 0.0 and ours["file_recall@5"] == 1.0
+    assert report["tokenizer"] == [] and "eval (retrieve)" in capsys.readouterr().err
 
 
 def test_answer_mode_scores_citations(question_set, tmp_path):

@@ -10,7 +10,8 @@ from conftest import write_tree
 from pipeline.api import run
 from pipeline.engine.errors import InputError, PipelineError
 from pipeline.engine.stage import RunContext
-from stages.questions import DocstringQuestions, documented, first_sentence, strip_docstrings
+from stages.common.program.docstrings import documented, first_sentence, strip_docstrings
+from stages.qgen import DocstringQuestions
 
 TRICKY = (
     "import functools\n"
@@ -115,6 +116,23 @@ def test_ambiguous_questions_are_dropped_and_min_words_applies(tmp_path):
     assert [i["symbol"] for i in read_jsonl(out["questions"])] == ["unique"]
     with pytest.raises(InputError, match="no documented def/class with a 9\\+ word"):
         make_questions(tmp_path / "again", {"dup.py": DUPLICATES}, min_words=9)
+
+
+PRIVATE = (
+    "def _hidden():\n    \"\"\"A private helper that nobody outside should call.\"\"\"\n\n\n"
+    "def shown():\n    \"\"\"A public helper that everyone may call.\"\"\"\n"
+)
+
+
+def test_private_defs_ignored_folders_and_large_files_can_be_left_out(tmp_path):
+    big = "X = 1\n" * 60 + "def large():\n    \"\"\"A function in a file above the size limit.\"\"\"\n"
+    files = {"pkg/a.py": PRIVATE, "vendor/v.py": DUPLICATES, "big.py": big}
+    _, every = make_questions(tmp_path / "all", files)
+    assert {i["symbol"] for i in read_jsonl(every["questions"])} == {"_hidden", "shown", "unique", "large"}
+    _, fewer = make_questions(tmp_path / "few", files, include_private=False, ignore=["vendor"], max_file_bytes=300)
+    assert [i["symbol"] for i in read_jsonl(fewer["questions"])] == ["shown"]
+    copy = tmp_path / "few" / "out" / "prog"
+    assert (copy / "pkg" / "a.py").is_file() and not (copy / "vendor").exists() and not (copy / "big.py").exists()
 
 
 def test_out_inside_the_program_is_refused(tmp_path):

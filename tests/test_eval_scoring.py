@@ -92,3 +92,82 @@ def test_heuristic_rerank_adjusts_select_order_by_query_dependent_proxies(index)
     # a question-independent prior alone: the tested file (one of its symbols is tested) comes first
     by_tests = HeuristicRerank(**dict(only_select, selection=0, tests=1)).run(index, selection, question)
     assert by_tests["selection"].files[0] == "shop/cart.py" and by_tests["selection"].scores["shop/shipping.py"] == 0
+
+
+KETTLE = {
+    "kettle/__init__.py": "",
+    "kettle/boil.py": 'def boil(litres, temperature):\n    """Heat the water until it steams."""\n    return litres * temperature\n',
+    "kettle/pour.py": "def pour(cup):\n    return cup\n",
+}
+
+
+@pytest.mark.parametrize("key, value, question, grows", [
+    ("name_weight", 8.0, "boil", True),  # the definition's name
+    ("doc_weight", 1.0, "steam", True),  # only its docstring says it
+    ("signature_weight", 1.0, "temperature", True),  # a parameter (and the source text)
+    ("path_weight", 2.0, "kettle", True),  # only the path says it
+    ("text_weight", 1.0, "litres", True),  # the source text (and a parameter, which weighs 0 by default)
+    ("k1", 1.5, "litres temperature", None),  # saturation: more or less, but another score
+    ("b", 0.0, "litres temperature", None),  # length normalisation
+])
+def test_each_bm25f_weight_of_select_moves_the_score_of_the_field_it_weighs(tmp_path, make_index, key, value,
+                                                                          question, grows):
+    index = make_index(tmp_path, KETTLE)
+    before = QuestionSelect().run(index, question)["selection"].scores["kettle/boil.py"]
+    after = QuestionSelect(**{key: value}).run(index, question)["selection"].scores["kettle/boil.py"]
+    assert after > before if grows else after != before
+
+
+def test_heuristic_rerank_docstring_public_and_centrality_proxies(tmp_path, make_index):
+    from stages.common.types import Selection
+    from stages.rerank import HeuristicRerank
+
+    index = make_index(tmp_path, {
+        "tea/__init__.py": "",
+        "tea/brew.py": 'def brew(leaves):\n    """Steep the leaves in hot water."""\n    return leaves\n',
+        "tea/_cache.py": "def _get(key):\n    return key\n\n\ndef _put(key, value):\n    return value\n",
+        "tea/cup.py": "from tea.brew import brew\nfrom tea._cache import _get\n\n\ndef serve(cup):\n    return brew(_get(cup))\n",
+        "tea/pot.py": "from tea._cache import _get\n\n\ndef fill(pot):\n    return _get(pot)\n",
+    })
+    files = ["tea/_cache.py", "tea/cup.py", "tea/pot.py", "tea/brew.py"]
+    selection = Selection(files, [], {f: 1.0 for f in files}, [], 4)
+    zero = dict(signatures=0, docstrings=0, tests=0, public=0, centrality=0, selection=0)
+
+    def order(**weights):
+        return HeuristicRerank(**dict(zero, **weights)).run(index, selection, "steep the leaves")["selection"].files
+
+    assert order() == files  # no proxy: select's order
+    assert order(docstrings=1)[0] == "tea/brew.py"  # the docstring holding the question's words
+    assert order(public=1) == ["tea/cup.py", "tea/pot.py", "tea/brew.py", "tea/_cache.py"]  # only private symbols
+    assert order(centrality=1)[:2] == ["tea/_cache.py", "tea/brew.py"]  # imported and called by two files, by one
+
+
+def test_the_baseline_k1_and_b_are_bm25s(tmp_path, make_index):
+    """A short window saying the word once against a long one saying it twice: length normalisation (b) favours the
+    short one, term frequency (k1 > 0, without normalisation) the long one."""
+    from stages.baseline import BM25Windows
+    from stages.common.retrieval.evaluation import Question, QuestionSet
+
+    long = "".join(f"    x{i} = alpha + beta + gamma + delta\n" for i in range(30))
+    index = make_index(tmp_path, {"a.py": "def a():\n    return kettle\n",
+                                  "b.py": f"def b():\n    kettle = 1\n{long}    return kettle\n"})
+    asked = QuestionSet("x", [Question("kettle", "a.py", 1, 2)], 1)
+
+    def first(**config):
+        return BM25Windows(**config).run(index, asked)["run"].records[0].files[0]
+
+    assert first() == first(b=1.0) == "a.py"
+    assert first(b=0.0) == first(k1=3.0, b=0.0) == "b.py"
+    assert first(k1=0.0, b=0.0) == "a.py"  # k1 0: any count is one, a tie in index order
+
+
+def test_pack_relevance_chooses_a_files_best_window(index, tiny_lm):
+    from stages.common.types import Selection
+
+    selection = Selection(["shop/cart.py"], ["shop.cart"], {"shop/cart.py": 1.0}, [], 1)
+
+    def packed(**relevance):
+        stage = PackWindows(windows_per_file=1, context_tokens=100_000, relevance=relevance)
+        return [(w.start, w.end) for w in stage.run(index, selection, "coupon items", tiny_lm)["evidence"].windows]
+
+    print("PACKED", packed(), packed(k1=3.0), packed(name=0.0)); assert packed() != packed(k1=3.0)

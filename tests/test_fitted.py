@@ -261,6 +261,7 @@ def test_learning_rate_schedule():
     assert lr_at(5, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.1) == pytest.approx(0.55)  # half way: mid of 1 and 0.1
     assert lr_at(5, 90.0, 1.0, 10, 100.0, "cosine", 0, 0.1) < 0.15  # the budget is nearly spent: anneal by clock
     assert lr_at(10, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.1) == pytest.approx(0.1)
+    assert lr_at(10, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.5) == pytest.approx(0.5)  # min_lr_ratio is the floor
 
 
 def test_curve_and_early_stopping_keep_the_best_checkpoint(index, tiny_lm):
@@ -347,3 +348,49 @@ def test_perplexity_refuses_files_the_build_trained_on(tmp_path, many_files):
     with pytest.raises(PipelineError, match="which the build at .* trained on"):
         run(tmp_path, f"program_root={many_files}", *FAST, f"adapters={first}", "perplexity.held_out_files=0.3",
             "prompt=function", pipeline="perplexity", tag="mismatch")
+
+
+# --- the settings of the fitted synthesizer, the corpus and the perplexity stage --------------------------------
+
+def _fitted(index, lm, **knobs):
+    from stages.synth import FittedSynth
+
+    settings = {"steps": 1, "eval_pieces": 2, "seq_len": 64, "progress": False, **knobs}
+    return FittedSynth(**settings).run(None, lm, index)["adapters"]
+
+
+def test_fold_knobs_rescale_the_stored_a_and_keep_the_mixed_model(index, tiny_lm):
+    """The stored A carries fold_rank/fold_alpha, so the mix at those knobs adds the same delta."""
+    default = _fitted(index, tiny_lm)
+    for knobs in ({"fold_alpha": 8.0}, {"fold_rank": 24}):  # fold 12/8 and 24/16: twice the default 12/16
+        folded = _fitted(index, tiny_lm, **knobs)
+        for key, value in default.factors.items():
+            np.testing.assert_allclose(folded.factors[key], (2.0 if key.endswith(".A") else 1.0) * value, rtol=1e-6)
+        assert folded.meta["fold"]["factor"] == 1.5
+        assert folded.meta["val_perplexity_fitted"] == pytest.approx(default.meta["val_perplexity_fitted"], rel=1e-4)
+    for knobs in ({"train_alpha": 64.0}, {"seed": 1}):  # another training scale, another initialisation
+        assert not np.array_equal(_fitted(index, tiny_lm, **knobs).factors["L0.q_proj.A"],
+                                  default.factors["L0.q_proj.A"]), knobs
+
+
+def test_corpus_knobs_choose_the_pieces(many_files, tiny_lm):
+    from stages.common.program.corpus import split
+    from stages.index import build_index
+
+    index = build_index(str(many_files), [".git"], 10**6, 80, None)
+    base = split(index, tiny_lm.tokenizer, 64, 5, 0.3, 0)
+    assert split(index, tiny_lm.tokenizer, 64, 5, 0.3, 1).files != base.files  # corpus.seed: another stable order
+    held = {every: len(split(index, tiny_lm.tokenizer, 64, every, 0.3, 0).held_out) for every in (2, 50)}
+    assert held[2] > 2 * held[50]  # corpus.val_every: about one segment in val_every is held out
+    assert len(split(index, tiny_lm.tokenizer, 32, 5, 0.3, 0).train) > len(base.train)  # corpus.seq_len
+
+
+def test_perplexity_split_and_batch_size(index, tiny_lm):
+    from stages.perplexity import ProgramPerplexity
+
+    def ppl(**knobs):
+        return ProgramPerplexity(seq_len=64, max_pieces=4, **knobs).run(index, tiny_lm)["perplexity"]
+
+    held_out = ppl()
+    assert ppl(split="train") != held_out
+    assert ppl(batch_size=1) == pytest.approx(held_out, rel=1e-4)  # padding never changes a piece's loss

@@ -251,13 +251,14 @@ def test_words_written_like_code_are_names_of_the_evidence(default_tokenizer, sa
 def test_context_aware_decoding_contrasts_with_the_prompt_without_evidence(tiny_lm, index_with_windows):
     from transformers import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
-    from stages.decode import Decode, processors
+    from stages.common.generation.processors import processors
+    from stages.decode import Decode
 
     index, evidence = index_with_windows
     prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
     assert prompt.plain_ids and len(prompt.plain_ids) < len(prompt.ids)
     assert "[ctx] path:" not in tiny_lm.tokenizer.decode(prompt.plain_ids)
-    settings = Decode(cad_alpha=2.0).settings(prompt)
+    settings = Decode(cad_alpha=2.0).for_prompt(prompt)
     chain, _, _ = processors(tiny_lm, prompt, prompt.ids, settings, False)
     cad = [p for p in chain if isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor)]
     assert len(cad) == 1 and cad[0].guidance_scale == 3.0
@@ -270,6 +271,41 @@ def test_context_aware_decoding_contrasts_with_the_prompt_without_evidence(tiny_
     assert draft.generated_tokens == 8 and draft.text.startswith(draft.lead["lead"])
 
 
+def test_the_repetition_penalty_spares_the_prompt_unless_penalize_prompt(tiny_lm):
+    """penalize_prompt=false: the prompt's tokens (the evidence's identifiers) keep their logits; only what the reply
+    itself wrote is penalised."""
+    from stages.common.generation.processors import processors
+    from stages.common.types import Prompt
+    from stages.decode import Decode
+
+    prompt = Prompt([], "", ids=[5, 6, 7])
+    written = torch.tensor([[5, 6, 7, 9]])  # the reply wrote token 9
+
+    def penalised(**config) -> list[int]:
+        settings = Decode(constrain=[], repetition_penalty=2.0, **config).for_prompt(prompt)
+        chain, _, _ = processors(tiny_lm, prompt, prompt.ids, settings, False)
+        scores = chain(written, torch.ones(1, tiny_lm.model.config.vocab_size))
+        return [i for i in range(12) if scores[0, i] < 1]
+
+    assert penalised() == [9]
+    assert penalised(penalize_prompt=True) == [5, 6, 7, 9]
+
+
+def test_lead_calibrate_subtracts_the_score_after_a_neutral_question(tiny_lm, index_with_windows):
+    from stages.decode import Decode
+
+    index, evidence = index_with_windows
+    prompt = BuildPrompt(form="lead").run("Where is the kettle boiled?", evidence, tiny_lm, index)["prompt"]
+    assert prompt.neutral_ids and len(prompt.lead) > 1
+
+    def lead(calibrate: bool, asked=prompt) -> dict:
+        return Decode(max_new_tokens=1, min_new_tokens=0, lead_calibrate=calibrate).run(tiny_lm, asked)["draft"].lead
+
+    raw = lead(False)
+    assert lead(True)["lead_score"] != raw["lead_score"]
+    assert lead(True, dataclasses.replace(prompt, neutral_ids=[])) == raw  # no neutral prompt: nothing to subtract
+
+
 def _stopped_at(stop, prompt: list[int], reply: list[int]) -> int | None:
     for n in range(1, len(reply) + 1):
         if bool(stop(torch.tensor([prompt + reply[:n]]), None)[0]):
@@ -278,21 +314,21 @@ def _stopped_at(stop, prompt: list[int], reply: list[int]) -> int | None:
 
 
 def test_paragraph_stop_ends_the_reply_after_its_paragraphs(default_tokenizer):
+    from stages.common.generation.stops import ReplyStop
     from stages.common.grounding.constraints import token_texts
-    from stages.decode import _ReplyStop
 
     tok = default_tokenizer
     prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
     reply = tok("\n\n`f` [a.py:1-2] does it.\n\nMore text here.\n\nAnd more.", add_special_tokens=False)["input_ids"]
-    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), 2, False), prompt, reply)
+    ended_at = _stopped_at(ReplyStop(token_texts(tok), len(prompt), 2, False), prompt, reply)
     assert ended_at is not None
     assert tok.decode(reply[:ended_at]).rstrip().endswith("More text here.")  # a leading blank line is no paragraph
-    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply) is None  # no loop
+    assert _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply) is None  # no loop
 
 
 def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeats(default_tokenizer):
+    from stages.common.generation.stops import ReplyStop, drop_repeated_lines
     from stages.common.grounding.constraints import token_texts
-    from stages.decode import _ReplyStop, drop_repeated_lines
 
     tok = default_tokenizer
     prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
@@ -301,14 +337,14 @@ def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeats(default_
             + (lead + "\n") * 5)
     reply = tok(body, add_special_tokens=False)["input_ids"]
     # short lines ("Example:") repeat freely; a line restated once goes on; the third writing of one is a loop
-    ended_at = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True, lead), prompt, reply)
+    ended_at = _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, True, lead), prompt, reply)
     written = tok.decode(reply[:ended_at]) if ended_at else ""
     assert ended_at is not None and written.endswith("Then [a.py:3-4].\n" + lead + "\n")
     assert drop_repeated_lines(lead + written) == lead + "\nIt writes the buffer.\nExample:\nExample:\nThen [a.py:3-4].\n"
     # without the lead before it, the same reply needs one more writing of that line
-    later = _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply)
+    later = _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, True), prompt, reply)
     assert later is not None and later > ended_at
-    assert _stopped_at(_ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, reply) is None
+    assert _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, reply) is None
 
 def test_a_run_of_citations_stops_at_max_citation_run(default_tokenizer):
     """A stand-in model that always wants to open a citation: with max_citation_run=2, two citations follow one

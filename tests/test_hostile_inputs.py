@@ -68,7 +68,7 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
     seen: dict[str, list] = {}
     probe_ids = torch.arange(1, 33).unsqueeze(0)
 
-    def probe(lm, prompt, settings, seed, reuse=None):
+    def probe(lm, prompt, settings, reuse=None):
         name = threading.current_thread().name
         if "explode" in prompt.text:
             raise RuntimeError("injected failure")
@@ -76,7 +76,7 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
         with torch.no_grad():
             logits = lm.model(input_ids=probe_ids).logits.clone()
         seen.setdefault(name, []).append((hook_count(lm.model), logits))
-        return real(lm, prompt, settings, seed, reuse)
+        return real(lm, prompt, settings, reuse)
 
     monkeypatch.setattr(stages.decode, "generate", probe)
 
@@ -316,15 +316,15 @@ def _tiny_checkpoint_writer(tiny_lm, calls):
 
 
 def test_a_truncated_converted_model_is_converted_again(tmp_path, tiny_lm, caplog, monkeypatch):
-    import stages.model
+    import stages.common.models.gguf as gguf_loading
     from pipeline.engine.cache import PARTIAL_LOCK
 
     gguf = tmp_path / "Fake.gguf"
     gguf.write_bytes(b"GGUF")
     cache = tmp_path / "models"
     calls = []
-    monkeypatch.setattr(stages.model, "convert_gguf", lambda path, out: _tiny_checkpoint_writer(tiny_lm, calls)(out))
-    stages.model.load_gguf_converted(gguf, cache, "float32", "cpu", None, "fake")  # its tensors map the file:
+    monkeypatch.setattr(gguf_loading, "convert_gguf", lambda path, out: _tiny_checkpoint_writer(tiny_lm, calls)(out))
+    gguf_loading.load_gguf_converted(gguf, cache, "float32", "cpu", None, "fake")  # its tensors map the file:
     gc.collect()  # let them go before the file is truncated in place (a mapped page past the end is SIGBUS)
     [converted] = [p for p in cache.iterdir()]
     weights = converted / "model.safetensors"
@@ -334,7 +334,7 @@ def test_a_truncated_converted_model_is_converted_again(tmp_path, tiny_lm, caplo
     stale.mkdir()
     (stale / PARTIAL_LOCK).write_bytes(b"")
     with caplog.at_level(logging.WARNING):
-        again = stages.model.load_gguf_converted(gguf, cache, "float32", "cpu", None, "fake")
+        again = gguf_loading.load_gguf_converted(gguf, cache, "float32", "cpu", None, "fake")
     assert f"the converted model '{converted}' is corrupt (model.safetensors:" in caplog.text
     assert len(calls) == 2 and weights.read_bytes() == whole and not stale.exists()
     ids = torch.arange(1, 9).unsqueeze(0)
@@ -344,7 +344,7 @@ def test_a_truncated_converted_model_is_converted_again(tmp_path, tiny_lm, caplo
     (converted / "tokenizer.json").write_text("{ broken")  # passes the cheap checks, fails to load: remade too
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        stages.model.load_gguf_converted(gguf, cache, "float32", "cpu", None, "fake")
+        gguf_loading.load_gguf_converted(gguf, cache, "float32", "cpu", None, "fake")
     assert f"the converted model '{converted}' does not load" in caplog.text and len(calls) == 3
 
 
@@ -363,7 +363,7 @@ def _bomb(path: Path, key: str, shape: tuple) -> None:
 
 
 def test_an_npz_bomb_is_refused_from_its_header(tmp_path, tiny_lm):
-    from stages.artifacts import load_artifacts
+    from stages.common.adapters.buildfolder import load_artifacts
 
     folder = tmp_path / "bomb"
     folder.mkdir()
@@ -504,7 +504,7 @@ def test_missing_program_root_fails_before_the_model_loads(tmp_path, monkeypatch
 
 
 def test_git_metadata_is_read_only_as_small_regular_files_inside_the_program(tmp_path, make_tree):
-    from stages.artifacts import git_commit
+    from stages.common.adapters.buildfolder import git_commit
 
     outside = make_tree(tmp_path / "outside", {"secret": "TOP-SECRET-TOKEN\n"})
     program = make_tree(tmp_path / "prog", {**GOOD, ".git/HEAD": "ref: refs/heads/main\n",

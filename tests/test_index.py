@@ -11,8 +11,9 @@ from pipeline.engine.errors import InputError, StageFailed
 from pipeline.engine.execute import execute
 from pipeline.engine.graph import build_graph
 from pipeline.engine.stage import RunContext
-from stages import index as index_module
-from stages.index import IndexProgram, build_index
+from stages.common.program import indexing
+from stages.common.program.indexing import build_index
+from stages.index import IndexProgram
 
 SIMPLE = {
     "pkg/__init__.py": "",
@@ -159,13 +160,37 @@ def test_unusable_root_fails_the_index_node(tmp_path):
     assert "node 'index'" in str(info.value) and "does not exist" in str(info.value)
 
 
+def test_a_file_with_a_line_over_max_line_chars_is_skipped(tmp_path, make_tree, fresh_index_memory):
+    root = make_tree(tmp_path / "prog", {"ok.py": "x = 1\n", "wide.py": "y = '" + "a" * 60 + "'\n"})
+    assert sorted(index_tree(root).files) == ["ok.py", "wide.py"]
+    narrow = IndexProgram(ignore=[], max_line_chars=50).run(program_root=str(root))["index"]
+    assert sorted(narrow.files) == ["ok.py"] and "longer than index.max_line_chars=50" in narrow.skipped["wide.py"]
+
+
+def test_progress_bar_over_the_files_parsed_in_this_process(tmp_path, make_tree, monkeypatch, fresh_index_memory):
+    import tqdm.auto
+
+    real, shown = tqdm.auto.tqdm, []
+
+    def spy(*args, **kwargs):
+        shown.append(kwargs["disable"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    root = make_tree(tmp_path / "prog", {f"m{i}.py": f"def f{i}():\n    return {i}\n" for i in range(201)})
+    for progress in (True, False):
+        resources.clear("program-index")
+        IndexProgram(progress=progress, workers=1).run(program_root=str(root))
+    assert shown == [None, True]  # None: tqdm draws the bar on a terminal only
+
+
 # ---------------------------------------------------------------- cache
 
 
 @pytest.fixture
 def parse_counter(monkeypatch):
     calls: list[str] = []
-    real_py, real_text = index_module.python_facts, index_module.text_facts
+    real_py, real_text = indexing.python_facts, indexing.text_facts
 
     def count_py(text, window_lines):
         calls.append(text)
@@ -175,8 +200,8 @@ def parse_counter(monkeypatch):
         calls.append(text)
         return real_text(text, window_lines)
 
-    monkeypatch.setattr(index_module, "python_facts", count_py)
-    monkeypatch.setattr(index_module, "text_facts", count_text)
+    monkeypatch.setattr(indexing, "python_facts", count_py)
+    monkeypatch.setattr(indexing, "text_facts", count_text)
     return calls
 
 

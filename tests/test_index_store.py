@@ -7,7 +7,7 @@ import pytest
 from pipeline.engine import resources
 from stages.common.program import pyfacts
 from stages.common.program.callgraph import CallGraph, pack_strings, unpack_strings
-from stages.index import Parsing, build_index
+from stages.common.program.indexing import Parsing, build_index
 from tests.test_index import SIMPLE
 
 MORE = {
@@ -52,7 +52,7 @@ def test_unchanged_tree_loads_from_arrays_without_parsing_or_networkx(tmp_path, 
         assert all(npz[name].dtype != object for name in npz.files)
     resources.clear("program-index")  # a new process
     monkeypatch.setattr(pyfacts, "python_facts", lambda *a: pytest.fail("parsed an unchanged file"))
-    monkeypatch.setattr("stages.index.python_facts", lambda *a: pytest.fail("parsed an unchanged file"))
+    monkeypatch.setattr("stages.common.program.indexing.python_facts", lambda *a: pytest.fail("parsed an unchanged file"))
     second = build_index(str(root), [], 1_000_000, 80, cache)
     assert second.callgraph._nx is None  # nothing asked for graph algorithms yet
     _same(first, second)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import pytest
 import yaml
 
 from pipeline import CONF_DIR, PROJECT_ROOT
+from pipeline.engine.records import Telemetry
 
-# what a stage may import from the framework: the stage contract, its errors, atomic cache writes and the
-# process-wide resources (the shared model handle)
-CONTRACT = {"pipeline.engine.stage", "pipeline.engine.errors", "pipeline.engine.cache", "pipeline.engine.resources"}
+# what a stage may import from the framework: the stage contract, its errors, atomic cache writes, the
+# process-wide resources (the shared model handle) and the records it writes (telemetry)
+CONTRACT = {"pipeline.engine.stage", "pipeline.engine.errors", "pipeline.engine.cache", "pipeline.engine.resources",
+            "pipeline.engine.records"}
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
@@ -88,9 +91,9 @@ def naming_violations(path: Path, source: str | None = None) -> list[str]:
     rel = path.relative_to(PROJECT_ROOT)
     tree = ast.parse(path.read_text(encoding="utf-8") if source is None else source)
     nodes, refs = graph_names()
-    # the framework's own trace, and the report's role names (conf/report/html.yaml maps each role to a result key)
-    roles = set(yaml.safe_load((CONF_DIR / "report" / "html.yaml").read_text(encoding="utf-8"))["keys"])
-    results = stage_results() - {"trace.seconds"} - roles
+    # the framework's own trace, and the fields of the typed telemetry record (the contract both sides read)
+    fields = {f.name for f in dataclasses.fields(Telemetry)}
+    results = stage_results() - {"trace.seconds"} - fields
     docstrings = {id(n.body[0].value) for n in ast.walk(tree)
                   if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                   and ast.get_docstring(n, clean=False) is not None}

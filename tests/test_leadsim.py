@@ -9,7 +9,7 @@ import pytest
 from stages.common.grounding.leads import LeadChoice
 from stages.common.types import Prompt
 from stages.decode import Decode
-from stages.leadsim import KeepLeads, LeadSimilarity, choice_text
+from stages.leadsim import LeadSimilarity, NoLeadSim, choice_text
 from stages.scaffold import BuildPrompt
 
 
@@ -44,13 +44,25 @@ def test_the_choice_named_like_the_question_gets_the_largest_bonus():
     assert int(np.argmax(bonus)) == 1
     assert abs(bonus.mean()) < 1e-3 and bonus.std() == pytest.approx(3.0, rel=1e-3)  # weight x z-scores
     assert out["prompt"].lead == lead and out["prompt"].lead_rank == [0, 1, 2, 3]
+    half = LeadSimilarity(weight=1.5).run(prompt_with(lead), "Which function reads and parses the configuration file?")
+    assert half["prompt"].lead_bonus == pytest.approx(bonus / 2, abs=1e-4)
+
+
+def test_the_encoder_reads_max_tokens_of_each_text_in_batches_of_batch_size():
+    lead = ["`render_page` [web/views.py:1-9]", "`parse_config_file` [config/loader.py:10-40]",
+            "`Stack.push` [util/stack.py:3-5]"]
+    question = "Apart from rendering pages and pushing onto stacks, which function reads the configuration file?"
+    whole = LeadSimilarity().run(prompt_with(lead), question)["prompt"].lead_bonus
+    assert LeadSimilarity(batch_size=1).run(prompt_with(lead), question)["prompt"].lead_bonus == pytest.approx(whole, abs=1e-3)
+    cut = LeadSimilarity(max_tokens=8).run(prompt_with(lead), question)["prompt"].lead_bonus  # the question's first words
+    assert cut != pytest.approx(whole, abs=1e-2)
 
 
 def test_no_bonus_with_fewer_than_two_choices_and_none_passes_the_prompt_on():
     one = prompt_with(["`f` [a.py:1-2]"])
     assert LeadSimilarity().run(one, "what is f?")["prompt"] is one
     many = prompt_with(["`f` [a.py:1-2]", "`g` [b.py:1-2]"])
-    assert KeepLeads().run(many, "what is f?")["prompt"] is many
+    assert NoLeadSim().run(many, "what is f?")["prompt"] is many
 
 
 def test_the_bonus_decides_the_lead_when_it_outweighs_the_likelihood(tiny_lm, index_with_windows):
@@ -73,7 +85,7 @@ def test_the_answer_graph_runs_leadsim_before_decode_and_none_drops_the_bonus():
     assert graph.nodes["decode"].wires["prompt"] == ("leadsim", "prompt")
     assert graph.nodes["decode_retry"].wires["prompt"] == ("leadsim_retry", "prompt")
     assert graph.nodes["leadsim"].stage_cls is LeadSimilarity and graph.nodes["leadsim_retry"].stage_cls is LeadSimilarity
-    assert build_graph(compose(["leadsim=none"])).nodes["leadsim"].stage_cls is KeepLeads
+    assert build_graph(compose(["leadsim=none"])).nodes["leadsim"].stage_cls is NoLeadSim
 
 
 def test_a_missing_sentence_model_is_a_one_line_error_naming_the_wheel():

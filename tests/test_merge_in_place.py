@@ -12,7 +12,8 @@ from stages.common.adapters.factors import infer_targets
 from stages.common.adapters.mixing import _WORKSPACES, AdapterMix, MixSettings
 from stages.common.adapters.synthesis import synthesize
 from stages.common.adapters.weightfile import weight_file
-from stages.model import HFCheckpoint, byte_tokenizer
+from stages.common.models.tiny import byte_tokenizer
+from stages.model import HFCheckpoint
 
 
 def save_tiny(folder, dtype=torch.bfloat16, seed=0):
@@ -142,7 +143,7 @@ def test_a_failed_read_back_is_an_error_and_the_model_is_refused_after(tmp_path,
                                            ((10**9).to_bytes(8, "little") + b"{}", "header of 1000000000 bytes")])
 def test_a_broken_header_is_named_by_the_check_and_keeps_merge_on_copies(tmp_path, caplog, head, problem):
     from stages.common.adapters.weightfile import remember
-    from stages.model import safetensors_problem
+    from stages.common.models.checkpoint import safetensors_problem
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -151,3 +152,4 @@ def test_a_broken_header_is_named_by_the_check_and_keeps_merge_on_copies(tmp_pat
     model = torch.nn.Linear(2, 2)
     remember(model, folder)
     assert weight_file(model) is None and problem in caplog.text and "merge mode keeps copies" in caplog.text
+

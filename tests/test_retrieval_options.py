@@ -3,6 +3,7 @@ BM25F, cached per program), the rescore node (rerank=lm), tokenizer-only retriev
 which tokenizer packed the windows."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -16,7 +17,7 @@ from pipeline.engine.errors import ConfigError, InputError, PipelineError
 from pipeline.engine.graph import build_graph
 from pipeline.engine.stage import RunContext
 from stages.common.retrieval.evaluation import keywords, phrase
-from stages.questions import DocstringQuestions
+from stages.qgen import DocstringQuestions
 from stages.select import HybridSelect, QuestionSelect, fuse
 
 PROGRAM = KETTLE_PROGRAM
@@ -112,17 +113,17 @@ def test_the_eval_says_which_tokenizer_packed_and_warns_when_it_is_not_the_refer
 def test_fusion_weights_move_between_the_two_rankings():
     sparse = {0: 3.0, 1: 1.0}
     dense = np.array([0.1, 0.2, 0.9])
-    for fusion in ("zscore", "rrf"):
-        only_bm25 = fuse(sparse, dense, 0.0, fusion, 60)
-        only_dense = fuse(sparse, dense, 1.0, fusion, 60)
-        assert list(np.argsort(-only_bm25, kind="stable")) == [0, 1, 2]
-        assert list(np.argsort(-only_dense, kind="stable")) == [2, 1, 0]
-        assert fuse(sparse, dense, 0.5, fusion, 60).min() == 0.0  # shifted: the worst window scores 0
+    only_bm25 = fuse(sparse, dense, 0.0)
+    only_dense = fuse(sparse, dense, 1.0)
+    assert list(np.argsort(-only_bm25, kind="stable")) == [0, 1, 2]
+    assert list(np.argsort(-only_dense, kind="stable")) == [2, 1, 0]
+    assert fuse(sparse, dense, 0.5).min() == 0.0  # shifted: the worst window scores 0
+    assert fuse(sparse, dense, 0.5, shift=False).min() < 0  # z-scores as they are
 
 
 @pytest.fixture(scope="module")
 def hybrid_tree(tmp_path_factory, make_tree):
-    from stages.index import build_index
+    from stages.common.program.indexing import build_index
 
     root = make_tree(tmp_path_factory.mktemp("hybrid") / "prog", PROGRAM)
     return root, build_index(str(root), [], 1_000_000, 80, None)
@@ -147,7 +148,7 @@ def test_hybrid_ranks_files_and_hands_its_window_ranking_to_pack(hybrid_tree, tm
 
 
 def test_hybrid_weighs_tests_less_yet_finds_a_test_asked_about(tmp_path, make_tree):
-    from stages.index import build_index
+    from stages.common.program.indexing import build_index
 
     tree = dict(PROGRAM)
     tree["tests/test_kettle.py"] = (
@@ -165,13 +166,13 @@ def test_hybrid_weighs_tests_less_yet_finds_a_test_asked_about(tmp_path, make_tr
     asked = "Which test checks that the kettle whistles once the water has boiled, never before?"
     assert stage.run(index, asked)["selection"].files[0] == "tests/test_kettle.py"
     # the weight is what puts the test behind: weighed to nothing, the test file drops out of the top
-    stage.test_weight = 0.0
+    stage.config = dataclasses.replace(stage.config, test_weight=0.0)
     assert stage.run(index, asked)["selection"].files[0] != "tests/test_kettle.py"
 
 
 def test_window_vectors_are_cached_per_window_text_and_a_corrupt_cache_heals(tmp_path, make_tree, monkeypatch, caplog):
     from stages.common.retrieval import dense
-    from stages.index import build_index
+    from stages.common.program.indexing import build_index
 
     root = make_tree(tmp_path / "prog", PROGRAM)
     enc = dense.encoder()
@@ -224,7 +225,7 @@ def test_hybrid_config_errors_before_anything_loads(tmp_path):
 
 def test_rerank_lm_puts_an_lm_rescore_node_after_mix_in_every_graph():
     answer = build_graph(compose(["rerank=lm"]))
-    assert answer.nodes["rerank"].stage_cls.__name__ == "KeepOrder"
+    assert answer.nodes["rerank"].stage_cls.__name__ == "NoRerank"
     assert answer.nodes["rescore"].stage_cls.__name__ == "LMRescore"
     assert answer.nodes["rescore"].wires["lm"] == ("mix", "lm") and answer.nodes["pack"].wires["selection"] == ("rescore", "selection")
     order = answer.order
@@ -233,11 +234,11 @@ def test_rerank_lm_puts_an_lm_rescore_node_after_mix_in_every_graph():
     assert mixed.nodes["rescore"].wires["lm"] == ("mix", "lm") and mixed.nodes["unmix"].always
     plain = build_graph(compose(["pipeline=retrieve", "rerank=lm"]))
     assert plain.nodes["rescore"].wires["lm"] == ("model", "lm")
-    assert build_graph(compose([])).nodes["rescore"].stage_cls.__name__ == "KeepRanking"  # the default passes through
+    assert build_graph(compose([])).nodes["rescore"].stage_cls.__name__ == "NoRescore"  # the default passes through
 
 
 def test_question_likelihood_does_not_depend_on_batching(hybrid_tree, tiny_lm):
-    from stages.rerank import question_likelihood
+    from stages.rescore import question_likelihood
 
     _, index = hybrid_tree
     windows = index.windows[:4]

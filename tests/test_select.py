@@ -6,7 +6,7 @@ import ast
 import pytest
 
 from pipeline.engine.errors import InputError
-from stages.index import build_index
+from stages.common.program.indexing import build_index
 from stages.select import QuestionSelect, ZoomSelect, find_symbols
 
 # ---------------------------------------------------------------- zoom on the project's own source
@@ -18,7 +18,7 @@ def test_project_index_honours_the_configured_ignore_list(project_index):
 
 
 def test_zoom_radius_0_is_the_seed_file(project_index):
-    selection = ZoomSelect("build_graph", zoom_radius=0, top_k=100).run(project_index, "")["selection"]
+    selection = ZoomSelect(zoom_symbol="build_graph", zoom_radius=0, top_k=100).run(project_index, "")["selection"]
     assert selection.files == ["pipeline/engine/graph.py"]
     assert selection.symbols == ["build_graph"]
     assert "sym:pipeline/engine/graph.py::build_graph" in selection.nodes
@@ -47,16 +47,16 @@ def callers_of(index, name: str) -> set[str]:
 def test_zoom_radius_1_reaches_the_callers(project_index):
     callers = callers_of(project_index, "build_graph")
     assert "pipeline/app.py" in callers  # imports and calls it
-    selection = ZoomSelect("build_graph", zoom_radius=1, top_k=1000).run(project_index, "")["selection"]
+    selection = ZoomSelect(zoom_symbol="build_graph", zoom_radius=1, top_k=1000).run(project_index, "")["selection"]
     assert selection.files[0] == "pipeline/engine/graph.py"  # distance 0 first
     assert callers <= set(selection.files), callers - set(selection.files)
-    radius0 = set(ZoomSelect("build_graph", zoom_radius=0, top_k=1000).run(project_index, "")["selection"].files)
-    radius2 = set(ZoomSelect("build_graph", zoom_radius=2, top_k=1000).run(project_index, "")["selection"].files)
+    radius0 = set(ZoomSelect(zoom_symbol="build_graph", zoom_radius=0, top_k=1000).run(project_index, "")["selection"].files)
+    radius2 = set(ZoomSelect(zoom_symbol="build_graph", zoom_radius=2, top_k=1000).run(project_index, "")["selection"].files)
     assert radius0 < set(selection.files) <= radius2
 
 
 def test_zoom_top_k_caps_the_region(project_index):
-    selection = ZoomSelect("build_graph", zoom_radius=2, top_k=2).run(project_index, "")["selection"]
+    selection = ZoomSelect(zoom_symbol="build_graph", zoom_radius=2, top_k=2).run(project_index, "")["selection"]
     assert len(selection.files) == 2 and selection.files[0] == "pipeline/engine/graph.py"
 
 
@@ -68,11 +68,11 @@ def test_zoom_accepts_qualnames_and_module_qualified_names(project_index):
 
 def test_zoom_unknown_symbol_lists_close_matches(project_index):
     with pytest.raises(InputError) as info:
-        ZoomSelect("build_grahp", zoom_radius=1).run(project_index, "")
+        ZoomSelect(zoom_symbol="build_grahp", zoom_radius=1).run(project_index, "")
     message = str(info.value)
     assert "'build_grahp'" in message and "close matches" in message and "build_graph" in message
     with pytest.raises(InputError, match="no similar symbol"):
-        ZoomSelect("qqqzzzxxyy", zoom_radius=1).run(project_index, "")
+        ZoomSelect(zoom_symbol="qqqzzzxxyy", zoom_radius=1).run(project_index, "")
 
 
 # ---------------------------------------------------------------- zoom on a small tree
@@ -88,7 +88,7 @@ ZOOM_TREE = {
 
 def test_zoom_radius_on_a_small_tree(tmp_path, make_tree):
     idx = build_index(str(make_tree(tmp_path / "prog", ZOOM_TREE)), [], 1_000_000, 80, None)
-    files = lambda r: set(ZoomSelect("f", zoom_radius=r, top_k=100).run(idx, "")["selection"].files)  # noqa: E731
+    files = lambda r: set(ZoomSelect(zoom_symbol="f", zoom_radius=r, top_k=100).run(idx, "")["selection"].files)  # noqa: E731
     assert files(0) == {"a.py"}
     assert "calls.py" in files(1) and "far.py" not in files(1) and "unrelated.py" not in files(1)
     assert "far.py" in files(2) and "unrelated.py" not in files(3)
@@ -96,7 +96,7 @@ def test_zoom_radius_on_a_small_tree(tmp_path, make_tree):
 
 def test_zoom_radius_1_reaches_a_file_that_only_imports_the_symbol(tmp_path, make_tree):
     idx = build_index(str(make_tree(tmp_path / "prog", ZOOM_TREE)), [], 1_000_000, 80, None)
-    assert "imports_only.py" in ZoomSelect("f", zoom_radius=1, top_k=100).run(idx, "")["selection"].files
+    assert "imports_only.py" in ZoomSelect(zoom_symbol="f", zoom_radius=1, top_k=100).run(idx, "")["selection"].files
 
 
 # ---------------------------------------------------------------- question selection

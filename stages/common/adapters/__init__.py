@@ -1,1 +1,2 @@
-"""Program-conditioned LoRA: factor sets, the program embedding, synthesis, fitting, mixing, weight files, PEFT export."""
+"""Program-conditioned LoRA: factor sets, the program embedding, synthesis, fitting, the mixed deltas, mixing and the
+model's lock, weight files, PEFT export, the build-artifact folder."""

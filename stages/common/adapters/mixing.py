@@ -1,16 +1,7 @@
 """Mixing LoRA deltas into a model, reversibly and exactly (SPEC §5 mix).
 
-For layer i and target t:  Δ = (1-gsub)·A_base B_base + gsub·A_sub B_sub  (one of them alone when the other
-is missing), × target weight × layer multiplier × alpha/rank, using the first ``keep`` rank components of
-each pair; if ‖Δ‖_F > cap·‖W‖_F it is scaled down to that. Δ stays low-rank (A_cat, B_cat) throughout.
-
-One loaded model is shared by every answer of the process (a multirun, an application's threads), so its users
-are serialised by a per-model lock (``exclusive``): an ``AdapterMix`` holds it from its first ``apply`` (mix) to
-its ``restore`` (unmix, a node that runs even after a failure or Ctrl-C); a mix that is dropped without a restore
-(a custom graph without unmix) is restored and its lock released when it is garbage collected. A second thread's
-answer waits at its mix until the first one has unmixed. The lock is re-entrant within a thread.
-
-Two ways to apply it, both restoring the model bit for bit:
+The deltas are built in stages/common/adapters/deltas.py; while a mix is in the model it holds the model's lock
+(stages/common/adapters/lock.py). Two ways to apply it, both restoring the model bit for bit:
 - ``hooks``: forward hooks add ``x B_catᵀ A_catᵀ`` to the module output; the weights are never written.
 - ``merge``: ``W + A_cat B_cat`` is written into each touched weight. A weight whose bytes are those of the
   checkpoint file the model was loaded from (stages/common/adapters/weightfile.py) is written in place and read back from
@@ -22,132 +13,27 @@ the weight's dtype. With int8 weights (``model.quantize=int8``) only hooks can m
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
-import math
-import threading
 import weakref
 from typing import Any, Literal
 
-import numpy as np
-
 from pipeline.engine.errors import ConfigError, InputError
+from stages.common.adapters.deltas import (
+    LowRankDelta,
+    MixSettings,
+    build_deltas,
+    delta_norms,
+    deltas_digest,
+    weight_norms,
+)
 from stages.common.adapters.factors import AdapterSet, TargetMap
+from stages.common.adapters.lock import Lease, model_lock
+from stages.common.adapters.lock import exclusive as exclusive  # the stages that share the model import it from here
 from stages.common.adapters.weightfile import WeightFile, weight_file
-from stages.common.generation.precision import dequantized, is_plain_float
+from stages.common.generation.precision import is_plain_float
 
 log = logging.getLogger(__name__)
 Mode = Literal["hooks", "merge"]
-
-
-@dataclasses.dataclass
-class MixSettings:
-    gsub: float
-    alpha: float
-    rank: int  # the capacity rank: Δ is scaled by alpha/rank
-    weights: dict[str, float]
-    layer_multipliers: list[float]
-    keeps: dict[tuple[int, str], int]  # missing -> the full rank of each pair
-    delta_cap: float | None
-    beta: float = 0.0
-    ablate: tuple[str, ...] = ()  # targets whose delta is zero
-
-
-@dataclasses.dataclass
-class LowRankDelta:
-    a: np.ndarray  # d_out x R, every scale folded in
-    b: np.ndarray  # R x d_in
-    norm: float  # ‖a @ b‖_F
-    capped: bool
-    bias: np.ndarray | None = None
-
-
-def layer_third(layer: int, num_layers: int) -> int:
-    """0, 1, 2 for the low, mid and top third of the layers (f = i/(L-1))."""
-    f = layer / (num_layers - 1) if num_layers > 1 else 0.0
-    return 0 if f < 1 / 3 else 1 if f < 2 / 3 else 2
-
-
-def gram_norm(a: np.ndarray, b: np.ndarray) -> float:
-    """‖a b‖_F without forming a b: sqrt(sum((aᵀa) ∘ (b bᵀ)))."""
-    a64: np.ndarray = a.astype(np.float64)
-    b64: np.ndarray = b.astype(np.float64)
-    total = float(np.sum((a64.T @ a64) * (b64 @ b64.T)))
-    return total if math.isnan(total) else math.sqrt(max(0.0, total))  # nan stays nan, never 0.0
-
-
-def weight_norms(tmap: TargetMap) -> dict[tuple[int, str], float]:
-    import torch
-
-    norms = {}
-    with torch.no_grad():
-        for key, (_, module, rows) in tmap.modules.items():
-            weight = dequantized(module.weight)
-            w = weight if rows is None else weight[rows]
-            norms[key] = float(torch.linalg.vector_norm(w.float()))
-    return norms
-
-
-def build_deltas(base: AdapterSet | None, sub: AdapterSet | None, tmap: TargetMap, settings: MixSettings,
-                 norms: dict[tuple[int, str], float]) -> dict[tuple[int, str], LowRankDelta]:
-    deltas = {}
-    for layer in range(tmap.num_layers):
-        for target in tmap.targets:
-            if target in settings.ablate or (layer, target) not in tmap.modules:
-                continue
-            parts = []
-            base_pair = base.pair(layer, target) if base else None
-            sub_pair = sub.pair(layer, target) if sub else None
-            both = base_pair is not None and sub_pair is not None
-            keep = settings.keeps.get((layer, target))
-            for pair, share in ((base_pair, 1.0 - settings.gsub), (sub_pair, settings.gsub)):
-                if pair is None:
-                    continue
-                a, b = pair
-                k = a.shape[1] if keep is None else max(1, min(keep, a.shape[1]))
-                parts.append(((share if both else 1.0) * a[:, :k], b[:k, :]))
-            if not parts:
-                continue
-            scale = settings.weights.get(target, 1.0) * settings.layer_multipliers[layer] * settings.alpha / settings.rank
-            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as one error
-                a_cat = np.concatenate([p[0] for p in parts], axis=1) * scale
-                b_cat = np.concatenate([p[1] for p in parts], axis=0)
-                norm = gram_norm(a_cat, b_cat)
-                capped = False
-                if settings.delta_cap is not None and norm > settings.delta_cap * norms[(layer, target)] > 0:
-                    factor = settings.delta_cap * norms[(layer, target)] / norm
-                    # both factors shrink by √factor: scaling A alone leaves B as large as it came (3e38 B with a
-                    # tiny A overflows x Bᵀ in the hook although the product is small)
-                    root = math.sqrt(factor)
-                    a_cat, b_cat, norm, capped = a_cat * root, b_cat * root, norm * factor, True
-                bias = None
-                for adapters in (base, sub):
-                    extra = adapters.bias(layer, target) if adapters else None
-                    if extra is not None and settings.beta:
-                        bias = (bias if bias is not None else 0) + settings.beta * extra
-                delta = LowRankDelta(a_cat.astype(np.float32), b_cat.astype(np.float32), norm, capped, bias)
-            check_finite(delta, layer, target)
-            deltas[(layer, target)] = delta
-    return deltas
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def check_finite(delta: LowRankDelta, layer: int, target: str) -> None:
-    """A delta with nan/inf (huge but finite factors overflow float32) must never reach the model's weights."""
-    finite = (math.isfinite(delta.norm) and delta.norm <= FLOAT32_MAX and bool(np.isfinite(delta.a).all())
-              and bool(np.isfinite(delta.b).all()) and (delta.bias is None or bool(np.isfinite(delta.bias).all())))
-    if not finite:
-        raise InputError(
-            f"the mixed delta of layer {layer} {target} is not finite (‖Δ‖_F = {delta.norm:.3g}): the adapter "
-            "factors or the mix knobs are too large for float32 (not applied)")
-
-
-def delta_norms(deltas: dict[tuple[int, str], LowRankDelta], tmap: TargetMap, num_layers: int) -> dict[str, float]:
-    """Mean ‖Δ‖_F per target over layers (0.0 for an ablated or absent target)."""
-    return {t: float(sum(d.norm for (i, tt), d in deltas.items() if tt == t) / max(1, num_layers)) for t in tmap.targets}
 
 
 # merge mode writes W + AB into a buffer per module that lives as long as the module: a fresh 400 MB each answer
@@ -162,83 +48,6 @@ def _workspace(module: Any, like: Any) -> Any:
     if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
         buffer = _WORKSPACES[module] = like.new_empty(like.shape)
     return buffer
-
-
-class ModelLock:
-    """Serialises the users of one loaded model across threads; re-entrant per thread.
-
-    Unlike ``threading.RLock`` it may be released by another thread than the one that took it: the garbage
-    collector may finalise an abandoned mix anywhere, and its lock must still come back.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._owner: int | None = None
-        self._depth = 0
-
-    def acquire(self, lease: Lease | None = None) -> None:
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner not in (None, me):
-                log.info("waiting for another answer to finish with the model")
-                while self._owner not in (None, me):
-                    self._cond.wait()
-            self._owner, self._depth = me, self._depth + 1
-            if lease is not None:
-                lease.held = True
-
-    def release(self) -> None:
-        with self._cond:
-            if self._depth == 0:
-                raise RuntimeError("model lock released more often than taken")
-            self._depth -= 1
-            if self._depth == 0:
-                self._owner = None
-                self._cond.notify_all()
-
-    @property
-    def held(self) -> bool:
-        return self._owner is not None
-
-
-_LOCKS: weakref.WeakKeyDictionary[Any, ModelLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: Any) -> ModelLock:
-    """The lock of one loaded model (created on first use, gone with the model)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = ModelLock()
-        return lock
-
-
-@contextlib.contextmanager
-def exclusive(model: Any):
-    """Use the shared model alone for a while (scoring, training, tokenizing): no other thread's mix is in it."""
-    lock = model_lock(model)
-    lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-class Lease:
-    """One holder's share of a ``ModelLock``: taken at most once, given back at most once."""
-
-    def __init__(self, lock: ModelLock) -> None:
-        self.lock, self.held = lock, False
-
-    def take(self) -> None:
-        if not self.held:
-            self.lock.acquire(self)
-
-    def give_back(self) -> None:
-        if self.held:
-            self.held = False
-            self.lock.release()
 
 
 class MixHandle:
@@ -417,20 +226,6 @@ class AdapterMix:
 
     def summary(self) -> dict[str, Any]:
         return self.handle.summary()
-
-
-def deltas_digest(deltas: dict[tuple[int, str], LowRankDelta], mode: str) -> str:
-    """What a mix puts into the model, as a digest of every delta's factors (equal digests: equal mixed weights)."""
-    import hashlib
-
-    digest = hashlib.blake2b(mode.encode(), digest_size=16)
-    for key in sorted(deltas):
-        delta = deltas[key]
-        digest.update(repr((key, delta.a.shape, delta.b.shape, delta.bias is not None)).encode())
-        for array in (delta.a, delta.b, delta.bias):
-            if array is not None:
-                digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def _abandon(handle: MixHandle, lease: Lease) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.engine.cache import write_atomic
+from stages.common.adapters.deltas import LowRankDelta
 from stages.common.adapters.factors import TargetMap
-from stages.common.adapters.mixing import LowRankDelta
 
 
 def module_factors(deltas: dict[tuple[int, str], LowRankDelta], tmap: TargetMap) -> dict[str, tuple[np.ndarray, np.ndarray]]:

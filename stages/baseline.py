@@ -7,6 +7,7 @@ like our stages do, so the baseline is not handicapped on code. `with_path` adds
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -30,24 +31,32 @@ def plain_tokens(text: str) -> list[str]:
 
 
 class BM25Windows(Stage):
+    """Files and windows ranked by bm25s over the windows index, one document per window."""
+
     outputs = {"run": SystemRun}
 
-    def __init__(self, tokenizer: Literal["code", "plain"] = "code", with_path: bool = True,
-                 k1: Annotated[float, Range(ge=0)] = 1.5, b: Annotated[float, Range(ge=0, le=1)] = 0.75,
-                 windows: Annotated[int, Range(ge=1)] = 8):
-        self.tokenizer, self.with_path, self.k1, self.b, self.windows = tokenizer, with_path, k1, b, windows
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        tokenizer: Literal["code", "plain"] = "code"
+        with_path: bool = True
+        k1: Annotated[float, Range(ge=0)] = 1.5
+        b: Annotated[float, Range(ge=0, le=1)] = 0.75
+        windows: Annotated[int, Range(ge=1)] = 8
+
+    config: Config
 
     def run(self, index: ProgramIndex, questions: QuestionSet) -> dict:
         import bm25s
 
+        c = self.config
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
-        split = tokens if self.tokenizer == "code" else plain_tokens
+        split = tokens if c.tokenizer == "code" else plain_tokens
         started = time.perf_counter()
         docs = []
         for w in index.windows:
             text = "\n".join(index.lines(w.path)[w.start - 1 : w.end])
-            docs.append(split(f"{w.path}\n{text}" if self.with_path else text))
-        retriever = bm25s.BM25(k1=self.k1, b=self.b)
+            docs.append(split(f"{w.path}\n{text}" if c.with_path else text))
+        retriever = bm25s.BM25(k1=c.k1, b=c.b)
         retriever.index(docs, show_progress=False)
         setup = time.perf_counter() - started
         records = []
@@ -57,7 +66,7 @@ class BM25Windows(Stage):
             order = np.argsort(-scores, kind="stable")  # ties: index order, i.e. path then line
             ranked = [index.windows[i] for i in order]
             files = list(dict.fromkeys(w.path for w in ranked))
-            shown = [(w.path, w.start, w.end) for w in ranked[: self.windows]]
+            shown = [(w.path, w.start, w.end) for w in ranked[: c.windows]]
             records.append(Record(files, shown, time.perf_counter() - began))
-        detail = f"bm25s {self.tokenizer} tokens{' + path' if self.with_path else ''}, {len(docs)} windows"
+        detail = f"bm25s {c.tokenizer} tokens{' + path' if c.with_path else ''}, {len(docs)} windows"
         return {"run": SystemRun("bm25", records, setup, detail)}

@@ -43,12 +43,24 @@ class LoadQuestions(Stage):
 
     outputs = {"questions": QuestionSet}
 
-    def __init__(self, limit: Annotated[int, Range(ge=1)] | None = None,
-                 phrasing: Literal["bare", "template", "keywords"] = "bare",
-                 templates: list[str] = ["Which part of the code does this: {question}? Cite the file and lines."],
-                 keywords: Annotated[int, Range(ge=1)] = 4):
-        self.limit, self.phrasing, self.keywords = limit, phrasing, keywords
-        self.templates = check_templates(templates)
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        limit: Annotated[int, Range(ge=1)] | None = None
+        phrasing: Literal["bare", "template", "keywords"] = "bare"
+        templates: tuple[str, ...] = (  # the templates retrieval was tuned with (on click and omegaconf)
+            "Which part of the code does this: {question}? Cite the file and lines.",
+            "Where in this project is the following implemented: {question}? Please show the function and give the "
+            "file and line numbers.",
+            "I am reading the source. Which function or class is responsible for this: {question}? Point me to the "
+            "exact lines.",
+            "Can you find the code that handles this? {question}. Answer with the path and the line range.",
+        )
+        keywords: Annotated[int, Range(ge=1)] = 4
+
+        def __post_init__(self) -> None:
+            check_templates(self.templates)
+
+    config: Config
 
     def run(self, source: str | None, index: ProgramIndex) -> dict:
         if not source:
@@ -61,9 +73,10 @@ class LoadQuestions(Stage):
             if q.end > index.files[q.path].lines:
                 raise InputError(f"questions '{source}' question {number}: {q.path}:{q.start}-{q.end} is past the "
                                  f"end of the file ({index.files[q.path].lines} lines)")
-        chosen = [dataclasses.replace(q, question=phrase(q.question, self.phrasing, self.templates, self.keywords),
-                                      sentence=q.question) for q in spread(questions, self.limit)]
-        return {"questions": QuestionSet(str(source), chosen, len(questions), self.phrasing)}
+        c = self.config
+        chosen = [dataclasses.replace(q, question=phrase(q.question, c.phrasing, c.templates, c.keywords),
+                                      sentence=q.question) for q in spread(questions, c.limit)]
+        return {"questions": QuestionSet(str(source), chosen, len(questions), c.phrasing)}
 
 
 class RunGraphPerQuestion(Stage):
@@ -71,16 +84,25 @@ class RunGraphPerQuestion(Stage):
 
     outputs = {"run": SystemRun}
 
-    def __init__(self, mode: Literal["answer", "retrieval"] = "retrieval",
-                 graphs: dict = {"answer": "answer", "retrieval": "retrieve"},
-                 refs: dict = {"selection": "rescore.selection", "evidence": "pack.evidence", "answer": "repair.answer",
-                               "telemetry": "telemetry.telemetry"},
-                 progress: bool = True):
-        self.graph = graphs.get(mode)
-        if not self.graph:
-            raise ConfigError(f"eval.graphs has no graph for mode '{mode}'; graphs: {', '.join(graphs)}")
-        self.refs = {name: tuple(str(ref).split(".", 1)) for name, ref in refs.items()}
-        self.progress = progress
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        mode: Literal["answer", "retrieval"] = "retrieval"
+        graphs: dict[str, str] = dataclasses.field(default_factory=lambda: {"answer": "answer", "retrieval": "retrieve"})
+        # where the inner graph leaves what is scored (node.output); a name left out is not scored
+        refs: dict[str, str] = dataclasses.field(default_factory=lambda: {
+            "selection": "rescore.selection", "evidence": "pack.evidence", "answer": "repair.answer",
+            "telemetry": "telemetry.telemetry"})
+        progress: bool = True
+
+        def __post_init__(self) -> None:
+            if not self.graphs.get(self.mode):
+                raise ConfigError(f"eval.graphs has no graph for mode '{self.mode}'; graphs: {', '.join(self.graphs)}")
+
+    config: Config
+
+    @property
+    def graph(self) -> str:
+        return self.config.graphs[self.config.mode]
 
     def run(self, context: RunContext, questions: QuestionSet) -> dict:
         from tqdm import tqdm
@@ -89,11 +111,12 @@ class RunGraphPerQuestion(Stage):
             raise ConfigError("the eval's per-question runs need a framework that runs graphs (RunContext.run_graph)")
         loggers = [logging.getLogger(name) for name in ("pipeline", "stages")]
         levels = [logger.level for logger in loggers]
+        refs = {name: tuple(str(ref).split(".", 1)) for name, ref in self.config.refs.items()}
         records, tokenizers = [], []
         try:
             for logger in loggers:
                 logger.setLevel(logging.WARNING)  # one progress bar, not a log line per node per question
-            bar = tqdm(questions.questions, desc=f"eval ({self.graph})", unit="q", disable=not self.progress)
+            bar = tqdm(questions.questions, desc=f"eval ({self.graph})", unit="q", disable=not self.config.progress)
             for number, question in enumerate(bar, start=1):
                 started = time.perf_counter()
                 try:
@@ -101,8 +124,8 @@ class RunGraphPerQuestion(Stage):
                                                Path(context.run_dir) / "questions" / f"{number:04d}", drop=("questions",))
                 except PipelineError as err:
                     raise PipelineError(f"question {number} ({question.path}:{question.start}): {err}") from err
-                records.append(self._record(result, time.perf_counter() - started))
-                evidence = result.output(*self.refs["evidence"]) if "evidence" in self.refs else None
+                records.append(record(result, refs, time.perf_counter() - started))
+                evidence = result.output(*refs["evidence"]) if "evidence" in refs else None
                 if evidence is not None and evidence.tokenizer and evidence.tokenizer not in tokenizers:
                     tokenizers.append(evidence.tokenizer)
         finally:
@@ -111,27 +134,29 @@ class RunGraphPerQuestion(Stage):
         detail = f"pipeline={self.graph}" + (f", windows packed with the {', '.join(tokenizers)} tokenizer" if tokenizers else "")
         return {"run": SystemRun("ours", records, 0.0, detail, tokenizers)}
 
-    def _record(self, result, seconds: float) -> Record:
-        selection = result.output(*self.refs["selection"]) if "selection" in self.refs else None
-        evidence = result.output(*self.refs["evidence"]) if "evidence" in self.refs else None
-        answer = result.output(*self.refs["answer"]) if "answer" in self.refs else None
-        telemetry = (result.output(*self.refs["telemetry"]) if "telemetry" in self.refs else None) or {}
-        decoding = telemetry.get("decoding") or {}
-        return Record(
-            files=list(selection.files) if selection else [],
-            windows=[(w.path, w.start, w.end) for w in evidence.windows] if evidence else [],
-            seconds=seconds,
-            citations=[c.as_dict() for c in answer.citations] if answer else None,
-            retries=answer.retries if answer else None,
-            answer=answer.text if answer else None,
-            names=int(telemetry.get("code_identifiers") or 0),
-            unknown=list(telemetry.get("unknown_identifiers") or []),
-            new_tokens=int(decoding.get("new_tokens") or 0),
-            decode_seconds=float(decoding.get("decode_seconds") or 0.0),
-            code_lines=int(telemetry.get("code_lines") or 0),
-            code_unverified=len(telemetry.get("code_lines_unverified") or []),
-            mislabelled=len(telemetry.get("citations_mislabelled") or []),
-        )
+
+def record(result, refs: dict[str, tuple[str, ...]], seconds: float) -> Record:
+    """What one inner run did with its question, read from the outputs ``refs`` names (node, port)."""
+    selection = result.output(*refs["selection"]) if "selection" in refs else None
+    evidence = result.output(*refs["evidence"]) if "evidence" in refs else None
+    answer = result.output(*refs["answer"]) if "answer" in refs else None
+    telemetry = (result.output(*refs["telemetry"]) if "telemetry" in refs else None) or {}
+    decoding = telemetry.get("decoding") or {}
+    return Record(
+        files=list(selection.files) if selection else [],
+        windows=[(w.path, w.start, w.end) for w in evidence.windows] if evidence else [],
+        seconds=seconds,
+        citations=[c.as_dict() for c in answer.citations] if answer else None,
+        retries=answer.retries if answer else None,
+        answer=answer.text if answer else None,
+        names=int(telemetry.get("code_identifiers") or 0),
+        unknown=list(telemetry.get("unknown_identifiers") or []),
+        new_tokens=int(decoding.get("new_tokens") or 0),
+        decode_seconds=float(decoding.get("decode_seconds") or 0.0),
+        code_lines=int(telemetry.get("code_lines") or 0),
+        code_unverified=len(telemetry.get("code_lines_unverified") or []),
+        mislabelled=len(telemetry.get("citations_mislabelled") or []),
+    )
 
 
 def _rank(hits: list[bool]) -> int | None:
@@ -147,15 +172,25 @@ class EvalReport(Stage):
 
     outputs = {"table": str, "metric": float, "report": dict}
 
-    def __init__(self, k: Annotated[int, Range(ge=1)] = 5, metric: METRICS = "evidence_recall@k",
-                 reference_tokenizer: str | None = "SmolLM2-135M-Instruct"):
-        self.k, self.metric = k, metric.replace("@k", f"@{k}")
-        self.reference_tokenizer = reference_tokenizer
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        k: Annotated[int, Range(ge=1)] = 5
+        metric: METRICS = "evidence_recall@k"  # the float the graph returns with pipeline.result=report.metric
+        # the tokenizer our results were measured with: windows packed by another one make recall incomparable
+        reference_tokenizer: str | None = "SmolLM2-135M-Instruct"
+
+    config: Config
+
+    @property
+    def metric(self) -> str:
+        """The configured metric's key in the report (``@k`` spelled with this ``k``)."""
+        return self.config.metric.replace("@k", f"@{self.config.k}")
 
     def run(self, context: RunContext, questions: QuestionSet, ours: SystemRun, baseline: SystemRun | None = None) -> dict:
         systems = [run for run in (ours, baseline) if run is not None]
         qs = questions.questions
-        metrics = {run.name: score(qs, run.records, self.k) for run in systems}
+        k = self.config.k
+        metrics = {run.name: score(qs, run.records, k) for run in systems}
         for run in systems:
             metrics[run.name]["setup_seconds"] = round(run.setup_seconds, 4)
         per_question = []
@@ -168,7 +203,7 @@ class EvalReport(Stage):
                                   "window_rank": _rank([q.hit_by(*w) for w in r.windows])}
             per_question.append(item)
         report = {"questions": questions.source, "phrasing": questions.phrasing, "evaluated": len(qs),
-                  "total": questions.total, "k": self.k,
+                  "total": questions.total, "k": k,
                   "overrides": list(context.overrides), "metric": self.metric,
                   "systems": {run.name: run.detail for run in systems}, "tokenizer": ours.tokenizers, "metrics": metrics,
                   "per_question": per_question}
@@ -179,11 +214,12 @@ class EvalReport(Stage):
             rows.append(f"{key:<22}" + "".join(f"{_cell(metrics[n].get(key)):>10}" for n in names))
         header = (f"eval: {len(qs)} of {questions.total} questions from {questions.source}, phrasing {questions.phrasing}\n"
                   + "\n".join(f"  {run.name}: {run.detail}" for run in systems))
-        other = [t for t in ours.tokenizers if self.reference_tokenizer and t != self.reference_tokenizer]
+        reference = self.config.reference_tokenizer
+        other = [t for t in ours.tokenizers if reference and t != reference]
         if other:
             # packing counts tokens: a byte-level tokenizer fits far fewer windows in the same budget
             warning = (f"warning: windows were packed with the {', '.join(other)} tokenizer, not the default model's "
-                       f"({self.reference_tokenizer}, eval.reference_tokenizer): {metrics['ours']['windows_shown']} "
+                       f"({reference}, eval.reference_tokenizer): {metrics['ours']['windows_shown']} "
                        "windows shown per question, so recall is not comparable with results packed by the default model")
             log.warning(warning)
             header += "\n" + warning

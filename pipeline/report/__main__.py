@@ -1,0 +1,6 @@
+"""`python -m pipeline.report <folder>`."""
+import sys
+
+from pipeline.report import main
+
+sys.exit(main())

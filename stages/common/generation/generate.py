@@ -1,0 +1,76 @@
+"""The generate loop of the `decode` stage: the prompt (and the scaffold's prefill) through transformers' `generate`
+with our logits processors (stages/common/generation/processors.py) and reply stops (stops.py), after the lead
+chosen by likelihood (lead.py) when the prompt offers lead choices."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from stages.common.generation.continuations import cache_kwarg, encode_prefix
+from stages.common.generation.heap import release_free_heap
+from stages.common.generation.kvcache import reserved_cache
+from stages.common.generation.lead import choose_lead
+from stages.common.generation.processors import processors
+from stages.common.generation.settings import DecodeSettings
+from stages.common.generation.stops import ReplyStop, drop_repeated_lines
+from stages.common.generation.streaming import console_streamer
+from stages.common.grounding.constraints import CITATION_OPENER, CODE_OPENER, token_texts
+from stages.common.types import Draft, LanguageModel, Prompt
+
+
+def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse: tuple | None = None) -> Draft:
+    """The reply to ``prompt``, decoded with ``settings``; ``reuse`` (see `choose_lead`) lets a sweep's next job
+    reuse this prompt's cache."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    tok = lm.tokenizer
+    prefill_ids = tok(prompt.prefill, add_special_tokens=False, split_special_tokens=True)["input_ids"] if prompt.prefill else []
+    ids = (prompt.ids or tok(prompt.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + prefill_ids
+    device = next(lm.model.parameters()).device
+    use_lead = "lead" in settings.constrain and bool(prompt.lead)
+    started = time.perf_counter()
+    lead, cache = "", None
+    record: dict[str, Any] = {}
+    release_free_heap()  # what the stages before freed, before the prompt's activations come on top (its peak)
+    if use_lead and settings.lead == "likelihood":
+        lead, lead_ids, cache, record = choose_lead(lm, prompt, ids, settings, reuse)
+        ids = ids + lead_ids
+        release_free_heap()  # the prefill's activations, before decoding
+    elif settings.prefill_chunk and len(ids) > settings.prefill_chunk + 1:
+        # generate would encode the whole prompt in one forward: encode all but its last token in chunks here
+        cache = encode_prefix(lm.model, ids[:-1], chunk=settings.prefill_chunk).cache
+        release_free_heap()
+    input_ids = torch.tensor([ids], device=device)
+    chain, clock, grounding = processors(lm, prompt, ids, settings, use_lead and settings.lead == "greedy",
+                                         prompt.prefill + lead)
+    # every warper is ours (ordered after the grounding mask): generate adds none of its own
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+        do_sample=settings.do_sample, repetition_penalty=1.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if settings.do_sample else {}),
+    )
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+    stops = StoppingCriteriaList()
+    if settings.max_paragraphs or settings.stop_at_repeated_line:
+        stops.append(ReplyStop(token_texts(tok), len(ids), settings.max_paragraphs, settings.stop_at_repeated_line,
+                               prompt.prefill + lead))
+    with torch.no_grad():
+        output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   generation_config=config, logits_processor=chain, stopping_criteria=stops,
+                                   streamer=console_streamer(tok, prompt.attempt, prompt.prefill + lead),
+                                   **{cache_kwarg(lm.model): cache if cache is not None else reserved_cache(lm.model)})
+    seconds = time.perf_counter() - started
+    if grounding is not None:
+        grounding.update(output)
+    new = output[0, input_ids.shape[1]:]
+    text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
+    if settings.stop_at_repeated_line:
+        text = drop_repeated_lines(text)
+    return Draft(text.strip(), int(input_ids.shape[1]), int(new.shape[0]), seconds, lm.device, attempt=prompt.attempt,
+                 prefill_seconds=(clock.first - started) if clock.first else seconds, lead=record,
+                 constrained_citations=grounding.completed(CITATION_OPENER) if grounding else 0,
+                 constrained_names=grounding.completed(CODE_OPENER) if grounding else 0,
+                 steered_quotes=grounding.quotes.steered if grounding and grounding.quotes else 0)
