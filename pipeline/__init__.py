@@ -1,4 +1,5 @@
-"""pca-pipeline's framework: compose, validate, run, trace and cache graphs of stages.
+"""pca-pipeline's framework: the engine (`pipeline/engine/`: compose, validate, run and cache graphs of stages) and
+the product on top of it (the apps and their entry points, the Python API, report, chat, summary, show, export).
 
 It never imports `stages/` and never names a stage: the graph and its stages come from the Hydra config.
 """

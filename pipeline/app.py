@@ -16,6 +16,7 @@ from pipeline.engine.execute import RunResult, execute
 from pipeline.engine.graph import Graph, build_graph
 from pipeline.engine.stage import RunContext
 
+
 def as_text(value: str) -> str:
     """A string to put in a config that stays text: OmegaConf would read ``${...}`` as an interpolation."""
     from pipeline.cli import escape_interpolation

@@ -189,8 +189,7 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException, OSError) as err:
-        # composing, or Hydra's own files (the run folder, its log, the saved config): our stages' errors were
-        # already reported by the app as `error: node ...`
+        # composing, or Hydra's own files (run folder, log, saved config); our stages' errors the app reported
         if previous == "1":  # the user asked Hydra for the raw exception
             raise
         if verbose:

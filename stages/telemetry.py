@@ -18,7 +18,6 @@ from stages.common.grounding.labels import mislabels
 from stages.common.grounding.quotes import check_code
 from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, ProgramIndex, Selection
 
-
 FILENAME = "telemetry.json"  # the name the report and the summary read it by (conf/report/html.yaml, conf/summary.yaml)
 
 

@@ -170,4 +170,5 @@ def test_pack_relevance_chooses_a_files_best_window(index, tiny_lm):
         stage = PackWindows(windows_per_file=1, context_tokens=100_000, relevance=relevance)
         return [(w.start, w.end) for w in stage.run(index, selection, "coupon items", tiny_lm)["evidence"].windows]
 
-    print("PACKED", packed(), packed(k1=3.0), packed(name=0.0)); assert packed() != packed(k1=3.0)
+    # select's weights pack the head window (lines 1-10); a slower saturation (k1 3) ranks parse_coupon's first
+    assert packed() == [(1, 10)] and packed(k1=3.0) == [(9, 10)]

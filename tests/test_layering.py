@@ -1,4 +1,4 @@
-"""The walls of docs/concepts/architecture.md, checked on the source (an import contract, as import-linter keeps it).
+"""The walls of docs/architecture.md, checked on the source (an import contract, as import-linter keeps it).
 
 1. `pipeline/engine/` is the engine: it imports nothing of the product (the rest of `pipeline/`) and no stage.
 2. `pipeline/` (engine and product) never imports `stages` and names no node of the graph files nor a stage's

@@ -189,3 +189,38 @@ def test_grounded_comes_from_telemetry_or_else_from_valid_citations(tmp_path, pr
     assert badge(grounded=False) == "not grounded"  # telemetry's own verdict wins over the valid citations
     assert badge(grounded=None) == "grounded"  # not reported: one valid citation is enough
     assert badge(grounded=None, citations=[]) == "not grounded"
+
+
+def test_the_telemetry_record_reads_back_what_it_wrote_and_older_files():
+    from pipeline.engine.records import CitationRecord, Telemetry
+
+    data = telemetry()
+    record = Telemetry.from_json(data)
+    assert record.to_json() == {**Telemetry().to_json(), **data}  # absent keys take their defaults
+    assert record.citations[2] == CitationRecord(path="pkg/missing.py", start=1, end=3, valid=False, removed=True,
+                                                 reason="pkg/missing.py is not in the program")
+    assert record.extra == {"tokens_per_second": 12.5}  # a key without a field is kept, at the top level on disk
+    assert Telemetry.from_json(record.to_json()) == record
+    with pytest.raises(ValueError, match="key 'retries': expected an integer, got 'one'"):
+        Telemetry.from_json({**data, "retries": "one"})
+    assert Telemetry.from_json({**data, "retries": "one"}, strict=False).retries == 0
+
+
+def test_a_value_of_the_wrong_type_is_named_and_the_rest_renders(tmp_path, program):
+    html = render(write_run(tmp_path / "run", program, telemetry(citations="oops")))
+    assert "telemetry.json: key &#x27;citations&#x27;: expected a list, got &#x27;oops&#x27;" in html
+    assert 'id="answer"' in html and 'href="#w' not in html  # no citation is linked as if checked
+    assert 'id="w0"' in html
+
+
+def test_what_ran_after_a_ctrl_c_is_said_from_the_trace(tmp_path, program):
+    from pipeline.runfolder import interrupt_notes, settings_of
+
+    settings = settings_of(None)
+    tr = trace()
+    tr["nodes"].append({"node": "unmix", "status": "ok", "seconds": 0.0, "outputs": {"restored": True}})
+    run = write_run(tmp_path / "run", program, telemetry(), tr)
+    assert interrupt_notes(run, settings) == ["model weights restored"]
+    tr["nodes"][-1].update(status="skipped", outputs={})  # interrupted before anything was mixed
+    run = write_run(tmp_path / "run2", program, telemetry(), tr)
+    assert interrupt_notes(run, settings) == []

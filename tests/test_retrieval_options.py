@@ -171,8 +171,8 @@ def test_hybrid_weighs_tests_less_yet_finds_a_test_asked_about(tmp_path, make_tr
 
 
 def test_window_vectors_are_cached_per_window_text_and_a_corrupt_cache_heals(tmp_path, make_tree, monkeypatch, caplog):
-    from stages.common.retrieval import dense
     from stages.common.program.indexing import build_index
+    from stages.common.retrieval import dense
 
     root = make_tree(tmp_path / "prog", PROGRAM)
     enc = dense.encoder()
@@ -245,6 +245,88 @@ def test_question_likelihood_does_not_depend_on_batching(hybrid_tree, tiny_lm):
     one = question_likelihood(tiny_lm, index, windows, "Boil the water", "\n# does: ", 64, 1)
     three = question_likelihood(tiny_lm, index, windows, "Boil the water", "\n# does: ", 64, 3)
     assert np.allclose(one, three, atol=1e-4) and (one < 0).all()
+
+
+def _rescored(index, selection, prompt, lm, **config) -> tuple[list[str], dict[str, list[tuple[float, int]]]]:
+    from stages.rescore import LMRescore
+
+    out = LMRescore(**config).run(index, selection, prompt, lm)["selection"]
+    return out.files, {p: [(s, w.start) for s, w in ranked] for p, ranked in out.window_ranking.items()}
+
+
+def test_lm_rescore_weight_moves_from_the_incoming_ranking_to_the_likelihood(hybrid_tree, tiny_lm):
+    _, index = hybrid_tree
+    prompt = "Where is the water boiled in the kettle?"
+    selection = QuestionSelect().run(index, prompt)["selection"]
+    incoming, _ = _rescored(index, selection, prompt, tiny_lm, weight=0.0)
+    assert incoming == selection.files  # the LM's score weighs nothing: select's order
+    assert _rescored(index, selection, prompt, tiny_lm, weight=1.0)[0] != incoming  # the tiny model's own order
+
+
+@pytest.mark.parametrize("config", [{"max_window_tokens": 16}, {"question_prefix": "\n# Q: "},
+                                    {"relevance": {"name": 0.0, "text": 1.0}}], ids=lambda c: next(iter(c)))
+def test_what_the_lm_reads_and_the_incoming_relevance_change_the_rescored_ranking(hybrid_tree, tiny_lm, config):
+    _, index = hybrid_tree
+    prompt = "Where is the water boiled in the kettle?"
+    selection = QuestionSelect().run(index, prompt)["selection"]  # no window ranking: rescore ranks by relevance
+    assert _rescored(index, selection, prompt, tiny_lm, **config)[1] != _rescored(index, selection, prompt, tiny_lm)[1]
+
+
+def test_lm_rescore_batch_size_changes_nothing_but_the_batches(hybrid_tree, tiny_lm):
+    _, index = hybrid_tree
+    prompt = "Where is the water boiled in the kettle?"
+    selection = QuestionSelect().run(index, prompt)["selection"]
+    files, one = _rescored(index, selection, prompt, tiny_lm, batch_size=1)
+    default_files, default = _rescored(index, selection, prompt, tiny_lm)
+    assert files == default_files and one.keys() == default.keys()
+    for path, ranked in one.items():
+        assert [s for _, s in ranked] == [s for _, s in default[path]]
+        assert np.allclose([v for v, _ in ranked], [v for v, _ in default[path]], atol=1e-3)
+
+
+def test_function_first_scores_are_the_yes_probability_minus_the_noise_penalty(hybrid_tree, tiny_lm):
+    from stages.pack import PackFunctionFirst, noise
+
+    _, index = hybrid_tree
+    prompt = "Where is the water boiled in the kettle?"
+    selection = QuestionSelect().run(index, prompt)["selection"]
+
+    def scores(**config):
+        stage = PackFunctionFirst(context_tokens=100_000, ff_max_candidates=4, **config)
+        return {(w.path, w.start, w.end): (w.score, noise(w.text)) for w in stage.run(index, selection, prompt, tiny_lm)
+                ["evidence"].windows}
+
+    penalised, plain = scores(ff_noise_penalty=0.5), scores(ff_noise_penalty=0.0)
+    shared = penalised.keys() & plain.keys()
+    assert shared and any(noisy for _, noisy in penalised.values())
+    for key in shared:
+        assert penalised[key][0] == pytest.approx(plain[key][0] - 0.5 * plain[key][1], abs=1e-4)
+    # the model reads fewer code tokens of each window: other yes-probabilities
+    assert [s for s, _ in scores(ff_max_code_tokens=16).values()] != [s for s, _ in scores().values()]
+
+
+def test_hybrid_batch_size_sets_the_encoders_batches_not_the_ranking(tmp_path, make_index, monkeypatch):
+    from stages.common.retrieval import dense
+
+    batches = []
+    real = dense.SentenceEncoder.encode
+
+    def spy(self, texts, max_tokens, progress=False):
+        batches.append(self.batch_size)
+        return real(self, texts, max_tokens, progress)
+
+    monkeypatch.setattr(dense.SentenceEncoder, "encode", spy)
+    prompt = "Where is the water boiled in the kettle?"
+
+    def run(name, **config):  # a fresh index and cache: every window is embedded in this run's batches
+        index = make_index(tmp_path / name, PROGRAM)
+        return HybridSelect(cache_dir=str(tmp_path / f"{name}-cache"), progress=False, **config).run(index, prompt)
+
+    one, default = run("one", batch_size=1)["selection"], run("default")["selection"]
+    assert batches == [1, 1, 32, 32]  # windows, then the question
+    assert one.files == default.files and one.window_ranking.keys() == default.window_ranking.keys()
+    for path, ranked in one.window_ranking.items():
+        assert np.allclose([s for s, _ in ranked], [s for s, _ in default.window_ranking[path]], atol=1e-4)
 
 
 def test_lm_rescore_in_the_retrieve_mixed_graph_restores_the_weights(question_set, tmp_path, tiny_lm):

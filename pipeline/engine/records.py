@@ -13,6 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Union
 
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Span:
     """Lines ``start``..``end`` of the program file ``path`` (a packed evidence window)."""
@@ -152,7 +153,7 @@ def _fit(value: Any, hint: Any) -> Any:
                 return _fit(value, arm)
             except TypeError:
                 continue
-        raise TypeError(f"expected {_name(hint)}, got {type(value).__name__} {_short(value)}")
+        raise TypeError(f"expected {_name(hint)}, got {_short(value)}")
     if hint is type(None):
         if value is None:
             return None
@@ -173,7 +174,7 @@ def _fit(value: Any, hint: Any) -> Any:
             return value
     elif isinstance(value, hint):
         return value
-    raise TypeError(f"expected {_name(hint)}, got {type(value).__name__} {_short(value)}")
+    raise TypeError(f"expected {_name(hint)}, got {_short(value)}")
 
 
 def _record(cls: Any, data: Mapping[str, Any]) -> Any:
@@ -186,7 +187,13 @@ def _record(cls: Any, data: Mapping[str, Any]) -> Any:
 
 
 def _name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    """The JSON name of what ``hint`` accepts."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_name(arm) for arm in typing.get_args(hint))
+    names = {tuple: "a list", dict: "an object", str: "a string", int: "an integer", float: "a number",
+             bool: "true or false", type(None): "null"}
+    base = typing.get_origin(hint) or hint
+    return names.get(base) or (f"an object ({hint.__name__})" if dataclasses.is_dataclass(hint) else str(hint))
 
 
 def _short(value: Any) -> str:

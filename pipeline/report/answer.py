@@ -61,27 +61,28 @@ def _citation_records(run: RunFolder) -> dict[tuple[str, int, int], CitationReco
 
 def render_answer(run: RunFolder) -> str:
     """The answer with each citation a link to its window and unknown identifiers marked; all text escaped."""
-    text = run.record.answer if run.record else None
-    if text is None:
+    record = run.record
+    if record is None or record.answer is None:
         return "<p class=\"muted\">(no answer recorded)</p>"
+    text = record.answer
     windows, records = spans(run), _citation_records(run)
     marks: list[tuple[int, int, str]] = []
     for match in CITATION.finditer(text):
         path, start = match.group(1), int(match.group(2))
         end = int(match.group(3) or start)
-        record = records.get((path, start, end))
-        if record is None:
+        cited = records.get((path, start, end))
+        if cited is None:
             continue
         index = _window_for(windows, path, start, end)
         label = esc(match.group(0))
-        if record.valid and not record.removed and index is not None:
-            source = esc(record.source)
+        if cited.valid and not cited.removed and index is not None:
+            source = esc(cited.source)
             marks.append((match.start(), match.end(), f'<a class="cite {source}" href="#w{index}" '
                                                       f'title="{source} citation, window {index + 1}">{label}</a>'))
         else:
-            why = record.reason or ("removed: not in the evidence" if record.removed else "invalid")
+            why = cited.reason or ("removed: not in the evidence" if cited.removed else "invalid")
             marks.append((match.start(), match.end(), f'<span class="invalid" title="{esc(why)}">{label}</span>'))
-    for word in sorted({w for w in run.record.unknown_identifiers if w}, key=len, reverse=True):
+    for word in sorted({w for w in record.unknown_identifiers if w}, key=len, reverse=True):
         for match in re.finditer(rf"(?<![\w.]){re.escape(word)}(?![\w])", text):
             if not any(a < match.end() and match.start() < b for a, b, _ in marks):
                 marks.append((match.start(), match.end(), f'<mark class="unknown" title="not in the program nor '

@@ -3,12 +3,12 @@ onto its key/value heads when no mask is given.
 
 Decoding from a KV cache runs one query token against the whole cache. SmolLM2 has 9 query heads on 3 key/value
 heads; with no attention mask, transformers' SDPA path hands all 9 heads to `scaled_dot_product_attention(...,
-enable_gqa=True)`, whose CPU kernel, in bfloat16, took 1.2 ms a layer after a 2,134-token prompt (measured with the
-torch profiler; 0.35 ms packed). With a mask, transformers already packs the query: (batch, 9, 1, dim) becomes
-(batch, 3, 3, dim), three "positions" per key/value head, and no head is repeated. This does the same when there is
-no mask. Prefill (several query tokens), masked calls and models without grouped heads go to transformers' SDPA
-unchanged. Same values as SDPA up to rounding (tested against `sdpa` and `eager`). Its masks are SDPA's: transformers
-builds no mask at all for an attention name it has no mask function for, so `sdpa_mask` is registered with it.
+enable_gqa=True)`, whose CPU kernel is several times slower in bfloat16 than the packed query. With a mask,
+transformers already packs the query: (batch, 9, 1, dim) becomes (batch, 3, 3, dim), three "positions" per key/value
+head, and no head is repeated. This does the same when there is no mask. Prefill (several query tokens), masked
+calls and models without grouped heads go to transformers' SDPA unchanged. Same values as SDPA up to rounding
+(tested against `sdpa` and `eager`). Its masks are SDPA's: transformers builds no mask at all for an attention name
+it has no mask function for, so `sdpa_mask` is registered with it.
 """
 from __future__ import annotations
 

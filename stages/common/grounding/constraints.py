@@ -14,8 +14,8 @@ identifier of the evidence followed by its closing backtick, or a lead `` `name`
 
 Everything else passes through untouched, so end of sequence stays reachable outside a slot; inside one the
 allowed set is the trie's children, never empty (every string ends at a leaf, and a leaf closes the slot).
-Masked tokens get -inf; the processor runs before temperature/top-k/top-p (stages/common/generation/processors.py orders them) so
-sampling only ever sees allowed tokens.
+Masked tokens get -inf; the processor runs before temperature/top-k/top-p (stages/common/generation/processors.py
+orders them) so sampling only ever sees allowed tokens.
 """
 from __future__ import annotations
 
