@@ -165,7 +165,8 @@ def test_retrieve_api_reads_its_graph_and_refs_from_conf(tmp_path, make_tree):
 
 def test_one_lora_path_for_mixing_and_fitting():
     """Fitting trains its factors through the mix's own hook (what it stores is what the mix computes): every forward
-    hook the stages register is `mixing.lora_forward_hook`, and both the mix and the fitting register one."""
+    hook the stages register is `mixing.lora_forward_hook`, and the mix, the fitting and the encoder adapter's fitting
+    (stages/common/retrieval/encoder_fit.py) register one."""
     registering = {}
     for path in STAGES:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -174,4 +175,5 @@ def test_one_lora_path_for_mixing_and_fitting():
                 hook = node.args[0] if node.args else None
                 name = hook.func.id if isinstance(hook, ast.Call) and isinstance(hook.func, ast.Name) else ast.dump(hook)
                 registering.setdefault(path.name, set()).add(name)
-    assert registering == {"mixing.py": {"lora_forward_hook"}, "fitting.py": {"lora_forward_hook"}}
+    assert registering == {"mixing.py": {"lora_forward_hook"}, "fitting.py": {"lora_forward_hook"},
+                           "encoder_fit.py": {"lora_forward_hook"}}

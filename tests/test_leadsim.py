@@ -52,10 +52,13 @@ def test_the_encoder_reads_max_tokens_of_each_text_in_batches_of_batch_size():
     lead = ["`render_page` [web/views.py:1-9]", "`parse_config_file` [config/loader.py:10-40]",
             "`Stack.push` [util/stack.py:3-5]"]
     question = "Apart from rendering pages and pushing onto stacks, which function reads the configuration file?"
-    whole = LeadSimilarity().run(prompt_with(lead), question)["prompt"].lead_bonus
-    assert LeadSimilarity(batch_size=1).run(prompt_with(lead), question)["prompt"].lead_bonus == pytest.approx(whole, abs=1e-3)
-    cut = LeadSimilarity(max_tokens=8).run(prompt_with(lead), question)["prompt"].lead_bonus  # the question's first words
-    assert cut != pytest.approx(whole, abs=1e-2)
+
+    def bonus(**config) -> list[float]:
+        return LeadSimilarity(**config).run(prompt_with(lead), question)["prompt"].lead_bonus
+
+    whole = bonus()
+    assert bonus(batch_size=1) == pytest.approx(whole, abs=1e-3)
+    assert bonus(max_tokens=8) != pytest.approx(whole, abs=1e-2)  # the question's first words only
 
 
 def test_no_bonus_with_fewer_than_two_choices_and_none_passes_the_prompt_on():

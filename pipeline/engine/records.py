@@ -98,13 +98,14 @@ class Telemetry:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object on disk: one key per field, ``extra`` spread at its place."""
+        fields = dataclasses.fields(self)
+        names = {f.name for f in fields}
         out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for field in fields:
             if field.name == "extra":
-                out.update({k: v for k, v in _plain(value).items() if k not in out})
+                out.update({k: _plain(v) for k, v in self.extra.items() if k not in names})
             else:
-                out[field.name] = _plain(value)
+                out[field.name] = _plain(getattr(self, field.name))
         return out
 
     @classmethod
@@ -193,7 +194,8 @@ def _name(hint: Any) -> str:
     names = {tuple: "a list", dict: "an object", str: "a string", int: "an integer", float: "a number",
              bool: "true or false", type(None): "null"}
     base = typing.get_origin(hint) or hint
-    return names.get(base) or (f"an object ({hint.__name__})" if dataclasses.is_dataclass(hint) else str(hint))
+    return names.get(base) or (f"an object ({getattr(hint, '__name__', hint)})" if dataclasses.is_dataclass(hint)
+                               else str(hint))
 
 
 def _short(value: Any) -> str:

@@ -25,8 +25,11 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     from transformers import GenerationConfig, StoppingCriteriaList
 
     tok = lm.tokenizer
-    prefill_ids = tok(prompt.prefill, add_special_tokens=False, split_special_tokens=True)["input_ids"] if prompt.prefill else []
-    ids = (prompt.ids or tok(prompt.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) + prefill_ids
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+    ids = (prompt.ids or encode(prompt.text)) + encode(prompt.prefill)
     device = next(lm.model.parameters()).device
     use_lead = "lead" in settings.constrain and bool(prompt.lead)
     started = time.perf_counter()

@@ -31,7 +31,7 @@ class DecodeSettings:
     min_new_tokens: Annotated[int, Range(ge=0)] = 64
     max_new_tokens: Annotated[int, Range(ge=1)] = 256
     constrain: tuple[Constraint, ...] = ("lead", "citations", "code", "prose", "quotes", "labels")
-    # likelihood: every lead choice scored after the prompt (stages/common/generation/lead.py); greedy: spelled in generate
+    # likelihood: every lead choice scored after the prompt (generation/lead.py); greedy: spelled token by token
     lead: Literal["likelihood", "greedy"] = "likelihood"
     lead_prior: Annotated[float, Range(ge=0)] = 1.0  # subtracted from a lead choice's score per window position
     lead_calibrate: bool = True  # minus the choice's score after the same prompt with a neutral question

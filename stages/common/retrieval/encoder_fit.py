@@ -55,10 +55,13 @@ def mine(program: ProgramTexts, windows: np.ndarray, asked: np.ndarray, k: int) 
 
 
 class LoRA:
-    """Trainable low-rank deltas on the encoder's target layers, added by forward hooks (the weights stay put)."""
+    """Trainable low-rank deltas on the encoder's target layers, added by the mix's forward hook (the weights stay
+    put): ``output += scale · (x Aᵀ) Bᵀ`` with A (rank × in) and B (out × rank), as the adapter file stores them."""
 
     def __init__(self, model, rank: int, alpha: float, seed: int):
         import torch
+
+        from stages.common.adapters.mixing import lora_forward_hook
 
         generator = torch.Generator().manual_seed(seed)
         self.scale = alpha / rank
@@ -68,12 +71,8 @@ class LoRA:
                 a = torch.nn.Parameter(torch.randn(rank, module.in_features, generator=generator) / rank)
                 b = torch.nn.Parameter(torch.zeros(module.out_features, rank))
                 self.pairs[name] = (a, b)
-                module.register_forward_hook(self._hook(a, b))
-
-    def _hook(self, a, b):
-        def add(_module, inputs, output):
-            return output + (inputs[0] @ a.T @ b.T) * self.scale
-        return add
+                # the hook's (a, b) is (out-side, in-side): (x bᵀ) aᵀ
+                module.register_forward_hook(lora_forward_hook([(b, a, None, None)], self.scale))
 
     def parameters(self) -> list:
         return [p for pair in self.pairs.values() for p in pair]
