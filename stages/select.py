@@ -95,8 +95,7 @@ class HybridSelect(QuestionSelect):
         cache_dir: str | None = None
         progress: bool = True
         encoder_adapter: str | None = "minilm_code_search_lora"
-        # tests weigh less than the definitions they test, but on the fused scale select=question's 0.5 hid the test a
-        # question was about
+        # a milder penalty than select=question's 0.5, which on the fused scale hid the tests that questions were about
         test_weight: Annotated[float, Range(ge=0)] = 0.9
 
     config: Config
