@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 from pipeline.engine.cache import write_atomic
 from pipeline.engine.errors import ConfigError, InputError, PipelineError
+from pipeline.engine.records import Telemetry
 from pipeline.engine.stage import Range, RunContext, Stage
 from stages.common.retrieval.evaluation import (
     QuestionSet,
@@ -140,8 +141,7 @@ def record(result, refs: dict[str, tuple[str, ...]], seconds: float) -> Record:
     selection = result.output(*refs["selection"]) if "selection" in refs else None
     evidence = result.output(*refs["evidence"]) if "evidence" in refs else None
     answer = result.output(*refs["answer"]) if "answer" in refs else None
-    telemetry = (result.output(*refs["telemetry"]) if "telemetry" in refs else None) or {}
-    decoding = telemetry.get("decoding") or {}
+    telemetry = (result.output(*refs["telemetry"]) if "telemetry" in refs else None) or Telemetry()
     return Record(
         files=list(selection.files) if selection else [],
         windows=[(w.path, w.start, w.end) for w in evidence.windows] if evidence else [],
@@ -149,13 +149,13 @@ def record(result, refs: dict[str, tuple[str, ...]], seconds: float) -> Record:
         citations=[c.as_dict() for c in answer.citations] if answer else None,
         retries=answer.retries if answer else None,
         answer=answer.text if answer else None,
-        names=int(telemetry.get("code_identifiers") or 0),
-        unknown=list(telemetry.get("unknown_identifiers") or []),
-        new_tokens=int(decoding.get("new_tokens") or 0),
-        decode_seconds=float(decoding.get("decode_seconds") or 0.0),
-        code_lines=int(telemetry.get("code_lines") or 0),
-        code_unverified=len(telemetry.get("code_lines_unverified") or []),
-        mislabelled=len(telemetry.get("citations_mislabelled") or []),
+        names=telemetry.code_identifiers,
+        unknown=list(telemetry.unknown_identifiers),
+        new_tokens=int(telemetry.decoding.get("new_tokens") or 0),
+        decode_seconds=float(telemetry.decoding.get("decode_seconds") or 0.0),
+        code_lines=telemetry.code_lines,
+        code_unverified=len(telemetry.code_lines_unverified),
+        mislabelled=len(telemetry.citations_mislabelled),
     )
 
 

@@ -22,7 +22,7 @@ FILENAME = "telemetry.json"  # the name the report and the summary read it by (c
 
 
 class WriteTelemetry(Stage):
-    outputs = {"telemetry": dict}  # the record as written to disk (Telemetry.to_json)
+    outputs = {"telemetry": Telemetry}
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Config:
@@ -65,7 +65,7 @@ class WriteTelemetry(Stage):
         write_atomic(Path(context.run_dir) / FILENAME, blob)
         if self.config.telemetry_out:
             write_atomic(Path(self.config.telemetry_out), blob)
-        return {"telemetry": data}
+        return {"telemetry": record}
 
 
 def _answered(record: Telemetry, answer: Answer, evidence: Evidence | None, index: ProgramIndex | None,

@@ -252,7 +252,7 @@ def test_telemetry_record(tmp_path, program, selection, evidence, tiny_lm):
     ctx = RunContext(tmp_path / "run", ["a=1"], {}, result=RunResult({}, ran))
     out_file = tmp_path / "copy" / "t.json"
     record = WriteTelemetry(telemetry_out=str(out_file)).run(ctx, QUESTION, answer, selection, evidence,
-                                                             tiny_lm)["telemetry"]
+                                                             tiny_lm)["telemetry"].to_json()
     on_disk = json.loads((tmp_path / "run" / "telemetry.json").read_text())
     assert on_disk == json.loads(out_file.read_text()) == json.loads(json.dumps(record, default=str))
     assert record["status"] == "ok" and record["overrides"] == ["a=1"] and record["prompt"] == QUESTION
@@ -267,7 +267,7 @@ def test_telemetry_after_a_failure(tmp_path):
     result = RunResult({}, [])
     result.fail("decode", RuntimeError("boom"))
     ctx = RunContext(tmp_path, [], {}, result=result)
-    record = WriteTelemetry().run(ctx)["telemetry"]
+    record = WriteTelemetry().run(ctx)["telemetry"].to_json()
     assert record["status"] == "failed" and "decode" in record["error"]
     assert record["answer"] is None and record["citations"] == []
     assert json.loads((tmp_path / "telemetry.json").read_text())["status"] == "failed"

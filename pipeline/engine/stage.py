@@ -159,14 +159,13 @@ class Stage:
     def config_params(cls) -> dict[str, inspect.Parameter]:
         """The fields of ``Config`` (or the keyword arguments of ``__init__``; a ``**kwargs`` passed up to the parent
         adds the parent's)."""
+        params: dict[str, inspect.Parameter] = {}
         if cls.Config is not None:
-            params = {}
             for f in dataclasses.fields(cls.Config):
                 default = f.default if f.default is not dataclasses.MISSING else (
                     f.default_factory() if f.default_factory is not dataclasses.MISSING else _EMPTY)
                 params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default)
             return params
-        params: dict[str, inspect.Parameter] = {}
         for init in cls._init_chain():
             for n, p in inspect.signature(init).parameters.items():
                 if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
