@@ -1,4 +1,4 @@
-"""`python -m bench.fitting_study`: choices of the fitted synthesizer (SPEC §4b) side by side.
+"""`python -m bench.fitting_study`: choices of the fitted synthesizer (docs/behaviour.md §4b) side by side.
 
 Each variant is a list of `synth.*` overrides of `synth=fitted`; each run goes through the real `synth` stage
 (split, training data, fit, perplexity of the stored delta through the mix path), one process, the model loaded

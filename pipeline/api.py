@@ -1,4 +1,4 @@
-"""Python API (SPEC §7): keyword knobs -> Hydra overrides -> the same graph the CLI runs.
+"""Python API (docs/behaviour.md §7): keyword knobs -> Hydra overrides -> the same graph the CLI runs.
 
 The knob table lives in `conf/api.yaml` (data, not code), so the framework still names no stage.
 """
@@ -40,7 +40,7 @@ def _literal(value: Any) -> str:
 
 
 def knob_overrides(knobs: dict[str, Any], table: dict | None = None) -> list[str]:
-    """Translate SPEC §7 keywords into Hydra overrides; an unknown keyword is a ConfigError listing the known."""
+    """Translate docs/behaviour.md §7 keywords into Hydra overrides; an unknown keyword is a ConfigError listing the known."""
     table = table or OmegaConf.to_container(OmegaConf.load(CONF_DIR / "api.yaml"), resolve=False)
     spec = table["knobs"]
     overrides: list[str] = []
@@ -122,7 +122,7 @@ def _check_arg(name: str, value: Any, what: str, required: bool = False) -> None
 def generate_answer(model_id: str | None = None, adapters_npz: str | None = None, program_root: str | None = None,
                     prompt: str | None = None, *, overrides: Sequence[str] = (), verbose: bool = False,
                     **knobs: Any) -> str:
-    """Answer ``prompt`` about the program at ``program_root``; every SPEC §7 knob is a keyword.
+    """Answer ``prompt`` about the program at ``program_root``; every docs/behaviour.md §7 knob is a keyword.
 
     ``model_id``: "smollm2" (default), "tiny_random", a local checkpoint folder or a .gguf file.
     ``adapters_npz``: an artifact folder (or its adapters.npz); None builds or reuses the cached one.

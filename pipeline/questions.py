@@ -14,7 +14,7 @@ def app(cfg: DictConfig):
 
 
 def main() -> None:
-    launch(app, usage("python -m pipeline.questions", "Make a SPEC §9 question set from a program's docstrings.",
+    launch(app, usage("python -m pipeline.questions", "Make a docs/behaviour.md §9 question set from a program's docstrings.",
                       ["python -m pipeline.questions program_root=~/src/myproj out=outputs/eval/myproj"], ["qgen"]),
            "questions")
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline.summary <multirun folder> [--metric NAME]`: one row per job of a sweep (SPEC §8).
+"""`python -m pipeline.summary <multirun folder> [--metric NAME]`: one row per job of a sweep (docs/behaviour.md §8).
 
 Each job folder of a Hydra multirun holds `.hydra/overrides.yaml`, `trace.json` (any graph: status, node seconds)
 and the result files its graph wrote, as listed in `conf/summary.yaml` (`telemetry.json`, `eval.json`, ...). The

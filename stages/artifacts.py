@@ -1,4 +1,4 @@
-"""Build artifacts (SPEC §2): locate the folder of (program, build config, model), store it, load it.
+"""Build artifacts (docs/behaviour.md §2): locate the folder of (program, build config, model), store it, load it.
 
 A folder is keyed by what made it (``artifact_key``): the program's index fingerprint (its files and the indexing
 code), the build config, the model's shapes, and the source fingerprint (pipeline/engine/cache.py) of the code that writes

@@ -1,4 +1,4 @@
-"""Stage `baseline` (SPEC §9): BM25 (bm25s) over the program's windows index, the eval's point of comparison.
+"""Stage `baseline` (docs/behaviour.md §9): BM25 (bm25s) over the program's windows index, the eval's point of comparison.
 
 Every window of the index (the same candidates our pack stage chooses from) is one BM25 document. A question
 ranks all windows; the files are ranked by their best window. `tokenizer=plain` is bm25s' own tokenization

@@ -1,4 +1,4 @@
-"""Stage `capacity` (SPEC §5): how much adapter a question gets (`capacity=fixed|entropy`).
+"""Stage `capacity` (docs/behaviour.md §5): how much adapter a question gets (`capacity=fixed|entropy`).
 
 `entropy`: e = w_p·P + w_s·S + w_q·Q (weights renormalised) where
 P = ½·min(1, log1p(#modules)/log1p(1000)) + ½·min(1, import_edges/(8·#modules)),

@@ -1,4 +1,4 @@
-"""Stage `choose` (SPEC §5 fallback): the answer is the better attempt.
+"""Stage `choose` (docs/behaviour.md §5 fallback): the answer is the better attempt.
 
 Better = passed its checks, then more valid citations, fewer invalid ones, fewer unknown names. The retry inputs
 are optional: when the first check passed, the retry branch was skipped and the first

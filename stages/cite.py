@@ -1,4 +1,4 @@
-"""Stage `cite` (SPEC §5): parse the draft's `path:START-END` citations and check them (pass/fail).
+"""Stage `cite` (docs/behaviour.md §5): parse the draft's `path:START-END` citations and check them (pass/fail).
 
 A citation is valid when its path is a file of the program, its lines exist, and its span overlaps a packed
 window; pass = at least `min_citations` valid (or one per paragraph), no invalid one, and (when the `names` node

@@ -1,6 +1,6 @@
 """Stages of the closed-book symbol test (`pipeline=closed_book`): does the model know the program?
 
-For every question of a SPEC §9 set, with no evidence in the prompt, every definition name of the program is
+For every question of a docs/behaviour.md §9 set, with no evidence in the prompt, every definition name of the program is
 scored by the model's likelihood of answering with it (one prompt forward, candidates packed over its KV cache:
 `stages/common/generation/continuations.py`), and the gold definition's rank is recorded (scoring:
 stages/common/retrieval/evaluation.py). Wired to `model.lm` it measures the plain model, to `mix.lm` the model as

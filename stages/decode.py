@@ -1,4 +1,4 @@
-"""Stage `decode` (SPEC §5): generate the reply with the (possibly adapter-mixed) model.
+"""Stage `decode` (docs/behaviour.md §5): generate the reply with the (possibly adapter-mixed) model.
 
 `Decode` is the first attempt; `RetryDecode` is the stage-2 retry: greedy and at least `max_new_tokens_floor` new
 tokens. How a reply is decoded (sampling, the grounding constraints, the lead choice, where the reply ends) is

@@ -1,4 +1,4 @@
-"""Stage `embed` (SPEC §3): the hashed multi-channel embedding of the whole program."""
+"""Stage `embed` (docs/behaviour.md §3): the hashed multi-channel embedding of the whole program."""
 from __future__ import annotations
 
 import dataclasses

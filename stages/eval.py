@@ -1,4 +1,4 @@
-"""Stages of the eval graph (SPEC §9): load a question set, run our graph on every question, score and report.
+"""Stages of the eval graph (docs/behaviour.md §9): load a question set, run our graph on every question, score and report.
 
 Our system is the answer graph itself, run per question through the framework (compose + run_config), never by
 importing other stages: `eval.mode=answer` runs `pipeline=answer` (decoding, citations), `eval.mode=retrieval`

@@ -1,4 +1,4 @@
-"""Stage `index` (SPEC §1): the program under ``program_root`` as a ``ProgramIndex`` (files, symbols, windows, graph).
+"""Stage `index` (docs/behaviour.md §1): the program under ``program_root`` as a ``ProgramIndex`` (files, symbols, windows, graph).
 
 How it is built, stored and reused is stages/common/program/indexing.py (``build_index``). This stage turns its
 settings into the walk's budgets and the parsing plan, and leaves this run's own folder out of the walk.

@@ -1,4 +1,4 @@
-"""Stages `mix`, `remix` and `unmix` (SPEC §5 mix and stage-2 fallback).
+"""Stages `mix`, `remix` and `unmix` (docs/behaviour.md §5 mix and stage-2 fallback).
 
 `mix` blends base and subgraph adapters into the model (Δ formula in stages/common/adapters/deltas.py), `remix`
 (only when the first citation check failed) re-mixes with boosted top layers and a larger gsub at full

@@ -1,4 +1,4 @@
-"""Stage `names` (SPEC §5 grounded decoding): the code-like names of a draft that the program does not contain.
+"""Stage `names` (docs/behaviour.md §5 grounded decoding): the code-like names of a draft that the program does not contain.
 
 Feeds `cite` (an answer naming more than `cite.max_unknown_names` unknown names fails its check, which is what
 sends a question to the stage-2 retry), then `repair` marks them for the reader and `telemetry` lists them.

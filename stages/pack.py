@@ -1,4 +1,4 @@
-"""Stage `pack` (SPEC §5): the evidence the model sees (`pack=windows|heads|function_first`).
+"""Stage `pack` (docs/behaviour.md §5): the evidence the model sees (`pack=windows|heads|function_first`).
 
 Every block is the header `[ctx] path: <path>:<A>-<B>` followed by the exact source lines A..B. Blocks are
 added best first while the total stays within `context_tokens` (counted with the model's tokenizer).
@@ -91,7 +91,7 @@ def _disjoint(chosen: list[Window], window: Window) -> bool:
 class PackWindows(Stage):
     """Up to `windows_per_file` windows per selected file from the windows index, best-scoring first.
 
-    SPEC's `pack=windows` shows 1-2 windows per file (the default, 2); a larger `windows_per_file` lets a long file
+    `pack=windows` shows 1-2 windows per file (the default, 2); a larger `windows_per_file` lets a long file
     show its third or fourth best window before another file's weaker one."""
 
     outputs = {"evidence": Evidence}

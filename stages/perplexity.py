@@ -1,4 +1,4 @@
-"""Stage `perplexity` (SPEC §4b): how well the model, as currently mixed, knows the program's own text.
+"""Stage `perplexity` (docs/behaviour.md §4b): how well the model, as currently mixed, knows the program's own text.
 
 It scores two splits the fitted synthesizer never trains on (`stages.common.program.corpus.split`, the same function
 and knobs the synthesizer uses): held-out segments of trained files, and whole held-out files

@@ -1,4 +1,4 @@
-"""Stage `qgen` (SPEC §9): a question set made from any Python program, and a copy of it without the answers.
+"""Stage `qgen` (docs/behaviour.md §9): a question set made from any Python program, and a copy of it without the answers.
 
 For each documented def/class the question is the first sentence of its docstring and the answer is the
 definition, `{question, path, start, end, symbol}` (start = first decorator line, as in the index). The stripped

@@ -1,4 +1,4 @@
-"""Stage `repair` (SPEC §5, citation repair): what reaches the user carries only evidence it was shown.
+"""Stage `repair` (docs/behaviour.md §5, citation repair): what reaches the user carries only evidence it was shown.
 
 - Every invalid citation is replaced in the text by `[not in evidence: path:A-B]` and kept in telemetry with
   `valid: false, removed: true` (both `repair=overlap` and `repair=none`).

@@ -1,4 +1,4 @@
-"""Stage `rerank` (SPEC §5): reorder the selected files by cheap relevance proxies (`rerank=heuristic`), or not
+"""Stage `rerank` (docs/behaviour.md §5): reorder the selected files by cheap relevance proxies (`rerank=heuristic`), or not
 (`rerank=none`, and `rerank=lm`, whose LM work runs at the `rescore` node: stages/rescore.py)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage `rescore` (SPEC §5): re-rank the candidate windows between mix and pack, so it may read the model with the
+"""Stage `rescore` (docs/behaviour.md §5): re-rank the candidate windows between mix and pack, so it may read the model with the
 program's adapter mixed in: `rescore=lm` scores them with the LM, `rescore=none` (the default) passes them on.
 `rerank=lm` is `rerank=none` with `rescore=lm`.
 """

@@ -1,4 +1,4 @@
-"""Stage `scaffold` (SPEC §5): the chat messages, with the evidence blocks and the citation scaffold.
+"""Stage `scaffold` (docs/behaviour.md §5): the chat messages, with the evidence blocks and the citation scaffold.
 
 `scaffold=standard` asks for `[path:START-END]` citations; `scaffold=strong` (the stage-2 retry) asks that
 every paragraph end with one. `form=lead` (grounded generation for a small model) asks the model to lead with

@@ -1,4 +1,4 @@
-"""Stage `select` (SPEC §5): which region of the program the question is about.
+"""Stage `select` (docs/behaviour.md §5): which region of the program the question is about.
 
 `select=question` scores files by the overlap of prompt tokens with symbol names, qualnames, docstrings and
 paths (rarer tokens weigh more). `select=hybrid` fuses that ranking with MiniLM sentence vectors of every window.

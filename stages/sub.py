@@ -1,4 +1,4 @@
-"""Stage `sub` (SPEC §5 subgraph adapter): an adapter for the selected region (`sub=hashed|none`).
+"""Stage `sub` (docs/behaviour.md §5 subgraph adapter): an adapter for the selected region (`sub=hashed|none`).
 
 The region's subgraph embedding (§3 restricted to the selected files) is synthesised (§4) at the capacity
 rank. With `mixture_m` > 0 the bank adapters of the top-m selected modules are concatenated along the rank

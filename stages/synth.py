@@ -1,9 +1,9 @@
-"""Stage `synth` (SPEC §4, §4b): the base LoRA factors (`synth=hashed|fitted`).
+"""Stage `synth` (docs/behaviour.md §4, §4b): the base LoRA factors (`synth=hashed|fitted`).
 
 `hashed`: factors from the program vector z, deterministic.
 
 Target shapes and the layer count come from the loaded model. With `bank: true` it also synthesises one
-adapter per module from that module's own subgraph embedding (the mixture bank, SPEC §2).
+adapter per module from that module's own subgraph embedding (the mixture bank, docs/behaviour.md §2).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class HashedSynth(Stage):
 
 
 class FittedSynth(Stage):
-    """`synth=fitted` (SPEC §4b): LoRA factors trained on the program's own text, in the §2 schema.
+    """`synth=fitted` (docs/behaviour.md §4b): LoRA factors trained on the program's own text, in the §2 schema.
 
     The stored A carries the training scale and the fold for the mix defaults it assumes (``fold_alpha``,
     ``fold_rank``, base alone), so the mix stage at those knobs adds exactly the trained delta. The held-out

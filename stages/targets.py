@@ -1,4 +1,4 @@
-"""Stage `targets` (SPEC §5 target plan): per-target weights, per-layer multipliers, per-(layer, target) keeps.
+"""Stage `targets` (docs/behaviour.md §5 target plan): per-target weights, per-layer multipliers, per-(layer, target) keeps.
 
 - `target_weights` "o_proj=1.15,v_proj=1.1" (bare name = 1.0; default all 1.0; `targets=code_recall` preset).
 - `q_aware_weights`: signature/param/argument/type -> o×1.10, v×1.08; why/fail/error/behavior/bug -> up×1.06,

@@ -1,4 +1,4 @@
-"""Stage `telemetry` (SPEC §6): one record per answer (pipeline/engine/records.py), `telemetry.json` in the run
+"""Stage `telemetry` (docs/behaviour.md §6): one record per answer (pipeline/engine/records.py), `telemetry.json` in the run
 folder (and at `telemetry_out` if set).
 
 It runs also after a failure (node `always: true`): then `status` is `failed` and `error` names the node.

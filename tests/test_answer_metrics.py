@@ -1,4 +1,4 @@
-"""Answer metrics (SPEC §9) on hand-made records, and the code-like-name check behind unknown identifiers."""
+"""Answer metrics (docs/behaviour.md §9) on hand-made records, and the code-like-name check behind unknown identifiers."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Answer stages between selection and telemetry (SPEC §5, §6) with the tiny random model: pack, prompt, decode,
+"""Answer stages between selection and telemetry (docs/behaviour.md §5, §6) with the tiny random model: pack, prompt, decode,
 choose, telemetry."""
 from __future__ import annotations
 

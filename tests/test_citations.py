@@ -1,4 +1,4 @@
-"""Citation parsing and validation on tricky inputs (SPEC §5 cite) and citation repair (SPEC §5 attribute)."""
+"""Citation parsing and validation on tricky inputs (docs/behaviour.md §5 cite) and citation repair (docs/behaviour.md §5 attribute)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Every config in conf/ composes, validates and instantiates (SPEC §0; groups discovered from the folders)."""
+"""Every config in conf/ composes, validates and instantiates (docs/behaviour.md §0; groups discovered from the folders)."""
 from __future__ import annotations
 
 import functools

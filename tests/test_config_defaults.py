@@ -249,3 +249,15 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
             return False
         node = node._get_node(part)
     return True
+
+
+def api_knob_keys() -> list[str]:
+    knobs = yaml.safe_load((CONF_DIR / "api.yaml").read_text(encoding="utf-8"))["knobs"]
+    return sorted({v if isinstance(v, str) else v["append"] for v in knobs.values()
+                   if isinstance(v, str) or "append" in v})
+
+
+@pytest.mark.parametrize("dotted", api_knob_keys())
+def test_api_knob_names_an_existing_setting(dotted):
+    """Each keyword of `pipeline.generate_answer` (conf/api.yaml) names a key some option of its group has."""
+    test_readme_override_key_exists(dotted)

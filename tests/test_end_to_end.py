@@ -10,7 +10,7 @@ from conftest import PROJECT_ROOT, compose_config
 from stages.common.grounding.citations import parse_citations
 from stages.index import build_index
 
-# SPEC §6 telemetry fields ("config overrides" is `overrides`)
+# docs/behaviour.md §6 telemetry fields ("config overrides" is `overrides`)
 SPEC_FIELDS = ["prompt", "answer", "overrides", "files_selected", "modules_selected", "windows_packed", "citations",
                "citations_total", "citations_valid", "citations_model", "citations_attributed", "citations_must",
                "retries", "fallback_used", "rank", "gsub", "alpha", "entropy", "delta_norms", "timings",

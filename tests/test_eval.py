@@ -1,4 +1,4 @@
-"""The eval graph (SPEC §9): our graph per question next to BM25, metrics, eval.json, sweep knobs reaching the
+"""The eval graph (docs/behaviour.md §9): our graph per question next to BM25, metrics, eval.json, sweep knobs reaching the
 inner runs, retrieval and answer modes, one-line errors."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Question-set generator (SPEC §9): first docstring sentences as questions, a stripped copy with line numbers kept."""
+"""Question-set generator (docs/behaviour.md §9): first docstring sentences as questions, a stripped copy with line numbers kept."""
 from __future__ import annotations
 
 import ast

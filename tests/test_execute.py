@@ -33,25 +33,31 @@ class Brew(Stage):
 
     outputs = {"cups": int, "passed": bool}
 
-    def __init__(self, tag: str = "brew", cups: int = 1, passed: bool = True, sleep: float = 0.0):
-        self.tag, self.cups, self.passed, self.sleep = tag, cups, passed, sleep
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        tag: str = "brew"
+        cups: int = 1
+        passed: bool = True
+        sleep: float = 0.0
 
     def run(self) -> dict:
-        EVENTS.append(self.tag)
-        if self.sleep:
-            time.sleep(self.sleep)
-        return {"cups": self.cups, "passed": self.passed}
+        EVENTS.append(self.config.tag)
+        if self.config.sleep:
+            time.sleep(self.config.sleep)
+        return {"cups": self.config.cups, "passed": self.config.passed}
 
 
 class AddMilk(Stage):
     outputs = {"cups": int}
 
-    def __init__(self, tag: str = "milk", extra: int = 1):
-        self.tag, self.extra = tag, extra
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        tag: str = "milk"
+        extra: int = 1
 
     def run(self, cups: int) -> dict:
-        EVENTS.append(self.tag)
-        return {"cups": cups + self.extra}
+        EVENTS.append(self.config.tag)
+        return {"cups": cups + self.config.extra}
 
 
 class Serve(Stage):
@@ -59,11 +65,12 @@ class Serve(Stage):
 
     outputs = {"served": dict}
 
-    def __init__(self, tag: str = "serve"):
-        self.tag = tag
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        tag: str = "serve"
 
     def run(self, context: RunContext, cups: int = -1, sugar: int = 100) -> dict:
-        EVENTS.append(self.tag)
+        EVENTS.append(self.config.tag)
         return {"served": {"cups": cups, "sugar": sugar, "failure": context.failure,
                            "statuses": dict(context.statuses)}}
 
@@ -71,16 +78,18 @@ class Serve(Stage):
 class Spill(Stage):
     outputs = {"cups": int}
 
-    def __init__(self, tag: str = "spill", kind: Literal["runtime", "interrupt", "bad_outputs", "not_dict"] = "runtime"):
-        self.tag, self.kind = tag, kind
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        tag: str = "spill"
+        kind: Literal["runtime", "interrupt", "bad_outputs", "not_dict"] = "runtime"
 
     def run(self, cups: int = 0) -> dict:
-        EVENTS.append(self.tag)
-        if self.kind == "interrupt":
+        EVENTS.append(self.config.tag)
+        if self.config.kind == "interrupt":
             raise KeyboardInterrupt
-        if self.kind == "bad_outputs":
+        if self.config.kind == "bad_outputs":
             return {"mugs": 1}
-        if self.kind == "not_dict":
+        if self.config.kind == "not_dict":
             return [1]  # type: ignore[return-value]
         raise RuntimeError("the cup cracked\nsecond line of detail")
 

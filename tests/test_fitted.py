@@ -1,4 +1,4 @@
-"""Issue 6 on the tiny model: fitted LoRA synthesis (SPEC §4b) and the perplexity graph."""
+"""Issue 6 on the tiny model: fitted LoRA synthesis (docs/behaviour.md §4b) and the perplexity graph."""
 from __future__ import annotations
 
 import copy

@@ -5,6 +5,7 @@ hand-written graphs of toy stages from another domain (the framework is domain-f
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import textwrap
 from typing import Annotated, Literal
@@ -24,14 +25,21 @@ INSTANTIATED: list[str] = []
 class Thermometer(Stage):
     outputs = {"readings": list[float], "calibrated": bool, "station": str}
 
-    def __init__(self, samples: Annotated[int, Range(ge=1, le=1000)] = 3, station: str = "north",
-                 unit: Literal["C", "F"] = "C", offset: float = 0.0):
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        samples: Annotated[int, Range(ge=1, le=1000)] = 3
+        station: str = "north"
+        unit: Literal["C", "F"] = "C"
+        offset: float = 0.0
+
+    def __init__(self, **settings):
         INSTANTIATED.append("Thermometer")
-        self.samples, self.station, self.unit, self.offset = samples, station, unit, offset
+        super().__init__(**settings)
 
     def run(self, start: float = 10.0) -> dict:
-        return {"readings": [start + i + self.offset for i in range(self.samples)], "calibrated": True,
-                "station": self.station}
+        c = self.config
+        return {"readings": [start + i + c.offset for i in range(c.samples)], "calibrated": True,
+                "station": c.station}
 
 
 class Average(Stage):
@@ -44,11 +52,12 @@ class Average(Stage):
 class Alert(Stage):
     outputs = {"message": str, "raised": bool}
 
-    def __init__(self, threshold: float = 30.0):
-        self.threshold = threshold
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        threshold: float = 30.0
 
     def run(self, mean: float, station: str = "?", note: str | None = None) -> dict:
-        return {"message": f"{station}: {mean:.1f}", "raised": mean > self.threshold}
+        return {"message": f"{station}: {mean:.1f}", "raised": mean > self.config.threshold}
 
 
 class Counter(Stage):

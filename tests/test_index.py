@@ -1,4 +1,4 @@
-"""Stage `index` (SPEC §1) on tricky trees, and its cache."""
+"""Stage `index` (docs/behaviour.md §1) on tricky trees, and its cache."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Stage `select` (SPEC §5): zoom on this project's real graph, and question selection."""
+"""Stage `select` (docs/behaviour.md §5): zoom on this project's real graph, and question selection."""
 from __future__ import annotations
 
 import ast

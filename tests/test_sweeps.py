@@ -1,4 +1,4 @@
-"""Sweeps (SPEC §8) in-process: the model is loaded once and reused by every job; the experiment presets compose."""
+"""Sweeps (docs/behaviour.md §8) in-process: the model is loaded once and reused by every job; the experiment presets compose."""
 from __future__ import annotations
 
 import itertools

@@ -3,7 +3,7 @@
 A stage is a class:
 - its ``Config``, a frozen dataclass, is its config: the fields are the YAML keys, their annotations the types,
   their defaults the defaults (one place); the engine binds and type-checks them before anything runs, and the
-  stage reads ``self.config``. (A stage without ``Config`` takes its config as ``__init__`` keyword arguments.)
+  stage reads ``self.config``. A stage without ``Config`` has no settings.
 - its ``run`` keyword arguments are its input ports (the annotation is the port type; a default makes the
   port optional: it receives the default when its producer was skipped or is not wired);
 - its ``outputs`` class attribute maps each output port to its type; ``run`` returns a dict with those keys.
@@ -157,41 +157,17 @@ class Stage:
 
     @classmethod
     def config_params(cls) -> dict[str, inspect.Parameter]:
-        """The fields of ``Config`` (or the keyword arguments of ``__init__``; a ``**kwargs`` passed up to the parent
-        adds the parent's)."""
+        """The fields of ``Config`` as keyword parameters (a ``default_factory`` gives the default)."""
         params: dict[str, inspect.Parameter] = {}
-        if cls.Config is not None:
-            for f in dataclasses.fields(cls.Config):
-                default = f.default if f.default is not dataclasses.MISSING else (
-                    f.default_factory() if f.default_factory is not dataclasses.MISSING else _EMPTY)
-                params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default)
-            return params
-        for init in cls._init_chain():
-            for n, p in inspect.signature(init).parameters.items():
-                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                    params.setdefault(n, p)
+        for f in dataclasses.fields(cls.Config) if cls.Config is not None else ():
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else _EMPTY)
+            params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default)
         return params
 
     @classmethod
     def config_hints(cls) -> dict[str, Any]:
-        if cls.Config is not None:
-            return typing.get_type_hints(cls.Config, include_extras=True)
-        hints: dict[str, Any] = {}
-        for init in reversed(cls._init_chain()):
-            hints.update(typing.get_type_hints(init, include_extras=True))
-        return hints
-
-    @classmethod
-    def _init_chain(cls) -> list:
-        chain = []
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None or klass is object:
-                continue
-            chain.append(init)
-            if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
-                break
-        return chain
+        return typing.get_type_hints(cls.Config, include_extras=True) if cls.Config is not None else {}
 
 
 def frozen(value: Any, annotation: Any) -> Any:
@@ -203,7 +179,7 @@ def frozen(value: Any, annotation: Any) -> Any:
 
 
 def check_config(owner: str, cls: type[Stage], values: dict[str, Any]) -> None:
-    """Bind ``values`` to the stage's ``__init__`` without calling it (torchtune-style) and check types/ranges."""
+    """Bind ``values`` to the stage's ``Config`` without building it (torchtune-style) and check types/ranges."""
     params = cls.config_params()
     unknown = sorted(set(values) - set(params))
     if unknown:

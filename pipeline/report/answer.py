@@ -11,7 +11,7 @@ from pipeline.engine.records import CitationRecord, Span
 from pipeline.htmlkit import esc, fmt, highlight, table
 from pipeline.runfolder import RunFolder, read_lines, source_hashes
 
-# a citation as SPEC §5 writes it: path:START[-END]
+# a citation as docs/behaviour.md §5 writes it: path:START[-END]
 CITATION = re.compile(r"([\w./-]+\.\w+):(\d+)(?:-(\d+))?")
 
 

@@ -1,4 +1,4 @@
-"""A build-artifact folder (SPEC §2): what it holds, the check before it is trusted, reading it back.
+"""A build-artifact folder (docs/behaviour.md §2): what it holds, the check before it is trusted, reading it back.
 
 Written by the `store` stage (stages/artifacts.py) into a temporary folder published atomically; a later run checks
 every file against the sha256 its manifest recorded, and `load_artifacts` reads it with `allow_pickle=False` and

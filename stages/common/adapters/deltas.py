@@ -1,4 +1,4 @@
-"""The mixed LoRA delta of each (layer, target) (SPEC §5 mix), as low-rank factors.
+"""The mixed LoRA delta of each (layer, target) (docs/behaviour.md §5 mix), as low-rank factors.
 
 For layer i and target t:  Δ = (1-gsub)·A_base B_base + gsub·A_sub B_sub  (one of them alone when the other
 is missing), × target weight × layer multiplier × alpha/rank, using the first ``keep`` rank components of

@@ -1,4 +1,4 @@
-"""The hashed multi-channel program embedding (SPEC §3).
+"""The hashed multi-channel program embedding (docs/behaviour.md §3).
 
 Every channel is a bag of ``(key, weight)`` features hashed into ``dim`` buckets with a hash-chosen sign;
 channels are L2-normalised, weighted, summed and the sum normalised again. The subgraph embedding is the

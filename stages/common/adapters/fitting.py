@@ -1,4 +1,4 @@
-"""Fitting LoRA factors on the program's own text (SPEC §4b): next-token loss, model frozen.
+"""Fitting LoRA factors on the program's own text (docs/behaviour.md §4b): next-token loss, model frozen.
 
 The LoRA path is the mix stage's own forward hook (`mixing.lora_forward_hook`: output += s·(x Bᵀ) Aᵀ), so the stored factors,
 with s folded in, reproduce the trained model through the real mix path. CPU runs are deterministic: fixed

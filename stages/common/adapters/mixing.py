@@ -1,4 +1,4 @@
-"""Mixing LoRA deltas into a model, reversibly and exactly (SPEC §5 mix).
+"""Mixing LoRA deltas into a model, reversibly and exactly (docs/behaviour.md §5 mix).
 
 The deltas are built in stages/common/adapters/deltas.py; while a mix is in the model it holds the model's lock
 (stages/common/adapters/lock.py). Two ways to apply it, both restoring the model bit for bit:

@@ -1,4 +1,4 @@
-"""Hashed LoRA synthesis from a program vector z (SPEC §4), deterministic: same z and config -> same bits.
+"""Hashed LoRA synthesis from a program vector z (docs/behaviour.md §4), deterministic: same z and config -> same bits.
 
 Known weakness (kept on purpose, it is the original recipe): at dim 1536 the z-dependent scalars are close
 to 0, so the factors are mostly seeded Xavier matrices and the program enters almost only through the seed.

@@ -1,4 +1,4 @@
-"""Grounded decoding: what the model may write in a lead slot, a citation or inline code (SPEC §5).
+"""Grounded decoding: what the model may write in a lead slot, a citation or inline code (docs/behaviour.md §5).
 
 A `TokenTrie` holds token-id sequences, each spelling one allowed string (a packed window's `path:A-B]`, an
 identifier of the evidence followed by its closing backtick, or a lead `` `name` [path:A-B] ``).

@@ -1,4 +1,4 @@
-"""Code-like names in an answer, and which of them the program (or the question) does not contain (SPEC §5).
+"""Code-like names in an answer, and which of them the program (or the question) does not contain (docs/behaviour.md §5).
 
 Code-like: every identifier inside a backticked span, and outside backticks the words written in snake_case,
 camelCase, PascalCase with an inner capital, or dotted `a.b`. A name is *known* when it occurs as an

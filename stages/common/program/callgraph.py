@@ -1,4 +1,4 @@
-"""The program's typed graph as arrays (SPEC §1): nodes file:/mod:/sym:, edges defines|imports|calls|tests.
+"""The program's typed graph as arrays (docs/behaviour.md §1): nodes file:/mod:/sym:, edges defines|imports|calls|tests.
 
 A big tree has ~500 k call-site edges: as a networkx multigraph that costs seconds to build and hundreds of MB to
 hold, and most stages only count edges. So the index keeps this compact form (node table + int32 edge arrays,

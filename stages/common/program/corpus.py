@@ -1,4 +1,4 @@
-"""The program's own text as language-model pieces (SPEC §4b), with two stable held-out splits.
+"""The program's own text as language-model pieces (docs/behaviour.md §4b), with two stable held-out splits.
 
 Windows of a file can overlap (the head window and the first defs), so they are first made disjoint: each
 window keeps only lines no earlier window took. Each disjoint segment is tokenized and cut into `seq_len`

@@ -1,4 +1,4 @@
-"""Indexing a program (SPEC §1): walk it, read its facts, build the typed graph and the windows index.
+"""Indexing a program (docs/behaviour.md §1): walk it, read its facts, build the typed graph and the windows index.
 
 ``build_index`` is the whole path from ``program_root`` to a ``ProgramIndex``, top to bottom in this module:
 the bounded walk (walk.py: a root such as ``/`` is refused with a message, pseudo filesystems, non-regular files,

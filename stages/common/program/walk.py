@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.engine.errors import InputError
 from stages.common.program.lines import split_lines
 
-# SPEC §1's list, plus run output and tool caches (conf/index/default.yaml writes the same list; a test checks it)
+# docs/behaviour.md §1's list, plus run output and tool caches (conf/index/default.yaml writes the same list; a test checks it)
 DEFAULT_IGNORE = (".git", "__pycache__", "*.egg-info", "build", "dist", ".venv", "node_modules", "outputs", "multirun",
                   "*_cache", ".cache")
 

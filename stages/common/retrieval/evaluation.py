@@ -1,4 +1,4 @@
-"""Question sets and retrieval scoring (SPEC §9), shared by the eval graph's stages.
+"""Question sets and retrieval scoring (docs/behaviour.md §9), shared by the eval graph's stages.
 
 A question set is JSONL, one `{question, path, start, end}` per line: `path:start-end` is the definition
 that answers the question. Every system under evaluation (ours, the BM25 baseline) produces one `Record` per
@@ -107,7 +107,7 @@ def load_questions(path: str | Path) -> list[Question]:
     return questions
 
 
-# How a question is put to the system (SPEC §9: recall must hold across phrasings). `bare` is the set's own
+# How a question is put to the system (docs/behaviour.md §9: recall must hold across phrasings). `bare` is the set's own
 # sentence; `template` wraps it in one of the configured question templates (chosen per question by a stable hash
 # of its text, so a subset keeps its phrasing); `keywords` keeps only its longest content words, as typed into a
 # search box. The words dropped for keywords are English function words, nothing learnt from any program.
@@ -198,7 +198,7 @@ def mentions(text: str, name: str) -> bool:
 
 
 def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float | None]:
-    """SPEC §9 answer metrics. Model citations are the ones the model wrote (`source: model`), apart from those
+    """docs/behaviour.md §9 answer metrics. Model citations are the ones the model wrote (`source: model`), apart from those
     citation repair attributed; the unknown-identifier rate is unknown names ÷ code-like names over all answers."""
     cites = [c for _, r in answered for c in (r.citations or [])]
     names = sum(r.names for _, r in answered)

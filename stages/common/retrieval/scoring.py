@@ -1,4 +1,4 @@
-"""Question-to-window relevance shared by `select` and `pack`: BM25F over the windows index (SPEC §1).
+"""Question-to-window relevance shared by `select` and `pack`: BM25F over the windows index (docs/behaviour.md §1).
 
 A window is scored field by field (the names of the definitions it holds, their signatures, docstrings, the
 file path and the source text), each field's term counts weighted, then saturated BM25-style with idf over all
