@@ -24,7 +24,7 @@ def app(cfg: DictConfig):
                                                                                  str(cfg.export_which))
         print(f"exported the {what} adapter\n  program:   {cfg.program_root}\n  question:  {cfg.prompt}\n"
               f"  artifacts: {', '.join(artifacts)}\n  to:        {path} (adapter_config.json + "
-              "adapter_model.safetensors: peft.PeftModel.from_pretrained loads it, see the README)")
+              "adapter_model.safetensors: peft.PeftModel.from_pretrained loads it, see docs/howto/export-peft.md)")
     return path
 
 

@@ -1,7 +1,7 @@
 """The fault matrix (issue 7): every bad input gets a one-line error naming the culprit, exit != 0, no
 traceback, nothing half-written, and the model's weights bit-identical afterwards.
 
-Rows are data: (name, setup, extra overrides, expected exit code, expected text). The README states the count.
+Rows are data: (name, setup, extra overrides, expected exit code, expected text). docs/faults.md describes them.
 """
 from __future__ import annotations
 

@@ -261,7 +261,7 @@ def test_learning_rate_schedule():
     assert lr_at(5, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.1) == pytest.approx(0.55)  # half way: mid of 1 and 0.1
     assert lr_at(5, 90.0, 1.0, 10, 100.0, "cosine", 0, 0.1) < 0.15  # the budget is nearly spent: anneal by clock
     assert lr_at(10, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.1) == pytest.approx(0.1)
-    assert lr_at(10, 0.0, 1.0, 10, 100.0, "cosine", 0, 0.5) == pytest.approx(0.5)  # min_lr_ratio is the floor
+    assert lr_at(10, 0.0, 1.0, 10, 100.0, "cosine", 0, min_lr_ratio=0.5) == pytest.approx(0.5)  # the floor
 
 
 def test_curve_and_early_stopping_keep_the_best_checkpoint(index, tiny_lm):

@@ -136,10 +136,10 @@ def test_threads_knob_sets_torch_threads():
 
 
 def test_tiny_model_settings_and_weights_on_demand():
-    lm = TinyRandomLlama(seed=11, intermediate=32, weights="on_demand").run()["lm"]
+    lm = TinyRandomLlama(seed=11, intermediate=32, layers=3, weights="on_demand").run()["lm"]
     assert not lm.weights_loaded  # the tokenizer only, until something reads the weights
     up = lm.model.model.layers[0].mlp.up_proj
-    assert lm.weights_loaded and up.out_features == 32
+    assert lm.weights_loaded and up.out_features == 32 and len(lm.model.model.layers) == 3
     other = TinyRandomLlama(seed=12, intermediate=32).run()["lm"]
     assert other.weights_loaded and not torch.equal(other.model.model.layers[0].mlp.up_proj.weight, up.weight)
 

@@ -5,7 +5,7 @@ The shipped stages/data/minilm_code_search_lora.npz was made by this command's d
     python -m tools.fit_encoder_adapter
     python -m tools.fit_encoder_adapter --programs joblib,anyio --validate hydra --out /tmp/lora.npz
 
-Training data comes from installed programs that are never the README's evaluation programs: for each, the question
+Training data comes from installed programs that are never the evaluation programs of docs/results.md: for each, the question
 generator (stages/qgen.py) makes its docstring questions and a stripped copy (the documented docstrings removed),
 and every window of the copy is embedded as `select=hybrid` embeds it. A step takes `--batch` questions of one
 program, each in a random one of the eval's three phrasings, one window that answers it, one that does not from the
@@ -62,7 +62,7 @@ def site_root(name: str) -> Path:
 
 
 def labelled(name: str, work: Path, cache: Path) -> Labelled:
-    """The question generator's questions of ``name``'s stripped copy (never a README evaluation program)."""
+    """The question generator's questions of ``name``'s stripped copy (never an evaluation program of docs/results.md)."""
     from omegaconf import OmegaConf
 
     from pipeline.engine.errors import PipelineError
@@ -73,7 +73,7 @@ def labelled(name: str, work: Path, cache: Path) -> Labelled:
 
     root = site_root(name)
     if root.name in EVALUATED:
-        raise SystemExit(f"{TOOL}: '{root.name}' is an evaluation program of the README; train on others")
+        raise SystemExit(f"{TOOL}: '{root.name}' is an evaluation program (docs/results.md); train on others")
     try:
         made = DocstringQuestions(out=str(work / root.name)).run(None, str(root))  # type: ignore[arg-type]
         index = IndexProgram(cache_dir=str(cache), progress=False).run(made["program"])["index"]

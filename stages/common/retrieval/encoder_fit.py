@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # how each question is asked in training and validation: the eval's phrasings (stages.common.retrieval.evaluation)
 PHRASINGS = ("bare", "template", "keywords")
-# the README's evaluation programs: never trained on
+# the evaluation programs of docs/results.md: never trained on
 EVALUATED = frozenset({"click", "omegaconf", "jinja2", "rich", "networkx"})
 
 

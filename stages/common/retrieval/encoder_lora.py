@@ -2,7 +2,7 @@
 
 all-MiniLM-L6-v2 was trained on pairs of sentences, not on a sentence and the code it describes. The shipped
 adapter was fitted (stages.common.retrieval.encoder_fit, by `python -m tools.fit_encoder_adapter`) to put a docstring's
-first sentence next to the window of code it documents, on programs other than the ones the README evaluates. It is merged into the encoder's linear layers
+first sentence next to the window of code it documents, on programs other than the ones docs/results.md evaluates. It is merged into the encoder's linear layers
 when the encoder's weights are loaded (``W += scale · B @ A``): questions and windows are both embedded with it,
 so the dense cache is keyed on the adapter's contents as well.
 
