@@ -21,7 +21,7 @@ from pipeline.engine import resources
 from pipeline.engine.cache import write_atomic
 from pipeline.engine.errors import InputError
 from pipeline.engine.stage import Range, RunContext, Stage
-from stages.common.adapters.mixing import exclusive
+from stages.common.adapters.lock import exclusive
 from stages.common.generation.continuations import encode_prefix, score_continuations
 from stages.common.retrieval.evaluation import (
     QuestionSet,

@@ -14,7 +14,8 @@ import logging
 from typing import Annotated
 
 from pipeline.engine.stage import Range, RunContext, Stage
-from stages.common.adapters.mixing import AdapterMix, exclusive
+from stages.common.adapters.lock import exclusive
+from stages.common.adapters.mixing import AdapterMix
 from stages.common.generation.generate import generate
 from stages.common.generation.settings import DecodeSettings
 from stages.common.types import Draft, LanguageModel, Prompt

@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar
 
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Range, Stage
-from stages.common.adapters.mixing import exclusive
+from stages.common.adapters.lock import exclusive
 from stages.common.program.lines import split_lines
 from stages.common.retrieval.scoring import RelevanceConfig, score_windows, window_fields
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window

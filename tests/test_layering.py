@@ -177,3 +177,15 @@ def test_one_lora_path_for_mixing_and_fitting():
                 registering.setdefault(path.name, set()).add(name)
     assert registering == {"mixing.py": {"lora_forward_hook"}, "fitting.py": {"lora_forward_hook"},
                            "encoder_fit.py": {"lora_forward_hook"}}
+
+
+STAGE_FILE_LINES, MODULE_LINES = 250, 400
+
+
+def test_stage_files_read_as_contracts_and_modules_stay_small():
+    """A stage file holds its stage's contract and calls into a subsystem; no module grows into a room of its own."""
+    tools = sorted((PROJECT_ROOT / "tools").rglob("*.py")) + sorted((PROJECT_ROOT / "bench").rglob("*.py"))
+    long = [f"{p.relative_to(PROJECT_ROOT)}: {n} lines" for p in FRAMEWORK + STAGES + tools
+            if (n := p.read_text(encoding="utf-8").count("\n")) > (STAGE_FILE_LINES if p.parent.name == "stages"
+                                                                    else MODULE_LINES)]
+    assert not long, f"stage files over {STAGE_FILE_LINES} lines or modules over {MODULE_LINES}:\n" + "\n".join(long)

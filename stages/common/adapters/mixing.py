@@ -28,7 +28,6 @@ from stages.common.adapters.deltas import (
 )
 from stages.common.adapters.factors import AdapterSet, TargetMap
 from stages.common.adapters.lock import Lease, model_lock
-from stages.common.adapters.lock import exclusive as exclusive  # the stages that share the model import it from here
 from stages.common.adapters.weightfile import WeightFile, weight_file
 from stages.common.generation.precision import is_plain_float
 
