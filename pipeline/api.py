@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from pipeline import CONF_DIR
 from pipeline.app import result_value, run_config
-from pipeline.cli import text_override_value
+from pipeline.cli import keyless, text_override_value
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.execute import RunResult
 
@@ -83,6 +83,9 @@ def compose(overrides: list[str], config_name: str = "config"):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    problem = keyless(overrides)
+    if problem:
+        raise ConfigError(problem)
     with _COMPOSE:  # Hydra keeps one GlobalHydra per process: threads take turns
         outer = GlobalHydra.instance().hydra
         # whatever app is running (the user's own @hydra.main, or ours), compose *our* config beside it

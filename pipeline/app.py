@@ -15,6 +15,7 @@ from pipeline.engine.errors import PipelineError
 from pipeline.engine.execute import RunResult, execute
 from pipeline.engine.graph import Graph, build_graph
 from pipeline.engine.stage import RunContext
+from pipeline.question_text import check_config
 
 
 def as_text(value: str) -> str:
@@ -26,6 +27,7 @@ def as_text(value: str) -> str:
 
 def run_config(cfg: DictConfig, run_dir: str | Path, overrides: list[str], sweep: bool = False) -> RunResult:
     """Build, validate and run the graph of ``cfg``; the trace is written to ``run_dir/trace.json``."""
+    check_config(cfg)  # the question's bytes and length, on every way in, before anything loads
     graph = build_graph(cfg).instantiate()
     config = OmegaConf.to_container(cfg, resolve=False)
     context = RunContext(Path(run_dir), list(overrides), config,

@@ -5,11 +5,13 @@ The model, the program's index and its adapters are loaded by the first question
 with its report; on a terminal the answer streams as it decodes. After the checks, an answer that is grounded
 (telemetry `grounded`, or at least one valid citation where a run does not report it) is printed with the code of
 the windows it cites; one that is not says "I could not find this in the program" instead of guessing.
-`exit`, `quit` or the end of input ends the chat; empty lines are skipped.
+`exit`, `quit` or the end of input ends the chat; empty lines are skipped. A line that cannot be a question (bytes
+that are not UTF-8, a control character, over `max_question_tokens`) gets one error line and the chat goes on.
 """
 from __future__ import annotations
 
 import copy
+import io
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,6 +23,7 @@ from pipeline import CONF_DIR
 from pipeline.app import as_text, console, interrupted, run_config
 from pipeline.cli import launch, text_override_value, usage
 from pipeline.engine.errors import PipelineError
+from pipeline.question_text import check_question, preview
 from pipeline.report import write_after
 
 NOT_FOUND = "I could not find this in the program."
@@ -84,6 +87,13 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
             continue
         if question.lower() in ("exit", "quit"):
             break
+        try:
+            check_question(question, cfg.get("max_question_tokens"))
+        except PipelineError as err:  # this line only: the session goes on to the next question
+            if not interactive:
+                print(f"\n? {preview(question)}", file=out)
+            print(f"error: {err}", file=out)
+            continue
         asked += 1
         run_dir = session / f"q{asked:03d}"
         job = copy.deepcopy(cfg)
@@ -114,6 +124,8 @@ def app(cfg: DictConfig) -> Any:
 
     hydra_cfg = HydraConfig.get()
     overrides = [str(o) for o in hydra_cfg.overrides.task if not str(o).lstrip("+").startswith("prompt=")]
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 reaches the question check, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     return chat(cfg, Path(hydra_cfg.runtime.output_dir), overrides, sys.stdin, sys.stdout)
 
 

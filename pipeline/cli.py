@@ -83,6 +83,19 @@ def prepare_argv(argv: Iterable[str]) -> list[str]:
     return out
 
 
+def keyless(overrides: Iterable[str]) -> str | None:
+    """The first override with an empty key (``=3``, ``~=3``, ``+=3``, ``@pkg=3``, ``~``), as one line; None if every
+    override names a key (Hydra's own checks of these end in a ValueError deep in its defaults list)."""
+    for arg in overrides:
+        if arg.startswith("-"):  # --multirun, --cfg, ...
+            continue
+        key = arg.split("=", 1)[0]
+        key = key[2:] if key.startswith("++") else key[1:] if key.startswith(("+", "~")) else key
+        if not key.split("@", 1)[0].strip():
+            return f"the override '{arg}' has no key: write key=value (e.g. select.top_k=3 or select=question)"
+    return None
+
+
 def _verbose(argv: list[str]) -> bool:
     flags = [a.split("=", 1)[1].strip().lower() for a in argv if a.lstrip("+").startswith("hydra.verbose=")]
     return any(f not in ("false", "null", "[]", "") for f in flags) or os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -179,10 +192,20 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from pipeline.question_text import argv_problem
+
+    not_text = argv_problem(sys.argv[1:], FREE_TEXT_KEYS)
+    if not_text:  # bytes that are not UTF-8: neither Hydra's grammar nor the saved config nor the report can hold them
+        print(f"error: {not_text}", file=sys.stderr)
+        sys.exit(2)
     argv = prepare_argv(sys.argv[1:])
     if "--help" in argv or "-h" in argv:
         print(usage.strip() + "\n\n(Hydra's help follows)\n")
     verbose = _verbose(argv)
+    problem = keyless(_overrides(argv))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own report and exiting 1
     saved_argv, sys.argv = sys.argv, [sys.argv[0], *argv]

@@ -32,6 +32,7 @@ from stages.common.retrieval.evaluation import (
     ranks,
     shares_words,
 )
+from stages.common.tokens import encode_chat, encode_text, encode_texts
 from stages.common.types import LanguageModel, ProgramIndex
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,10 @@ class ClosedBookRanking(Stage):
 
     def _prompt_ids(self, lm: LanguageModel, program: str, question: str) -> list[int]:
         c, tok = self.config, lm.tokenizer
-        content = c.prompt.format(program=program, question=question)
+        content = c.prompt.format(program=program, question=question)  # the program's name and the question: data
         if c.chat and tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
-        else:
-            text = content
-        return tok(text + c.prefix, add_special_tokens=False)["input_ids"]
+            return encode_chat(tok, [{"role": "user", "content": content}], reply=c.prefix)[1]
+        return encode_text(tok, content + c.prefix)
 
     def _scores(self, lm: LanguageModel, prompt_ids: list[int], candidates: list[list[int]], reduce: str) -> np.ndarray:
         per_token = score_continuations(lm.model, encode_prefix(lm.model, prompt_ids), candidates, self.config.chunk_tokens)
@@ -102,8 +100,7 @@ class ClosedBookRanking(Stage):
             raise InputError(f"program_root '{index.root}' defines no function or class to rank")
         tok = lm.tokenizer
         keyword = definition_keywords(index)
-        candidates = [tok(c.candidate.format(name=n, keyword=keyword[n]), add_special_tokens=False)["input_ids"]
-                      for n in names]
+        candidates = encode_texts(tok, [c.candidate.format(name=n, keyword=keyword[n]) for n in names])
         position = {n: i for i, n in enumerate(names)}
         program = index.root.name
         prior = None

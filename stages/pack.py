@@ -14,6 +14,7 @@ from pipeline.engine.stage import Range, Stage
 from stages.common.adapters.lock import exclusive
 from stages.common.program.lines import split_lines
 from stages.common.retrieval.scoring import RelevanceConfig, score_windows, window_fields
+from stages.common.tokens import encode_chat, encode_text, encode_texts
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def _fit(candidates: list[PackedWindow], tokenizer, context_tokens: int, tokeniz
     for window in candidates:
         if any(p.path == window.path and p.start <= window.start and window.end <= p.end for p in packed):
             continue  # its lines are already in the context
-        cost = len(tokenizer(window.block() + "\n\n", add_special_tokens=False)["input_ids"])
+        cost = len(encode_text(tokenizer, window.block() + "\n\n"))
         if smallest is None or cost < smallest[0]:
             smallest = (cost, window)
         if used + cost > context_tokens:
@@ -191,13 +192,7 @@ def yes_probability(lm: LanguageModel, question: str, window: PackedWindow, max_
     import torch
 
     tok = lm.tokenizer
-    code_ids = tok(window.text, add_special_tokens=False)["input_ids"][:max_code_tokens]
-    code = tok.decode(code_ids)
-    content = (f"Question: {question}\n\nCode from {window.path}:{window.start}-{window.end}:\n{code}\n\n"
-               "Is this code relevant to the question? Answer yes or no.")
-    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True) \
-        if tok.chat_template else content + "\nAnswer:"
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(lm.model.device)
+    ids = torch.tensor([relevance_ids(tok, question, window, max_code_tokens)], device=lm.model.device)
     with torch.no_grad():
         logits = lm.model(input_ids=ids).logits[0, -1].float()
     yes = _first_ids(tok, ["yes", "Yes", " yes", " Yes"])
@@ -206,8 +201,18 @@ def yes_probability(lm: LanguageModel, question: str, window: PackedWindow, max_
     return float(torch.softmax(pair, dim=0)[0])
 
 
+def relevance_ids(tok, question: str, window: PackedWindow, max_code_tokens: int) -> list[int]:
+    """The prompt asking whether ``window`` is relevant to ``question``; its code, path and question are data."""
+    code = tok.decode(encode_text(tok, window.text)[:max_code_tokens])
+    content = (f"Question: {question}\n\nCode from {window.path}:{window.start}-{window.end}:\n{code}\n\n"
+               "Is this code relevant to the question? Answer yes or no.")
+    if tok.chat_template:
+        return encode_chat(tok, [{"role": "user", "content": content}])[1]
+    return encode_text(tok, content + "\nAnswer:")
+
+
 def _first_ids(tokenizer, words: list[str]) -> list[int]:
-    return sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+    return sorted({ids[0] for ids in encode_texts(tokenizer, words)})
 
 
 class NoPack(Stage):

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.engine.stage import Range, Stage
 from stages.common.retrieval.scoring import RelevanceConfig, score_windows, standardise
+from stages.common.tokens import encode_text
 from stages.common.types import LanguageModel, ProgramIndex, Selection, Window
 
 
@@ -94,13 +95,7 @@ def question_likelihood(lm: LanguageModel, index: ProgramIndex, windows: list[Wi
     import torch
 
     tok = lm.tokenizer
-    q_ids = tok(prefix + question.strip(), add_special_tokens=False)["input_ids"]
-    sequences = []
-    for w in windows:
-        lines = index.lines(w.path)[w.start - 1 : w.end]
-        code = tok("\n".join(lines), add_special_tokens=False)["input_ids"][:max_window_tokens]
-        header = tok(f"[ctx] path: {w.path}:{w.start}-{w.end}\n", add_special_tokens=False)["input_ids"]
-        sequences.append(header + code)
+    q_ids, sequences = likelihood_ids(tok, index, windows, question, prefix, max_window_tokens)
     model = lm.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: np.ndarray = np.zeros(len(windows), dtype=np.float64)
@@ -121,3 +116,13 @@ def question_likelihood(lm: LanguageModel, index: ProgramIndex, windows: list[Wi
                 picked = logp[row, first - 1 : len(seq) - 1].gather(1, targets[:, None])
                 out[start + row] = float(picked.sum())
     return out
+
+
+def likelihood_ids(tok, index: ProgramIndex, windows: list[Window], question: str, prefix: str,
+                   max_window_tokens: int) -> tuple[list[int], list[list[int]]]:
+    """The question's ids (after ``prefix``) and each window's `[ctx]` block's ids; program text and question are data."""
+    sequences = []
+    for w in windows:
+        code = encode_text(tok, "\n".join(index.lines(w.path)[w.start - 1 : w.end]))[:max_window_tokens]
+        sequences.append(encode_text(tok, f"[ctx] path: {w.path}:{w.start}-{w.end}\n") + code)
+    return encode_text(tok, prefix + question.strip()), sequences

@@ -8,9 +8,9 @@ one of those only. The question follows the evidence.
 `adapter_aware_decoding` adds a pointer-first line, relaxes sampling a little (via `Prompt.decode_hints`) and may
 prefill the reply with the citation of the best window.
 
-The prompt's token ids are made here, and program text, file names and the question are data: they are
-tokenized with the tokenizer's special tokens split into plain text, so a docstring holding `<|im_start|>` can
-never become a chat-turn token. Only the chat template itself contributes special tokens.
+The prompt's token ids are made here (stages/common/tokens.py), and program text, file names and the question are
+data: a docstring holding `<|im_start|>` can never become a chat-turn token. Only the chat template itself
+contributes special tokens.
 """
 from __future__ import annotations
 
@@ -18,43 +18,16 @@ import dataclasses
 import re
 from typing import Annotated, Literal
 
-from pipeline.engine.errors import ConfigError
+from pipeline.engine.errors import InputError
 from pipeline.engine.stage import Range, Stage
 from stages.common.grounding.identifiers import DOTTED, IDENT
 from stages.common.grounding.labels import label_spans
 from stages.common.grounding.leads import LeadChoice
+from stages.common.tokens import encode_chat, encode_text
 from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
 
 SYSTEM = ("You answer questions about a program. Use only the source code shown in the [ctx] blocks, "
           "and say which lines you relied on.")
-
-
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
-    """The chat-template text and its token ids, with every message content tokenized as data.
-
-    The template is rendered with a placeholder per content; its own text between placeholders keeps its
-    special tokens, each content is tokenized with ``split_special_tokens`` (whatever the tokenizer's specials).
-    """
-    marks = [f"\uE000pca{i}\uE001" for i in range(len(messages))]
-    rendered = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
-                                             tokenize=False, add_generation_prompt=True)
-    pieces, ids, cursor = [], [], 0
-    for message, mark in zip(messages, marks):
-        at = rendered.find(mark, cursor)
-        if at < 0:
-            raise ConfigError("the model's chat template changes message contents; cannot keep program text as data")
-        pieces.append(("template", rendered[cursor:at]))
-        pieces.append(("data", message["content"]))
-        cursor = at + len(mark)
-    pieces.append(("template", rendered[cursor:]))
-    for kind, text in pieces:
-        if text:
-            ids.extend(tokenizer(text, add_special_tokens=False, split_special_tokens=kind == "data")["input_ids"])
-    return "".join(text for _, text in pieces), ids
-
-
-def encode_data(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
 
 NEUTRAL_QUESTION = "What does this code do?"
@@ -101,6 +74,7 @@ class BuildPrompt(Stage):
         adapter_aware_decoding: bool = False
         prefill_pointer: bool = False
         attempt: Annotated[int, Range(ge=1)] = 1
+        max_question_tokens: Annotated[int, Range(ge=1)] = 512  # the top-level key's limit, counted in tokens here
 
     config: Config
 
@@ -126,6 +100,10 @@ class BuildPrompt(Stage):
 
     def run(self, prompt: str, evidence: Evidence, lm: LanguageModel, index: ProgramIndex | None = None) -> dict:
         c = self.config
+        asked = len(encode_text(lm.tokenizer, prompt))
+        if asked > c.max_question_tokens:  # the product bounded its characters; the model's positions bound its tokens
+            raise InputError(f"the question (prompt) is {asked:,} tokens; a question may have max_question_tokens="
+                             f"{c.max_question_tokens} tokens: ask a shorter one")
         blocks = "\n\n".join(w.block() for w in evidence.windows)
         first = evidence.windows[0] if evidence.windows else None
         example = f"{first.path}:{first.start}-{first.end}" if first else "path.py:1-9"
@@ -166,4 +144,4 @@ class BuildPrompt(Stage):
         if tok.chat_template:
             return encode_chat(tok, messages)
         text = f"{messages[0]['content']}\n\n{messages[1]['content']}\n\nAnswer:"
-        return text, encode_data(tok, text)
+        return text, encode_text(tok, text)

@@ -113,7 +113,8 @@ class HybridSelect(QuestionSelect):
         sparse = score_windows(index, prompt, c.relevance)
         # tests weigh less on the fused scale itself (z-scores: a share of their lead over the average window), before
         # the shift to >= 0 that would turn test_weight into a much larger penalty
-        tests = index.derived("select.test_windows", lambda: np.array([is_test_path(w.path) for w in index.windows]))
+        tests = index.derived("select.test_windows",
+                              lambda: np.array([is_test_path(w.path) for w in index.windows], dtype=bool))
         fused = fuse(sparse, dense, c.dense_weight, shift=False)
         fused = np.where(tests & (fused > 0), fused * c.test_weight, fused)
         fused = fused - fused.min() if len(fused) else fused

@@ -122,7 +122,7 @@ def test_an_adapter_member_declaring_too_many_bytes_is_refused_from_its_header(t
     import io
     import zipfile
 
-    from stages.common.adapters.factors import MAX_ARRAY_BYTES
+    from stages.common.npzsafe import MAX_ARRAY_BYTES
 
     path = tmp_path / "bomb.npz"
     side = int((MAX_ARRAY_BYTES // 4) ** 0.5) + 1  # a square float32 matrix just over the bound

@@ -10,8 +10,9 @@ import torch
 
 from stages.common.grounding.citations import parse_citations
 from stages.common.grounding.constraints import CITATION_OPENER, CODE_OPENER, END, GroundingProcessor, TokenTrie
+from stages.common.tokens import encode_chat
 from stages.common.types import Evidence, PackedWindow
-from stages.scaffold import BuildPrompt, encode_chat
+from stages.scaffold import BuildPrompt
 
 NAMES = ["core.py", "pkg/parser.py", "dir with space/mod é.py", "日本/コード.py", "a-b/c_d.v2.py", "x.py"]
 

@@ -211,7 +211,7 @@ def test_a_fifo_or_a_pseudo_filesystem_folder_inside_the_program_is_never_opened
     (root / "kernel").mkdir()
     (root / "kernel" / "kmsg").write_text("would block\n")
     kernel = str((root / "kernel").resolve())
-    monkeypatch.setattr(program, "pseudo_mounts", lambda: {kernel: "proc"})  # as if a /proc were mounted there
+    monkeypatch.setattr(program, "mount_table", lambda: {kernel: "proc"})  # as if a /proc were mounted there
     index = build_index(str(root), [], 1_000_000, 80, None)
     assert index.skipped["pipe.py"] == "not a regular file"
     assert index.skipped["kernel"] == "proc pseudo filesystem" and not any(p.startswith("kernel/") for p in index.files)
@@ -318,6 +318,7 @@ def _tiny_checkpoint_writer(tiny_lm, calls):
 def test_a_truncated_converted_model_is_converted_again(tmp_path, tiny_lm, caplog, monkeypatch):
     import stages.common.models.gguf as gguf_loading
     from pipeline.engine.cache import PARTIAL_LOCK
+    from stages.common.models.checkpoint import record_digests
 
     gguf = tmp_path / "Fake.gguf"
     gguf.write_bytes(b"GGUF")
@@ -341,7 +342,8 @@ def test_a_truncated_converted_model_is_converted_again(tmp_path, tiny_lm, caplo
     with torch.no_grad():
         assert torch.equal(again.model(input_ids=ids).logits, tiny_lm.model(input_ids=ids).logits)
 
-    (converted / "tokenizer.json").write_text("{ broken")  # passes the cheap checks, fails to load: remade too
+    (converted / "tokenizer.json").write_text("{ broken")  # passes every check, fails to load: remade too
+    record_digests(converted)  # as if written so (tests/test_safe_caches.py: a changed digest is caught earlier)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         gguf_loading.load_gguf_converted(gguf, cache, "float32", "cpu", None, "fake")
@@ -451,7 +453,8 @@ def test_a_file_made_unreadable_is_listed_as_skipped(tmp_path, make_tree, monkey
     with caplog.at_level(logging.WARNING):
         pipeline.api.run(["model=tiny_random", f"program_root={program}", f"paths.outputs={tmp_path / 'out'}",
                           *QUICK], run_dir=tmp_path / "run")
-    assert "skipped 2 unreadable path(s)" in caplog.text and "pkg/locked.py (unreadable (permission denied))" in caplog.text
+    assert "skipped 2 path(s)" in caplog.text and "(1 unreadable, 1 unreadable folder)" in caplog.text
+    assert "pkg/locked.py (unreadable (permission denied))" in caplog.text
     trace = json.loads((tmp_path / "run" / "trace.json").read_text())
     [index_node] = [n for n in trace["nodes"] if n["node"] == "index"]
     skipped = index_node["outputs"]["index"]["skipped_paths"]

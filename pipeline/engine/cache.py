@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -191,11 +192,16 @@ def publish_dir(final: Path) -> Iterator[Path]:
             lock.close()
 
 
+DISCARDED = re.compile(r"^\..+\.(\d+)(?:-[0-9a-f]{8})?\.discarded$")  # what `discard` renames a folder to
+DISCARD_STALE_AFTER_S = 300.0  # a discarded folder of a live process is still being deleted for at most this long
+
+
 def discard(folder: Path) -> None:
     """Take a (corrupt) cache folder out of the way at once with a rename, then delete it. Of two runs healing
-    it at once, one renames it and the other finds it gone."""
+    it at once, one renames it and the other finds it gone; what a killed run left aside, the next
+    ``clean_stale_partials`` in that parent removes."""
     folder = Path(folder)
-    aside = folder.with_name(f".{folder.name}.{os.getpid()}.discarded")
+    aside = folder.with_name(f".{folder.name}.{os.getpid()}-{os.urandom(4).hex()}.discarded")
     try:
         os.rename(folder, aside)
     except FileNotFoundError:
@@ -218,7 +224,8 @@ def _hold(path: Path):
 
 
 def clean_stale_partials(parent: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the ``.*.partial`` folders of ``parent`` whose writer is gone; return what was removed.
+    """Remove the ``.*.partial`` folders of ``parent`` whose writer is gone, and the folders a killed ``discard``
+    left aside (``clean_stale_discarded``); return what was removed.
 
     A writer holds an flock on the folder's lock file while it writes: when we can take that lock, the writer
     died (the kernel drops the locks of a killed process). A folder without a lock file counts as stale only
@@ -234,7 +241,47 @@ def clean_stale_partials(parent: Path, stale_after_s: float = STALE_AFTER_S) -> 
             if not folder.exists():
                 log.warning("removed '%s', left by a build that did not finish", folder)
                 removed.append(folder)
+    return removed + clean_stale_discarded(parent)
+
+
+def clean_stale_discarded(parent: Path, stale_after_s: float = DISCARD_STALE_AFTER_S) -> list[Path]:
+    """Remove the folders of ``parent`` that ``discard`` renamed aside (exactly its names, ``DISCARDED``) and did not
+    finish deleting: those of a process that is gone, or set aside over ``stale_after_s`` ago. Their contents are
+    garbage whoever deletes them, so a second deleter (another run, another host) costs nothing."""
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in Path(parent).iterdir() if DISCARDED.match(p.name)]
+    except OSError:
+        return removed
+    for folder in candidates:
+        match = DISCARDED.match(folder.name)
+        try:
+            set_aside = folder.lstat()
+        except OSError:
+            continue  # its deleter finished
+        if not stat.S_ISDIR(set_aside.st_mode):
+            continue  # discard renames folders only
+        fresh = time.time() - set_aside.st_ctime <= stale_after_s  # the rename (and every deletion) sets ctime
+        if fresh and _process_alive(int(match.group(1))):  # type: ignore[union-attr]  # matched above
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            log.warning("removed '%s', left by a run killed while deleting a corrupt cache entry", folder)
+            removed.append(folder)
     return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host may still run; True when it cannot be told (the age rule decides)."""
+    if pid == os.getpid() or os.name != "posix":  # ours: another thread may be deleting it; elsewhere no signal 0
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no such pid number
+        return True
+    return True
 
 
 def _writer_gone(folder: Path, stale_after_s: float) -> bool:

@@ -11,8 +11,25 @@ from pipeline.engine.records import CitationRecord, Span
 from pipeline.htmlkit import esc, fmt, highlight, table
 from pipeline.runfolder import RunFolder, read_lines, source_hashes
 
-# a citation as docs/behaviour.md §5 writes it: path:START[-END]
-CITATION = re.compile(r"([\w./-]+\.\w+):(\d+)(?:-(\d+))?")
+# a citation as docs/behaviour.md §5 writes it, path.ext:START[-END] (ASCII digits), found as the regex
+# ([\w./-]+\.\w+):([0-9]+)(?:-([0-9]+))? would find it, but in linear time (that regex backtracks on `a.a.a…`)
+_RUN = re.compile(r"[\w./-]+")
+_LINES = re.compile(r":([0-9]+)(?:-([0-9]+))?")
+
+
+def citations_in(text: str) -> list[tuple[int, int, str, int, int]]:
+    """(char start, char end, path, start, end) of every `path.ext:A-B` in ``text``, leftmost first, not overlapping."""
+    runs = {m.end(): m.start() for m in _RUN.finditer(text)}
+    found, done = [], 0
+    for lines in _LINES.finditer(text):
+        colon = lines.start()
+        lo = max(runs.get(colon, colon), done)
+        dot = text.rfind(".", lo, colon)  # the last dot, with a character before it and only word characters after it
+        if lo < dot < colon - 1 and text.find("/", dot, colon) < 0 and text.find("-", dot, colon) < 0:
+            first, last = (int(d) if len(d) <= 18 else 10**18 for d in (lines.group(1), lines.group(2) or lines.group(1)))
+            found.append((lo, lines.end(), text[lo:colon], first, last))
+            done = lines.end()
+    return found
 
 
 def flatten(data: Any, prefix: str = "", depth: int = 3) -> dict[str, Any]:
@@ -67,21 +84,19 @@ def render_answer(run: RunFolder) -> str:
     text = record.answer
     windows, records = spans(run), _citation_records(run)
     marks: list[tuple[int, int, str]] = []
-    for match in CITATION.finditer(text):
-        path, start = match.group(1), int(match.group(2))
-        end = int(match.group(3) or start)
+    for char_start, char_end, path, start, end in citations_in(text):
         cited = records.get((path, start, end))
         if cited is None:
             continue
         index = _window_for(windows, path, start, end)
-        label = esc(match.group(0))
+        label = esc(text[char_start:char_end])
         if cited.valid and not cited.removed and index is not None:
             source = esc(cited.source)
-            marks.append((match.start(), match.end(), f'<a class="cite {source}" href="#w{index}" '
-                                                      f'title="{source} citation, window {index + 1}">{label}</a>'))
+            marks.append((char_start, char_end, f'<a class="cite {source}" href="#w{index}" '
+                                                f'title="{source} citation, window {index + 1}">{label}</a>'))
         else:
             why = cited.reason or ("removed: not in the evidence" if cited.removed else "invalid")
-            marks.append((match.start(), match.end(), f'<span class="invalid" title="{esc(why)}">{label}</span>'))
+            marks.append((char_start, char_end, f'<span class="invalid" title="{esc(why)}">{label}</span>'))
     for word in sorted({w for w in record.unknown_identifiers if w}, key=len, reverse=True):
         for match in re.finditer(rf"(?<![\w.]){re.escape(word)}(?![\w])", text):
             if not any(a < match.end() and match.start() < b for a, b, _ in marks):

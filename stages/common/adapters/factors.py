@@ -1,7 +1,7 @@
 """LoRA factor sets in the original tool's key scheme, their safe npz I/O, and the model's target map.
 
 Keys: ``L{i}.{t}.A`` (d_out x r), ``L{i}.{t}.B`` (r x d_in), ``L{i}.{t}.gate`` (0-d), optional ``L{i}.{t}.bias``.
-Files are read with ``allow_pickle=False``: an object array is refused, never unpickled.
+Files are read by stages.common.npzsafe: an object array is refused, never unpickled.
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import io
 import math
 import re
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.engine.errors import InputError
+from stages.common.npzsafe import MemberCheck, NpzRefused, NpzUnreadable, read_npz
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -87,69 +87,20 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-MAX_ARRAY_BYTES = 256 << 20  # any one array of an npz we read (adapters are checked tighter, against the model)
-MemberCheck = Callable[[str, tuple, np.dtype], "str | None"]
-
-
-def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Declared shape and dtype of every member, from the zip directory and the npy headers only: no array data
-    is read, so a member that declares gigabytes (a zip bomb) costs nothing before it is refused."""
-    headers = {}
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-                elif version == (2, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-                else:
-                    raise ValueError(f"member '{key}' has npy format version {version}, not 1.0 or 2.0")
-            headers[key] = (tuple(shape), dtype)
-    return headers
-
-
-def plain_array(key: str, shape: tuple, dtype: np.dtype) -> str | None:
-    """The default member check: no objects, at most 2-D, at most MAX_ARRAY_BYTES."""
-    if dtype.hasobject:
-        return "is an object array; refusing to unpickle it"
-    if len(shape) > 2:
-        return f"has {len(shape)} dimensions {shape}, expected at most 2"
-    size = math.prod(shape) * dtype.itemsize
-    if size > MAX_ARRAY_BYTES:
-        return f"declares shape {shape} of {dtype} ({size:,} bytes), over the {MAX_ARRAY_BYTES:,} an array may take"
-    return None
-
-
-def load_npz(path: Path, check: MemberCheck = plain_array) -> dict[str, np.ndarray]:
-    """Read every array of an npz without unpickling; any corruption is an InputError naming the file.
-
-    Each member's declared shape and dtype pass ``check`` before any data is read."""
+def load_npz(path: Path, check: MemberCheck | None = None) -> dict[str, np.ndarray]:
+    """Every array of a user's npz, read by stages.common.npzsafe (each member's header passes its limits and
+    ``check`` before any data is read; never unpickled); any problem is an InputError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"adapter file '{path}' does not exist")
     try:
-        headers = npz_headers(path)
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError, ValueError) as err:
-        raise InputError(f"'{path}' is not a readable npz ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'})") from err
-    for key, (shape, dtype) in headers.items():
-        problem = plain_array(key, shape, dtype) or (check(key, shape, dtype) if check is not plain_array else None)
-        if problem:
-            raise InputError(f"'{path}': array '{key}' {problem}; nothing was read")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except ValueError as err:
-        if "pickle" in str(err).lower() or "object" in str(err).lower():
-            raise InputError(f"'{path}' holds an object array; refusing to unpickle it") from err
-        raise InputError(f"'{path}' is not a readable npz ({str(err).splitlines()[0]})") from err
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as err:
-        raise InputError(f"'{path}' is not a readable npz ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'})") from err
-    for key, value in arrays.items():
-        if value.dtype == object:
-            raise InputError(f"'{path}': array '{key}' is an object array; refusing it")
-    return arrays
+        return read_npz(path, check)
+    except NpzUnreadable as err:
+        raise InputError(f"'{path}' is not a readable npz ({err})") from err
+    except NpzRefused as err:
+        raise InputError(f"'{path}': {err}") from err
+    except OSError as err:
+        raise InputError(f"'{path}' is not a readable npz ({type(err).__name__}: {err.strerror or err})") from err
 
 
 def factor_check(shapes: dict[str, tuple[int, int]], num_layers: int) -> MemberCheck:

@@ -4,9 +4,10 @@ The deltas are built in stages/common/adapters/deltas.py; while a mix is in the 
 (stages/common/adapters/lock.py). Two ways to apply it, both restoring the model bit for bit:
 - ``hooks``: forward hooks add ``x B_catᵀ A_catᵀ`` to the module output; the weights are never written.
 - ``merge``: ``W + A_cat B_cat`` is written into each touched weight. A weight whose bytes are those of the
-  checkpoint file the model was loaded from (stages/common/adapters/weightfile.py) is written in place and read back from
-  the file at restore: no copy of it is kept (212 MB on SmolLM2 in bfloat16). Any other weight tensor is swapped
-  for a merged copy, and restore swaps the original, never written, back in.
+  checkpoint file the model was loaded from is written in place and read back at restore from the private copy of
+  that file taken at load (stages/common/adapters/weightfile.py), so whatever happens to the file meanwhile: no copy
+  of it is kept in memory (212 MB on SmolLM2 in bfloat16). Any other weight tensor is swapped for a merged copy, and
+  restore swaps the original, never written, back in.
 In every weight dtype the delta is computed in float32 and cast once: a hook computes ``x B_catᵀ A_catᵀ`` in float32
 and adds it to the output in the output's dtype; merge computes ``W + A_cat B_cat`` in float32 and rounds it once to
 the weight's dtype. With int8 weights (``model.quantize=int8``) only hooks can mix; merge is refused.

@@ -15,6 +15,7 @@ from stages.common.generation.settings import DecodeSettings
 from stages.common.generation.stops import ReplyStop, drop_repeated_lines
 from stages.common.generation.streaming import console_streamer
 from stages.common.grounding.constraints import CITATION_OPENER, CODE_OPENER, token_texts
+from stages.common.tokens import encode_text
 from stages.common.types import Draft, LanguageModel, Prompt
 
 
@@ -25,11 +26,7 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     from transformers import GenerationConfig, StoppingCriteriaList
 
     tok = lm.tokenizer
-
-    def encode(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
-
-    ids = (prompt.ids or encode(prompt.text)) + encode(prompt.prefill)
+    ids = (prompt.ids or encode_text(tok, prompt.text)) + encode_text(tok, prompt.prefill)
     device = next(lm.model.parameters()).device
     use_lead = "lead" in settings.constrain and bool(prompt.lead)
     started = time.perf_counter()

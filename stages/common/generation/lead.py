@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.engine import resources
 from stages.common.generation.settings import DecodeSettings
 from stages.common.grounding.leads import LeadChoice
+from stages.common.tokens import encode_text, encode_texts
 from stages.common.types import LanguageModel, Prompt
 
 
@@ -25,7 +26,7 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: Dec
     (jobs that differ only in how they decode): it gets a copy of the cache and pays no prefill."""
     tok = lm.tokenizer
     names = [LeadChoice.parse(choice).label for choice in prompt.lead]  # "`qualname`"
-    name_ids = tok(names, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    name_ids = encode_texts(tok, names)
     neutral_ids = prompt.neutral_ids + ids[len(prompt.ids):] if settings.lead_calibrate and prompt.neutral_ids else []
     computed = []
 
@@ -47,7 +48,7 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: Dec
     chosen = prompt.lead[best]
     record = {"lead": chosen, "lead_score": round(total[best], 4), "lead_choices": len(prompt.lead),
               "lead_window": ranks[best], "prefill_reused": not computed}
-    return chosen, tok(chosen, add_special_tokens=False, split_special_tokens=True)["input_ids"], cache, record
+    return chosen, encode_text(tok, chosen), cache, record
 
 
 def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: list[list[int]],

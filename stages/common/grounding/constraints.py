@@ -26,6 +26,7 @@ from typing import Any
 
 from stages.common.grounding.labels import LABEL_NAME
 from stages.common.grounding.quoteguard import QuoteGuard
+from stages.common.tokens import encode_texts
 
 END = -1
 CITATION_OPENER, CODE_OPENER = "[", "`"
@@ -64,8 +65,7 @@ class TokenTrie:
         strings = sorted(set(strings))
         if not strings:
             return cls([])
-        encoded = tokenizer(strings, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return cls(encoded)
+        return cls(encode_texts(tokenizer, strings))
 
     def __bool__(self) -> bool:
         return bool(self.root)

@@ -13,11 +13,12 @@ import dataclasses
 import re
 from typing import Literal
 
+from stages.common.grounding.citations import line_number
 from stages.common.types import ProgramIndex, Symbol
 
 LabelAction = Literal["mark", "keep"]
 LABEL_NAME = re.compile(r"[A-Za-z_][\w.]*")
-LABELLED = re.compile(rf"`({LABEL_NAME.pattern})`\s*\[([^\[\]\n]+?):(\d+)-(\d+)\]")
+LABELLED = re.compile(rf"`({LABEL_NAME.pattern})`\s*\[([^\[\]\n]+?):([0-9]+)-([0-9]+)\]")  # ASCII digits only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,8 @@ def mislabels(text: str, index: ProgramIndex) -> list[Mislabel]:
     known = index.derived("labels.definition_names", lambda: set().union(*(_names(s) for s in index.symbols)))
     found = []
     for match in LABELLED.finditer(text):
-        name, path, a, b = match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
+        name, path = match.group(1), match.group(2)
+        a, b = line_number(match.group(3)), line_number(match.group(4))
         if name not in known or path not in index.files:
             continue
         inside = sorted((s for s in index.symbols_in(path) if a <= s.start <= b), key=lambda s: s.start)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-_CHOICE = re.compile(r"`(?P<name>[^`]+)` \[(?P<path>.+):(?P<start>\d+)-(?P<end>\d+)\]")
+_CHOICE = re.compile(r"`(?P<name>[^`]+)` \[(?P<path>.+):(?P<start>[0-9]+)-(?P<end>[0-9]+)\]")
 
 
 @dataclasses.dataclass(frozen=True)

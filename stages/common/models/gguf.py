@@ -55,8 +55,9 @@ def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, dev
                         model_id: str, quantize: Quantize = "none", attention: Attention = "sdpa") -> LanguageModel:
     """Load a GGUF, going through (and creating) a float32 safetensors copy under ``cache_dir``.
 
-    The copy is a cache that heals: a copy that fails its checks (truncated safetensors, broken JSON) or does
-    not load is removed with a warning naming it and converted again."""
+    The copy is a cache that heals: a copy that fails its checks (truncated safetensors, broken JSON, a file whose
+    sha256 is not the one recorded when it was written) or does not load is removed with a warning naming it and
+    converted again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_torchao_import()
@@ -65,14 +66,19 @@ def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, dev
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         return finish(model, tokenizer, model_id, device, device_map, quantize, attention)
     convert = functools.partial(convert_gguf, gguf_path)
-    converted = dtype_copy(converted_copy(gguf_path, cache_dir, convert), dtype)
+
+    def copy() -> Path:  # only the folder loaded (or read to make it) has every file checked against its digest
+        float32 = functools.partial(converted_copy, gguf_path, cache_dir, convert)
+        return dtype_copy(float32(deep=dtype == "float32"), dtype, verified=float32)
+
+    converted = copy()
     try:
         model, tokenizer = _load_converted(converted, dtype, device_map)
     except Exception as err:  # noqa: BLE001 - not hidden: remade once, and a second failure is raised
         log.warning("the converted model '%s' does not load (%s: %s); removing it and converting again",
                     converted, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         discard(converted)
-        converted = dtype_copy(converted_copy(gguf_path, cache_dir, convert), dtype)
+        converted = copy()
         model, tokenizer = _load_converted(converted, dtype, device_map)
     return finish(model, tokenizer, model_id, device, device_map, quantize, attention)
 
@@ -82,7 +88,7 @@ def _load_converted(folder: Path, dtype: str, device_map: str | None):
 
     quiet_torchao_import()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), device_map=device_map)
-    remember(model, folder)  # merge mode writes into these weights and reads them back from the folder's file
+    remember(model, folder)  # copied privately: merge mode reads written weights back from the copy
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -101,8 +107,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def converted_copy(gguf_path: Path, cache_dir: Path, convert: Callable[[Path], None]) -> Path:
-    """The folder of the converted copy of ``gguf_path`` under ``cache_dir``: checked, made when missing or
-    corrupt (``convert(tmp)`` writes it; it is published atomically), and half-written folders of killed
-    conversions removed."""
-    return checked_copy(cache_dir / _converted_name(gguf_path), convert)
+def converted_copy(gguf_path: Path, cache_dir: Path, convert: Callable[[Path], None], deep: bool = True) -> Path:
+    """The folder of the converted copy of ``gguf_path`` under ``cache_dir``: checked (``deep``: its content digests
+    too), made when missing or corrupt (``convert(tmp)`` writes it; it is published atomically), and half-written
+    folders of killed conversions removed."""
+    return checked_copy(cache_dir / _converted_name(gguf_path), convert, deep)

@@ -84,7 +84,7 @@ def folder_on_demand(path: Path, dtype: str, device: str, device_map: str | None
     def load():
         quiet_torchao_import()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), device_map=device_map)
-        remember(model, path)  # merge mode writes into these weights and reads them back from the folder's file
+        remember(model, path)  # copied privately: merge mode reads written weights back from the copy
         return ready(model, device, device_map, quantize, attention)
 
     return on_demand(AutoTokenizer.from_pretrained(path), path.name, device, load)

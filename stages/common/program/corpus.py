@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from stages.common.adapters.embedding import stable_hash
+from stages.common.tokens import encode_text
 from stages.common.types import ProgramIndex
 
 Span = tuple[str, int, int]  # path, first line, last line
@@ -96,7 +97,7 @@ def split(index: ProgramIndex, tokenizer, seq_len: int, val_every: int, held_out
     tokenized = []
     for path, start, end in segments(index):
         text = "\n".join(index.lines(path)[start - 1 : end])
-        tokenized.append((path, start, end, tokenizer(text, add_special_tokens=False)["input_ids"]))
+        tokenized.append((path, start, end, encode_text(tokenizer, text)))
     tokens: dict[str, int] = {}
     for path, _, _, ids in tokenized:
         tokens[path] = tokens.get(path, 0) + len(ids)
@@ -142,13 +143,13 @@ def training_pieces(corpus: Corpus, index: ProgramIndex, tokenizer, seq_len: int
     by_file: dict[str, list[tuple[int, int, list[int]]]] = {}
     for path, start, end, ids in corpus.train_segments:
         by_file.setdefault(path, []).append((start, end, ids))
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    newline = encode_text(tokenizer, "\n")
     units: list[tuple[Span, list[int]]] = []  # (span, ids) in training order
     for path, segs in by_file.items():
         if summaries:
             lines = summary_lines(index, path, [(a, b) for a, b, _ in segs])
             if lines:
-                units.append(((path, 0, 0), tokenizer("\n".join(lines), add_special_tokens=False)["input_ids"]))
+                units.append(((path, 0, 0), encode_text(tokenizer, "\n".join(lines))))
         units.extend(((path, a, b), ids) for a, b, ids in segs)
     if layout == "segments":
         if not summaries:

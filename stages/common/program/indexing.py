@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 from pipeline.engine import resources
@@ -70,14 +71,12 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
            cache_dir: Path | None, progress: bool, parsing: Parsing = Parsing()) -> ProgramIndex:
     started = time.perf_counter()
     sources, skipped = read_entries(root, entries, skipped, limits)
-    if not sources:
-        why = f" ({len(skipped)} skipped: {', '.join(sorted(set(skipped.values()))[:6])})" if skipped else ""
-        raise InputError(f"program_root '{root}' has no indexable text files{why}")
-    unreadable = sorted(p for p, why in skipped.items() if why.startswith("unreadable"))
-    if unreadable:  # expected skips (binary, ignored, too large) stay quiet; a file the user cannot read does not
-        shown = ", ".join(f"{p} ({skipped[p]})" for p in unreadable[:5])
-        log.warning("skipped %d unreadable path(s) of %s: %s%s", len(unreadable), root, shown,
-                    " ..." if len(unreadable) > 5 else "")
+    if not any(src.data for src in sources):  # none, or only empty files: no window to show, no line to cite
+        empty = f"{len(sources)} empty: {_first(s.path for s in sources)}" if sources else ""
+        left = f"{len(skipped)} skipped: {', '.join(sorted(set(skipped.values()))[:6])}" if skipped else ""
+        why = "; ".join(part for part in (empty, left) if part)
+        raise InputError(f"program_root '{root}' has no indexable text files{f' ({why})' if why else ''}")
+    warn_skipped(root, skipped)
     # one file per (root, window size); the code that made it is recorded inside: an edit rebuilds and overwrites it
     cache_file = cache_dir / "index" / f"{fingerprint([str(root), window_lines], 24)}.npz" if cache_dir else None
     code = indexing_code()
@@ -139,6 +138,32 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
     log.info("indexed %d files (%d parsed now in %d process(es), %d from cache, %.2f s), %d skipped", len(sources), fresh,
              processes, len(sources) - fresh, time.perf_counter() - started, len(skipped))
     return ProgramIndex(root, files, symbols, windows, graph, program_fp, skipped, texts)
+
+
+# folders left out on purpose (our outputs, run folders, a link to a folder that is indexed where it lies): no warning
+_MEANT = ("the pipeline's own outputs folder", "a run folder", "symlinked folder")
+
+
+def _first(paths, shown: int = 5) -> str:
+    paths = list(paths)
+    return ", ".join(paths[:shown]) + (" ..." if len(paths) > shown else "")
+
+
+def _kind(reason: str) -> str:
+    """The kind of a skip reason, without its numbers (`larger than max_file_bytes (2000 > 1000)` -> its first part)."""
+    return "a line over index.max_line_chars" if reason.startswith("a line of ") else reason.split(" (", 1)[0]
+
+
+def warn_skipped(root: Path, skipped: dict[str, str]) -> None:
+    """One warning for the files and folders the index leaves out (binary, too large, unreadable, ...): how many, of
+    which kinds, the first few with their reasons."""
+    left = {p: why for p, why in sorted(skipped.items()) if not why.startswith(_MEANT)}
+    if not left:
+        return
+    kinds = Counter(_kind(why) for why in left.values())
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
+    log.warning("skipped %d path(s) of %s (%s): %s", len(left), root, counts,
+                _first(f"{p} ({why})" for p, why in left.items()))
 
 
 def program_graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: dict[str, dict]) -> CallGraph:

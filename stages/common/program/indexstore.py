@@ -1,7 +1,8 @@
 """The index of a program on disk: per-file facts and the built index, as plain arrays in one ``.npz``.
 
-Written after every build that parsed something, read with ``np.load(allow_pickle=False)``: strings are UTF-8
-columns (``callgraph.pack_strings``), numbers are int arrays, every table's rows are grouped by file (``*_offsets``).
+Written after every build that parsed something, read by stages.common.npzsafe (headers checked first, never
+unpickled): strings are UTF-8 columns (``callgraph.pack_strings``), numbers are int arrays, every table's rows are
+grouped by file (``*_offsets``).
 Two uses:
 - an unchanged program (same paths, same sha256) in a new process loads files, symbols, windows and the call
   graph straight from the columns: nothing is parsed, no graph is rebuilt, no JSON is decoded;
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import io
 import logging
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.engine.cache import write_atomic
+from stages.common.npzsafe import CACHE_ARRAY_BYTES, read_npz
 from stages.common.program.callgraph import CallGraph, pack_strings, unpack_strings
 from stages.common.types import FileRecord, Symbol, Window
 
@@ -189,8 +190,7 @@ def load(path: Path | None, window_lines: int, code: str) -> Stored | None:
     if path is None or not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {name: npz[name] for name in npz.files}
+        data = read_npz(path, max_array_bytes=CACHE_ARRAY_BYTES, stored_only=True)  # a forged header costs nothing
         stored = Stored(data, window_lines, code)
         strings = stored.col("call_strings")
         for name in ("call_caller", "call_callee"):
@@ -204,6 +204,6 @@ def load(path: Path | None, window_lines: int, code: str) -> Stored | None:
     except Outdated as why:  # an edit to the indexing code: expected, rebuilt and overwritten
         log.info("index cache %s was %s; rebuilding it", path, why)
         return None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError) as err:  # npzsafe.NpzRefused is a ValueError
         log.warning("index cache %s is unreadable (%s); rebuilding it", path, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None

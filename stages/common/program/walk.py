@@ -55,8 +55,9 @@ PSEUDO_FILESYSTEMS = frozenset({
 })
 
 
-def pseudo_mounts() -> dict[str, str]:
-    """Mount point -> filesystem type of every mounted pseudo filesystem (/proc/self/mountinfo; {} elsewhere)."""
+def mount_table() -> dict[str, str]:
+    """Mount point -> filesystem type of every mount (/proc/self/mountinfo; {} elsewhere); of a point mounted over,
+    the last (the one on top)."""
     mounts: dict[str, str] = {}
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
@@ -66,9 +67,16 @@ def pseudo_mounts() -> dict[str, str]:
     for line in lines:
         head, _, tail = line.partition(" - ")
         fields, kind = head.split(), tail.split()[:1]
-        if len(fields) >= 5 and kind and kind[0] in PSEUDO_FILESYSTEMS:
+        if len(fields) >= 5 and kind:
             mounts[_unescape(fields[4])] = kind[0]
     return mounts
+
+
+def pseudo_kind(real: Path, mounts: dict[str, str]) -> str | None:
+    """The pseudo filesystem that ``real`` (a resolved path) lies on, or None: the filesystem of its longest mount
+    point prefix decides (a tmpfs at /dev/shm is a real filesystem, though /dev is a devtmpfs)."""
+    kind = next((mounts[str(p)] for p in (real, *real.parents) if str(p) in mounts), None)
+    return kind if kind in PSEUDO_FILESYSTEMS else None
 
 
 def _unescape(field: str) -> str:
@@ -84,8 +92,7 @@ def resolve_root(program_root: str) -> Path:
         raise InputError(f"program_root '{program_root}' does not exist")
     if not root.is_dir():
         raise InputError(f"program_root '{program_root}' is a file, not a folder")
-    real, mounts = root.resolve(), pseudo_mounts()
-    kind = next((mounts[str(p)] for p in (real, *real.parents) if str(p) in mounts), None)
+    kind = pseudo_kind(root.resolve(), mount_table())
     if kind:
         raise InputError(f"program_root '{program_root}' is on a {kind} pseudo filesystem (kernel interfaces, "
                          "not a source tree); point program_root at a project folder")
@@ -105,7 +112,7 @@ def scan(root: Path, ignore: list[str], limits: Limits) -> tuple[list[Entry], di
     """Every file and folder to consider under ``root`` (sorted walk, nothing opened), and ``{path: reason}`` for
     folders left out. Stops with an InputError naming the budget as soon as ``max_files`` or
     ``max_total_bytes`` is exceeded, so an absurd root costs a bounded walk, not an endless one."""
-    pseudo = pseudo_mounts()
+    mounts = mount_table()
     excluded = set()  # (device, inode) of the folders to leave out: no path spelling or symlink gets around it
     for folder in limits.exclude:
         with contextlib.suppress(OSError):
@@ -132,7 +139,7 @@ def scan(root: Path, ignore: list[str], limits: Limits) -> tuple[list[Entry], di
             except OSError as err:
                 skipped[rel] = f"unreadable folder ({err.strerror or err})"
                 continue
-            reason = _folder_reason(root, full, st, pseudo, excluded)
+            reason = _folder_reason(root, full, st, mounts, excluded)
             if reason:
                 skipped[rel] = reason
                 continue
@@ -166,13 +173,14 @@ def scan(root: Path, ignore: list[str], limits: Limits) -> tuple[list[Entry], di
     return entries, skipped
 
 
-def _folder_reason(root: Path, full: Path, st: os.stat_result, pseudo: dict[str, str],
+def _folder_reason(root: Path, full: Path, st: os.stat_result, mounts: dict[str, str],
                    excluded: set[tuple[int, int]]) -> str:
     if stat.S_ISLNK(st.st_mode):
         # never descend through a link: it may leave the root or loop back into it
         return "symlinked folder" if inside(root, full) else "symlink outside the root"
-    if str(full) in pseudo:  # the walk starts at the resolved root and follows no link: paths are real
-        return f"{pseudo[str(full)]} pseudo filesystem"
+    # a mount point inside the program; the walk starts at the resolved root and follows no link: paths are real
+    if mounts.get(str(full)) in PSEUDO_FILESYSTEMS:
+        return f"{mounts[str(full)]} pseudo filesystem"
     if (st.st_dev, st.st_ino) in excluded:
         return "the pipeline's own outputs folder"
     if (full / ".hydra" / "config.yaml").is_file() or _our_trace(full / "trace.json"):

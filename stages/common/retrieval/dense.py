@@ -18,7 +18,6 @@ import importlib.util
 import io
 import logging
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,11 @@ import numpy as np
 from pipeline.engine import resources
 from pipeline.engine.cache import fingerprint, source_fingerprint, write_atomic
 from pipeline.engine.errors import InputError
+from stages.common.npzsafe import CACHE_ARRAY_BYTES, read_npz
 from stages.common.program.text import split_identifier
 from stages.common.retrieval import encoder_lora
 from stages.common.retrieval.encoder_lora import EncoderAdapter
+from stages.common.tokens import encode_padded
 from stages.common.types import ProgramIndex, Window
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ class SentenceEncoder:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="embedding windows", unit="batch", disable=None if progress else True,
                               leave=False):
-                enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_tokens,
-                                     return_tensors="pt")
+                enc = encode_padded(self.tokenizer, [texts[i] for i in batch], max_tokens)
                 out[batch] = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]).float().numpy()
         return out
 
@@ -166,10 +166,9 @@ def _load(path: Path | None, dim: int, code: str) -> dict[bytes, np.ndarray]:
     if path is None or not path.is_file():
         return {}
     try:
-        with np.load(path, allow_pickle=False) as data:
-            keys, vectors = data["keys"], data["vectors"]
-            made_by = data["code"] if "code" in data.files else None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        data = read_npz(path, max_array_bytes=CACHE_ARRAY_BYTES, stored_only=True)
+        keys, vectors, made_by = data["keys"], data["vectors"], data.get("code")
+    except (OSError, ValueError, KeyError) as err:  # npzsafe refuses a forged header before reading
         log.warning("dense cache %s is unreadable (%s); re-embedding", path, err)
         return {}
     if made_by is None or made_by.shape != () or made_by.dtype.kind != "U" or str(made_by) != code:
@@ -180,3 +179,4 @@ def _load(path: Path | None, dim: int, code: str) -> dict[bytes, np.ndarray]:
         log.warning("dense cache %s does not hold %d-dim float32 vectors; re-embedding", path, dim)
         return {}
     return dict(zip(keys.tolist(), vectors))
+

@@ -19,6 +19,7 @@ import numpy as np
 
 from stages.common.retrieval.dense import MAX_TOKENS, mean_pool
 from stages.common.retrieval.encoder_lora import TARGETS
+from stages.common.tokens import encode_padded
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def embed(model, tokenizer, batch: list[str], grad: bool):
     """Sentence vectors of ``batch`` under ``model`` (MiniLM's pooling, MAX_TOKENS tokens), with or without grad."""
     import torch
 
-    enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    enc = encode_padded(tokenizer, batch, MAX_TOKENS)
     with torch.set_grad_enabled(grad):
         return mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
 

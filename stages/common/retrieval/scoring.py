@@ -143,6 +143,7 @@ def score_windows(index: ProgramIndex, prompt: str, relevance: dict[str, float])
 
 
 def standardise(values):
-    """z-scores of a float array (all zeros when the values do not vary): puts two rankings on one scale."""
-    spread = values.std()
+    """z-scores of a float array (all zeros when the values do not vary, or there are none): puts two rankings on one
+    scale."""
+    spread = values.std() if values.size else 0.0
     return (values - values.mean()) / spread if spread > 0 else values * 0.0
