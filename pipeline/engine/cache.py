@@ -279,8 +279,8 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: delivers nothing, only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (OSError, OverflowError):  # another user's process, or no such pid number
-        return True
+    except (OSError, OverflowError):  # another user's process, or no such pid number: the age rule decides
+        pass
     return True
 
 
