@@ -30,7 +30,7 @@ class CitationMatch:
     """One citation-looking span of a text, as ``CitationPattern.finditer`` finds it (``start()``, ``end()`` and
     ``group()`` as a regex match has them)."""
 
-    string: str
+    string: str = dataclasses.field(repr=False)
     begin: int
     stop: int
     path: str  # as written, before it is normalised
