@@ -7,6 +7,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from pipeline.answer import Answer as Answer  # what generate_answer returns (light: records only)
+from pipeline.answer import Citation as Citation
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 

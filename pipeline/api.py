@@ -16,10 +16,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline import CONF_DIR
+from pipeline.answer import Answer, answer_of
 from pipeline.app import result_value, run_config
 from pipeline.cli import keyless, text_override_value
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.execute import RunResult
+from pipeline.runfolder import settings_of
 
 _COMPOSE = threading.Lock()
 
@@ -102,14 +104,20 @@ def compose(overrides: list[str], config_name: str = "config"):
 def run(overrides: list[str], run_dir: str | Path | None = None, verbose: bool = False,
         config_name: str = "config") -> tuple[Any, RunResult]:
     """Compose the config with ``overrides`` and run its graph; returns (result value, RunResult)."""
-    cfg = compose(overrides, config_name)
+    value, result, _ = run_composed(compose(overrides, config_name), overrides, run_dir, verbose)
+    return value, result
+
+
+def run_composed(cfg: Any, overrides: list[str], run_dir: str | Path | None = None,
+                 verbose: bool = False) -> tuple[Any, RunResult, Path]:
+    """Run the graph of the composed ``cfg``; returns (result value, RunResult, run folder)."""
     if run_dir is None:
         base = Path(str(cfg.paths.outputs)) / "api"
         base.mkdir(parents=True, exist_ok=True)
         run_dir = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base)
     logging.getLogger("pipeline").setLevel(logging.INFO if verbose else logging.WARNING)
     result = run_config(cfg, run_dir, overrides)
-    return result_value(cfg, result), result
+    return result_value(cfg, result), result, Path(run_dir)
 
 
 def _check_arg(name: str, value: Any, what: str, required: bool = False) -> None:
@@ -124,10 +132,11 @@ def _check_arg(name: str, value: Any, what: str, required: bool = False) -> None
 
 def generate_answer(model_id: str | None = None, adapters_npz: str | None = None, program_root: str | None = None,
                     prompt: str | None = None, *, overrides: Sequence[str] = (), verbose: bool = False,
-                    **knobs: Any) -> str:
+                    **knobs: Any) -> Answer:
     """Answer ``prompt`` about the program at ``program_root``; every docs/behaviour.md §7 knob is a keyword.
 
-    ``model_id``: "smollm2" (default), "tiny_random", a local checkpoint folder or a .gguf file.
+    Returns an `Answer` (pipeline/answer.py): ``str(answer)`` is the text; its citations carry their code.
+    ``model_id``: "smollm2", "tiny_random", a local checkpoint folder or a .gguf file; None: the config's model.
     ``adapters_npz``: an artifact folder (or its adapters.npz); None builds or reuses the cached one.
     ``overrides``: any further Hydra overrides, e.g. ["synth=fitted"].
     """
@@ -143,8 +152,9 @@ def generate_answer(model_id: str | None = None, adapters_npz: str | None = None
     if prompt is not None:
         args.append(f"prompt={_literal(prompt)}")
     args += knob_overrides(knobs) + list(overrides)
-    value, _ = run(args, verbose=verbose)
-    return str(value)
+    cfg = compose(args)
+    value, _, run_dir = run_composed(cfg, args, verbose=verbose)
+    return answer_of(value, run_dir, settings_of(cfg))
 
 
 def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, overrides: Sequence[str] = (),

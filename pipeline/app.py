@@ -15,7 +15,7 @@ from pipeline.engine.errors import PipelineError
 from pipeline.engine.execute import RunResult, execute
 from pipeline.engine.graph import Graph, build_graph
 from pipeline.engine.stage import RunContext
-from pipeline.question_text import check_config
+from pipeline.question_text import check_config, check_prompt_given
 
 
 def as_text(value: str) -> str:
@@ -88,16 +88,25 @@ def hydra_main(cfg: DictConfig) -> Any:
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
+    from pipeline.callbacks import remove_unused_run_folder
+    from pipeline.output import output_mode, progress, show_logs, show_result
     from pipeline.report import write_after
 
     hydra_cfg = HydraConfig.get()
     verbose = bool(hydra_cfg.verbose)
     single = hydra_cfg.mode != RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    show_logs(verbose)
     try:
-        with console(sys.stdout if single and sys.stdout.isatty() else None) as terminal:
-            result = run_config(cfg, run_dir, [str(o) for o in hydra_cfg.overrides.task], sweep=not single)
+        check_prompt_given(cfg, overrides)  # before anything loads: the default question is about this project
+        mode = output_mode(cfg)  # json: stdout holds the JSON object alone, so no draft streams there
+        with console(sys.stdout if single and sys.stdout.isatty() and mode == "text" else None) as terminal, \
+                progress(terminal, verbose):
+            result = run_config(cfg, run_dir, overrides, sweep=not single)
     except (PipelineError, OmegaConfBaseException) as err:
+        if single:  # failed before any node ran (no trace): the folder Hydra made for it goes too
+            remove_unused_run_folder(run_dir)
         if verbose:
             raise
         where = write_after(cfg, run_dir)
@@ -106,14 +115,13 @@ def hydra_main(cfg: DictConfig) -> Any:
     except KeyboardInterrupt:
         if verbose:
             raise
-        print(f"error: {interrupted(cfg, run_dir)}", file=sys.stderr)
+        where = write_after(cfg, run_dir)  # the partial draft and the nodes that ran, as after any failure
+        print(("\n" if sys.stderr.isatty() else "") + f"error: {interrupted(cfg, run_dir)}"  # after the ^C's line
+              + (f" (report: {where})" if where else ""), file=sys.stderr)
         sys.exit(130)
     where = write_after(cfg, run_dir)
     value = result_value(cfg, result)
-    if value is not None:
-        if terminal is not None and terminal.wrote:  # the draft was streamed: the checked answer follows
-            print("\n\n── answer (citations checked) ──")
-        print(value)
+    show_result(value, mode, terminal, run_dir, result.timings, where)
     if single:  # on stderr: stdout ends with the result, for scripts (`... | tail -1`)
         print(f"run folder: {run_dir}" + (f"\nreport: {where}" if where else ""), file=sys.stderr)
     return value
@@ -121,9 +129,13 @@ def hydra_main(cfg: DictConfig) -> Any:
 
 def interrupted(cfg: DictConfig, run_dir: Path) -> str:
     """The words for a Ctrl-C: interrupted, and what the nodes that ran after it put right (conf/report/html.yaml)."""
-    from pipeline.runfolder import interrupt_notes, settings_of
+    from pipeline.runfolder import interrupt_notes, read_json, settings_of
 
-    notes = interrupt_notes(run_dir, settings_of(cfg))
+    settings = settings_of(cfg)
+    notes = interrupt_notes(run_dir, settings)
+    record, _ = read_json(run_dir / settings["files"]["telemetry"])
+    if isinstance(record, dict) and record.get("interrupted") and record.get("answer"):
+        notes.append("partial draft kept in telemetry")
     return "interrupted" + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -133,10 +145,19 @@ class Console:
 
     def __init__(self, stream: Any):
         self.stream, self.wrote = stream, False
+        self.drafts: list[str] = []  # the text streamed since each `new_draft` (an attempt's answer as decoded)
+        self.before_write: Any = None  # called before text goes out (a progress line steps aside)
+
+    def new_draft(self) -> None:
+        self.drafts.append("")
 
     def write(self, text: str) -> None:
         if text:
+            if self.before_write is not None:
+                self.before_write()
             self.wrote = True
+            if self.drafts:
+                self.drafts[-1] += text
             self.stream.write(text)
             self.stream.flush()
 

@@ -1,13 +1,15 @@
 """Hydra callbacks of our apps (conf/config.yaml `hydra.callbacks`).
 
 Hydra creates the run folder itself, before our app runs; an unwritable `hydra.run.dir` would end in Hydra's
-traceback. `CheckOutputDir` tries the folder first and turns the failure into our one-line error (exit 2).
+traceback. `CheckOutputDir` tries the folder first and turns the failure into our one-line error (exit 2), and
+notes which folders the run makes, so that a run that fails before any node runs removes them (`remove_unused_run_folder`).
 `SweepReport` writes a multirun's report when its last job has ended (each job's own is written by the app).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +36,47 @@ def output_dir_problem(folder: str) -> str | None:
     return None
 
 
+# the folders a single run's `hydra.run.dir` makes (itself, then each parent that did not exist), deepest first
+MADE: list[Path] = []
+# what Hydra itself writes into a run folder before our app runs: its saved config and the job's log
+_HYDRAS = {".hydra": {"config.yaml", "hydra.yaml", "overrides.yaml"}}
+
+
+def folders_to_make(folder: str) -> list[Path]:
+    """``folder`` and each parent of it that does not exist yet, deepest first."""
+    path, made = Path(folder).expanduser().absolute(), []
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    return made
+
+
+def remove_unused_run_folder(run_dir: Path) -> bool:
+    """Remove the run folder Hydra made for this run, and the parents it made, when only Hydra wrote into it (a run
+    that failed before any node ran leaves nothing behind). A folder that existed before, or holds anything of ours,
+    stays. True when it was removed."""
+    run_dir = Path(run_dir).absolute()
+    if not MADE or MADE[0] != run_dir or not run_dir.is_dir():
+        return False
+    for entry in run_dir.iterdir():
+        kept = _HYDRAS.get(entry.name)
+        if kept is not None and entry.is_dir() and not entry.is_symlink() \
+                and all(f.name in kept and f.is_file() for f in entry.iterdir()):
+            continue
+        if not (entry.suffix == ".log" and entry.is_file() and not entry.is_symlink()):
+            return False
+    shutil.rmtree(run_dir)
+    for parent in MADE[1:]:
+        with contextlib.suppress(OSError):  # not empty: another run wrote into it meanwhile, and it stays
+            parent.rmdir()
+    MADE.clear()
+    return True
+
+
 class CheckOutputDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "run")
+        MADE[:] = folders_to_make(str(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "sweep")

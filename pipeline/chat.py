@@ -5,8 +5,11 @@ The model, the program's index and its adapters are loaded by the first question
 with its report; on a terminal the answer streams as it decodes. After the checks, an answer that is grounded
 (telemetry `grounded`, or at least one valid citation where a run does not report it) is printed with the code of
 the windows it cites; one that is not says "I could not find this in the program" instead of guessing.
-`exit`, `quit` or the end of input ends the chat; empty lines are skipped. A line that cannot be a question (bytes
+`exit`, `quit` or the end of input ends the chat; Ctrl-C ends it with exit code 130 (during an answer, after writing
+its report with the partial draft); empty lines are skipped. A line that cannot be a question (bytes
 that are not UTF-8, a control character, over `max_question_tokens`) gets one error line and the chat goes on.
+A question is a follow-up of the last answer: its question, answer and cited code go into the prompt (graph input
+`history`, pipeline/followup.py); `/new` starts afresh, `/sources` lists the cited windows, `/open N` prints one.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pipeline import CONF_DIR
 from pipeline.app import as_text, console, interrupted, run_config
 from pipeline.cli import launch, text_override_value, usage
 from pipeline.engine.errors import PipelineError
+from pipeline.followup import Turn, command, is_command, turn_of
 from pipeline.question_text import check_question, preview
 from pipeline.report import write_after
 
@@ -71,12 +75,16 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
     print(f"Ask about {cfg.program_root} (exit, quit or Ctrl-D ends). The first answer loads the model.",
           file=out)
     asked = 0
+    turn: Turn | None = None  # the last answer, which the next question follows up
     while True:
         if interactive:
             try:
                 question = input("\n? ")
             except EOFError:
                 break
+            except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat: one line, exit code 130
+                print(f"\ninterrupted; {asked} question(s); session folder: {session}", file=out)
+                return 130
         else:
             line = stdin.readline()
             if not line:
@@ -87,6 +95,11 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
             continue
         if question.lower() in ("exit", "quit"):
             break
+        if is_command(question):
+            if not interactive:
+                print(f"\n? {question}", file=out)
+            turn = turn if command(question, turn, out) else None
+            continue
         try:
             check_question(question, cfg.get("max_question_tokens"))
         except PipelineError as err:  # this line only: the session goes on to the next question
@@ -98,6 +111,7 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
         run_dir = session / f"q{asked:03d}"
         job = copy.deepcopy(cfg)
         job.prompt = as_text(question)
+        job.history = as_text(turn.history()) if turn is not None else ""
         if not interactive:
             print(f"\n? {question}", file=out)
         with console(out if out.isatty() else None):
@@ -107,12 +121,14 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
                 where = write_after(job, run_dir)
                 print(f"\nerror: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=out)
                 continue
-            except KeyboardInterrupt:
-                print(f"\n{interrupted(job, run_dir)}; ask again, or end with exit", file=out)
-                continue
+            except KeyboardInterrupt:  # the report holds the partial draft; the chat ends with exit code 130
+                where = write_after(job, run_dir)
+                print(f"\n{interrupted(job, run_dir)} (report: {where or run_dir}); session folder: {session}", file=out)
+                return 130
         where = write_after(job, run_dir)
         print("", file=out)
         show_answer(run_dir, settings_of(job), out)
+        turn = turn_of(run_dir, settings_of(job), question, NOT_FOUND)
         print(f"\nreport: {where or run_dir}", file=out)
     print(f"\n{asked} question(s); session folder: {session}", file=out)
     return 0
@@ -126,7 +142,10 @@ def app(cfg: DictConfig) -> Any:
     overrides = [str(o) for o in hydra_cfg.overrides.task if not str(o).lstrip("+").startswith("prompt=")]
     if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 reaches the question check, not a crash
         sys.stdin.reconfigure(errors="surrogateescape")
-    return chat(cfg, Path(hydra_cfg.runtime.output_dir), overrides, sys.stdin, sys.stdout)
+    code = chat(cfg, Path(hydra_cfg.runtime.output_dir), overrides, sys.stdin, sys.stdout)
+    if code:  # 130 after a Ctrl-C
+        sys.exit(code)
+    return code
 
 
 def main() -> None:

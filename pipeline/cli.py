@@ -2,7 +2,7 @@
 
 - A free-text value (`prompt="What's new in f(x), and why?"`) is quoted for Hydra's override grammar before Hydra
   parses the command line, and escaped so that OmegaConf never reads `${...}` in it as an interpolation.
-- `--help` starts with a short usage of ours, then Hydra's own help (groups and the composed config).
+- `--help` is a short usage of ours (the knobs people change first); `--help-config` is Hydra's own help.
 - A mistyped override (`mix.alpah=3`, `selct=zoom`, `select=zom`) or any other error Hydra raises while composing
   gets one line, `error: ... (did you mean ...?)`, and exit code 2, like the errors of our own graphs;
   `hydra.verbose=true` (or HYDRA_FULL_ERROR=1) shows the traceback instead.
@@ -81,6 +81,15 @@ def prepare_argv(argv: Iterable[str]) -> list[str]:
         texts = quoted if quoted is not None else [value]
         out.append(f"{head}=" + ",".join(text_override_value(t) for t in texts))
     return out
+
+
+# flags of ours that stand for an override (Hydra's own parser knows neither)
+SHORTHANDS = {"--json": "output=json", "-v": "hydra.verbose=true", "--verbose": "hydra.verbose=true"}
+
+
+def shorthands(argv: Iterable[str]) -> list[str]:
+    """``argv`` with our flags (``--json``, ``-v``) replaced by the overrides they stand for."""
+    return [SHORTHANDS.get(arg, arg) for arg in argv]
 
 
 def keyless(overrides: Iterable[str]) -> str | None:
@@ -198,9 +207,12 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     if not_text:  # bytes that are not UTF-8: neither Hydra's grammar nor the saved config nor the report can hold them
         print(f"error: {not_text}", file=sys.stderr)
         sys.exit(2)
-    argv = prepare_argv(sys.argv[1:])
-    if "--help" in argv or "-h" in argv:
-        print(usage.strip() + "\n\n(Hydra's help follows)\n")
+    argv = prepare_argv(shorthands(sys.argv[1:]))
+    if "--help-config" in argv:  # Hydra's own help: every group, its options and the composed config
+        argv = ["--help" if a == "--help-config" else a for a in argv]
+    elif "--help" in argv or "-h" in argv:
+        print(usage.strip())
+        return
     verbose = _verbose(argv)
     problem = keyless(_overrides(argv))
     if problem:
@@ -211,6 +223,11 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     saved_argv, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
         main()
+    except KeyboardInterrupt:  # anywhere outside a run (loading, composing, the report): one line, no traceback
+        if verbose or previous == "1":
+            raise
+        print(("\n" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)  # after the ^C's line
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException, OSError) as err:
         # composing, or Hydra's own files (run folder, log, saved config); our stages' errors the app reported
         if previous == "1":  # the user asked Hydra for the raw exception
@@ -235,17 +252,67 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
             os.environ["HYDRA_FULL_ERROR"] = previous
 
 
-def usage(command: str, what: str, examples: list[str], groups: Iterable[str] = ()) -> str:
-    """A short usage: the command, the common keys, the common groups with their options (read from conf/)."""
+# the knobs people change first, in this order, as `key=value  what it does`: `{options}` lists a group's options and
+# `{default}` a key's default (read from conf/); --help shows those of an app's groups (and those of every app)
+KNOBS = (
+    ("program_root=<folder>", "the program (source tree) to ask about; default: this project"),
+    ('prompt="<question>"', "the question as you would say it; required unless program_root is this project"),
+    ("decode.max_new_tokens=<n>", "the longest answer in tokens (default {default}); lower it on a slow machine"),
+    ("model={options}", "the model; hf model.id=<folder or .gguf> for your own"),
+    ("select={options}", "how evidence is chosen (zoom: select.zoom_symbol=<name>)"),
+    ("pack.context_tokens=<n>", "tokens of evidence shown to the model (default {default})"),
+    ("synth={options}", "the adapter made from the program's text (fitted: trained, slower)"),
+    ("mix.alpha=<x>", "how strongly the adapter is mixed in (default {default})"),
+    ("pipeline={options}", "the graph to run (eval: questions=<set.jsonl>, docs/howto/evaluate.md)"),
+    ("-v", "verbose: tracebacks and the log lines (hydra.verbose=true)"),
+)
+_EVERY_APP = ("program_root", "-v")
+
+
+def _head(knob: str) -> str:
+    return re.split(r"[.=]", knob, maxsplit=1)[0]
+
+
+def _options(group: str) -> str:
     from pipeline import CONF_DIR
 
-    lines = [f"usage: {command} [key=value ...] [group=option ...] [-m for a sweep]", "", what, "",
-             "  program_root=<folder>   the program (source tree) to ask about; default: this project",
-             "  prompt=\"<question>\"      the question, typed as you would say it (quoted once, for the shell)"]
+    return "|".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
+def _default(key: str) -> Any:
+    """The default of ``group.key`` in conf/: the key in the group's default option of conf/config.yaml."""
+    from omegaconf import OmegaConf
+
+    from pipeline import CONF_DIR
+
+    group, _, rest = key.partition(".")
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", []))
+    option = next((d[group] for d in defaults if isinstance(d, dict) and group in d), None)
+    if option is None or not (CONF_DIR / group / f"{option}.yaml").is_file():
+        return "?"
+    return OmegaConf.select(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), rest, default="?")
+
+
+def usage(command: str, what: str, examples: list[str], groups: Iterable[str] = ()) -> str:
+    """A short usage: the command, the knobs people change first (those of ``groups``, "prompt" among them when the
+    app takes one question), the other groups with their options (read from conf/), and where Hydra's full help is."""
+    groups = list(groups)
+    lines = [f"usage: {command} [key=value ...] [group=option ...] [-m for a sweep]", "", what, ""]
+    shown = set()
+    for knob, text in KNOBS:
+        head = _head(knob)
+        if head not in groups and head not in _EVERY_APP:
+            continue
+        shown.add(head)
+        key = knob.split("=", 1)[0]
+        knob = knob.replace("{options}", _options(head))
+        text = text.replace("{default}", str(_default(key))) if "{default}" in text else text
+        lines.append(f"  {knob:<28}{text}" if len(knob) < 28 else f"  {knob}\n  {'':<28}{text}")
     for group in groups:
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        if options:
-            lines.append(f"  {group}={'|'.join(options)}")
-    lines += ["  hydra.verbose=true      show tracebacks", "", "examples:"]
+        if group not in shown and _options(group):
+            lines.append(f"  {group}={_options(group)}")
+    lines += ["", "  --cfg job                   print the composed config (every key); -m a,b sweeps a key",
+              "  --help-config               Hydra's full help: every config group and the composed config",
+              "", "examples:"]
     lines += [f"  {example}" for example in examples]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ def main() -> None:
     launch(app, usage("python -m pipeline.export", "Write the adapter an answer would mix, in PEFT's LoRA format.",
                       ['python -m pipeline.export program_root=~/src/myproj prompt="How is X parsed?" out=/tmp/lora',
                        "python -m pipeline.export adapters=outputs/adapters/myproj-1234abcd export_which=base out=/tmp/lora"],
-                      ["model", "synth", "sub"]), "export")
+                      ["prompt", "model", "synth", "sub", "mix"]), "export")
 
 
 if __name__ == "__main__":

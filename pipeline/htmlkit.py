@@ -24,14 +24,14 @@ h3{font-size:15px;margin:16px 0 6px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;border:1px solid #0002}
 .badge.ok{background:#cdeccd} .badge.failed{background:#f6b8b8} .badge.skipped{background:#e6e6e6}
 .badge.warn{background:#ffe9a8}
-.answer{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px 14px;white-space:pre-wrap}
-.question{font-size:16px;font-weight:600;white-space:pre-wrap}
+.answer{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px 14px;white-space:pre-wrap;overflow-wrap:anywhere}
+.question{font-size:16px;font-weight:600;white-space:pre-wrap;overflow-wrap:anywhere}
 a.cite{background:#e4efff;border-radius:3px;padding:0 2px;text-decoration:none}
 a.cite.attributed{background:#efe4ff}
 .invalid{background:#fdd;color:#900;text-decoration:line-through;border-radius:3px;padding:0 2px}
 mark.unknown{background:#ffe08a;border-bottom:2px dotted #b80;padding:0 1px}
 table{border-collapse:collapse;margin:6px 0;background:#fff} th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f0f2f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f0f2f4} table:not(.sortable) td{overflow-wrap:anywhere} td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer} table.sortable th:after{content:" \\2195";color:#aaa}
 .window{background:#fff;border:1px solid #ddd;border-radius:6px;margin:10px 0;scroll-margin-top:8px}
 .window:target{outline:3px solid #4a8af4}
@@ -39,13 +39,17 @@ table.sortable th{cursor:pointer} table.sortable th:after{content:" \\2195";colo
 .window .hl{overflow-x:auto;margin:0} .window pre{margin:0;padding:6px 10px;font-size:12.5px;line-height:1.4}
 .hl .hll{background:#fff3b0;display:block}
 .linenos,.hl .linenos{color:#999;padding-right:10px;user-select:none}
-.bar{position:relative;height:14px;background:#f1f1f1;min-width:360px}
+.bar{position:relative;height:14px;background:#f1f1f1}
 .bar span{position:absolute;top:0;height:14px}
 .grid{display:flex;flex-wrap:wrap;gap:18px} .grid>div{flex:1 1 340px}
 details summary{cursor:pointer;color:#345}
 .facts{display:flex;flex-wrap:wrap;gap:6px 14px;margin:8px 0} .fact{white-space:nowrap}
-.side{display:flex;gap:18px;align-items:flex-start} .dag{flex:0 0 auto} .waterfall{flex:1 1 auto;overflow-x:auto}
-.waterfall .bar{min-width:220px} .waterfall td{white-space:nowrap} .waterfall td:nth-child(6){white-space:normal}
+.side{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start} .dag{flex:0 1 auto;max-width:100%;overflow-x:auto}
+.waterfall{flex:1 1 700px;min-width:0}
+table.timing{width:100%;table-layout:fixed} table.timing th,table.timing td{overflow-wrap:anywhere}
+table.timing th:nth-child(1){width:130px} table.timing th:nth-child(2),table.timing th:nth-child(5){width:64px}
+table.timing th:nth-child(3){width:76px} table.timing th:nth-child(6){width:18%} table.timing th:nth-child(7){width:120px}
+table.sortable td.job-answer{min-width:260px;max-width:420px;white-space:normal;overflow-wrap:anywhere}
 """
 
 SORT_JS = """

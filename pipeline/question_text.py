@@ -102,3 +102,36 @@ def preview(text: str, width: int = 60) -> str:
     if len(shown) > width or len(text) > width * 2:
         return f"'{shown[:width]}…' ({len(text):,} characters)"
     return f"'{shown}'"
+
+
+def _default_prompt() -> Any:
+    """The question of conf/config.yaml: the one asked when ``prompt=`` is left out (about this project)."""
+    from omegaconf import OmegaConf
+
+    from pipeline import CONF_DIR
+
+    return OmegaConf.load(CONF_DIR / "config.yaml").get("prompt")
+
+
+def check_prompt_given(cfg: Any, overrides: Iterable[str]) -> None:
+    """Refuse a run of a graph that asks one question (``prompt`` among its inputs, no question set) about an existing
+    program outside this project when ``prompt=`` was left out: the default question is about this project."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    inputs = OmegaConf.select(cfg, "pipeline.inputs", default=None, throw_on_missing=False)
+    if inputs is None or "prompt" not in inputs or "questions" in inputs:
+        return
+    if any(o.split("=", 1)[0].lstrip("+~") == "prompt" for o in overrides):
+        return
+    prompt = OmegaConf.select(cfg, "prompt", default=None, throw_on_missing=False)
+    root = OmegaConf.select(cfg, "program_root", default=None, throw_on_missing=False)
+    project = OmegaConf.select(cfg, "paths.root", default=None, throw_on_missing=False)
+    if not isinstance(root, str) or not isinstance(project, str) or prompt != _default_prompt():
+        return
+    where = Path(root).expanduser().absolute()
+    if not where.exists() or where.resolve().is_relative_to(Path(project).resolve()):
+        return  # a missing folder is the index's one line; this project (or a part of it) has the default question
+    raise ConfigError(f'prompt=... is required when asking about {root}: the default question is about this '
+                      f'project; ask yours, e.g. prompt="Where are config files parsed?"')

@@ -7,7 +7,8 @@ from pipeline import CONF_DIR
 from pipeline.app import hydra_main
 from pipeline.cli import launch, usage
 
-GROUPS = ["pipeline", "model", "select", "rerank", "synth", "pack", "decode", "report"]
+# the knobs of --help (pipeline/cli.py KNOBS) and the other groups it lists
+GROUPS = ["prompt", "decode", "model", "select", "pack", "synth", "mix", "pipeline", "rerank", "report"]
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -213,6 +213,10 @@ def read_lines(root: str | Path | None, path: str, start: int, end: int,
         return None, "the program root is unknown"
     try:
         base = Path(root).resolve(strict=True)
+        if base.is_file():  # a one-file program: its file, by the name the index gave it, and nothing beside it
+            if path != base.name:
+                return None, f"{path} is not the program's one file {base.name}"
+            base = base.parent
         target = (base / path).resolve(strict=True)
     except (OSError, RuntimeError):
         return None, f"{path} is not in {root} any more"

@@ -82,7 +82,7 @@ class LocateArtifacts(Stage):
         if c.path:
             return {"location": given_location(c.path, key), "missing": False}
         root = Path(c.root)
-        folder = root / f"{index.root.name or 'program'}-{key[:8]}"
+        folder = root / f"{index.location.name or 'program'}-{key[:8]}"
         clean_stale_partials(root)  # folders of builds that were killed half-way
         exists = (folder / "manifest.json").is_file() and (folder / "adapters.npz").is_file()
         if exists:
@@ -113,7 +113,8 @@ class StoreArtifacts(Stage):
             "embed_dim": embedding.dim, "seed": embedding.seed, "channel_weights": embedding.weights,
             "synth": {"name": adapters.meta.get("synth"),
                       **{k: v for k, v in adapters.meta.items() if k not in ("synth", "curve")}},
-            "build_config": self.config.build_config, "program_root": str(index.root), "commit": git_commit(index.root),
+            "build_config": self.config.build_config, "program_root": str(index.location),
+            "commit": None if index.file else git_commit(index.root),  # one file: nothing beside it is read
             "file_count": len(index.files), "created": datetime.datetime.now(datetime.UTC).isoformat(),
             "package_version": _version(), "bank_modules": sorted(bank) if bank else [],
             "code": build_code(self.config.build_config),  # the source fingerprints in the key (what made this folder)

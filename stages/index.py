@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pipeline.engine.stage import Range, RunContext, Stage
 from stages.common.program.indexing import Parsing, build_index
-from stages.common.program.walk import DEFAULT_IGNORE, Limits, resolve_root
+from stages.common.program.walk import DEFAULT_IGNORE, Limits, resolve_program
 from stages.common.types import ProgramIndex
 
 
@@ -36,7 +36,7 @@ class IndexProgram(Stage):
     config: Config
 
     def precheck(self, program_root: str) -> None:
-        resolve_root(program_root)  # a missing, non-folder or /proc root fails before any model loads
+        resolve_program(program_root)  # a missing, FIFO or /proc root fails before any model loads (one file is a program)
 
     def run(self, program_root: str, context: RunContext | None = None) -> dict:
         c = self.config

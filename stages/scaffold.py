@@ -11,6 +11,8 @@ prefill the reply with the citation of the best window.
 The prompt's token ids are made here (stages/common/tokens.py), and program text, file names and the question are
 data: a docstring holding `<|im_start|>` can never become a chat-turn token. Only the chat template itself
 contributes special tokens.
+A chat follow-up's `history` (the earlier question, answer and cited code, pipeline/followup.py) goes before the
+evidence, cut to `history_tokens`; it is message content too, so data. Without history the prompt is unchanged.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pipeline.engine.stage import Range, Stage
 from stages.common.grounding.identifiers import DOTTED, IDENT
 from stages.common.grounding.labels import label_spans
 from stages.common.grounding.leads import LeadChoice
-from stages.common.tokens import encode_chat, encode_text
+from stages.common.tokens import encode_chat, encode_text, encode_texts
 from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
 
 SYSTEM = ("You answer questions about a program. Use only the source code shown in the [ctx] blocks, "
@@ -31,6 +33,22 @@ SYSTEM = ("You answer questions about a program. Use only the source code shown 
 
 
 NEUTRAL_QUESTION = "What does this code do?"
+HISTORY_OPEN, HISTORY_CLOSE = "[earlier conversation]", "[end of earlier conversation]"
+
+
+def trim_history(tok, history: str, budget: int) -> str:
+    """``history``'s first lines that fit in ``budget`` tokens (counted line by line), framed; "" when none fit."""
+    if not history or budget <= 0:
+        return ""
+    lines = history.splitlines()
+    kept, used = [], 0
+    for line, ids in zip(lines, encode_texts(tok, [line + "\n" for line in lines])):
+        if used + len(ids) > budget:
+            kept.append("… (earlier conversation cut at scaffold.history_tokens)")
+            break
+        kept.append(line)
+        used += len(ids)
+    return "\n".join([HISTORY_OPEN, *kept, HISTORY_CLOSE]) if used else ""
 
 
 def lead_choices(evidence: Evidence, index: ProgramIndex | None) -> dict[str, int]:
@@ -75,6 +93,7 @@ class BuildPrompt(Stage):
         prefill_pointer: bool = False
         attempt: Annotated[int, Range(ge=1)] = 1
         max_question_tokens: Annotated[int, Range(ge=1)] = 512  # the top-level key's limit, counted in tokens here
+        history_tokens: Annotated[int, Range(ge=0)] = 768  # a chat follow-up's earlier turn, at most; 0: none
 
     config: Config
 
@@ -98,13 +117,16 @@ class BuildPrompt(Stage):
         rules.append("Name only functions, classes and variables that appear in the code above.")
         return rules
 
-    def run(self, prompt: str, evidence: Evidence, lm: LanguageModel, index: ProgramIndex | None = None) -> dict:
+    def run(self, prompt: str, evidence: Evidence, lm: LanguageModel, index: ProgramIndex | None = None,
+            history: str | None = None) -> dict:
         c = self.config
         asked = len(encode_text(lm.tokenizer, prompt))
         if asked > c.max_question_tokens:  # the product bounded its characters; the model's positions bound its tokens
             raise InputError(f"the question (prompt) is {asked:,} tokens; a question may have max_question_tokens="
                              f"{c.max_question_tokens} tokens: ask a shorter one")
-        blocks = "\n\n".join(w.block() for w in evidence.windows)
+        earlier = trim_history(lm.tokenizer, history or "", c.history_tokens)
+        # the earlier turn goes with the evidence: the evidence-free prompt (decode.cad_alpha) has neither
+        blocks = "\n\n".join([earlier] * bool(earlier) + [w.block() for w in evidence.windows])
         first = evidence.windows[0] if evidence.windows else None
         example = f"{first.path}:{first.start}-{first.end}" if first else "path.py:1-9"
         rules = self.rules(example)

@@ -20,6 +20,7 @@ from stages.common.program.text import token_set, tokens
 from stages.common.program.walk import is_test_path
 from stages.common.retrieval import encoder_lora
 from stages.common.retrieval.dense import MAX_TOKENS, PACKAGE, encoder, window_vectors
+from stages.common.retrieval.focus import focus_windows, parse
 from stages.common.retrieval.scoring import RELEVANCE, score_windows, standardise
 from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
@@ -42,6 +43,7 @@ class QuestionSelect(Stage):
         k1: Annotated[float, Range(ge=0)] = RELEVANCE["k1"]
         b: Annotated[float, Range(ge=0, le=1)] = RELEVANCE["b"]
         test_weight: Annotated[float, Range(ge=0)] = 0.5
+        focus: str | None = None  # `<file>[:<first>-<last>]`: that file alone, its windows overlapping the lines
 
         @property
         def relevance(self) -> dict[str, float]:
@@ -51,12 +53,19 @@ class QuestionSelect(Stage):
 
     config: Config
 
+    def precheck(self, prompt: str | None = None, **_) -> None:
+        if self.config.focus is not None:  # a malformed focus fails before any model loads
+            parse(self.config.focus)
+
     def run(self, index: ProgramIndex, prompt: str) -> dict:
         return {"selection": self.select(index, prompt, score_windows(index, prompt, self.config.relevance))}
 
     def select(self, index: ProgramIndex, prompt: str, windows: dict[int, float],
                ranking: dict[str, list[tuple[float, Window]]] | None = None, tests_weighed: bool = False) -> Selection:
         """Files ranked by their best window's score (window position -> score >= 0; 0 = no match)."""
+        if self.config.focus is not None:  # the file and lines the user pointed at, alone
+            path, ranked_windows = focus_windows(index, parse(self.config.focus), windows)
+            return self._region(index, prompt, [path], {path: ranked_windows[0][0]}, 1, {path: ranked_windows})
         scores: dict[str, float] = {}
         for i, value in windows.items():
             path = index.windows[i].path
@@ -69,10 +78,13 @@ class QuestionSelect(Stage):
             # nothing in the program matches the words of the question: fall back to its most central files
             central = nx.in_degree_centrality(index.graph)
             ranked = sorted(index.files, key=lambda p: (-central.get(f"file:{p}", 0) - _module_centrality(index, p, central), p))
-        files = ranked[: self.config.top_k]
+        return self._region(index, prompt, ranked[: self.config.top_k], scores, len(matched), ranking)
+
+    def _region(self, index: ProgramIndex, prompt: str, files: list[str], scores: dict[str, float], matched: int,
+                ranking: dict[str, list[tuple[float, Window]]] | None) -> Selection:
         names = set(tokens(prompt))
         symbols = [s.qualname for s in index.symbols if s.path in files and token_set(s.name) & names]
-        selection = _selection(index, files, scores, symbols, len(matched))
+        selection = _selection(index, files, scores, symbols, matched)
         selection.window_ranking = ranking
         return selection
 
@@ -101,6 +113,7 @@ class HybridSelect(QuestionSelect):
     config: Config
 
     def precheck(self, prompt: str | None = None, **_) -> None:
+        super().precheck(prompt)
         # a missing or bad adapter file fails before any model loads
         if self.config.encoder_adapter:
             encoder_lora.load(self.config.encoder_adapter)
@@ -160,11 +173,21 @@ class ZoomSelect(Stage):
         zoom_symbol: str
         zoom_radius: Annotated[int, Range(ge=0)] = 1
         top_k: Annotated[int, Range(ge=1)] = 8
+        focus: str | None = None  # as select=question's: that file and lines alone (zoom_symbol is then not used)
 
     config: Config
 
+    def precheck(self, prompt: str | None = None, **_) -> None:
+        if self.config.focus is not None:
+            parse(self.config.focus)
+
     def run(self, index: ProgramIndex, prompt: str) -> dict:
         c = self.config
+        if c.focus is not None:
+            path, ranked = focus_windows(index, parse(c.focus), {})
+            selection = _selection(index, [path], {path: 1.0}, [], 1)
+            selection.window_ranking = {path: ranked}
+            return {"selection": selection}
         seeds = find_symbols(index, c.zoom_symbol)
         seed_ids = [s.node_id for s in seeds]
         seed_files = list(dict.fromkeys(s.path for s in seeds))

@@ -1,7 +1,8 @@
 """Stage `telemetry` (docs/behaviour.md §6): one record per answer (pipeline/engine/records.py), `telemetry.json` in the run
 folder (and at `telemetry_out` if set).
 
-It runs also after a failure (node `always: true`): then `status` is `failed` and `error` names the node.
+It runs also after a failure (node `always: true`): then `status` is `failed` and `error` names the node. After a
+Ctrl-C during decode, `interrupted` is true and `answer` is the draft decoded so far (unchecked).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from pipeline.engine.cache import write_atomic
 from pipeline.engine.records import CitationRecord, Span, Telemetry
 from pipeline.engine.stage import RunContext, Stage
+from stages.common.generation.generate import DecodeInterrupted
 from stages.common.grounding.labels import mislabels
 from stages.common.grounding.quotes import check_code
 from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, ProgramIndex, Selection
@@ -35,7 +37,8 @@ class WriteTelemetry(Stage):
             mix_report: dict | None = None, remix_report: dict | None = None, draft: Draft | None = None,
             retry_draft: Draft | None = None, first_report: CitationReport | None = None,
             index: ProgramIndex | None = None) -> dict:
-        drafts = [d for d in (draft, retry_draft) if d is not None]
+        partial = context.error.draft if isinstance(context.error, DecodeInterrupted) else None
+        drafts = [d for d in (draft, retry_draft, partial) if d is not None]
         timings = {k: round(v, 4) for k, v in context.timings.items()}
         record = Telemetry(
             status="failed" if context.failure else "ok",
@@ -59,6 +62,12 @@ class WriteTelemetry(Stage):
         )
         if answer is not None:
             record = _answered(record, answer, evidence, index, drafts)
+        elif partial is not None:
+            record = dataclasses.replace(
+                record, answer=partial.text, lead=partial.lead, notes=tuple(note for d in drafts for note in d.notes),
+                tokens={"prompt": partial.prompt_tokens, "generated": partial.generated_tokens})
+        if isinstance(context.error, KeyboardInterrupt):
+            record = dataclasses.replace(record, interrupted=True)
         record = record.with_entries(mix_report or {})
         data = record.to_json()
         blob = json.dumps(data, indent=2, default=str)

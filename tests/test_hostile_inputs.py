@@ -177,7 +177,7 @@ def test_a_failed_mix_releases_the_model(tiny_lm):
 def test_proc_as_program_root_is_refused_before_the_model_loads(cli, tmp_path):
     started = time.perf_counter()
     proc = cli(["model=tiny_random", f"paths.outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
-                "program_root=/proc"], timeout=120)
+                "prompt=how does add work", "program_root=/proc"], timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: node 'index': program_root '/proc' is on a proc pseudo filesystem"), last
@@ -186,7 +186,7 @@ def test_proc_as_program_root_is_refused_before_the_model_loads(cli, tmp_path):
 
 def test_the_filesystem_root_is_bounded_by_the_index_budget(cli, tmp_path):
     proc = cli(["model=tiny_random", f"paths.outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
-                "program_root=/", "index.max_files=300"], timeout=300)
+                "prompt=how does add work", "program_root=/", "index.max_files=300"], timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "has more than index.max_files=300 files" in last and last.startswith("error: node 'index':"), last
@@ -474,7 +474,7 @@ def test_generate_answer_inside_the_users_own_hydra_app(tmp_path, make_tree):
         theirs = GlobalHydra.instance().hydra
         text = pipeline.generate_answer("tiny_random", None, str(program), "how does add work",
                                         overrides=[f"paths.outputs={tmp_path / 'out'}", *QUICK])
-        assert isinstance(text, str)
+        assert isinstance(text, pipeline.Answer) and isinstance(str(text), str)
         assert GlobalHydra.instance().hydra is theirs and compose("config").lr == 0.1  # their app is untouched
 
 

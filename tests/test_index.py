@@ -124,7 +124,7 @@ def test_python_nested_deeper_than_the_stack_is_indexed_as_text(tmp_path, make_t
     ("empty", ["has no indexable text files"]),
     ("only_binary", ["has no indexable text files", "binary"]),
     ("missing", ["does not exist"]),
-    ("file", ["is a file, not a folder"]),
+    ("fifo", ["is neither a folder nor a regular file"]),
 ])
 def test_unusable_program_root(tmp_path, setup, fragments):
     target = tmp_path / "prog"
@@ -133,8 +133,8 @@ def test_unusable_program_root(tmp_path, setup, fragments):
     elif setup == "only_binary":
         target.mkdir()
         (target / "blob.bin").write_bytes(b"\x00" * 10)
-    elif setup == "file":
-        target.write_text("x = 1\n")
+    elif setup == "fifo":  # one regular file is a program of that file (tests/test_focus.py)
+        os.mkfifo(target)
     with pytest.raises(InputError) as info:
         index_tree(target)
     message = str(info.value)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 from cdp import Browser, chromium_path
 from report_fixtures import telemetry, trace, write_program, write_run
 
+from pipeline import CONF_DIR
 from pipeline.report import write_report
 
 pytestmark = pytest.mark.skipif(chromium_path() is None and not os.environ.get("CI"),
@@ -82,3 +84,59 @@ def test_sweep_report_sorts_its_table(tmp_path, browser):
     browser.js("document.querySelector('#jobs a').click()")
     browser.wait_for("Page.loadEventFired")
     assert browser.js("location.href").endswith("/0/report.html") and browser.console_errors() == []
+
+
+def answer_graph_run(tmp_path, program):
+    """A run of the real answer graph (its nodes and wiring from conf/pipeline), a 40 s prefill and a 143 s decode as
+    the trace records them (the draft's `seconds` and `prefill_seconds`), a long reason and a long stage name."""
+    nodes: dict = {}
+    for name in ("build", "region", "answer"):
+        nodes.update(yaml.safe_load((CONF_DIR / "pipeline" / f"{name}.yaml").read_text())["nodes"])
+    ran = []
+    for name, spec in nodes.items():
+        node = {"node": name, "stage": f"stages.{name}.{(spec or {}).get('stage', 'Stage')}", "status": "ok",
+                "seconds": 1.25, "reason": "", "outputs": {}, "peak_rss_mb": 951.25}
+        if name == "decode":
+            node["seconds"] = 190.0
+            node["outputs"] = {"draft": {"generated_tokens": 300, "seconds": 183.0, "prefill_seconds": 40.0}}
+        if name.endswith("_retry") or name == "remix":
+            node["status"], node["reason"] = "skipped", "condition 'not cite.passed' is false"
+        if name == "embed":
+            node["reason"] = "cached: /home/someone/a-rather-long-folder-name/artifacts/0123456789abcdef0123/e.safetensors"
+            node["stage"] = "stages.embed.EmbedProgramWithSentenceTransformersAndAVeryLongName"
+        ran.append(node)
+    run = write_run(tmp_path / "run", program, telemetry(),
+                    {"pipeline": "answer", "overrides": ["model=tiny_random"], "failure": None, "nodes": ran})
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    config["pipeline"]["nodes"] = nodes
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_the_waterfall_shows_prefill_and_decode_and_fits_1400_px(tmp_path):
+    pytest.importorskip("websocket", reason="websocket-client is not installed (pip install -e '.[test]')")
+    report = write_report(answer_graph_run(tmp_path, write_program(tmp_path / "prog")))
+    browser = Browser(tmp_path / "profile", width=1400, height=900)
+    try:
+        browser.open(report.as_uri())
+        assert browser.console_errors() == []
+        # the decode row draws both phases, each visible, the decode bar right after the prefill bar
+        bars = browser.js("Array.from(document.querySelectorAll('.waterfall .bar [data-phase]')).map(s => "
+                          "{const r = s.getBoundingClientRect(); return [s.dataset.phase, r.left, r.width, r.height]})")
+        assert [b[0] for b in bars] == ["prefill", "decode"], bars
+        (_, p_left, p_width, p_height), (_, d_left, d_width, d_height) = bars
+        assert p_width > 0 and d_width > 0 and p_height > 0 and d_height > 0
+        assert d_width > 3 * p_width and abs(p_left + p_width - d_left) < 1.5  # 143 s after 40 s, side by side
+        # at 1,400 px nothing scrolls sideways: not the page, not the waterfall; every stage cell is on screen whole
+        assert browser.js("document.documentElement.scrollWidth") <= 1400
+        box = browser.js("(() => {const w = document.querySelector('.waterfall'); "
+                         "return [w.scrollWidth, w.clientWidth, w.getBoundingClientRect().right]})()")
+        assert box[0] <= box[1], box
+        cells = browser.js("Array.from(document.querySelectorAll('.waterfall tr > :nth-child(7)')).map(c => "
+                           "{const r = c.getBoundingClientRect(); return [r.left, r.right, c.scrollWidth, c.clientWidth]})")
+        assert len(cells) == 1 + len(browser.js("Array.from(document.querySelectorAll('.waterfall tbody tr'))"))
+        assert all(0 <= left and right <= min(box[2], 1400) + 0.5 and sw <= cw for left, right, sw, cw in cells), cells
+        browser.js("document.querySelector('.waterfall').scrollIntoView()")
+        assert browser.screenshot(tmp_path / "waterfall-1400.png").stat().st_size > 0
+    finally:
+        browser.close()

@@ -7,11 +7,13 @@ the run's ``trace.json``, with its values dropped (only summaries are kept).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from pipeline.engine.errors import StageFailed
@@ -19,6 +21,25 @@ from pipeline.engine.graph import INPUTS, Graph, Node
 from pipeline.engine.stage import RunContext, Stage
 
 log = logging.getLogger(__name__)
+
+# called with (node, None) when a node's stage starts and (node, seconds) when it ends: how an app shows progress
+NodeListener = Callable[[str, "float | None"], None]
+_listeners: list[NodeListener] = []
+
+
+@contextlib.contextmanager
+def listening(listener: NodeListener) -> Iterator[None]:
+    """``listener`` hears of every node's start and end while the block runs (in this process, nested runs too)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def _notify(node: str, seconds: float | None) -> None:
+    for listener in list(_listeners):
+        listener(node, seconds)
 
 
 @dataclasses.dataclass
@@ -45,6 +66,8 @@ class RunResult:
     trace: list[NodeTrace]
     failure: str | None = None  # one line naming the first node that failed and why
     failed_node: str | None = None
+    # the first failure itself, for the always-nodes (a Ctrl-C during decode carries the draft decoded so far)
+    error: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def output(self, node: str, port: str, default: Any = None) -> Any:
         return self.values.get((node, port), default)
@@ -64,7 +87,7 @@ class RunResult:
     def fail(self, node: str, error: BaseException) -> None:
         """Record the first failure (later ones, e.g. of a cleanup node, stay in their node's trace only)."""
         if self.failure is None:
-            self.failure, self.failed_node = str(StageFailed(node, error)), node
+            self.failure, self.failed_node, self.error = str(StageFailed(node, error)), node, error
 
 
 def summarize(value: Any) -> Any:
@@ -157,6 +180,7 @@ def _run_stage(node: Node, run: RunResult, context: RunContext) -> tuple[NodeTra
     kwargs = _inputs(node, run.values)
     for param in node.stage_cls.context_params():
         kwargs[param] = context
+    _notify(node.name, None)
     started = time.perf_counter()
     try:
         produced = node.instance.run(**kwargs)
@@ -164,13 +188,16 @@ def _run_stage(node: Node, run: RunResult, context: RunContext) -> tuple[NodeTra
     except BaseException as err:  # noqa: BLE001 - re-raised by execute, after the always-nodes ran
         record.seconds, record.peak_rss_mb = time.perf_counter() - started, peak_rss_mb()
         record.reason = _first_line(err)
-        log.error("node %s failed: %s", node.name, record.reason)
+        # for the run's log only: the app reports a failure (or "interrupted") in one line on stderr
+        log.info("node %s failed: %s", node.name, record.reason)
+        _notify(node.name, record.seconds)
         return record, err
     record.seconds, record.peak_rss_mb, record.status = time.perf_counter() - started, peak_rss_mb(), "ok"
     for port, value in produced.items():
         run.values[(node.name, port)] = value
         record.outputs[port] = summarize(value)
     log.info("node %-14s %6.2fs", node.name, record.seconds)
+    _notify(node.name, record.seconds)
     return record, None
 
 

@@ -48,6 +48,7 @@ class Telemetry:
     error: str | None = None  # the first failure: its node and one line
     prompt: str = ""
     answer: str | None = None
+    interrupted: bool = False  # Ctrl-C: the answer, if any, is the draft decoded so far, unchecked
     overrides: tuple[str, ...] = ()
     files_selected: tuple[str, ...] = ()
     modules_selected: tuple[str, ...] = ()

@@ -103,6 +103,11 @@ class RunContext:
         """The first failure of the run (one line naming the node), or None."""
         return self.result.failure if self.result is not None else None
 
+    @property
+    def error(self) -> BaseException | None:
+        """The first failure's exception (e.g. a Ctrl-C carrying a partial draft), or None."""
+        return self.result.error if self.result is not None else None
+
 
 def _is_context(annotation: Any) -> bool:
     """A ``run`` parameter the framework fills with the run's context: ``RunContext``, or ``RunContext | None`` for a

@@ -120,6 +120,8 @@ def section_question(run: RunFolder) -> str:
            "at least one citation is valid") if grounded else \
         ("the checks could not ground this answer in the program" if reported else
          "no citation is valid: nothing in this answer is backed by the evidence below")
+    if record.interrupted:
+        why = "interrupted (Ctrl-C): the draft decoded so far, not checked"
     parts.append(f'<p><span class="badge {"ok" if grounded else "warn"}" id="grounded">'
                  f'{"grounded" if grounded else "not grounded"}</span> {esc(why)}</p>')
     parts.append(render_answer(run))
@@ -152,10 +154,10 @@ def section_evidence(run: RunFolder) -> str:
     files = run.record.files_selected if run.record else ()
     if not windows and not files:
         return ""
-    cited: dict[str, list[tuple[int, int]]] = {}
-    for (path, start, end), record in _citation_records(run).items():
-        if record.valid:
-            cited.setdefault(path, []).append((start, end))
+    cited: dict[str, list[tuple[int, int]]] = {}  # every valid citation, repeats included: each one is counted
+    for c in run.record.citations if run.record else ():
+        if c.valid and not c.removed:
+            cited.setdefault(c.path, []).append((c.start, c.last))
     root = run.settings.get("program_root")
     parts = [f"<h2>Evidence: {len(windows)} packed windows</h2>",
              f'<p class="small muted">code read from {esc(root or "(unknown program root)")} when this report '
@@ -166,7 +168,7 @@ def section_evidence(run: RunFolder) -> str:
         path, start, end = w.path, w.start, w.end
         cites = [(a, b) for a, b in cited.get(path, []) if a <= end and start <= b]
         marked = {n for a, b in cites for n in range(max(a, start), min(b, end) + 1)}
-        badge = f' <span class="badge ok">cited ×{len(cites)}</span>' if cites else ""
+        badge = f' <span class="badge ok cited">cited ×{len(cites)}</span>' if cites else ""
         lines, why = read_lines(root, path, start, min(end, start + limit - 1), hashes.get(path))
         code = highlight(path, lines, start, marked) if lines is not None else \
             f'<p class="muted" style="padding:6px 10px">code not shown: {esc(why)}</p>'

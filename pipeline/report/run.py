@@ -35,16 +35,28 @@ def _graph_edges(config: DictConfig | None) -> list[tuple[str, str]]:
     return edges
 
 
-def _phases(node: dict) -> dict[str, float]:
-    """Sub-timings of a node when the trace has them: `phases: {name: s}` or `<name>_seconds` keys."""
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _phases(node: dict, decoding: Any = None) -> dict[str, float]:
+    """Sub-timings of a node when the trace has them: `phases: {name: s}` or `<name>_seconds` keys. A draft's
+    summary records `seconds` and `prefill_seconds` only: the rest of its seconds is its decode phase. A `decode`
+    node without them takes telemetry's `decoding` (``decoding``) when that counts one attempt only."""
     found: dict[str, float] = {}
     for source in [node, *[v for v in (node.get("outputs") or {}).values() if isinstance(v, dict)]]:
         phases = source.get("phases")
         if isinstance(phases, dict):
-            found.update({str(k): float(v) for k, v in phases.items() if isinstance(v, (int, float))})
+            found.update({str(k): float(v) for k, v in phases.items() if _number(v) is not None})
         for key, value in source.items():
-            if key.endswith("_seconds") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key.endswith("_seconds") and _number(value) is not None:
                 found[key.removesuffix("_seconds")] = float(value)
+        seconds, prefill = _number(source.get("seconds")), _number(source.get("prefill_seconds"))
+        if source is not node and seconds is not None and prefill is not None and "decode" not in found:
+            found["decode"] = max(seconds - prefill, 0.0)
+    if not found and node.get("node") == "decode" and isinstance(decoding, dict) and decoding.get("attempts") in (1, None):
+        found = {k: v for k in ("prefill", "decode") if (v := _number(decoding.get(f"{k}_seconds"))) is not None}
     return found
 
 
@@ -66,15 +78,15 @@ def section_graph(run: RunFolder) -> str:
     for n in nodes:
         seconds = float(n.get("seconds") or 0.0)
         left, width = clock / total * 100, max(seconds / total * 100, 0.25)
-        phases = _phases(n)
+        phases = _phases(n, run.telemetry.get("decoding"))
         bars = f'<span style="left:{left:.2f}%;width:{width:.2f}%;background:#8aa6c8"></span>'
         if phases:
             offset = left
             bars = ""
             for j, (phase, s) in enumerate(phases.items()):
                 w = max(s / total * 100, 0.25)
-                bars += (f'<span style="left:{offset:.2f}%;width:{w:.2f}%;background:{palette[j % 4]}" '
-                         f'title="{esc(phase)} {fmt(s)} s"></span>')
+                bars += (f'<span data-phase="{esc(phase)}" style="left:{offset:.2f}%;width:{w:.2f}%;'
+                         f'background:{palette[j % 4]}" title="{esc(phase)} {fmt(s)} s"></span>')
                 offset += w
         clock += seconds
         state = str(n.get("status", ""))
@@ -85,7 +97,8 @@ def section_graph(run: RunFolder) -> str:
                      esc(fmt(n.get("peak_rss_mb"))), esc(n.get("reason") or ""),
                      f'<span title="{esc(n.get("stage", ""))}">{esc(str(n.get("stage", "")).rpartition(".")[2])}</span>'])
     parts.append(f'<div class="waterfall"><h3>Timing waterfall ({fmt(total)} s in nodes)</h3>'
-                 + table(["node", "status", "seconds", "when", "peak RSS (MiB)", "reason", "stage"], rows, raw=True)
+                 + table(["node", "status", "seconds", "when", "peak RSS (MiB)", "reason", "stage"], rows, "timing",
+                         raw=True)
                  + "</div></div>")
     return "".join(parts)
 

@@ -1,4 +1,5 @@
-"""A multirun's report.html: the summary table (sortable), a plot per key metric and a link to each job's report."""
+"""A multirun's report.html: the summary table (sortable) with each job's answer, a plot per key metric and a link to each
+job's report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.engine.cache import write_atomic
 from pipeline.htmlkit import SORT_JS, bar_chart, esc, fmt, page
 from pipeline.report.run import write_run_report
-from pipeline.runfolder import CONFIG_ERRORS, ReportError, is_run_folder, settings_of
+from pipeline.runfolder import CONFIG_ERRORS, ReportError, is_run_folder, read_json, settings_of
 from pipeline.summary import KEY_COLUMNS, SummaryError, find_jobs, read_job, shown_columns, split_overrides
 
 
@@ -25,10 +26,14 @@ def render_sweep(folder: Path, settings: dict) -> str:
         rel = target.relative_to(folder).as_posix()
         links.append(f'<a href="{esc(rel)}">{esc(job.relative_to(folder).as_posix())}</a>' if target.is_file()
                      else esc(job.name))
-    header = ["job", *varying, "status", *metrics]
+    answers = [_answer(job, settings) for job in jobs]
+    shown = any(answers)  # the answer next to the status: the metrics' columns run off to the right
+    header = ["job", *varying, "status", *(["answer"] if shown else []), *metrics]
     body = [[link, *[esc(row.get(k, "")) for k in varying],
              f'<span class="badge {esc(row.get("status", ""))}">{esc(row.get("status", "?"))}</span>',
-             *[_num_cell(row.get(m)) for m in metrics]] for link, row in zip(links, rows)]
+             *([f'<td class="job-answer">{esc(answer)}</td>'] if shown else []),
+             *[_num_cell(row.get(m)) for m in metrics]]
+            for link, row, answer in zip(links, rows, answers)]
     parts = [f"<h1>Sweep report: {len(rows)} jobs</h1>", f'<p class="mono small muted">{esc(folder)}</p>']
     if fixed:
         parts.append("<p class=\"small\">all jobs: " + " ".join(f"<code>{esc(k)}={esc(v)}</code>"
@@ -45,6 +50,16 @@ def render_sweep(folder: Path, settings: dict) -> str:
              for m in numeric[:int(settings.get("sweep_columns") or 8)]]
     parts.append(f'<h2>Metrics per job</h2><div class="grid">{"".join(plots)}</div>')
     return page(f"sweep report ({len(rows)} jobs)", "".join(parts), SORT_JS)
+
+
+def _answer(job: Path, settings: dict, limit: int = 200) -> str:
+    """The first ``limit`` characters of a job's answer ('' when its telemetry holds none)."""
+    data, _ = read_json(job / str(settings["files"]["telemetry"]))
+    answer = data.get("answer") if isinstance(data, dict) else None
+    if not isinstance(answer, str):
+        return ""
+    answer = " ".join(answer.split())
+    return answer if len(answer) <= limit else answer[:limit].rstrip() + "…"
 
 
 def _num_cell(value: Any) -> str:

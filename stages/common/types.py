@@ -67,11 +67,17 @@ class ProgramIndex:
     fingerprint: str  # sha256 over (path, sha256) of every indexed file and the indexing code's source fingerprint
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why it was not indexed
     texts: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # path -> decoded text
+    file: str | None = None  # the one file that program_root named (the whole program, in ``root``); None: a folder
     _derived: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.callgraph, CallGraph):  # a networkx graph made by hand (tests, other tools)
             self.callgraph = CallGraph.from_networkx(self.callgraph)
+
+    @property
+    def location(self) -> Path:
+        """What program_root named: the folder, or the one file (caches are keyed by it)."""
+        return self.root / self.file if self.file else self.root
 
     def derived(self, key: str, compute: Callable[[], Any]) -> Any:
         """Compute once per index a value derived from it (token sets, centrality), reused by later jobs."""

@@ -1,9 +1,11 @@
 """The generate loop of the `decode` stage: the prompt (and the scaffold's prefill) through transformers' `generate`
 with our logits processors (stages/common/generation/processors.py) and reply stops (stops.py), after the lead
-chosen by likelihood (lead.py) when the prompt offers lead choices."""
+chosen by likelihood (lead.py) when the prompt offers lead choices. A Ctrl-C during the loop raises `DecodeInterrupted`
+with the draft decoded so far (telemetry keeps it, marked interrupted)."""
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Any
 
 from stages.common.generation.continuations import cache_kwarg, encode_prefix
@@ -17,6 +19,14 @@ from stages.common.generation.streaming import console_streamer
 from stages.common.grounding.constraints import CITATION_OPENER, CODE_OPENER, token_texts
 from stages.common.tokens import encode_text
 from stages.common.types import Draft, LanguageModel, Prompt
+
+
+class DecodeInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the generate loop, carrying the draft decoded so far (kept in telemetry, marked interrupted)."""
+
+    def __init__(self, draft: Draft):
+        super().__init__(f"Ctrl-C during decode after {draft.generated_tokens} new tokens (partial draft kept)")
+        self.draft = draft
 
 
 def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse: tuple | None = None) -> Draft:
@@ -57,11 +67,22 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     if settings.max_paragraphs or settings.stop_at_repeated_line:
         stops.append(ReplyStop(token_texts(tok), len(ids), settings.max_paragraphs, settings.stop_at_repeated_line,
                                prompt.prefill + lead))
-    with torch.no_grad():
-        output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   generation_config=config, logits_processor=chain, stopping_criteria=stops,
-                                   streamer=console_streamer(tok, prompt.attempt, prompt.prefill + lead),
-                                   **{cache_kwarg(lm.model): cache if cache is not None else reserved_cache(lm.model)})
+    try:
+        with torch.no_grad():
+            output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                       generation_config=config, logits_processor=chain, stopping_criteria=stops,
+                                       streamer=console_streamer(tok, prompt.attempt, prompt.prefill + lead),
+                                       **{cache_kwarg(lm.model): cache if cache is not None else reserved_cache(lm.model)})
+    except KeyboardInterrupt as err:
+        traceback.clear_frames(err.__traceback__)  # the frames inside generate hold the cache and activations
+        # the clock holds the sequence of the last step: what was decoded before the Ctrl-C
+        new = clock.ids[0, len(ids):] if clock.ids is not None else input_ids[0, :0]
+        text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
+        raise DecodeInterrupted(Draft(
+            text.strip(), len(ids), int(new.shape[0]), time.perf_counter() - started, lm.device, attempt=prompt.attempt,
+            prefill_seconds=(clock.first or time.perf_counter()) - started, lead=record,
+            notes=[f"interrupted (Ctrl-C) after {int(new.shape[0])} new tokens: the draft is partial and unchecked"],
+        )) from err
     seconds = time.perf_counter() - started
     if grounding is not None:
         grounding.update(output)

@@ -35,14 +35,17 @@ class FiniteCheck:
 
 
 class Clock:
-    """Notes when the first decoding step starts: the prompt's forward pass (prefill) is done by then."""
+    """Notes when the first decoding step starts (the prompt's forward pass, the prefill, is done by then) and keeps
+    the sequence of the latest step (a reference, no copy): what a Ctrl-C keeps of the draft."""
 
     def __init__(self) -> None:
         self.first: float | None = None
+        self.ids: Any = None
 
     def __call__(self, input_ids, scores):
         if self.first is None:
             self.first = time.perf_counter()
+        self.ids = input_ids
         return scores
 
 

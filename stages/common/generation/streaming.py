@@ -12,7 +12,7 @@ from pipeline.engine import resources
 
 RETRY_BANNER = ("\n\n── retry (stage 2): the draft above failed the citation check; decoding again with a stronger "
                 "scaffold and a boosted mix ──\n")
-DRAFT_BANNER = "── draft (streamed as it decodes; checked below) ──\n"
+DRAFT_BANNER = "── draft (streamed as it decodes; what the checks change, if anything, follows) ──\n"
 
 
 def console_streamer(tokenizer: Any, attempt: int = 1, prefill: str = "") -> Any | None:
@@ -29,6 +29,8 @@ def console_streamer(tokenizer: Any, attempt: int = 1, prefill: str = "") -> Any
             stream.write(text)
 
     sink.write(RETRY_BANNER if attempt > 1 else DRAFT_BANNER)
+    if hasattr(sink, "new_draft"):  # the console keeps each attempt's text: the app shows only what checks changed
+        sink.new_draft()
     if prefill:
         sink.write(prefill)
     return ConsoleStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -22,7 +22,16 @@ from pipeline.engine.errors import InputError
 from stages.common.program import indexstore
 from stages.common.program.callgraph import EDGE_TYPES, CallGraph, GraphBuilder
 from stages.common.program.pyfacts import available_cores, parse_many, python_facts, text_facts
-from stages.common.program.walk import Entry, Limits, is_test_path, module_name, read_entries, resolve_root, scan
+from stages.common.program.walk import (
+    Entry,
+    Limits,
+    is_test_path,
+    module_name,
+    read_entries,
+    resolve_program,
+    scan,
+    scan_file,
+)
 from stages.common.types import FileRecord, ProgramIndex, Symbol, Window
 
 log = logging.getLogger(__name__)
@@ -51,37 +60,40 @@ def build_index(program_root: str, ignore: list[str], max_file_bytes: int, windo
                 cache_dir: Path | None, progress: bool = False, *, limits: Limits | None = None,
                 parsing: Parsing = Parsing()) -> ProgramIndex:
     """The index of ``program_root``: the one kept in this process when no walked file changed, else built by
-    ``_build`` (from the on-disk store under ``cache_dir`` where it holds the same files)."""
-    root = resolve_root(program_root)
+    ``_build`` (from the on-disk store under ``cache_dir`` where it holds the same files). A program_root that
+    names one file is a program of that file alone: the walk of its folder is skipped, not filtered."""
+    root, only = resolve_program(program_root)
+    where = root / only if only else root
     limits = dataclasses.replace(limits, max_file_bytes=max_file_bytes) if limits else Limits(max_file_bytes)
     # not keyed by the excluded folders (each job of a multirun has its own run folder): the stamp below is taken
     # after exclusion, so an index is reused exactly when the files it would read are unchanged
-    settings = (str(root), tuple(ignore), window_lines, dataclasses.replace(limits, exclude=()))
-    entries, skipped = scan(root, ignore, limits)
+    settings = (str(where), tuple(ignore), window_lines, dataclasses.replace(limits, exclude=()))
+    entries, skipped = scan_file(root, only) if only else scan(root, ignore, limits)
     stamp = tuple((e.rel, e.stat.st_size, e.stat.st_mtime_ns, e.stat.st_mode) for e in entries)
     cached = resources.get("program-index", settings)
     if cached is not None and cached[0] == stamp:
         return cached[1]
-    index = _build(root, entries, skipped, limits, window_lines, cache_dir, progress, parsing)
+    index = _build(root, entries, skipped, limits, window_lines, cache_dir, progress, parsing, only)
     resources.put("program-index", settings, (stamp, index), keep=4)
     return index
 
 
 def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Limits, window_lines: int,
-           cache_dir: Path | None, progress: bool, parsing: Parsing = Parsing()) -> ProgramIndex:
+           cache_dir: Path | None, progress: bool, parsing: Parsing = Parsing(), only: str | None = None) -> ProgramIndex:
     started = time.perf_counter()
+    where = root / only if only else root
     sources, skipped = read_entries(root, entries, skipped, limits)
     if not any(src.data for src in sources):  # none, or only empty files: no window to show, no line to cite
         empty = f"{len(sources)} empty: {_first(s.path for s in sources)}" if sources else ""
         left = f"{len(skipped)} skipped: {', '.join(sorted(set(skipped.values()))[:6])}" if skipped else ""
         why = "; ".join(part for part in (empty, left) if part)
-        raise InputError(f"program_root '{root}' has no indexable text files{f' ({why})' if why else ''}")
+        raise InputError(f"program_root '{where}' has no indexable text files{f' ({why})' if why else ''}")
     warn_skipped(root, skipped)
     # one file per (root, window size); the code that made it is recorded inside: an edit rebuilds and overwrites it
-    cache_file = cache_dir / "index" / f"{fingerprint([str(root), window_lines], 24)}.npz" if cache_dir else None
+    cache_file = cache_dir / "index" / f"{fingerprint([str(where), window_lines], 24)}.npz" if cache_dir else None
     code = indexing_code()
     stored = indexstore.load(cache_file, window_lines, code)
-    package_prefix = root.name if (root / "__init__.py").is_file() and root.name.isidentifier() else None
+    package_prefix = root.name if not only and (root / "__init__.py").is_file() and root.name.isidentifier() else None
     modules = [module_name(src.path, package_prefix) for src in sources]
     texts = {s.path: s.text for s in sources}
     # what the index was made from: the program's files and the indexing code (artifacts are keyed by it)
@@ -90,7 +102,7 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
     if stored is not None and stored.keys() == [(s.path, s.sha256) for s in sources] and stored.modules == [m or "" for m in modules]:
         try:  # unchanged: everything comes from the stored arrays
             index = ProgramIndex(root, stored.records(modules), stored.symbols(modules), stored.windows(),
-                                 stored.graph(), program_fp, skipped, texts)
+                                 stored.graph(), program_fp, skipped, texts, only)
             log.info("indexed %d files (all from the cache, %.2f s), %d skipped", len(sources),
                      time.perf_counter() - started, len(skipped))
             return index
@@ -137,7 +149,7 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
         indexstore.save(cache_file, window_lines, list(files.values()), done, graph, code=code)
     log.info("indexed %d files (%d parsed now in %d process(es), %d from cache, %.2f s), %d skipped", len(sources), fresh,
              processes, len(sources) - fresh, time.perf_counter() - started, len(skipped))
-    return ProgramIndex(root, files, symbols, windows, graph, program_fp, skipped, texts)
+    return ProgramIndex(root, files, symbols, windows, graph, program_fp, skipped, texts, only)
 
 
 # folders left out on purpose (our outputs, run folders, a link to a folder that is indexed where it lies): no warning

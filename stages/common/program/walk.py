@@ -92,11 +92,27 @@ def resolve_root(program_root: str) -> Path:
         raise InputError(f"program_root '{program_root}' does not exist")
     if not root.is_dir():
         raise InputError(f"program_root '{program_root}' is a file, not a folder")
-    kind = pseudo_kind(root.resolve(), mount_table())
+    return _real(program_root, root)
+
+
+def resolve_program(program_root: str) -> tuple[Path, str | None]:
+    """The folder of the program and, when ``program_root`` names one regular file, that file's name: the whole
+    program is then that file, and nothing else of its folder is read."""
+    path = Path(program_root).expanduser() if program_root else None
+    if path is None or not path.exists() or path.is_dir():
+        return resolve_root(program_root), None
+    if not path.is_file():  # a FIFO or device is never opened: reading may never return
+        raise InputError(f"program_root '{program_root}' is neither a folder nor a regular file")
+    real = _real(program_root, path)
+    return real.parent, real.name
+
+
+def _real(program_root: str, path: Path) -> Path:
+    kind = pseudo_kind(path.resolve(), mount_table())
     if kind:
         raise InputError(f"program_root '{program_root}' is on a {kind} pseudo filesystem (kernel interfaces, "
                          "not a source tree); point program_root at a project folder")
-    return root.resolve()
+    return path.resolve()
 
 
 def inside(root: Path, candidate: Path) -> bool:
@@ -171,6 +187,15 @@ def scan(root: Path, ignore: list[str], limits: Limits) -> tuple[list[Entry], di
                         "globs (index.ignore), or raise index.max_total_bytes")
             entries.append(Entry(rel, full, st, False))
     return entries, skipped
+
+
+def scan_file(root: Path, name: str) -> tuple[list[Entry], dict[str, str]]:
+    """``scan`` of a program that is the one file ``root/name``: no other path of ``root`` is looked at."""
+    full = root / name
+    try:
+        return [Entry(name, full, os.lstat(full), False)], {}
+    except OSError as err:
+        return [], {name: f"unreadable ({err.strerror or err})"}
 
 
 def _folder_reason(root: Path, full: Path, st: os.stat_result, mounts: dict[str, str],

@@ -140,7 +140,7 @@ def _vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_d
     texts = [window_text(index, w) for w in index.windows]
     keys = np.array([hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() for t in texts],
                     dtype="S32")
-    path = cache_dir / "dense" / f"{fingerprint([str(index.root), tag], 24)}.npz" if cache_dir else None
+    path = cache_dir / "dense" / f"{fingerprint([str(index.location), tag], 24)}.npz" if cache_dir else None
     code = source_fingerprint(__name__)
     known = _load(path, enc.dim, code)
     vectors: np.ndarray = np.zeros((len(texts), enc.dim), dtype=np.float32)
