@@ -34,8 +34,10 @@ NOT_FOUND = "I could not find this in the program."
 MAX_LINES_SHOWN = 30
 
 
-def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
-    """The checked answer and the code of every window it cites, or NOT_FOUND."""
+def show_answer(run_dir: Path, settings: dict, out: TextIO, drafts: list[str] | None = None) -> None:
+    """The checked answer and the code of every window it cites, or NOT_FOUND. After streamed ``drafts`` the answer
+    itself is not printed again: only what the checks changed (pipeline.output.checks_line)."""
+    from pipeline.output import checks_line
     from pipeline.runfolder import RunFolder, read_lines, source_hashes
 
     run = RunFolder.load(run_dir, settings)
@@ -46,7 +48,9 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO) -> None:
     if not run.grounded():
         print(NOT_FOUND, file=out)
         return
-    print(record.answer or "", file=out)
+    line = checks_line(record.answer or "", drafts, record) if drafts else record.answer or ""
+    if line is not None:
+        print(line, file=out)
     seen, hashes = set(), source_hashes(run)
     for citation in record.citations:
         span = (citation.path, citation.start, citation.last)
@@ -114,7 +118,7 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
         job.history = as_text(turn.history()) if turn is not None else ""
         if not interactive:
             print(f"\n? {question}", file=out)
-        with console(out if out.isatty() else None):
+        with console(out if out.isatty() else None) as terminal:
             try:
                 run_config(job, run_dir, [*overrides, f"prompt={text_override_value(question)}"])
             except PipelineError as err:
@@ -127,7 +131,7 @@ def chat(cfg: DictConfig, session: Path, overrides: list[str], stdin: TextIO, ou
                 return 130
         where = write_after(job, run_dir)
         print("", file=out)
-        show_answer(run_dir, settings_of(job), out)
+        show_answer(run_dir, settings_of(job), out, terminal.drafts if terminal is not None else None)
         turn = turn_of(run_dir, settings_of(job), question, NOT_FOUND)
         print(f"\nreport: {where or run_dir}", file=out)
     print(f"\n{asked} question(s); session folder: {session}", file=out)

@@ -123,6 +123,21 @@ def test_a_grounded_answer_shows_its_cited_code_and_an_ungrounded_one_says_so(tm
         assert out.getvalue().strip() == NOT_FOUND
 
 
+def test_after_a_streamed_draft_chat_shows_only_what_the_checks_changed(tmp_path):
+    program = write_program(tmp_path / "prog")
+    run = write_run(tmp_path / "run", program, telemetry())
+    settings = settings_of(None)
+    settings["program_root"] = str(program)
+    answer = json.loads((run / "telemetry.json").read_text())["answer"]
+    out = io.StringIO()
+    show_answer(run, settings, out, drafts=[answer])  # the draft as streamed is the answer: not printed again
+    text = out.getvalue()
+    assert "Numbers are added by `add`" not in text and "── pkg/core.py:4-6 (model citation)" in text
+    out = io.StringIO()
+    show_answer(run, settings, out, drafts=[answer.replace("added", "summed")])
+    assert out.getvalue().startswith("── checked: summed → added ──"), out.getvalue()
+
+
 def test_export_says_what_it_exported_and_where(tmp_path, make_tree):
     program = make_tree(tmp_path / "prog", PROGRAM)
     out = tmp_path / "lora"
