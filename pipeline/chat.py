@@ -26,7 +26,7 @@ from pipeline import CONF_DIR
 from pipeline.app import as_text, console, interrupted, run_config
 from pipeline.cli import launch, text_override_value, usage
 from pipeline.engine.errors import PipelineError
-from pipeline.followup import Turn, command, is_command, turn_of
+from pipeline.followup import Turn, cited_windows, command, is_command, turn_of
 from pipeline.question_text import check_question, preview
 from pipeline.report import write_after
 
@@ -38,7 +38,7 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO, drafts: list[str] | 
     """The checked answer and the code of every window it cites, or NOT_FOUND. After streamed ``drafts`` the answer
     itself is not printed again: only what the checks changed (pipeline.output.checks_line)."""
     from pipeline.output import checks_line
-    from pipeline.runfolder import RunFolder, read_lines, source_hashes
+    from pipeline.runfolder import RunFolder
 
     run = RunFolder.load(run_dir, settings)
     record = run.record
@@ -51,22 +51,15 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO, drafts: list[str] | 
     line = checks_line(record.answer or "", drafts, record) if drafts else record.answer or ""
     if line is not None:
         print(line, file=out)
-    seen, hashes = set(), source_hashes(run)
-    for citation in record.citations:
-        span = (citation.path, citation.start, citation.last)
-        if not citation.valid or span in seen:
+    for window in cited_windows(run, settings):
+        start, end = window.start, window.end
+        print(f"\n── {window.path}:{start}-{end} ({window.source} citation)", file=out)
+        if window.lines is None:
+            print(f"   (code not shown: {window.why})", file=out)
             continue
-        seen.add(span)
-        path, start, end = span
-        lines, why = read_lines(settings.get("program_root"), path, start, min(end, start + MAX_LINES_SHOWN - 1),
-                                hashes.get(path))
-        print(f"\n── {path}:{start}-{end} ({citation.source} citation)", file=out)
-        if lines is None:
-            print(f"   (code not shown: {why})", file=out)
-            continue
-        if why:
-            print(f"   ({why})", file=out)
-        for number, line in enumerate(lines, start):
+        if window.why:
+            print(f"   ({window.why})", file=out)
+        for number, line in enumerate(window.lines[:MAX_LINES_SHOWN], start):
             print(f"{number:>5} │ {line}", file=out)
         if end - start + 1 > MAX_LINES_SHOWN:
             print(f"      … {end - start + 1 - MAX_LINES_SHOWN} more lines", file=out)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from pipeline.runfolder import RunFolder
 
 COMMANDS = "/new, /sources, /open N"
 COMMAND = re.compile(r"/[a-z]+(\s.*)?")
@@ -49,9 +52,25 @@ class Turn:
         return "\n".join(parts)
 
 
+def cited_windows(run: RunFolder, settings: dict) -> list[Cited]:
+    """Each window the run's answer validly cites, once, with its code as the program holds it now."""
+    from pipeline.runfolder import read_lines, source_hashes
+
+    cited: list[Cited] = []
+    seen: set[tuple[str, int, int]] = set()
+    hashes = source_hashes(run)
+    for citation in run.record.citations if run.record is not None else ():
+        span = (citation.path, citation.start, citation.last)
+        if citation.valid and span not in seen:
+            seen.add(span)
+            lines, why = read_lines(settings.get("program_root"), *span, hashes.get(citation.path))
+            cited.append(Cited(*span, citation.source, lines, why))
+    return cited
+
+
 def turn_of(run_dir: Path, settings: dict, question: str, not_found: str) -> Turn | None:
     """The turn a finished run leaves: its answer (``not_found`` when not grounded) and its valid cited windows."""
-    from pipeline.runfolder import RunFolder, read_lines, source_hashes
+    from pipeline.runfolder import RunFolder
 
     run = RunFolder.load(run_dir, settings)
     record = run.record
@@ -59,16 +78,7 @@ def turn_of(run_dir: Path, settings: dict, question: str, not_found: str) -> Tur
         return None
     if not run.grounded():
         return Turn(question, not_found, [])
-    cited: list[Cited] = []
-    seen: set[tuple[str, int, int]] = set()
-    hashes = source_hashes(run)
-    for citation in record.citations:
-        span = (citation.path, citation.start, citation.last)
-        if citation.valid and span not in seen:
-            seen.add(span)
-            lines, why = read_lines(settings.get("program_root"), *span, hashes.get(citation.path))
-            cited.append(Cited(*span, citation.source, lines, why))
-    return Turn(question, record.answer or "", cited)
+    return Turn(question, record.answer or "", cited_windows(run, settings))
 
 
 def is_command(line: str) -> bool:
