@@ -132,8 +132,8 @@ def scan(root: Path, ignore: list[str], limits: Limits) -> tuple[list[Entry], di
     excluded = set()  # (device, inode) of the folders to leave out: no path spelling or symlink gets around it
     for folder in limits.exclude:
         with contextlib.suppress(OSError):
-            st = os.stat(folder)
-            excluded.add((st.st_dev, st.st_ino))
+            held = os.stat(folder)
+            excluded.add((held.st_dev, held.st_ino))
     entries: list[Entry] = []
     skipped: dict[str, str] = {}
     files = total = 0
@@ -146,14 +146,8 @@ def scan(root: Path, ignore: list[str], limits: Limits) -> tuple[list[Entry], di
         here = Path(dirpath)
         kept = []
         for name in sorted(dirnames):
-            full = here / name
-            rel = full.relative_to(root).as_posix()
-            if ignored(name, rel, ignore):
-                continue
-            try:
-                st = os.lstat(full)
-            except OSError as err:
-                skipped[rel] = f"unreadable folder ({err.strerror or err})"
+            full, rel, st = _stat_entry(root, here, name, ignore, skipped, "unreadable folder")
+            if st is None:
                 continue
             reason = _folder_reason(root, full, st, mounts, excluded)
             if reason:
@@ -163,14 +157,8 @@ def scan(root: Path, ignore: list[str], limits: Limits) -> tuple[list[Entry], di
             kept.append(name)
         dirnames[:] = kept
         for name in sorted(filenames):
-            full = here / name
-            rel = full.relative_to(root).as_posix()
-            if ignored(name, rel, ignore):
-                continue
-            try:
-                st = os.lstat(full)
-            except OSError as err:
-                skipped[rel] = f"unreadable ({err.strerror or err})"
+            full, rel, st = _stat_entry(root, here, name, ignore, skipped, "unreadable")
+            if st is None:
                 continue
             files += 1
             if files > limits.max_files:
@@ -196,6 +184,20 @@ def scan_file(root: Path, name: str) -> tuple[list[Entry], dict[str, str]]:
         return [Entry(name, full, os.lstat(full), False)], {}
     except OSError as err:
         return [], {name: f"unreadable ({err.strerror or err})"}
+
+
+def _stat_entry(root: Path, here: Path, name: str, ignore: list[str], skipped: dict[str, str],
+                unreadable: str) -> tuple[Path, str, os.stat_result | None]:
+    """The entry's path, its path under the root and its lstat; None when ignored or unreadable (then noted)."""
+    full = here / name
+    rel = full.relative_to(root).as_posix()
+    if ignored(name, rel, ignore):
+        return full, rel, None
+    try:
+        return full, rel, os.lstat(full)
+    except OSError as err:
+        skipped[rel] = f"{unreadable} ({err.strerror or err})"
+        return full, rel, None
 
 
 def _folder_reason(root: Path, full: Path, st: os.stat_result, mounts: dict[str, str],
