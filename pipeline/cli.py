@@ -253,7 +253,8 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
 
 
 # the knobs people change first, in this order, as `key=value  what it does`: `{options}` lists a group's options and
-# `{default}` a key's default (read from conf/); --help shows those of an app's groups (and those of every app)
+# `{default}` a key's default (read from conf/); --help shows those of an app's groups (and those of every app); a
+# third item names the group a flag goes with
 KNOBS = (
     ("program_root=<folder>", "the program (source tree) to ask about; default: this project"),
     ('prompt="<question>"', "the question as you would say it; required unless program_root is this project"),
@@ -264,6 +265,7 @@ KNOBS = (
     ("synth={options}", "the adapter made from the program's text (fitted: trained, slower)"),
     ("mix.alpha=<x>", "how strongly the adapter is mixed in (default {default})"),
     ("pipeline={options}", "the graph to run (eval: questions=<set.jsonl>, docs/howto/evaluate.md)"),
+    ("--json", "stdout: one JSON object (answer, citations with their code, checks, timings)", "prompt"),
     ("-v", "verbose: tracebacks and the log lines (hydra.verbose=true)"),
 )
 _EVERY_APP = ("program_root", "-v")
@@ -299,8 +301,8 @@ def usage(command: str, what: str, examples: list[str], groups: Iterable[str] = 
     groups = list(groups)
     lines = [f"usage: {command} [key=value ...] [group=option ...] [-m for a sweep]", "", what, ""]
     shown = set()
-    for knob, text in KNOBS:
-        head = _head(knob)
+    for knob, text, *owner in KNOBS:
+        head = owner[0] if owner else _head(knob)
         if head not in groups and head not in _EVERY_APP:
             continue
         shown.add(head)

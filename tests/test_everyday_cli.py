@@ -98,9 +98,17 @@ def test_run_help_leads_with_the_knobs_people_change_first():
     code, out, _ = call_main(run_app.main, ["-h"])
     knobs = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
     assert code == 0 and knobs[:3] == ["program_root=<folder>", 'prompt="<question>"', "decode.max_new_tokens=<n>"]
-    for knob in ("model=", "select=hybrid|question|zoom", "pack.context_tokens=", "synth=", "mix.alpha=", "pipeline="):
+    for knob in ("model=", "select=hybrid|question|zoom", "pack.context_tokens=", "synth=", "mix.alpha=", "pipeline=",
+                 "--json"):
         assert any(k.startswith(knob) for k in knobs), knob
     assert "(default 256)" in out  # read from conf/decode/greedy.yaml
+
+
+def test_json_flag_is_listed_only_where_an_answer_is_printed():
+    from pipeline import build
+
+    _, out, _ = call_main(build.main, ["--help"], prog="pipeline.build")
+    assert out.startswith("usage: python -m pipeline.build") and "--json" not in out
 
 
 @pytest.mark.parametrize("name", ["summary", "report"])
