@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Set up .venv with everything pca-pipeline needs (CPU torch from this machine's wheel, the default model).
+# ./setup.sh --model qwen_coder_0_5b also fetches that model into the model cache (docs/howto/models.md).
 set -euo pipefail
 cd "$(dirname "$0")"
+MODELS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) [ $# -ge 2 ] || { echo "setup.sh: --model needs a name (e.g. qwen_coder_0_5b)" >&2; exit 2; }
+             MODELS+=("$2"); shift 2 ;;
+    --model=*) MODELS+=("${1#--model=}"); shift ;;
+    *) echo "setup.sh: unknown argument '$1' (usage: ./setup.sh [--model NAME]...)" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
@@ -20,3 +30,6 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
 fi
 .venv/bin/python -c "import torch, transformers, hydra, peft, stages, pipeline; from stages.common.retrieval.dense import model_dir; model_dir()" \
   || { echo "setup.sh: installation is incomplete" >&2; exit 1; }
+for model in "${MODELS[@]+"${MODELS[@]}"}"; do
+  .venv/bin/python -m pipeline.models fetch "$model" || exit $?
+done

@@ -228,3 +228,64 @@ def precision() -> list[dict]:
                         f"{base['mixed']:.3f} -> {got['mixed']:.3f} ({change_mixed:+.2%}); our answer's decode "
                         f"{got['answer_tps']:.1f} vs {base['answer_tps']:.1f} tokens/s"))
     return rows
+
+
+QWEN_MODELS = ("qwen_coder_0_5b", "qwen_coder_1_5b")
+
+
+def _not_fetched(name: str) -> str:
+    """'' when the model's assembled file is in the cache and verified, else why not (with the fetch command)."""
+    from pipeline import models
+
+    spec, dest = models.spec_and_dest(name)
+    path = dest / spec.file
+    problem = models.verified(path, spec.size, spec.sha256) if path.is_file() else "is not fetched"
+    return f"{path} {problem}; fetch it with: python -m pipeline.models fetch {name}" if problem else ""
+
+
+def qwen_decode(names: Sequence[str] = QWEN_MODELS) -> list[dict]:
+    """Issue 34, item 1: the decode-floor rows for the Qwen2.5-Coder models, per precision (float32, bfloat16, int8
+    where torchao is installed): our answer's decode (synth=none) vs plain transformers.generate on the same prompt
+    and weights, one measurement each, the memory-bandwidth floor in the detail. A model not fetched is a row that
+    says so."""
+    from pipeline.engine import resources
+
+    rows = []
+    for name in names:
+        missing = _not_fetched(name)
+        if missing:
+            rows.append(row(f"decode tokens/s ({name}): skipped, not fetched", 0.0, 0.0, 0.0, "report", True,
+                            "tokens/s", f"skipped: {missing}"))
+            continue
+        precisions = _precisions()
+        rows += [_qwen_row(name, precision, overrides) for precision, overrides in precisions]
+        if "int8" not in dict(precisions):
+            rows.append(row(f"decode tokens/s ({name}, int8): skipped, no torchao", 0.0, 0.0, 0.0, "report", True,
+                            "tokens/s", "skipped: int8 needs torchao (pip install -e '.[quantize]')"))
+    resources.clear("model")
+    return rows
+
+
+def _qwen_row(name: str, precision: str, overrides: list[str]) -> dict:
+    import torch
+
+    from pipeline import api
+    from pipeline.engine import resources
+
+    resources.clear("model")
+    started = time.perf_counter()
+    _, result = api.run(_answer_args([f"model={name}", "synth=none", *overrides]))
+    seconds = time.perf_counter() - started
+    ours = result.output("decode", "draft").tokens_per_second
+    ids = result.output("scaffold", "prompt").ids
+    lm = resources.values("model")[-1]
+    plain = _plain_generate(lm, ids)
+    weights, kv = _bytes_per_token(lm, len(ids) + DECODE_TOKENS // 2)
+    floor = _copy_bandwidth() / (weights + kv)
+    return row(
+        f"decode tokens/s ({name}, {precision}): our answer vs plain transformers.generate", ours, plain["tps"],
+        ours / plain["tps"], ">= 0.95", ours / plain["tps"] >= 0.95, "tokens/s",
+        f"{len(ids)}-token prompt, {DECODE_TOKENS} new tokens, {torch.get_num_threads()} torch threads, one run each "
+        f"(shared machine: noisy); plain prefill {plain['prefill']:.1f} s; floor {floor:.1f} tokens/s (copy bandwidth "
+        f"/ weights {weights / 2**20:.0f} MiB + KV {kv / 2**20:.0f} MiB), plain at {plain['tps'] / floor:.0%} of it; "
+        f"whole answer {seconds:.0f} s (first load included)")

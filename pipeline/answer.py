@@ -1,7 +1,9 @@
 """What `pipeline.generate_answer` returns: the answer's text with its citations (and the code they cite), whether it
-is grounded and why not, its run folder and its telemetry record, all read from the run folder's files.
+is grounded and why not, its confidence, its run folder and its telemetry record, all read from the run folder's files.
 
-No confidence: nothing in the pipeline computes one, and this module does not invent a number.
+The confidence is the badge node's (docs/behaviour.md §5, the honest badge): a number in [0, 1] from the lead's margin,
+the cited evidence's score and the checks; None for a run that did not compute one. It is not a probability that
+the answer is right.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Answer:
     citations: tuple[Citation, ...] = ()
     grounded: bool = False
     why: str = ""  # why the answer is not grounded; empty when it is
+    confidence: float | None = None  # in [0, 1], the badge's; None: the run computed none
     run_dir: Path | None = None
     telemetry: Telemetry | None = None  # None: the run wrote no telemetry (a graph other than the answer graph)
 
@@ -62,6 +65,8 @@ def why_not(record: Telemetry, grounded: bool) -> str:
         return f"the run failed: {record.error}"
     if record.answer is None:
         return "no answer was recorded"
+    if record.not_grounded:  # the badge node's phrases, one per failed check
+        return "; ".join(record.not_grounded.values())
     if not record.citations:
         return "the answer cites no code"
     if not any(c.valid for c in record.citations):
@@ -96,4 +101,13 @@ def answer_of(value: Any, run_dir: Path, settings: dict) -> Answer:
                                   removed=c.removed))
     grounded = bool(run.grounded())
     return Answer(text=text, citations=tuple(citations), grounded=grounded, why=why_not(record, grounded),
-                  run_dir=Path(run_dir), telemetry=record)
+                  confidence=record.confidence, run_dir=Path(run_dir), telemetry=record)
+
+
+def badge_words(record: Telemetry | None) -> str | None:
+    """The badge beside its confidence, as the checks line and the chat show it (`grounded · confidence 0.72`,
+    `not grounded: cut at max_new_tokens=256 · confidence 0.31`); None for a run without the badge node."""
+    if record is None or record.confidence is None or record.grounded is None:
+        return None
+    head = "grounded" if record.grounded else f"not grounded: {why_not(record, False)}"
+    return f"{head} · confidence {record.confidence:.2f}"

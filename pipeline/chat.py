@@ -4,7 +4,9 @@ The model, the program's index and its adapters are loaded by the first question
 (`pipeline/engine/resources.py`). Each question runs the composed graph into its own folder under the session folder,
 with its report; on a terminal the answer streams as it decodes. After the checks, an answer that is grounded
 (telemetry `grounded`, or at least one valid citation where a run does not report it) is printed with the code of
-the windows it cites; one that is not says "I could not find this in the program" instead of guessing.
+the windows it cites and its badge line (`── grounded · confidence 0.72 ──`); one whose citations passed but whose
+text is not grounded (cut, degenerate, a contradicted claim) is printed the same way, its badge line saying why; one
+whose citations failed says "I could not find this in the program" instead of guessing (and why, when the run says).
 `exit`, `quit` or the end of input ends the chat; Ctrl-C ends it with exit code 130 (during an answer, after writing
 its report with the partial draft); empty lines are skipped. A line that cannot be a question (bytes
 that are not UTF-8, a control character, over `max_question_tokens`) gets one error line and the chat goes on.
@@ -37,6 +39,7 @@ MAX_LINES_SHOWN = 30
 def show_answer(run_dir: Path, settings: dict, out: TextIO, drafts: list[str] | None = None) -> None:
     """The checked answer and the code of every window it cites, or NOT_FOUND. After streamed ``drafts`` the answer
     itself is not printed again: only what the checks changed (pipeline.output.checks_line)."""
+    from pipeline.answer import badge_words
     from pipeline.output import checks_line
     from pipeline.runfolder import RunFolder
 
@@ -45,12 +48,18 @@ def show_answer(run_dir: Path, settings: dict, out: TextIO, drafts: list[str] | 
     if record is None:
         print(f"(no {settings['files']['telemetry']} was written: {run.problems})", file=out)
         return
-    if not run.grounded():
-        print(NOT_FOUND, file=out)
+    badge = badge_words(record)
+    if not run.found():
+        print(NOT_FOUND + (f"\n── {badge} ──" if badge else ""), file=out)
         return
     line = checks_line(record.answer or "", drafts, record) if drafts else record.answer or ""
     if line is not None:
         print(line, file=out)
+    if badge and not drafts:  # after streamed drafts the checks line carries it
+        print(f"── {badge} ──", file=out)
+    if record.claims_checked:  # the marks themselves are in the answer's text
+        print(f"── claims checked against the code: {record.claims_checked}, contradicted "
+              f"{record.claims_contradicted} ──", file=out)
     for window in cited_windows(run, settings):
         start, end = window.start, window.end
         print(f"\n── {window.path}:{start}-{end} ({window.source} citation)", file=out)

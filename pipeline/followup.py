@@ -69,14 +69,15 @@ def cited_windows(run: RunFolder, settings: dict) -> list[Cited]:
 
 
 def turn_of(run_dir: Path, settings: dict, question: str, not_found: str) -> Turn | None:
-    """The turn a finished run leaves: its answer (``not_found`` when not grounded) and its valid cited windows."""
+    """The turn a finished run leaves: its answer (``not_found`` when its citations did not find it, as the chat
+    shows it) and its valid cited windows."""
     from pipeline.runfolder import RunFolder
 
     run = RunFolder.load(run_dir, settings)
     record = run.record
     if record is None:
         return None
-    if not run.grounded():
+    if not run.found():  # what the chat showed: NOT_FOUND, or the answer with its badge
         return Turn(question, not_found, [])
     return Turn(question, record.answer or "", cited_windows(run, settings))
 

@@ -30,6 +30,7 @@ a.cite{background:#e4efff;border-radius:3px;padding:0 2px;text-decoration:none}
 a.cite.attributed{background:#efe4ff}
 .invalid{background:#fdd;color:#900;text-decoration:line-through;border-radius:3px;padding:0 2px}
 mark.unknown{background:#ffe08a;border-bottom:2px dotted #b80;padding:0 1px}
+.contradicted{background:#fde2c8;color:#8a3b00;border-radius:3px;padding:0 2px}
 table{border-collapse:collapse;margin:6px 0;background:#fff} th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f0f2f4} table:not(.sortable) td{overflow-wrap:anywhere} td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer} table.sortable th:after{content:" \\2195";color:#aaa}

@@ -50,7 +50,8 @@ def _span(c: CitationRecord) -> str:
 
 
 def answer_object(run_dir: Path, value: Any, timings: dict[str, float], report: str | Path | None = None) -> dict:
-    """`--json`: the answer, its citations with the cited lines, grounded and why not, the run folder and the timings
+    """`--json`: the answer, its citations with the cited lines, grounded and why not, the confidence (null when the
+    run computed none), the run folder and the timings
     (those of the run's telemetry when it wrote one), as the API's `Answer` (pipeline/answer.py) reads them."""
     from pipeline.answer import Answer, answer_of
 
@@ -63,8 +64,8 @@ def answer_object(run_dir: Path, value: Any, timings: dict[str, float], report: 
         timings = dict(record.timings)
     return {"answer": answer.text if value is not None or record is not None else None,
             "citations": [dataclasses.asdict(c) for c in answer.citations], "grounded": answer.grounded,
-            "why": answer.why, "run_folder": str(run_dir), "report": str(report) if report else None,
-            "timings": timings,
+            "why": answer.why, "confidence": answer.confidence, "run_folder": str(run_dir),
+            "report": str(report) if report else None, "timings": timings,
             "elapsed_sec": record.elapsed_sec if record is not None else round(sum(timings.values()), 3)}
 
 
@@ -95,9 +96,23 @@ def _edits(draft: str, final: str) -> str:
 
 
 def checks_line(answer: str, drafts: list[str], record: Telemetry | None) -> str | None:
-    """After the streamed drafts: None when the answer is the last draft as streamed, else one short line saying
-    what the checks changed (the few edits, else the citations removed or attributed; an earlier draft kept); when it
-    cannot say, the line announces the checked answer, which then follows."""
+    """After the streamed drafts: one short line saying what the checks changed (the few edits, else the citations
+    removed or attributed; an earlier draft kept), with the badge and its confidence when the run has them
+    (`── checked: … · not grounded: … · confidence 0.31 ──`); when it cannot say what changed, the line announces the
+    checked answer, which then follows. None when the answer is the last draft as streamed and there is no badge."""
+    from pipeline.answer import badge_words
+
+    line, badge = _changes(answer, drafts, record), badge_words(record)
+    if badge is None:
+        return line
+    if line is None:
+        return f"── {badge} ──"
+    head, _, rest = line.partition(" ──")
+    return f"{head} · {badge} ──{rest}"
+
+
+def _changes(answer: str, drafts: list[str], record: Telemetry | None) -> str | None:
+    """What the checks changed (checks_line), without the badge."""
     final = _plain(answer)
     if drafts and final == _plain(drafts[-1]):
         return None

@@ -183,6 +183,14 @@ class RunFolder:
             return self.record.grounded
         return any(c.valid for c in self.record.citations)
 
+    def found(self) -> bool | None:
+        """Whether the answer rests on the program's code: grounded, or not grounded only for what its text is (cut,
+        degenerate, a contradicted claim) while its citations passed; the chat shows such an answer with its why."""
+        grounded = self.grounded()
+        if grounded or self.record is None:
+            return grounded
+        return bool(self.record.not_grounded) and "citations" not in self.record.not_grounded
+
 
 def _record(data: dict | None, name: str | None, problems: dict[str, str]) -> Telemetry | None:
     """The telemetry as its record; an entry of the wrong type is named in ``problems`` and left at its default."""

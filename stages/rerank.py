@@ -33,7 +33,7 @@ def _priors(index: ProgramIndex) -> dict[str, tuple[float, float]]:
     """Per file, the question-independent proxies (share of tested symbols, share of public symbols)."""
     out = {}
     for path in index.files:
-        symbols = index.symbols_in(path)
+        symbols = [s for s in index.symbols_in(path) if s.is_definition]
         tested = sum(1 for s in symbols if index.callgraph.degree(s.node_id, "in", ("tests",)))
         out[path] = (tested / len(symbols), sum(s.is_public for s in symbols) / len(symbols)) if symbols else (0.0, 0.0)
     return out

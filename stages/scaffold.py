@@ -11,8 +11,12 @@ prefill the reply with the citation of the best window.
 The prompt's token ids are made here (stages/common/tokens.py), and program text, file names and the question are
 data: a docstring holding `<|im_start|>` can never become a chat-turn token. Only the chat template itself
 contributes special tokens.
+The `facts` node's cards (what the AST says of each packed definition) follow the [ctx] blocks, message content
+like them, so data; without cards (`facts=none`) the prompt is unchanged.
 A chat follow-up's `history` (the earlier question, answer and cited code, pipeline/followup.py) goes before the
 evidence, cut to `history_tokens`; it is message content too, so data. Without history the prompt is unchanged.
+`map_tokens` puts the program's map (files and symbols by call-graph rank, stages/common/program/outline.py), cut to
+that many tokens, before the evidence, as data too; 0 (the default): none, the prompt unchanged.
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from pipeline.engine.errors import InputError
 from pipeline.engine.stage import Range, Stage
 from stages.common.grounding.identifiers import DOTTED, IDENT
 from stages.common.grounding.labels import label_spans
-from stages.common.grounding.leads import LeadChoice
+from stages.common.grounding.leads import LeadChoice, offered
+from stages.common.program.cards import FactCards
+from stages.common.program.outline import map_block
+from stages.common.retrieval.names import find_names
 from stages.common.tokens import encode_chat, encode_text, encode_texts
 from stages.common.types import Evidence, LanguageModel, ProgramIndex, Prompt
 
@@ -51,16 +58,18 @@ def trim_history(tok, history: str, budget: int) -> str:
     return "\n".join([HISTORY_OPEN, *kept, HISTORY_CLOSE]) if used else ""
 
 
-def lead_choices(evidence: Evidence, index: ProgramIndex | None) -> dict[str, int]:
-    """`` `qualname` [path:A-B] `` for every definition inside a packed window (its span clipped to the window),
-    best window first, each with the position of its window."""
+def lead_choices(evidence: Evidence, index: ProgramIndex | None, question: str = "") -> dict[str, int]:
+    """`` `qualname` [path:A-B] `` for every definition inside a packed window (its span clipped to the window), and
+    every value the question names or that is a table (grounding.leads.offered), best window first, each with the
+    position of its window."""
     if index is None:
         return {}
+    named = {s.node_id for s in find_names(index, question).symbols} if question else set()
     choices: dict[str, int] = {}
     for rank, window in enumerate(evidence.windows):
         for symbol in index.symbols_in(window.path):
             start, end = symbol.start, min(symbol.end, window.end)
-            if window.start <= start <= end:
+            if window.start <= start <= end and offered(symbol, named):
                 choices.setdefault(LeadChoice(symbol.qualname, window.path, start, end).text, rank)
     return choices
 
@@ -94,6 +103,7 @@ class BuildPrompt(Stage):
         attempt: Annotated[int, Range(ge=1)] = 1
         max_question_tokens: Annotated[int, Range(ge=1)] = 512  # the top-level key's limit, counted in tokens here
         history_tokens: Annotated[int, Range(ge=0)] = 768  # a chat follow-up's earlier turn, at most; 0: none
+        map_tokens: Annotated[int, Range(ge=0)] = 0  # the program's map (most central first) before the evidence; 0: none
 
     config: Config
 
@@ -118,7 +128,7 @@ class BuildPrompt(Stage):
         return rules
 
     def run(self, prompt: str, evidence: Evidence, lm: LanguageModel, index: ProgramIndex | None = None,
-            history: str | None = None) -> dict:
+            history: str | None = None, facts: FactCards | None = None) -> dict:
         c = self.config
         asked = len(encode_text(lm.tokenizer, prompt))
         if asked > c.max_question_tokens:  # the product bounded its characters; the model's positions bound its tokens
@@ -126,7 +136,10 @@ class BuildPrompt(Stage):
                              f"{c.max_question_tokens} tokens: ask a shorter one")
         earlier = trim_history(lm.tokenizer, history or "", c.history_tokens)
         # the earlier turn goes with the evidence: the evidence-free prompt (decode.cad_alpha) has neither
-        blocks = "\n\n".join([earlier] * bool(earlier) + [w.block() for w in evidence.windows])
+        cards = facts.block() if facts is not None else ""
+        program_map = map_block(lm.tokenizer, index, c.map_tokens)  # with the evidence, so data like it
+        blocks = "\n\n".join([earlier] * bool(earlier) + [program_map] * bool(program_map)
+                               + [w.block() for w in evidence.windows] + [cards] * bool(cards))
         first = evidence.windows[0] if evidence.windows else None
         example = f"{first.path}:{first.start}-{first.end}" if first else "path.py:1-9"
         rules = self.rules(example)
@@ -139,7 +152,7 @@ class BuildPrompt(Stage):
                 prefill = f"[{example}] "
         messages = self.messages(prompt, blocks, rules)
         text, ids = self.encode(lm.tokenizer, messages)
-        definitions = lead_choices(evidence, index)
+        definitions = lead_choices(evidence, index, prompt)
         lead = list(definitions) if c.form == "lead" and not prefill else []
         # the same prompt asking nothing in particular: what a lead choice owes to the question (decode.lead_calibrate)
         neutral_ids = self.encode(lm.tokenizer, self.messages(NEUTRAL_QUESTION, blocks, rules))[1] if lead else []
@@ -148,7 +161,7 @@ class BuildPrompt(Stage):
         for choice in map(LeadChoice.parse, definitions):
             located.setdefault(choice.span, (choice.path, choice.start, choice.end))
         citations = list(located)
-        names = evidence_names(evidence, index, prompt)
+        names = evidence_names(evidence, index, f"{prompt}\n{cards}" if cards else prompt)  # cards name callers too
         # the same prompt without the evidence: what context-aware decoding (decode.cad_alpha) contrasts with
         plain_ids = self.encode(lm.tokenizer, self.messages(prompt, "", rules))[1]
         return {"prompt": Prompt(messages, text, prefill, c.attempt, hints, ids=ids, citations=citations,

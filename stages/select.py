@@ -21,6 +21,7 @@ from stages.common.program.walk import is_test_path
 from stages.common.retrieval import encoder_lora
 from stages.common.retrieval.dense import MAX_TOKENS, PACKAGE, encoder, window_vectors
 from stages.common.retrieval.focus import focus_windows, parse
+from stages.common.retrieval.names import boost, find_names
 from stages.common.retrieval.scoring import RELEVANCE, score_windows, standardise
 from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
@@ -44,6 +45,9 @@ class QuestionSelect(Stage):
         b: Annotated[float, Range(ge=0, le=1)] = RELEVANCE["b"]
         test_weight: Annotated[float, Range(ge=0)] = 0.5
         focus: str | None = None  # `<file>[:<first>-<last>]`: that file alone, its windows overlapping the lines
+        # names the question writes (stages.common.retrieval.names): the window defining one gains this share of the
+        # best window's score; 0: names weigh as words only
+        name_boost: Annotated[float, Range(ge=0)] = 0.5
 
         @property
         def relevance(self) -> dict[str, float]:
@@ -58,7 +62,17 @@ class QuestionSelect(Stage):
             parse(self.config.focus)
 
     def run(self, index: ProgramIndex, prompt: str) -> dict:
-        return {"selection": self.select(index, prompt, score_windows(index, prompt, self.config.relevance))}
+        scores = score_windows(index, prompt, self.config.relevance)
+        found = find_names(index, prompt)
+        if not found.windows or not self.config.name_boost:
+            return {"selection": self.select(index, prompt, scores)}
+        values = np.zeros(len(index.windows), dtype=np.float64)
+        for i, value in scores.items():
+            values[i] = value
+        boosted = boost(values, found, self.config.name_boost)
+        # pack shows the named window first: the ranking goes with the selection, as select=hybrid's does
+        return {"selection": self.select(index, prompt, {i: float(v) for i, v in enumerate(boosted) if v > 0},
+                                         _ranking(index, boosted))}
 
     def select(self, index: ProgramIndex, prompt: str, windows: dict[int, float],
                ranking: dict[str, list[tuple[float, Window]]] | None = None, tests_weighed: bool = False) -> Selection:
@@ -131,12 +145,19 @@ class HybridSelect(QuestionSelect):
         fused = fuse(sparse, dense, c.dense_weight, shift=False)
         fused = np.where(tests & (fused > 0), fused * c.test_weight, fused)
         fused = fused - fused.min() if len(fused) else fused
-        ranking: dict[str, list[tuple[float, Window]]] = {}
-        for i, window in enumerate(index.windows):
-            ranking.setdefault(window.path, []).append((round(float(fused[i]), 6), window))
-        for ranked in ranking.values():
-            ranked.sort(key=lambda item: (-item[0], item[1].start))
-        return {"selection": self.select(index, prompt, dict(enumerate(fused.tolist())), ranking, tests_weighed=True)}
+        fused = boost(fused, find_names(index, prompt), c.name_boost)
+        return {"selection": self.select(index, prompt, dict(enumerate(fused.tolist())), _ranking(index, fused),
+                                         tests_weighed=True)}
+
+
+def _ranking(index: ProgramIndex, scores: np.ndarray) -> dict[str, list[tuple[float, Window]]]:
+    """Per file, its windows best first by ``scores`` (one per window; ties: earlier first)."""
+    ranking: dict[str, list[tuple[float, Window]]] = {}
+    for i, window in enumerate(index.windows):
+        ranking.setdefault(window.path, []).append((round(float(scores[i]), 6), window))
+    for ranked in ranking.values():
+        ranked.sort(key=lambda item: (-item[0], item[1].start))
+    return ranking
 
 
 def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, shift: bool = True) -> np.ndarray:

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 from pipeline.engine.cache import write_atomic
-from pipeline.engine.records import CitationRecord, Span, Telemetry
+from pipeline.engine.records import CitationRecord, ClaimRecord, Span, Telemetry
 from pipeline.engine.stage import RunContext, Stage
 from stages.common.generation.generate import DecodeInterrupted
+from stages.common.grounding.badge import Badge
+from stages.common.grounding.claimcheck import ClaimsReport
 from stages.common.grounding.labels import mislabels
 from stages.common.grounding.quotes import check_code
 from stages.common.types import Answer, CitationReport, Draft, Evidence, LanguageModel, ProgramIndex, Selection
@@ -36,7 +38,7 @@ class WriteTelemetry(Stage):
             selection: Selection | None = None, evidence: Evidence | None = None, lm: LanguageModel | None = None,
             mix_report: dict | None = None, remix_report: dict | None = None, draft: Draft | None = None,
             retry_draft: Draft | None = None, first_report: CitationReport | None = None,
-            index: ProgramIndex | None = None) -> dict:
+            index: ProgramIndex | None = None, badge: Badge | None = None, claims: ClaimsReport | None = None) -> dict:
         partial = context.error.draft if isinstance(context.error, DecodeInterrupted) else None
         drafts = [d for d in (draft, retry_draft, partial) if d is not None]
         timings = {k: round(v, 4) for k, v in context.timings.items()}
@@ -62,6 +64,14 @@ class WriteTelemetry(Stage):
         )
         if answer is not None:
             record = _answered(record, answer, evidence, index, drafts)
+            if claims is not None:
+                record = dataclasses.replace(
+                    record, claims_checked=claims.checked, claims_contradicted=claims.contradicted,
+                    claims_dropped=claims.dropped, claims=tuple(ClaimRecord(**c.as_dict()) for c in claims.claims))
+            if badge is not None:  # the badge node's verdict replaces the citation check's alone
+                record = dataclasses.replace(record, grounded=badge.grounded, not_grounded=dict(badge.reasons),
+                                             confidence=badge.confidence, confidence_parts=dict(badge.parts),
+                                             cut_at=badge.cut_at)
         elif partial is not None:
             record = dataclasses.replace(
                 record, answer=partial.text, lead=partial.lead, notes=tuple(note for d in drafts for note in d.notes),

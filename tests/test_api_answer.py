@@ -42,7 +42,7 @@ def test_the_answer_is_its_run_folders_telemetry(monkeypatch, tmp_path, program)
         for c in data["citations"]]
     (cited,) = answer.citations
     assert cited.code == CORE.rstrip("\n")  # the cited lines' text, read from the program root
-    assert not hasattr(answer, "confidence")  # nothing computes one; none is invented
+    assert answer.confidence == data["confidence"] and 0 <= answer.confidence <= 1  # the badge node's
     with pytest.raises(AttributeError):
         answer.text = "changed"
 

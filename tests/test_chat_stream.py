@@ -62,9 +62,12 @@ def test_the_answer_streams_on_a_terminal_with_the_retry_marked(tmp_path, make_t
     assert DRAFT_BANNER.strip() in screen
     # no answer cites 99 windows: the first check fails, the retry runs and is announced before its tokens
     assert tele["retries"] == 1 and RETRY_BANNER.strip() in screen
-    # the checked answer is the retry's draft as streamed: nothing is printed a second time
+    # the checked answer is the retry's draft as streamed and the cut notice (6 new tokens end no reply): the checks
+    # line says only that, with the badge; the draft is not printed a second time
     assert screen.index(DRAFT_BANNER.strip()) < screen.index(RETRY_BANNER.strip()) < screen.index("run folder:")
-    assert tele["answer"] in screen and "── checked" not in screen
+    notice = " … [cut at max_new_tokens=6]"
+    assert tele["answer"].endswith(notice) and tele["answer"].removesuffix(notice) in screen
+    assert f"── checked: added{notice} · not grounded: " in screen and "cut at max_new_tokens=6 · confidence" in screen
     assert f"report: {tmp_path / 'run' / 'report.html'}" in screen
 
 

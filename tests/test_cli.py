@@ -16,7 +16,8 @@ def read_json(path):
 
 def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "model=tiny_random", "rerank=heuristic,none", "decode.max_new_tokens=8",
+    # pack.follow_calls=0: a followed callee may come from a file the selection did not rank
+    proc = cli(["-m", "model=tiny_random", "rerank=heuristic,none", "decode.max_new_tokens=8", "pack.follow_calls=0",
                 "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=8", f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ import pytest
 from conftest import PROJECT_ROOT, compose_config
 
 from stages.common.grounding.citations import parse_citations
+from stages.common.retrieval.aligned import FOLLOW_AT
 from stages.index import build_index
 
 # docs/behaviour.md §6 telemetry fields ("config overrides" is `overrides`)
@@ -35,10 +36,10 @@ def test_default_model_answers_with_valid_citations(tmp_path, cli):
     answer = tele["answer"]
     assert answer and answer.strip() in proc.stdout
 
-    # the packed windows are real spans of selected files
+    # the packed windows are real spans; the ranked ones (before any followed callee, pack.follow_calls) of selected files
     root = PROJECT_ROOT
     windows = tele["windows_packed"]
-    assert windows and {w["path"] for w in windows} <= set(tele["files_selected"])
+    assert windows and {w["path"] for w in windows[:FOLLOW_AT]} <= set(tele["files_selected"])
     for w in windows:
         lines = (root / w["path"]).read_text(errors="replace").splitlines()
         assert 1 <= w["start"] <= w["end"] <= len(lines), w

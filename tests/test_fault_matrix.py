@@ -438,8 +438,8 @@ def test_verbose_shows_the_traceback(workspace):
 ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "select", "rerank",
                 "capacity", "targets", "sub", "mix", "rescore", "pack", "scaffold", "leadsim", "decode", "names", "cite",
                 "remix", "scaffold_retry", "leadsim_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair",
-                "unmix"]
-RETRY_NODES = {"remix", "scaffold_retry", "leadsim_retry", "decode_retry", "names_retry", "cite_retry"}
+                "unmix", "claims_first", "claims_retry", "claims", "badge"]
+RETRY_NODES = {"remix", "scaffold_retry", "leadsim_retry", "decode_retry", "names_retry", "cite_retry", "claims_retry"}
 
 
 @pytest.mark.parametrize("node", ANSWER_NODES)

@@ -66,7 +66,9 @@ def test_json_is_one_object_on_stdout_that_matches_the_telemetry(tmp_path, make_
     grounded = telemetry["grounded"] if telemetry["grounded"] is not None else \
         any(c["valid"] for c in telemetry["citations"])
     assert obj["grounded"] == grounded and obj["report"] == str(folder / "report.html")
-    assert set(obj) == {"answer", "citations", "grounded", "why", "run_folder", "report", "timings", "elapsed_sec"}
+    assert set(obj) == {"answer", "citations", "grounded", "why", "confidence", "run_folder", "report", "timings",
+                        "elapsed_sec"}
+    assert obj["confidence"] == telemetry["confidence"] and 0 <= obj["confidence"] <= 1
     assert (obj["why"] == "") == grounded
     assert [(c["path"], c["start"], c["valid"]) for c in obj["citations"]] == \
         [(c["path"], c["start"], c["valid"]) for c in telemetry["citations"]]
@@ -184,7 +186,11 @@ def test_on_a_terminal_the_draft_streams_once_with_no_log_lines(tmp_path, make_t
                                     f"hydra.run.dir={tmp_path / 'run'}", f"paths.outputs={tmp_path / 'out'}"])
     assert code == 0, screen[-3000:]
     answer = json.loads((tmp_path / "run" / "telemetry.json").read_text())["answer"]
-    assert screen.count(answer) == 1 and "── checked" not in screen  # the checked answer is the streamed draft
+    # 6 new tokens end no reply: the checked answer is the streamed draft and the cut notice (the badge node), and
+    # the checks line says only that, with the badge
+    notice = " … [cut at max_new_tokens=6]"
+    assert answer.endswith(notice) and screen.count(answer.removesuffix(notice)) == 1
+    assert f"── checked: added{notice} · not grounded: " in screen and "cut at max_new_tokens=6 · confidence" in screen
     assert not INFO.search(screen) and f"run folder: {tmp_path / 'run'}" in screen
 
 

@@ -41,6 +41,19 @@ class CitationRecord:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ClaimRecord:
+    """A statement of the answer about a definition, checked against its AST (the `claims` node)."""
+
+    name: str  # the subject as the answer wrote it
+    kind: str  # param_count | param_name | returns_none | returns_value | raises | calls | kind | decorated
+    verdict: str  # supported | contradicted
+    qualname: str = ""  # the definition checked
+    value: str = ""  # what is claimed (a count, a name, a kind; "" for "an exception", "a decorator")
+    said: str = ""  # the words that claim it
+    code_says: str = ""  # for a contradicted claim: what the code says instead
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Telemetry:
     """One answer's record (`telemetry.json`): written also after a failure, with ``status`` failed."""
 
@@ -68,6 +81,14 @@ class Telemetry:
     fallback_used: bool = False
     citations_model_valid: int = 0
     grounded: bool | None = None  # None: not recorded (a valid citation then stands for it)
+    not_grounded: dict[str, str] = dataclasses.field(default_factory=dict)  # failed check -> why (the badge node)
+    confidence: float | None = None  # in [0, 1] (docs/behaviour.md §5, the honest badge); None: not computed
+    confidence_parts: dict[str, Any] = dataclasses.field(default_factory=dict)  # margin, evidence, factor
+    cut_at: int | None = None  # the max_new_tokens the reply was cut at (trimmed, with a notice); None: not cut
+    claims_checked: int = 0  # the answer's statements about definitions checked against the AST
+    claims_contradicted: int = 0
+    claims_dropped: int = 0  # sentences left out for a contradicted claim (claims.on_contradiction=drop)
+    claims: tuple[ClaimRecord, ...] = ()
     code_identifiers: int = 0
     unknown_identifiers: tuple[str, ...] = ()
     unknown_identifier_rate: float = 0.0

@@ -15,6 +15,7 @@ from pipeline.runfolder import RunFolder, read_lines, source_hashes
 # ([\w./-]+\.\w+):([0-9]+)(?:-([0-9]+))? would find it, but in linear time (that regex backtracks on `a.a.a…`)
 _RUN = re.compile(r"[\w./-]+")
 _LINES = re.compile(r":([0-9]+)(?:-([0-9]+))?")
+CODE_SAYS = re.compile(r"\[the code says: [^\[\]\n]*\]")
 
 
 def citations_in(text: str) -> list[tuple[int, int, str, int, int]]:
@@ -97,6 +98,10 @@ def render_answer(run: RunFolder) -> str:
         else:
             why = cited.reason or ("removed: not in the evidence" if cited.removed else "invalid")
             marks.append((char_start, char_end, f'<span class="invalid" title="{esc(why)}">{label}</span>'))
+    for match in CODE_SAYS.finditer(text):  # the claims node's marker after a sentence that contradicts the code
+        if not any(a < match.end() and match.start() < b for a, b, _ in marks):
+            marks.append((match.start(), match.end(), f'<span class="contradicted" title="a claim the code '
+                                                      f'contradicts">{esc(match.group(0))}</span>'))
     for word in sorted({w for w in record.unknown_identifiers if w}, key=len, reverse=True):
         for match in re.finditer(rf"(?<![\w.]){re.escape(word)}(?![\w])", text):
             if not any(a < match.end() and match.start() < b for a, b, _ in marks):
@@ -120,14 +125,20 @@ def section_question(run: RunFolder) -> str:
            "at least one citation is valid") if grounded else \
         ("the checks could not ground this answer in the program" if reported else
          "no citation is valid: nothing in this answer is backed by the evidence below")
+    if record.not_grounded and not grounded:  # the badge node's phrases, one per failed check
+        why = "; ".join(record.not_grounded.values())
     if record.interrupted:
         why = "interrupted (Ctrl-C): the draft decoded so far, not checked"
+    confidence = (f' <span class="badge" id="confidence" title="lead margin, cited evidence and checks; not a '
+                  f'probability of being right">confidence {record.confidence:.2f}</span>'
+                  if record.confidence is not None else "")
     parts.append(f'<p><span class="badge {"ok" if grounded else "warn"}" id="grounded">'
-                 f'{"grounded" if grounded else "not grounded"}</span> {esc(why)}</p>')
+                 f'{"grounded" if grounded else "not grounded"}</span>{confidence} {esc(why)}</p>')
     parts.append(render_answer(run))
     parts.append('<p class="small muted">key: <a class="cite model">model citation</a> '
                  '<a class="cite attributed">attributed (added by citation repair)</a> '
-                 '<span class="invalid">invalid</span> <mark class="unknown">unknown identifier</mark></p>')
+                 '<span class="invalid">invalid</span> <mark class="unknown">unknown identifier</mark> '
+                 '<span class="contradicted">claim the code contradicts</span></p>')
     head = [(k, v) for k, v in pick(flatten(run.telemetry), run.settings.get("headline") or []) if v is not None]
     if head:
         parts.append('<p class="facts">' + " ".join(f'<span class="fact"><span class="muted">{esc(k)}</span> '
@@ -135,6 +146,12 @@ def section_question(run: RunFolder) -> str:
     if record.unknown_identifiers:
         parts.append("<p>Unknown identifiers (in neither the program nor the question): "
                      + ", ".join(f'<mark class="unknown">{esc(u)}</mark>' for u in record.unknown_identifiers) + "</p>")
+    if record.claims:
+        rows = [[esc(c.name), esc(c.kind), esc(c.said), "<b>contradicted</b>" if c.verdict == "contradicted" else
+                 esc(c.verdict), esc(c.code_says)] for c in record.claims]
+        parts.append(f"<h3>Claims checked against the code: {record.claims_checked}, contradicted "
+                     f"{record.claims_contradicted}</h3>"
+                     + table(["about", "kind", "the answer says", "verdict", "the code says"], rows, raw=True))
     if record.citations:
         windows = spans(run)
         rows = []

@@ -16,7 +16,8 @@ from pipeline.runfolder import RunFolder, artifact_manifests
 
 # telemetry keys drawn in a section of their own, left out of the generic table
 DRAWN = ("status", "error", "prompt", "answer", "citations", "windows_packed", "files_selected", "file_scores",
-         "window_scores", "modules_selected", "unknown_identifiers", "grounded", "delta_norms", "fallback_mix")
+         "window_scores", "modules_selected", "unknown_identifiers", "grounded", "not_grounded", "claims", "delta_norms",
+         "fallback_mix")
 
 
 def _graph_edges(config: DictConfig | None) -> list[tuple[str, str]]:
@@ -155,6 +156,27 @@ def section_results(run: RunFolder) -> str:
     return "".join(parts)
 
 
+def section_outline(run: RunFolder) -> str:
+    """The map of the program (outline.json): the most central files, each with its symbols, spans and summaries."""
+    data = run.data.get("outline")
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(files, list) or not files:
+        return ""
+    rows = []
+    for rank, f in enumerate(x for x in files if isinstance(x, dict)):
+        entries = [e for e in f.get("entries") or [] if isinstance(e, dict)]
+        symbols = "<br>".join(f'<span class="mono">{esc(e.get("kind"))} {esc(e.get("name"))} '
+                              f'{esc(e.get("start"))}-{esc(e.get("end"))}</span> {esc(e.get("summary"))}'
+                              for e in entries) + (f'<br><span class="muted">… {esc(f.get("more"))} more</span>'
+                                                   if f.get("more") else "")
+        rows.append([str(rank + 1), f'<span class="mono">{esc(f.get("path"))}</span><br><span class="small muted">'
+                     f'{esc(f.get("summary"))}</span>', esc(fmt(f.get("score"))), symbols])
+    total = f"{esc(data.get('files_total'))} files, {esc(data.get('symbols_total'))} symbols"
+    return (f'<h2 id="outline">Map of the program</h2><p class="small">the {len(rows)} most central of {total} '
+            "(PageRank over calls and imports; python -m pipeline.outline prints all)</p>"
+            + table(["#", "file", "rank", "symbols, most central first"], rows, "outline", raw=True))
+
+
 def section_everything(run: RunFolder) -> str:
     rest = [(k, v) for k, v in flatten(run.telemetry).items()
             if k.split(".")[0] not in DRAWN and not (isinstance(v, list) and len(v) > 20)]
@@ -189,7 +211,7 @@ def render_run(run: RunFolder) -> str:
         if problem != "missing" or name == run.settings["files"].get("trace"):
             parts.append(f'<div class="banner warn">{esc(name)}: {esc(problem)}</div>')
     parts += [section_question(run), section_evidence(run), section_graph(run), section_adapter(run),
-              section_results(run), section_everything(run)]
+              section_results(run), section_outline(run), section_everything(run)]
     return page(title, "".join(parts))
 
 

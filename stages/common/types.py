@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.common.adapters.factors import AdapterSet
+# the build graph's edge types live with the adapters; stages name them from here too
+from stages.common.adapters.values import ArtifactLocation, Artifacts, Capacity, ProgramEmbedding, TargetPlan  # noqa: F401
 from stages.common.program.callgraph import CallGraph
 from stages.common.program.lines import split_lines
 
@@ -16,7 +17,7 @@ from stages.common.program.lines import split_lines
 class Symbol:
     name: str
     qualname: str
-    kind: str  # function | class | method
+    kind: str  # function | class | method (definitions) | constant | attribute (module- and class-level values)
     path: str
     module: str
     start: int  # first line, decorators included
@@ -25,10 +26,15 @@ class Symbol:
     doc: str  # first line of the docstring
     is_public: bool
     annotations: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()  # a value's names it reads (`_available_shells` -> BashComplete, ...)
 
     @property
     def node_id(self) -> str:
         return f"sym:{self.path}::{self.qualname}"
+
+    @property
+    def is_definition(self) -> bool:  # a function, class or method, not a constant or attribute
+        return self.kind in ("function", "class", "method")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +45,7 @@ class Window:
     start: int
     end: int
     anchor: str
-    kind: str  # head | function | class | method
+    kind: str  # head | function | class | method | constant (a run of values no other window shows)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,13 +156,14 @@ class PackedWindow:
     end: int
     text: str  # the exact source lines start..end
     score: float = 0.0
+    context: str = ""  # the enclosing definitions' headers a window starting inside them does not show ("" none)
 
     @property
     def header(self) -> str:
         return f"[ctx] path: {self.path}:{self.start}-{self.end}"
 
     def block(self) -> str:
-        return f"{self.header}\n{self.text}"
+        return f"{self.header}\n{self.context}\n{self.text}" if self.context else f"{self.header}\n{self.text}"
 
     def span(self) -> dict[str, Any]:
         return {"path": self.path, "start": self.start, "end": self.end}
@@ -216,6 +223,7 @@ class Draft:
     constrained_names: int = 0  # inline-code names completed under it
     steered_quotes: int = 0  # steps whose likeliest token would have started code the evidence does not hold
     lead: dict[str, Any] = dataclasses.field(default_factory=dict)  # how decode.lead=likelihood chose the lead
+    cut_at: int | None = None  # the max_new_tokens the reply ran into before it ended by itself; None: not cut
 
     def source_at(self, offset: int) -> str:
         return "attributed" if offset < self.prefill_chars else "model"
@@ -318,78 +326,3 @@ class LanguageModel:
 
     def summary(self) -> dict[str, Any]:
         return {"model": self.model_id, "device": self.device, "weights": "loaded" if self.weights_loaded else "not loaded"}
-
-
-@dataclasses.dataclass
-class ProgramEmbedding:
-    """§3: the program vector ``z`` and its per-channel vectors (all float32, length ``dim``)."""
-
-    vectors: dict[str, Any]  # "z", "z_sym", ... -> np.ndarray
-    dim: int
-    seed: int
-    weights: dict[str, float]
-
-    @property
-    def z(self):
-        return self.vectors["z"]
-
-    def summary(self) -> dict[str, Any]:
-        return {"dim": self.dim, "seed": self.seed}
-
-
-@dataclasses.dataclass
-class ArtifactLocation:
-    """Where the build artifacts of (program, build config) live, and whether they are there already."""
-
-    path: Path
-    exists: bool
-    key: str
-    fixed: bool = False  # given by the user (adapters=...), never rebuilt
-    adapters_file: Path | None = None  # the npz the user named (adapters=/d/mine.npz); None: path/adapters.npz
-
-    @property
-    def npz(self) -> Path:
-        return self.adapters_file or self.path / "adapters.npz"
-
-    def summary(self) -> dict[str, Any]:
-        return {"path": str(self.path), "exists": self.exists, "adapters": str(self.npz)}
-
-
-@dataclasses.dataclass
-class Capacity:
-    rank: int
-    gsub: float
-    beta: float
-    entropy: dict[str, float] | None = None  # score and components (entropy-aware capacity)
-
-    def summary(self) -> dict[str, Any]:
-        return {"rank": self.rank, "gsub": round(self.gsub, 4), "entropy": self.entropy}
-
-
-@dataclasses.dataclass
-class TargetPlan:
-    """Per-target weights, per-layer multipliers and per-(layer, target) rank keeps."""
-
-    weights: dict[str, float]
-    layer_multipliers: list[float]
-    keeps: dict[tuple[int, str], int]
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        return {"weights": self.weights, "keeps": len(self.keeps), "notes": self.notes}
-
-
-@dataclasses.dataclass
-class Artifacts:
-    """A loaded build-artifact folder (§2), checked against the loaded model."""
-
-    path: Path
-    manifest: dict[str, Any]
-    embedding: ProgramEmbedding | None
-    adapters: AdapterSet
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    def summary(self) -> dict[str, Any]:
-        return {"path": str(self.path), "rank": self.adapters.rank, "synth": self.manifest.get("synth", {}).get("name")}

@@ -43,7 +43,7 @@ def channel_features(index: ProgramIndex, paths: set[str] | None, include_text: 
     keep = (lambda p: True) if paths is None else (lambda p: p in paths)
     # weighted counts (floats): a Counter's missing keys read 0 without being inserted
     feats: dict[str, dict[str, float]] = {name: Counter() for name in CHANNELS}  # type: ignore[misc]
-    symbols = [s for s in index.symbols if keep(s.path)]
+    symbols = [s for s in index.symbols if keep(s.path) and s.is_definition]
     for sym in symbols:
         feats["sym"][f"{sym.kind}:{sym.name}"] += 1.0
         for tok in tokens(sym.doc):

@@ -64,9 +64,11 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     stops = StoppingCriteriaList()
+    reply_stop = None
     if settings.max_paragraphs or settings.stop_at_repeated_line:
-        stops.append(ReplyStop(token_texts(tok), len(ids), settings.max_paragraphs, settings.stop_at_repeated_line,
-                               prompt.prefill + lead))
+        reply_stop = ReplyStop(token_texts(tok), len(ids), settings.max_paragraphs, settings.stop_at_repeated_line,
+                               prompt.prefill + lead)
+        stops.append(reply_stop)
     try:
         with torch.no_grad():
             output = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -90,8 +92,15 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
     if settings.stop_at_repeated_line:
         text = drop_repeated_lines(text)
+    ended = (reply_stop is not None and reply_stop.done) or (len(new) > 0 and int(new[-1]) in _ids(tok.eos_token_id))
     return Draft(text.strip(), int(input_ids.shape[1]), int(new.shape[0]), seconds, lm.device, attempt=prompt.attempt,
                  prefill_seconds=(clock.first - started) if clock.first else seconds, lead=record,
                  constrained_citations=grounding.completed(CITATION_OPENER) if grounding else 0,
                  constrained_names=grounding.completed(CODE_OPENER) if grounding else 0,
-                 steered_quotes=grounding.quotes.steered if grounding and grounding.quotes else 0)
+                 steered_quotes=grounding.quotes.steered if grounding and grounding.quotes else 0,
+                 cut_at=settings.max_new_tokens if len(new) >= settings.max_new_tokens and not ended else None)
+
+
+def _ids(token: int | list[int] | None) -> set[int]:
+    """A tokenizer's end-of-text id (one, several or none) as a set."""
+    return set() if token is None else {token} if isinstance(token, int) else set(token)

@@ -46,8 +46,11 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: Dec
     total = [score - settings.lead_prior * rank + extra for score, rank, extra in zip(scores, ranks, bonus)]
     best = max(range(len(total)), key=lambda i: (total[i], -i))
     chosen = prompt.lead[best]
+    runner_up = max((t for i, t in enumerate(total) if i != best), default=None)
     record = {"lead": chosen, "lead_score": round(total[best], 4), "lead_choices": len(prompt.lead),
-              "lead_window": ranks[best], "prefill_reused": not computed}
+              "lead_window": ranks[best], "prefill_reused": not computed,
+              # the chosen score over the runner-up's (the badge's confidence); None: one choice only
+              "lead_margin": round(total[best] - runner_up, 4) if runner_up is not None else None}
     return chosen, encode_text(tok, chosen), cache, record
 
 

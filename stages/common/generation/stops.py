@@ -41,8 +41,12 @@ class ReplyStop:
                     self.lines[key] = self.lines.get(key, 0) + 1
                     self.repeated |= self.repeated_lines and self.lines[key] >= LOOP_REPEATS
         self.consumed = len(new)
-        stop = self.repeated or (self.paragraphs is not None and self.ended >= self.paragraphs)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.done, dtype=torch.bool, device=input_ids.device)
+
+    @property
+    def done(self) -> bool:
+        """The reply has ended: its paragraphs are written, or it loops."""
+        return self.repeated or (self.paragraphs is not None and self.ended >= self.paragraphs)
 
 
 def line_key(line: str) -> str:

@@ -32,6 +32,8 @@ class Mislabel:
 
 
 def _names(symbol: Symbol) -> set[str]:
+    if symbol.kind == "attribute":  # `name`, `type` are too common to stand for one class attribute
+        return {symbol.qualname}
     return {symbol.qualname, symbol.name, symbol.qualname.rsplit(".", 1)[-1]}
 
 

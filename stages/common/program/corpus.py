@@ -123,7 +123,7 @@ def summary_lines(index: ProgramIndex, path: str, spans: list[tuple[int, int]]) 
     """One synthetic line per definition inside the trained spans of `path`: "`path` defines `sig`: doc"."""
     out = []
     for sym in index.symbols_in(path):
-        if not any(a <= sym.start <= b for a, b in spans):
+        if not sym.is_definition or not any(a <= sym.start <= b for a, b in spans):
             continue
         signature = sym.signature
         if sym.kind == "method" and signature.startswith(sym.name):

@@ -141,7 +141,7 @@ def _build(root: Path, entries: list[Entry], skipped: dict[str, str], limits: Li
         files[src.path] = FileRecord(src.path, src.sha256, len(src.data), f["lines"], module, f["parsed"])
         for s in f["symbols"]:
             symbols.append(Symbol(s["name"], s["qualname"], s["kind"], src.path, module or "", s["start"], s["end"],
-                                  s["signature"], s["doc"], s["is_public"], tuple(s["annotations"])))
+                                  s["signature"], s["doc"], s["is_public"], tuple(s["annotations"]), tuple(s["reads"])))
         for start, end, anchor, kind in f["windows"]:
             windows.append(Window(src.path, start, end, anchor, kind))
     graph = program_graph(files, symbols, {src.path: f for src, f in zip(sources, done)})
@@ -237,7 +237,8 @@ def program_graph(files: dict[str, FileRecord], symbols: list[Symbol], facts: di
         for target in sorted(targets):
             g.edge(f"mod:{rec.module}", f"mod:{target}", "imports")
 
-    _call_edges(g, files, symbols, by_name, facts, imported)
+    callable_by_name = {name: [s for s in found if s.is_definition] for name, found in by_name.items()}
+    _call_edges(g, files, symbols, callable_by_name, facts, imported)
     return g.build()
 
 

@@ -25,8 +25,8 @@ from stages.common.program.callgraph import CallGraph, pack_strings, unpack_stri
 from stages.common.types import FileRecord, Symbol, Window
 
 log = logging.getLogger(__name__)
-SYMBOL_KINDS = ("function", "class", "method")
-WINDOW_KINDS = ("head", "function", "class", "method")
+SYMBOL_KINDS = ("function", "class", "method", "constant", "attribute")
+WINDOW_KINDS = ("head", "function", "class", "method", "constant")
 TABLES = ("sym", "win", "imp", "call")
 
 
@@ -40,7 +40,7 @@ def save(path: Path, window_lines: int, files: list[FileRecord], facts: list[dic
     sees half)."""
     cols: dict[str, list] = {name: [] for name in (
         "sym_name", "sym_qualname", "sym_kind", "sym_start", "sym_end", "sym_signature", "sym_doc", "sym_public",
-        "sym_annotations", "win_start", "win_end", "win_anchor", "win_kind", "imp_module", "imp_names", "imp_level",
+        "sym_annotations", "sym_reads", "win_start", "win_end", "win_anchor", "win_kind", "imp_module", "imp_names", "imp_level",
         "call_caller", "call_callee")}
     offsets = {t: [0] for t in TABLES}
     strings: dict[str, int] = {}
@@ -55,6 +55,7 @@ def save(path: Path, window_lines: int, files: list[FileRecord], facts: list[dic
             cols["sym_doc"].append(s["doc"])
             cols["sym_public"].append(s["is_public"])
             cols["sym_annotations"].append(" ".join(s["annotations"]))
+            cols["sym_reads"].append(" ".join(s["reads"]))
         for start, end, anchor, kind in f["windows"]:
             cols["win_start"].append(start)
             cols["win_end"].append(end)
@@ -140,14 +141,15 @@ class Stored:
                 zip(self.paths, self.sha, bytes_, lines, package_modules, parsed)}
 
     def symbols(self, modules: list[str | None]) -> list[Symbol]:
-        names, quals, kinds, starts, ends, sigs, docs, public, annotations = (self.col(f"sym_{c}") for c in (
-            "name", "qualname", "kind", "start", "end", "signature", "doc", "public", "annotations"))
+        names, quals, kinds, starts, ends, sigs, docs, public, annotations, reads = (self.col(f"sym_{c}") for c in (
+            "name", "qualname", "kind", "start", "end", "signature", "doc", "public", "annotations", "reads"))
         out, off = [], self.offsets["sym"].tolist()
         for i, (path, module) in enumerate(zip(self.paths, modules)):
             module = module or ""
             for r in range(off[i], off[i + 1]):
                 out.append(Symbol(names[r], quals[r], SYMBOL_KINDS[kinds[r]], path, module, starts[r], ends[r],
-                                  sigs[r], docs[r], bool(public[r]), tuple(annotations[r].split()) if annotations[r] else ()))
+                                  sigs[r], docs[r], bool(public[r]), tuple(annotations[r].split()) if annotations[r] else (),
+                                  tuple(reads[r].split())))
         return out
 
     def windows(self) -> list[Window]:
@@ -174,7 +176,8 @@ class Stored:
                          "kind": SYMBOL_KINDS[c("sym_kind")[r]], "start": c("sym_start")[r], "end": c("sym_end")[r],
                          "signature": c("sym_signature")[r], "doc": c("sym_doc")[r],
                          "is_public": bool(c("sym_public")[r]),
-                         "annotations": c("sym_annotations")[r].split() if c("sym_annotations")[r] else []}
+                         "annotations": c("sym_annotations")[r].split() if c("sym_annotations")[r] else [],
+                         "reads": c("sym_reads")[r].split()}
                         for r in rows("sym")],
             "imports": [{"module": c("imp_module")[r], "names": c("imp_names")[r].split() if c("imp_names")[r] else [],
                          "level": c("imp_level")[r]} for r in rows("imp")],

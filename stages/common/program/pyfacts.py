@@ -47,13 +47,53 @@ def python_facts(text: str, window_lines: int) -> dict[str, Any]:
     facts["imports"] = collector.imports
     facts["calls"] = collector.calls
     windows = facts["windows"]
-    for sym in collector.symbols:
+    definitions = [sym for sym in collector.symbols if sym["kind"] in DEFINITION_KINDS]
+    for sym in definitions:
         top_level = "." not in sym["qualname"]
-        long_method = sym["kind"] == "method" and _outside_first_window(sym, collector.symbols, window_lines)
+        long_method = sym["kind"] == "method" and _outside_first_window(sym, definitions, window_lines)
         if top_level or long_method:
             end = min(sym["end"], sym["start"] + window_lines - 1)
             windows.append([sym["start"], end, sym["qualname"], sym["kind"]])
+    windows.extend(_value_windows(collector.symbols, windows, text, window_lines))
     return facts
+
+
+def _value_windows(symbols: list[dict], windows: list[list], text: str, window_lines: int) -> list[list]:
+    """Windows for the constants and attributes no other window shows: a run of them with nothing else between
+    (blank and comment lines aside, or at most two lines of other code) is one window, from the comment right above the first, at most window_lines
+    long; a value inside a definition's or the head window rides in that window."""
+    lines = text.splitlines()
+    covered = [(w[0], w[1]) for w in windows]
+    loose = [s for s in symbols if s["kind"] not in DEFINITION_KINDS
+             and not any(a <= s["start"] and s["end"] <= b for a, b in covered)]
+    out: list[list] = []
+    for sym in sorted(loose, key=lambda s: s["start"]):
+        start = sym["start"]
+        while (start > 1 and lines[start - 2].lstrip().startswith("#") and sym["end"] - start + 1 < window_lines
+               and not any(a <= start - 1 <= b for a, b in covered)):
+            start -= 1  # the comment that explains the value
+        near = out and (start - out[-1][1] <= 3 or _only_gaps(lines, out[-1][1], start))
+        if near and sym["end"] - out[-1][0] < window_lines:
+            out[-1][1] = max(out[-1][1], sym["end"])
+            continue
+        out.append([start, min(sym["end"], start + window_lines - 1), sym["qualname"], "constant"])
+    return out
+
+
+def _only_gaps(lines: list[str], after: int, before: int) -> bool:
+    """Whether the lines strictly between ``after`` and ``before`` are blank or comments."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in lines[after:before - 1])
+
+
+# the kinds that define code (their own windows, call edges, lead choices); the others are values: "constant" (a
+# module-level assignment) and "attribute" (a class-level one)
+DEFINITION_KINDS = ("function", "class", "method")
+VALUE_KINDS = ("constant", "attribute")
+# a module-level name bound by a call is a value symbol only when the call builds a value (a regex, a type, a table)
+_VALUE_CALLS = frozenset({"compile", "TypeVar", "NewType", "namedtuple", "NamedTuple", "TypedDict", "ParamSpec",
+                          "frozenset", "set", "dict", "tuple", "list", "Enum", "IntEnum", "MappingProxyType",
+                          "OrderedDict", "defaultdict", "Literal", "Union", "Optional", "Callable"})
+SIGNATURE_CHARS = 80  # a value symbol's signature: `NAME = <value>`, its value cut to this many characters
 
 
 def _outside_first_window(method: dict, symbols: list[dict], window_lines: int) -> bool:
@@ -69,6 +109,7 @@ def _outside_first_window(method: dict, symbols: list[dict], window_lines: int) 
 _LEAVES = frozenset({ast.Name, ast.Constant, ast.Load, ast.Store, ast.Del, ast.alias, *(
     c for base in (ast.operator, ast.unaryop, ast.cmpop, ast.boolop) for c in base.__subclasses__())})
 _FIELDS: dict[type, tuple[str, ...]] = {}
+_ASSIGNS = (ast.Assign, ast.AnnAssign)
 
 
 def _child_fields(cls: type) -> tuple[str, ...]:
@@ -88,9 +129,10 @@ class _Collector:
         self.calls: list[list[str]] = []
         self._scope: list[tuple[str, str]] = []  # (name, kind)
         self._caller = ""
+        self._next: dict[int, ast.AST] = {}  # an assignment -> the statement after it
         self._handlers: dict[type, Callable[[Any], None]] = {ast.FunctionDef: self._function, ast.AsyncFunctionDef: self._function,
                           ast.ClassDef: self._class, ast.Import: self._import, ast.ImportFrom: self._import_from,
-                          ast.Call: self._call}
+                          ast.Call: self._call, ast.Assign: self._assign, ast.AnnAssign: self._assign}
 
     def visit_module(self, tree: ast.AST) -> None:
         self._children(tree)
@@ -107,8 +149,10 @@ class _Collector:
         for field in _child_fields(type(node)):
             value = getattr(node, field, None)
             if type(value) is list:
-                for item in value:
+                for at, item in enumerate(value):
                     if type(item) not in leaves and isinstance(item, ast.AST):
+                        if type(item) in _ASSIGNS and at + 1 < len(value):  # an attribute docstring follows it
+                            self._next[id(item)] = value[at + 1]
                         visit(item)
             elif value is not None and type(value) not in leaves and isinstance(value, ast.AST):
                 visit(value)
@@ -136,8 +180,48 @@ class _Collector:
             "name": node.name, "qualname": self._qualname(node.name), "kind": kind,
             "start": start, "end": node.end_lineno or node.lineno, "signature": signature,
             "doc": doc.strip().splitlines()[0] if doc.strip() else "",
-            "is_public": not node.name.startswith("_"), "annotations": sorted(set(annotations)),
+            "is_public": not node.name.startswith("_"), "annotations": sorted(set(annotations)), "reads": [],
         })
+
+    def _assign(self, node: ast.Assign | ast.AnnAssign) -> None:
+        """A module- or class-level assignment to plain names: a value symbol (constant / attribute) each."""
+        owner = self._scope[-1][1] if self._scope else "module"
+        value = node.value
+        if owner != "function" and (value is not None or owner == "class"):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [t.id for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+                     if isinstance(t, ast.Name)]
+            call = value.func if isinstance(value, ast.Call) else None
+            called = call.id if isinstance(call, ast.Name) else call.attr if isinstance(call, ast.Attribute) else ""
+            annotation = getattr(node, "annotation", None)
+            type_alias = annotation is not None and _unparse(annotation).rpartition(".")[2] == "TypeAlias"
+            alias = isinstance(value, (ast.Name, ast.Attribute)) and not type_alias
+            for name in names:
+                if owner == "module" and not name.isupper() and (alias or (call is not None and called not in _VALUE_CALLS)):
+                    continue  # `log = getLogger(...)`, `get = api.get`: a handle or an alias, not a value of its own
+                self._add_value(node, name, "attribute" if owner == "class" else "constant", annotation)
+        self._children(node)
+
+    def _add_value(self, node: ast.Assign | ast.AnnAssign, name: str, kind: str, annotation: ast.AST | None) -> None:
+        value = _unparse(node.value) if node.value is not None else ""
+        shown = f"{name}: {_unparse(annotation)}" if annotation is not None else name
+        if value:
+            shown += " = " + (value if len(value) <= SIGNATURE_CHARS else value[:SIGNATURE_CHARS] + "...")
+        self.symbols.append({
+            "name": name, "qualname": self._qualname(name), "kind": kind, "start": node.lineno,
+            "end": node.end_lineno or node.lineno, "signature": " ".join(shown.split()), "doc": self._value_doc(node),
+            "is_public": not name.startswith("_") or (name.startswith("__") and name.endswith("__")),
+            "annotations": sorted(set(_names(annotation))) if annotation is not None else [],
+            "reads": sorted(set(_names(node.value))) if node.value is not None else [],
+        })
+
+    def _value_doc(self, node: ast.AST) -> str:
+        """The first line of the string right after the assignment (an attribute docstring), else ''."""
+        following = self._next.get(id(node))
+        if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant) \
+                and isinstance(following.value.value, str) and following.value.value.strip():
+            return following.value.value.strip().splitlines()[0]
+        return ""
 
     def _scoped(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef, kind: str) -> None:
         self._scope.append((node.name, kind))

@@ -119,7 +119,9 @@ def name_words(name: str) -> str:
 
 def window_text(index: ProgramIndex, window: Window) -> str:
     """`<path words>: <definition names as words>` then the window's source lines."""
-    inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end]
+    # a value window names its values; every other window names the definitions in it, as before values were indexed
+    inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end
+              and s.is_definition != (window.kind == "constant")]
     if window.kind == "head":
         inside = [s for s in inside if "." not in s.qualname]
     names = "; ".join(name_words(s.qualname) for s in inside[:8])

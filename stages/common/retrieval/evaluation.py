@@ -1,8 +1,9 @@
 """Question sets and retrieval scoring (docs/behaviour.md §9), shared by the eval graph's stages.
 
 A question set is JSONL, one `{question, path, start, end}` per line: `path:start-end` is the definition
-that answers the question. Every system under evaluation (ours, the BM25 baseline) produces one `Record` per
-question: the files it ranked and the windows it would show, best first.
+that answers the question; a natural line adds gold spans, leads and key facts (natural.py). Every system under
+evaluation (ours, the BM25 baseline) produces one `Record` per question: the files it ranked and the windows it
+would show, best first.
 """
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ import numpy as np
 from pipeline.engine.errors import ConfigError, InputError
 from stages.common.program.lines import split_lines
 from stages.common.program.text import token_set
+from stages.common.retrieval.natural import (
+    Span,
+    answer_lead,
+    correct,
+    evidence_hit,
+    facts_stated,
+    lead_hit,
+    parse_natural,
+    summarize,
+)
 from stages.common.types import ProgramIndex
 
 
@@ -30,9 +41,22 @@ class Question:
     end: int
     symbol: str = ""
     sentence: str = ""  # the set's own sentence when ``question`` is another phrasing of it
+    # a natural question's keys (stages/common/retrieval/natural.py); `gold` always starts with path:start-end
+    natural: bool = False
+    id: str = ""
+    program: str = ""
+    kind: str = ""
+    gold: tuple[Span, ...] = ()
+    leads: tuple[str, ...] = ()
+    key_facts: tuple[str, ...] = ()
+    answer: str = ""  # the right answer, for hand grading
 
     def hit_by(self, path: str, start: int, end: int) -> bool:
         return path == self.path and start <= self.end and self.start <= end
+
+    @property
+    def spans(self) -> tuple[Span, ...]:
+        return self.gold or ((self.path, self.start, self.end),)
 
 
 @dataclasses.dataclass
@@ -63,6 +87,11 @@ class Record:
     code_lines: int = 0  # answer mode: Python-looking lines the model wrote (stages/common/grounding/quotes.py)
     code_unverified: int = 0  # ... of which no packed window holds the text
     mislabelled: int = 0  # answer mode: `name` [path:A-B] pairs whose span does not define the name (labels.py)
+    lead: str = ""  # answer mode: the lead choice telemetry recorded (`lead.lead`), '' when none was made
+    grounded: bool | None = None  # answer mode: telemetry's badge
+    confidence: float | None = None  # answer mode, when the graph records one
+    claims_checked: int | None = None  # answer mode, when the graph checks claims
+    claims_contradicted: int | None = None
 
 
 @dataclasses.dataclass
@@ -101,7 +130,9 @@ def load_questions(path: str | Path) -> list[Question]:
             raise InputError(f"{where}: start and end must be line numbers with 1 <= start <= end, got {start}, {end}")
         if not str(item["question"]).strip():
             raise InputError(f"{where}: empty question")
-        questions.append(Question(str(item["question"]), str(item["path"]), start, end, str(item.get("symbol", ""))))
+        natural = parse_natural(item, (str(item["path"]), start, end), where)
+        questions.append(Question(str(item["question"]), str(item["path"]), start, end, str(item.get("symbol", "")),
+                                  **natural))
     if not questions:
         raise InputError(f"questions '{path}' has no questions")
     return questions
@@ -227,16 +258,59 @@ def answer_metrics(answered: list[tuple[Question, Record]]) -> dict[str, float |
     }
 
 
+def natural_row(q: Question, r: Record) -> dict[str, Any]:
+    """One natural question's metrics (docs/behaviour.md §9); the answer's are None in retrieval mode."""
+    row: dict[str, Any] = {"id": q.id, "program": q.program, "kind": q.kind,
+                           "evidence_hit": evidence_hit(r.windows, q.spans), "seconds": round(r.seconds, 4)}
+    if r.citations is None:
+        return row
+    lead = answer_lead(r.answer, r.lead)
+    stated = facts_stated(r.answer, q.key_facts)
+    recall = round(sum(stated) / len(stated), 4) if stated else None
+    hit = lead_hit(lead, q.leads, q.spans)
+    grounded = r.grounded if r.grounded is not None else any(c["valid"] for c in r.citations)
+    return {**row, "answer": r.answer, "lead": lead[0] if lead else None, "lead_hit": hit,
+            "key_facts_stated": [f for f, ok in zip(q.key_facts, stated) if ok], "key_fact_recall": recall,
+            "grounded": grounded, "confidence": r.confidence, "claims_checked": r.claims_checked,
+            "claims_contradicted": r.claims_contradicted, "correct": correct(recall, hit)}
+
+
+def entry(telemetry: Any, key: str) -> Any:
+    """A telemetry entry that may be a field of the record or one of its extra keys (None when absent)."""
+    value = getattr(telemetry, key, None)
+    return telemetry.extra.get(key) if value is None else value
+
+
+def natural_section(questions: list[Question], systems: list[SystemRun], metrics: dict[str, dict],
+                    per_question: list[dict]) -> dict[str, Any]:
+    """For a natural set (any line with natural keys): each system's natural metrics added to its ``metrics`` and
+    to each question of ``per_question``; returns the report's `natural` section (overall, by kind, by program,
+    calibration). An older set gets nothing, so its report is what it always was."""
+    if not any(q.natural for q in questions):
+        return {}
+    section = {}
+    for run in systems:
+        rows = [natural_row(q, r) for q, r in zip(questions, run.records)]
+        for item, row in zip(per_question, rows):
+            item[run.name]["natural"] = row
+        section[run.name] = summarize(rows)
+        metrics[run.name].update({k: v for k, v in section[run.name]["overall"].items()
+                                  if k not in ("questions", "seconds")})
+    for q, item in zip(questions, per_question):
+        item.update(id=q.id, program=q.program, kind=q.kind)
+    return {"natural": section}
+
+
 # ------------------------------------------------------------------ the closed-book symbol test (stages/closed_book.py)
 def candidate_names(index: ProgramIndex) -> list[str]:
     """Every distinct definition name of the program (functions, classes, methods), sorted."""
-    return sorted({sym.name for sym in index.symbols})
+    return sorted({sym.name for sym in index.symbols if sym.is_definition})
 
 
 def definition_keywords(index: ProgramIndex) -> dict[str, str]:
     """name -> the Python keyword that defines it (`class` when any definition of that name is a class)."""
     out: dict[str, str] = {}
-    for sym in index.symbols:
+    for sym in (s for s in index.symbols if s.is_definition):
         if out.get(sym.name) != "class":
             out[sym.name] = "class" if sym.kind == "class" else "def"
     return out
@@ -252,7 +326,7 @@ def gold_name(index: ProgramIndex, question: Question) -> str:
     """The name of the definition that answers ``question`` (its ``symbol``, else the one starting at its line)."""
     if question.symbol:
         return question.symbol
-    found = [s for s in index.symbols if s.path == question.path and s.start == question.start]
+    found = [s for s in index.symbols if s.path == question.path and s.start == question.start and s.is_definition]
     if not found:
         raise InputError(f"question '{question.question[:60]}': no definition starts at {question.path}:{question.start}")
     return found[0].name

@@ -95,7 +95,9 @@ def _build(index: ProgramIndex) -> WindowFields:
     by_path: dict[str, list] = defaultdict(list)
     path_terms = {}
     for i, window in enumerate(index.windows):
-        inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end]
+        # class attributes (`Context.info_name`) stay out of the name fields: in a class's window they outweighed its
+        # methods for questions that only share a word with them; they are found by their text and as named code
+        inside = [s for s in index.symbols_in(window.path) if window.start <= s.start <= window.end and s.kind != "attribute"]
         if window.kind == "head":
             inside = [s for s in inside if "." not in s.qualname]
         if window.path not in path_terms:
