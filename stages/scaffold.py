@@ -59,7 +59,8 @@ def trim_history(tok, history: str, budget: int) -> str:
 
 
 def lead_choices(evidence: Evidence, index: ProgramIndex | None, question: str = "") -> dict[str, int]:
-    """`` `qualname` [path:A-B] `` for every definition inside a packed window (its span clipped to the window), and
+    """`` `qualname` [path:A-B] `` for every definition inside a packed window (its span clipped to the window), the
+    innermost function or method a window starts inside (the window's own span: a long function's matching part), and
     every value the question names or that is a table (grounding.leads.offered), best window first, each with the
     position of its window."""
     if index is None:
@@ -67,7 +68,13 @@ def lead_choices(evidence: Evidence, index: ProgramIndex | None, question: str =
     named = {s.node_id for s in find_names(index, question).symbols} if question else set()
     choices: dict[str, int] = {}
     for rank, window in enumerate(evidence.windows):
-        for symbol in index.symbols_in(window.path):
+        symbols = index.symbols_in(window.path)
+        enclosing = [s for s in symbols if s.kind in ("function", "method") and s.start < window.start <= s.end]
+        if enclosing:
+            inner = max(enclosing, key=lambda s: s.start)
+            lead = LeadChoice(inner.qualname, window.path, window.start, min(inner.end, window.end))
+            choices.setdefault(lead.text, rank)
+        for symbol in symbols:
             start, end = symbol.start, min(symbol.end, window.end)
             if window.start <= start <= end and offered(symbol, named):
                 choices.setdefault(LeadChoice(symbol.qualname, window.path, start, end).text, rank)

@@ -58,11 +58,21 @@ def answer(text: str, cut_at: int | None = None, margin: float | None = 2.0) -> 
     (LOOPING, "a loop ('returns the sum of its arguments' 4 times)"),
     (EMPTY, "an empty explanation after the lead"),
     (f"{LEAD} adds it", "an empty explanation after the lead (2 words)"),
+    # code and bare citations are no explanation (the shape small models write when they cannot explain)
+    (f"{LEAD}\n[pkg/core.py:6-10]\ndef add(a, b):\n    return a + b\n```\nadds the two\n```",
+     "an empty explanation after the lead"),
 ])
 def test_each_degenerate_trait_is_found_and_named(text, trait):
     assert degenerate(text, LEAD, 0, BadgeSettings()) == [trait]
     badge = judge(answer(text), evidence(), 0, BadgeSettings())
     assert not badge.grounded and trait in badge.reasons["degenerate"] and set(badge.reasons) == {"degenerate"}
+
+
+def test_the_prompt_written_back_is_degenerate():
+    text = f"{LEAD} adds its two arguments and returns the sum.\n\nQuestion: How does add work? [pkg/core.py:1-3]"
+    assert degenerate(text, LEAD, 0, BadgeSettings()) == ["the prompt repeated ('Question: How does add work? [pkg/core.p')"]
+    assert degenerate(f"{LEAD}\nQuestion: How? [pkg/core.py:1-3]", LEAD, 0, BadgeSettings()) == [
+        "the prompt repeated ('Question: How? [pkg/core.py:1-3]')", "an empty explanation after the lead"]
 
 
 def test_a_clean_reply_is_grounded_and_its_confidence_is_the_highest():

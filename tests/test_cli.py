@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,11 +15,26 @@ def read_json(path):
     return json.loads(path.read_text())
 
 
-def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
+# a copy of part of this project (more files than select.top_k, so the selection leaves some out): select=hybrid
+# embeds every window of the program cold, ~70 s for the whole project on one thread, ~4 s for these 13 files
+SOME_OF_THE_PROJECT = ("pipeline/engine", "pipeline/report")
+PROMPT = "How does the pipeline check the wiring of a graph before it runs any stage?"  # the default question
+
+
+@pytest.fixture
+def program(tmp_path):
+    root = tmp_path / "program"
+    for folder in SOME_OF_THE_PROJECT:
+        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli, program):
     sweep = tmp_path / "sweep"
     # pack.follow_calls=0: a followed callee may come from a file the selection did not rank
-    proc = cli(["-m", "model=tiny_random", "rerank=heuristic,none", "decode.max_new_tokens=8", "pack.follow_calls=0",
-                "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=8", f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
+    proc = cli(["-m", "model=tiny_random", f"program_root={program}", f"prompt='{PROMPT}'", "rerank=heuristic,none",
+                "decode.max_new_tokens=8", "pack.follow_calls=0", "decode.min_new_tokens=0",
+                "fallback.max_new_tokens_floor=8", f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
@@ -33,6 +49,7 @@ def test_multirun_writes_telemetry_and_trace_per_job(tmp_path, cli):
         assert tele["answer"] is not None and tele["answer"] in proc.stdout
         assert tele["files_selected"] and tele["windows_packed"]
         assert {w["path"] for w in tele["windows_packed"]} <= set(tele["files_selected"])
+        assert len(tele["files_selected"]) < len(list(program.rglob("*.py")))  # the selection chose
         assert set(tele["file_scores"]) == set(tele["files_selected"])  # what ranked them, for the report
         assert len(tele["window_scores"]) == len(tele["windows_packed"])
         assert trace["failure"] is None and trace["overrides"] == tele["overrides"]
@@ -78,12 +95,12 @@ def test_bad_override_is_one_error_line(tmp_path, cli, override, fragments):
     assert not (tmp_path / "run" / "telemetry.json").exists()
 
 
-def test_a_multirun_over_decoding_reuses_the_first_jobs_prompt_cache(tmp_path, cli):
+def test_a_multirun_over_decoding_reuses_the_first_jobs_prompt_cache(tmp_path, cli, program):
     """`-m` marks each job as one of a sweep: the second job, same model, mix and prompt, pays no prefill."""
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "model=tiny_random", "select=question", "decode.repetition_penalty=1.1,1.3",
-                "decode.max_new_tokens=4", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=4",
-                f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
+    proc = cli(["-m", "model=tiny_random", f"program_root={program}", f"prompt='{PROMPT}'", "select=question",
+                "decode.repetition_penalty=1.1,1.3", "decode.max_new_tokens=4", "decode.min_new_tokens=0",
+                "fallback.max_new_tokens_floor=4", f"hydra.sweep.dir={sweep}", f"paths.outputs={tmp_path / 'outputs'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     telemetry = [read_json(sweep / job / "telemetry.json") for job in ("0", "1")]
     assert [t["lead"]["prefill_reused"] for t in telemetry] == [False, True]

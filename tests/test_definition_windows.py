@@ -143,6 +143,18 @@ def test_a_long_method_is_packed_as_its_matching_part_under_its_class_and_signat
     assert (head.start, head.end, head.context) == (unsign.start, unsign.end, CLASS_CONTEXT)
 
 
+def test_a_window_inside_a_long_method_offers_that_method_as_the_lead(program, tiny_lm):
+    from stages.common.types import Evidence
+    from stages.scaffold import lead_choices
+
+    unsign = window(program, "TimestampSigner.unsign")
+    question = "How does TimestampSigner check whether a signature has expired, its age against max_age?"
+    shown = pack(program, tiny_lm, question, {"timed.py": [(5.0, unsign)]}, follow_calls=0)[0]
+    assert shown.start > unsign.start  # the matching part, not the method's head
+    choices = lead_choices(Evidence([shown], 1000), program, question)
+    assert f"`TimestampSigner.unsign` [timed.py:{shown.start}-{shown.end}]" in choices
+
+
 def test_a_method_window_carries_its_class(program, tiny_lm):
     validate = window(program, "TimestampSigner.validate")
     shown = pack(program, tiny_lm, "validate a signed value", {"timed.py": [(3.0, validate)]}, follow_calls=0)[0]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import call_main, generation
+from hydra._internal.hydra import Hydra
 
 import pipeline.run as run_app
 from pipeline import PROJECT_ROOT
@@ -28,6 +29,28 @@ GOOD = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add."""\n 
 def call(args: list[str]) -> tuple[int, str, str]:
     """`python -m pipeline.run <args>` in this process (the model stays loaded): exit code, stdout, stderr."""
     return call_main(run_app.main, args)
+
+
+# Hydra composes the whole config twice a command, once only to read hydra.mode (Hydra.get_mode, ~0.2 s), which only
+# hydra.* keys or an experiment can set, never the run's folders: composed for real once per such set of overrides
+MODES: dict = {}
+REAL_GET_MODE = Hydra.get_mode
+
+
+def may_set_mode(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return ("hydra" in key or "experiment" in key) and key not in ("hydra.run.dir", "hydra.sweep.dir")
+
+
+@pytest.fixture(autouse=True)
+def _mode_composed_once(monkeypatch):
+    def get_mode(self, config_name, overrides):
+        key = (config_name, tuple(o for o in overrides if may_set_mode(o)))
+        if key not in MODES:
+            MODES[key] = REAL_GET_MODE(self, config_name=config_name, overrides=overrides)
+        return MODES[key]
+
+    monkeypatch.setattr(Hydra, "get_mode", get_mode)
 
 
 @pytest.fixture

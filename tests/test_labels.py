@@ -34,6 +34,8 @@ def test_a_name_beside_another_definitions_span_is_mislabelled(program):
     assert marked.replace(" [not where `Node.set_value` is defined]", "") == text
     assert mark_mislabels(text, program, "keep") == text
     assert mislabels("`Node.set_value` [base.py:5-6]", program) == []
+    assert mislabels("`Node.set_value` [base.py:6-6]", program) == []  # a part of its body
+    assert len(mislabels("`Node` [base.py:3-3]", program)) == 1  # a class is judged by where it starts
 
 
 @pytest.mark.parametrize("variant", ["overlap", "none"])
@@ -63,6 +65,9 @@ def test_label_spans_are_the_citations_where_each_definition_starts(program):
     assert spans == {"Node.set_value": ["base.py:1-6", "base.py:5-6"], "set_value": ["base.py:1-6", "base.py:5-6"],
                      "helper": ["util.py:1-2"], "Node": ["base.py:1-6"], "get_flag": ["base.py:1-6", "base.py:2-3"]}
     assert label_spans(program, ["helper"], {"base.py:1-6": ("base.py", 1, 6)}) == {"helper": []}  # none packed
+    body = {"base.py:6-6": ("base.py", 6, 6)}  # a window showing a part of a method's body
+    assert label_spans(program, ["set_value", "Node", "get_flag"], body) == {"set_value": ["base.py:6-6"], "Node": [],
+                                                                             "get_flag": []}
 
 
 @pytest.mark.parametrize("sample", [False, True])

@@ -6,10 +6,17 @@ import json
 
 import pytest
 
-from pipeline import PROJECT_ROOT
 from pipeline.summary import summarize
 
-RETRIEVE = ["pipeline=retrieve", "model=tiny_random", f"program_root={PROJECT_ROOT / 'pipeline'}"]
+# a two-file program: each job embeds its windows cold (select=hybrid), ~24 s a job for this project's pipeline/
+PROGRAM = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add two numbers."""\n    return a + b\n'}
+
+
+@pytest.fixture
+def retrieve(tmp_path, make_tree):
+    """The retrieve graph with the tiny model over a two-file program."""
+    program = make_tree(tmp_path / "prog", PROGRAM)
+    return ["pipeline=retrieve", "model=tiny_random", f"program_root={program}", "prompt='how does add work'"]
 
 
 def job_folders(sweep):
@@ -26,10 +33,10 @@ def check_jobs(proc, sweep, count):
     return jobs
 
 
-def test_joblib_launcher_runs_the_sweep_and_summary_reads_it(cli, tmp_path):
+def test_joblib_launcher_runs_the_sweep_and_summary_reads_it(cli, tmp_path, retrieve):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", *RETRIEVE, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "rerank=heuristic,none",
+    proc = cli(["-m", *retrieve, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "rerank=heuristic,none",
                 f"paths.outputs={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}"])
     check_jobs(proc, sweep, 2)
     text, csv_path, png_path = summarize(sweep, metric=None)
@@ -39,10 +46,10 @@ def test_joblib_launcher_runs_the_sweep_and_summary_reads_it(cli, tmp_path):
     assert png_path.name == "summary_trace.seconds.png" and png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_submitit_local_launcher_runs_each_job_in_its_own_process(cli, tmp_path):
+def test_submitit_local_launcher_runs_each_job_in_its_own_process(cli, tmp_path, retrieve):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", *RETRIEVE, "hydra/launcher=submitit_cpu", "hydra.launcher.timeout_min=5", "select.top_k=2,4",
+    proc = cli(["-m", *retrieve, "hydra/launcher=submitit_cpu", "hydra.launcher.timeout_min=5", "select.top_k=2,4",
                 f"paths.outputs={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}"])
     check_jobs(proc, sweep, 2)
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # submitit's executor really ran them

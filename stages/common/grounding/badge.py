@@ -4,8 +4,9 @@ An answer is grounded when all four hold, each one a phrase in `Badge.reasons` w
 - `citations`: the citation check passed and the answer keeps at least one valid citation;
 - `claims`: no claim of its prose is contradicted by the code (only when a claims report is wired);
 - `degenerate`: no run of `bracket_run` or more of one bracket character, no sequence of `loop_ngram` words written
-  `loop_repeats` times or more (citations and bracketed markers left out), and at least `min_explanation_words`
-  words after the lead (a word: a letter or `_`, then letters, digits or `_`);
+  `loop_repeats` times or more (citations and bracketed markers left out), no line of the prompt written back
+  (`Question: …`, `[ctx] path: …`), and at least `min_explanation_words` words of prose after the lead (outside
+  code fences and code-like lines; a word: a letter or `_`, then letters, digits or `_`);
 - `cut`: the reply ended by itself, not at `max_new_tokens` (`Draft.cut_at`). A cut reply ends at its last full
   sentence (`cut=trim`) and carries `… [cut at max_new_tokens=N]`; citations the trimmed text no longer holds leave
   the answer's citation list.
@@ -24,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pipeline.engine.stage import Range
 from stages.common.grounding.citations import CITATION, parse_citations
+from stages.common.grounding.quotes import code_like
 from stages.common.types import Answer, Citation, Evidence, ProgramIndex
 
 BRACKETS = "()[]{}<>"
@@ -36,6 +38,7 @@ _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]`*_]*(?=\s|$)")
 _NOT_AN_END = re.compile(r"(?:^|[\s(])(?:[0-9]+|[A-Z]|e\.g|i\.e|vs|cf)\.$")  # `1.`, `A.`, `e.g.` end nothing
 _TRAILING_CITATION = re.compile(r"[ \t]*\[[^\[\]\n]+?:[0-9]+(?:-[0-9]+)?\]")
 _FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
+_ECHO = re.compile(r"^\s*(?:Question:|\[ctx\] path:)")  # the prompt's own lines (stages/scaffold.py) written back
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,6 +102,18 @@ def loop(text: str, ngram: int, repeats: int) -> tuple[str, int]:
     return (" ".join(sequence), count) if count >= repeats else ("", 0)
 
 
+def prose_lines(text: str) -> str:
+    """The lines of ``text`` a reader takes as prose: outside code fences, not code-like (grounding.quotes) and not
+    the prompt's own scaffolding repeated (`Question: …`, `[ctx] …`)."""
+    inside, kept = False, []
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            inside = not inside
+        elif not inside and not code_like(line) and not _ECHO.match(line):
+            kept.append(line)
+    return "\n".join(kept)
+
+
 def explanation(text: str, lead: str, prefill_chars: int = 0) -> str:
     """What follows the lead (`` `qualname` [path:A-B] ``) in ``text``; without a lead, what the model wrote."""
     if lead and lead in text:
@@ -115,7 +130,10 @@ def degenerate(text: str, lead: str, prefill_chars: int, settings: BadgeSettings
     sequence, count = loop(text, settings.loop_ngram, settings.loop_repeats)
     if count:
         found.append(f"a loop ('{sequence}' {count} times)")
-    words = len(prose_words(explanation(text, lead, prefill_chars)))
+    echo = next((line.strip() for line in text.splitlines() if _ECHO.match(line)), "")
+    if echo:
+        found.append(f"the prompt repeated ('{echo[:40]}')")
+    words = len(prose_words(prose_lines(explanation(text, lead, prefill_chars))))
     if words < settings.min_explanation_words:
         found.append("an empty explanation after the lead" if words == 0 else
                      f"an empty explanation after the lead ({words} word{'s' * (words != 1)})")

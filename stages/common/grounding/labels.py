@@ -3,8 +3,9 @@
 The lead line is built from a definition and its own span, so it is always right; later lines are the model's, and
 it often writes a real definition's name beside another definition's span (`InterpolationResultNode._set_value`
 [base.py:189-199] where 189-199 is `Node._get_flag`). A pair is *mislabelled* when the name is a definition of the
-program (qualname, or its last part) and no definition of that name starts inside the cited span. Names that are no
-definition (a variable, a parameter) are not judged. `repair.labels=mark` follows each with a marker (which does
+program (qualname, or its last part), no definition of that name starts inside the cited span and the span does not
+start inside one (a part of a long function's body). Names that are no definition (a variable, a parameter) are
+not judged. `repair.labels=mark` follows each with a marker (which does
 not name what the span defines: a name the pipeline writes must not count as the model's, e.g. for symbol hit).
 """
 from __future__ import annotations
@@ -46,9 +47,19 @@ def mislabels(text: str, index: ProgramIndex) -> list[Mislabel]:
         if name not in known or path not in index.files:
             continue
         inside = sorted((s for s in index.symbols_in(path) if a <= s.start <= b), key=lambda s: s.start)
-        if not any(name in _names(s) for s in inside):
+        if not any(name in _names(s) for s in inside) and not _within(index, name, path, a):
             found.append(Mislabel(match.end(), name, path, a, b, inside[0].qualname if inside else ""))
     return found
+
+
+def _within(index: ProgramIndex, name: str, path: str, first: int) -> bool:
+    """Whether a span starting at line ``first`` starts inside a function or method named ``name`` (a part of its
+    body; a class is judged by where it starts)."""
+    return any(_body_holds(s, first) and name in _names(s) for s in index.symbols_in(path))
+
+
+def _body_holds(symbol: Symbol, first: int) -> bool:
+    return symbol.kind in ("function", "method") and symbol.start < first <= symbol.end
 
 
 def label_spans(index: ProgramIndex, names: list[str], spans: dict[str, tuple[str, int, int]]) -> dict[str, list[str]]:
@@ -63,8 +74,9 @@ def label_spans(index: ProgramIndex, names: list[str], spans: dict[str, tuple[st
         return found
 
     by_name: dict[str, list[Symbol]] = index.derived("labels.definitions_by_name", definitions)  # once per index
-    return {name: [c for c, (path, a, b) in spans.items() if any(s.path == path and a <= s.start <= b
-                                                              for s in by_name[name])]
+    return {name: [c for c, (path, a, b) in spans.items()
+                   if any(s.path == path and (a <= s.start <= b or _body_holds(s, a))
+                          for s in by_name[name])]
             for name in names if name in by_name and LABEL_NAME.fullmatch(name)}
 
 
