@@ -71,6 +71,9 @@ def test_each_degenerate_trait_is_found_and_named(text, trait):
 def test_the_prompt_written_back_is_degenerate():
     text = f"{LEAD} adds its two arguments and returns the sum.\n\nQuestion: How does add work? [pkg/core.py:1-3]"
     assert degenerate(text, LEAD, 0, BadgeSettings()) == ["the prompt repeated ('Question: How does add work? [pkg/core.p')"]
+    rule = f"{LEAD} adds its two arguments. Cite the lines you rely on in brackets, like [pkg/core.py:1-3]."
+    assert degenerate(rule, LEAD, 0, BadgeSettings()) == [f"the prompt repeated ('{rule[:40]}')",
+                                                           "an empty explanation after the lead"]  # the line is the rule's
     assert degenerate(f"{LEAD}\nQuestion: How? [pkg/core.py:1-3]", LEAD, 0, BadgeSettings()) == [
         "the prompt repeated ('Question: How? [pkg/core.py:1-3]')", "an empty explanation after the lead"]
 

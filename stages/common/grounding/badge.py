@@ -5,7 +5,7 @@ An answer is grounded when all four hold, each one a phrase in `Badge.reasons` w
 - `claims`: no claim of its prose is contradicted by the code (only when a claims report is wired);
 - `degenerate`: no run of `bracket_run` or more of one bracket character, no sequence of `loop_ngram` words written
   `loop_repeats` times or more (citations and bracketed markers left out), no line of the prompt written back
-  (`Question: …`, `[ctx] path: …`), and at least `min_explanation_words` words of prose after the lead (outside
+  (`Question: …`, `[ctx] path: …`, or one of its rules), and at least `min_explanation_words` words of prose after the lead (outside
   code fences and code-like lines; a word: a letter or `_`, then letters, digits or `_`);
 - `cut`: the reply ended by itself, not at `max_new_tokens` (`Draft.cut_at`). A cut reply ends at its last full
   sentence (`cut=trim`) and carries `… [cut at max_new_tokens=N]`; citations the trimmed text no longer holds leave
@@ -38,7 +38,9 @@ _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]`*_]*(?=\s|$)")
 _NOT_AN_END = re.compile(r"(?:^|[\s(])(?:[0-9]+|[A-Z]|e\.g|i\.e|vs|cf)\.$")  # `1.`, `A.`, `e.g.` end nothing
 _TRAILING_CITATION = re.compile(r"[ \t]*\[[^\[\]\n]+?:[0-9]+(?:-[0-9]+)?\]")
 _FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
-_ECHO = re.compile(r"^\s*(?:Question:|\[ctx\] path:)")  # the prompt's own lines (stages/scaffold.py) written back
+# the prompt's own lines and rules (stages/scaffold.py) written back
+_ECHO = re.compile(r"^\s*(?:Question:|\[ctx\] path:)|Cite the lines you rely on|Start with the definition that answers"
+                   r"|Name only functions, classes and variables")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,7 +111,7 @@ def prose_lines(text: str) -> str:
     for line in text.splitlines():
         if _FENCE.match(line):
             inside = not inside
-        elif not inside and not code_like(line) and not _ECHO.match(line):
+        elif not inside and not code_like(line) and not _ECHO.search(line):
             kept.append(line)
     return "\n".join(kept)
 
@@ -130,7 +132,7 @@ def degenerate(text: str, lead: str, prefill_chars: int, settings: BadgeSettings
     sequence, count = loop(text, settings.loop_ngram, settings.loop_repeats)
     if count:
         found.append(f"a loop ('{sequence}' {count} times)")
-    echo = next((line.strip() for line in text.splitlines() if _ECHO.match(line)), "")
+    echo = next((line.strip() for line in text.splitlines() if _ECHO.search(line)), "")
     if echo:
         found.append(f"the prompt repeated ('{echo[:40]}')")
     words = len(prose_words(prose_lines(explanation(text, lead, prefill_chars))))
