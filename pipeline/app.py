@@ -113,6 +113,9 @@ def hydra_main(cfg: DictConfig) -> Any:
         print(f"error: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        if single and remove_unused_run_folder(run_dir):  # before any node ran: nothing to keep, as after an error
+            print(("\n" if sys.stderr.isatty() else "") + "error: interrupted before any node ran", file=sys.stderr)
+            sys.exit(130)
         if verbose:
             raise
         where = write_after(cfg, run_dir)  # the partial draft and the nodes that ran, as after any failure

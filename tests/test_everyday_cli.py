@@ -142,6 +142,19 @@ def test_a_failure_before_any_node_leaves_no_folder(ws, monkeypatch, bad):
     assert not ws["outputs"].exists(), sorted(str(p) for p in ws["outputs"].rglob("*"))
 
 
+def test_ctrl_c_before_any_node_leaves_no_folder(ws, monkeypatch):
+    import pipeline.app
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.app, "run_config", interrupt)
+    code, out, err = call_main(run_app.main, [*TINY, f"paths.outputs={ws['outputs']}", "prompt=how does add work",
+                                              f"program_root={ws['program']}"])
+    assert (code, out, err) == (130, "", "error: interrupted before any node ran\n")
+    assert not ws["outputs"].exists(), sorted(str(p) for p in ws["outputs"].rglob("*"))
+
+
 def test_an_existing_run_folder_is_never_removed(ws, monkeypatch):
     no_model(monkeypatch)
     mine = ws["tmp"] / "mine"
