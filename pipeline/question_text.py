@@ -71,18 +71,13 @@ def check_question(text: str, max_tokens: Any) -> None:
 
 
 def check_config(cfg: Any) -> None:
-    """The composed config's question (top-level ``prompt``), when it has one, against ``max_question_tokens``; the
-    earlier turn (top-level ``history``) is text too (its length is cut to `scaffold.history_tokens` where it is used)."""
+    """The composed config's question (top-level ``prompt``), when it has one, against ``max_question_tokens``."""
     from omegaconf import OmegaConf
 
     prompt = OmegaConf.select(cfg, "prompt", default=None, throw_on_missing=False)
     limit = OmegaConf.select(cfg, "max_question_tokens", default=None, throw_on_missing=False)
     if isinstance(prompt, str) and limit is not None:
         check_question(prompt, limit)
-    history = OmegaConf.select(cfg, "history", default=None, throw_on_missing=False)
-    problem = text_problem(history) if isinstance(history, str) else None
-    if problem is not None:
-        raise InputError(f"the earlier turn (history) {problem}")
 
 
 def argv_problem(argv: Iterable[str], free_text_keys: Iterable[str]) -> str | None:

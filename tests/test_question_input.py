@@ -104,17 +104,6 @@ def test_control_characters_in_the_question_are_refused(ws, no_model_load, promp
     assert line.startswith(f"error: the question (prompt) {expected}")
 
 
-def test_control_characters_in_the_earlier_turn_are_refused(ws, no_model_load):
-    line = one_line_error(*call_main(run_app.main, [*run_args(ws), "prompt=and then?", "history='Q how\x1b so'"]))
-    assert line.startswith("error: the earlier turn (history) holds the control character U+001B at character 6")
-    from omegaconf import OmegaConf
-
-    from pipeline.question_text import check_config
-
-    check_config(OmegaConf.create({"prompt": "and then?", "max_question_tokens": 512,
-                                   "history": "Q: how?\nA: like\tthis"}))  # line breaks and tabs are text
-
-
 def test_max_question_tokens_is_a_positive_whole_number(ws, no_model_load):
     line = one_line_error(*call_main(run_app.main, [*run_args(ws), "max_question_tokens=0", "prompt=how"]))
     assert line == "error: max_question_tokens must be a whole number >= 1, got 0"
