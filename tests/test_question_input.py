@@ -104,6 +104,17 @@ def test_control_characters_in_the_question_are_refused(ws, no_model_load, promp
     assert line.startswith(f"error: the question (prompt) {expected}")
 
 
+def test_bytes_that_are_not_utf8_in_the_earlier_turn_are_refused(ws, no_model_load, monkeypatch):
+    """`history=` may hold control characters (it carries the cited code, form feeds and all), never non-UTF-8 bytes."""
+    import os
+    import sys
+
+    args = [*run_args(ws), "prompt=and then?", "history=" + os.fsdecode(b"Q: caf\xe9")]
+    monkeypatch.setattr(sys, "argv", ["pipeline.run", *args])
+    line = one_line_error(*call_main(run_app.main, args))
+    assert line.startswith("error: the argument 'history=Q: caf\\xe9' is not UTF-8 text (byte 0xe9"), line
+
+
 def test_max_question_tokens_is_a_positive_whole_number(ws, no_model_load):
     line = one_line_error(*call_main(run_app.main, [*run_args(ws), "max_question_tokens=0", "prompt=how"]))
     assert line == "error: max_question_tokens must be a whole number >= 1, got 0"
