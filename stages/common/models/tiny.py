@@ -48,14 +48,17 @@ def random_llama(tokenizer: Any, *, layers: int, hidden: int, intermediate: int,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**_shape(tokenizer, layers, hidden, intermediate, heads, kv_heads), tie_word_embeddings=True)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def _shape(tokenizer: Any, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, Any]:
+    """The config keys both tiny architectures share: sizes, positions and the tokenizer's special ids."""
+    return {"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
 
 
 def random_qwen2(tokenizer: Any, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
@@ -64,12 +67,7 @@ def random_qwen2(tokenizer: Any, *, layers: int, hidden: int, intermediate: int,
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    config = Qwen2Config(**_shape(tokenizer, layers, hidden, intermediate, heads, kv_heads), tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # a zero bias (the default init) would hide a bias that is dropped or mixed
