@@ -4,6 +4,7 @@ The knob table lives in `conf/api.yaml` (data, not code), so the framework still
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from pipeline import CONF_DIR
 from pipeline.answer import Answer, answer_of
 from pipeline.app import result_value, run_config
+from pipeline.callbacks import folders_to_make
 from pipeline.cli import keyless, text_override_value
 from pipeline.engine.errors import ConfigError
 from pipeline.engine.execute import RunResult
@@ -110,13 +112,23 @@ def run(overrides: list[str], run_dir: str | Path | None = None, verbose: bool =
 
 def run_composed(cfg: Any, overrides: list[str], run_dir: str | Path | None = None,
                  verbose: bool = False) -> tuple[Any, RunResult, Path]:
-    """Run the graph of the composed ``cfg``; returns (result value, RunResult, run folder)."""
+    """Run the graph of the composed ``cfg``; returns (result value, RunResult, run folder). A run folder made here
+    that is still empty when the run fails (it failed before any node ran) is removed, with the folders made for it."""
+    made: list[Path] = []
     if run_dir is None:
         base = Path(str(cfg.paths.outputs)) / "api"
+        made = folders_to_make(str(base))
         base.mkdir(parents=True, exist_ok=True)
         run_dir = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base)
+        made.insert(0, Path(run_dir))
     logging.getLogger("pipeline").setLevel(logging.INFO if verbose else logging.WARNING)
-    result = run_config(cfg, run_dir, overrides)
+    try:
+        result = run_config(cfg, run_dir, overrides)
+    except BaseException:
+        for folder in made:  # deepest first; one that holds anything (a node ran, another run) stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return result_value(cfg, result), result, Path(run_dir)
 
 

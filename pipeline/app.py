@@ -88,7 +88,7 @@ def hydra_main(cfg: DictConfig) -> Any:
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
-    from pipeline.callbacks import remove_unused_run_folder
+    from pipeline.callbacks import remove_unused_job_folder, remove_unused_run_folder
     from pipeline.output import output_mode, progress, show_logs, show_result
     from pipeline.report import write_after
 
@@ -107,13 +107,15 @@ def hydra_main(cfg: DictConfig) -> Any:
     except (PipelineError, OmegaConfBaseException) as err:
         if single:  # failed before any node ran (no trace): the folder Hydra made for it goes too
             remove_unused_run_folder(run_dir)
+        else:  # a job of a sweep: raised (verbose), the sweep goes on to its next job; exit 2 ends it
+            remove_unused_job_folder(run_dir, last=not verbose)
         if verbose:
             raise
         where = write_after(cfg, run_dir)
         print(f"error: {str(err).splitlines()[0]}" + (f" (report: {where})" if where else ""), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        if single and remove_unused_run_folder(run_dir):  # before any node ran: nothing to keep, as after an error
+        if remove_unused_run_folder(run_dir) if single else remove_unused_job_folder(run_dir):  # before any node ran
             print(("\n" if sys.stderr.isatty() else "") + "error: interrupted before any node ran", file=sys.stderr)
             sys.exit(130)
         if verbose:

@@ -201,6 +201,7 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from pipeline.callbacks import remove_unused_sweep_folder
     from pipeline.question_text import argv_problem
 
     not_text = argv_problem(sys.argv[1:], FREE_TEXT_KEYS)
@@ -224,12 +225,14 @@ def launch(main: Callable[[], Any], usage: str, config_name: str) -> None:
     try:
         main()
     except KeyboardInterrupt:  # anywhere outside a run (loading, composing, the report): one line, no traceback
+        remove_unused_sweep_folder()  # a sweep interrupted before its first job began leaves nothing behind
         if verbose or previous == "1":
             raise
         print(("\n" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)  # after the ^C's line
         sys.exit(130)
     except (HydraException, OmegaConfBaseException, OSError) as err:
         # composing, or Hydra's own files (run folder, log, saved config); our stages' errors the app reported
+        remove_unused_sweep_folder()  # a sweep whose first job did not compose leaves nothing behind
         if previous == "1":  # the user asked Hydra for the raw exception
             raise
         if verbose:

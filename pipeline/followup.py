@@ -3,8 +3,10 @@
 After each answer the chat keeps a `Turn`: the question, the answer as shown, and the code of the windows it cites.
 The next question's run gets `Turn.history()` as the graph input `history`; stage `scaffold` puts it before the
 evidence, cut to `scaffold.history_tokens`, as message content (data: a chat marker in it stays text). The cited
-code travels in that block rather than through `pack`: it reaches the model under every `pack=` option without
-touching retrieval. A follow-up's own citations are still checked against its own packed windows.
+code travels in that block rather than through `pack`: it reaches the model under every `pack=` option. Retrieval
+searches with the question plus the earlier question and the cited definitions' names (stage `query`, which reads the
+`Question: ` line and the `[earlier] path:` headers written here), so "and where is it called?" finds the code the
+conversation is about. A follow-up's own citations are still checked against its own packed windows.
 `/new` forgets the turn, `/sources` lists its cited windows, `/open N` prints the N-th one's code.
 """
 from __future__ import annotations

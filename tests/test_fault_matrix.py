@@ -369,7 +369,7 @@ CONFIG_ERRORS = [
      "select.encoder_adapter 'no_such_lora' is not a shipped adapter"),
     ("encoder adapter not a file", ["select.encoder_adapter=/no/such/lora.npz"],
      "select.encoder_adapter '/no/such/lora.npz' is not a file"),
-    ("prompt null", ["prompt=null"], "error: prompt is null, but node 'select' needs a str: set prompt=<value>"),
+    ("prompt null", ["prompt=null"], "error: prompt is null, but node 'query' needs a str: set prompt=<value>"),
     # the fitted synthesizer's issue-17 knobs (validated before any model loads)
     ("fitted layout unknown", ["synth=fitted", "synth.layout=windows"], "must be one of 'segments', 'packed'"),
     ("fitted schedule unknown", ["synth=fitted", "synth.schedule=linear"], "must be one of 'constant', 'cosine'"),
@@ -458,7 +458,7 @@ def test_verbose_shows_the_traceback(workspace):
 
 # ---- runtime -----------------------------------------------------------------------------------------------
 
-ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "select", "rerank",
+ANSWER_NODES = ["model", "index", "locate", "embed", "synth", "store", "load_artifacts", "query", "select", "rerank",
                 "capacity", "targets", "sub", "mix", "rescore", "pack", "scaffold", "leadsim", "decode", "names", "cite",
                 "remix", "scaffold_retry", "leadsim_retry", "decode_retry", "names_retry", "cite_retry", "choose", "repair",
                 "unmix", "claims_first", "claims_retry", "claims", "badge"]

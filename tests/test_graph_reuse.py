@@ -1,4 +1,4 @@
-"""Graphs reuse graphs (issue 16, item 5): the select -> rerank -> capacity -> targets -> sub block is written once,
+"""Graphs reuse graphs (issue 16, item 5): the query -> select -> rerank -> capacity -> targets -> sub block is written once,
 in conf/pipeline/region.yaml, and every graph that conditions the model on a region includes it via `defaults`."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def own(name: str) -> dict:
 
 
 def test_region_block_is_the_select_to_sub_nodes():
-    assert list(REGION["nodes"]) == ["select", "rerank", "capacity", "targets", "sub"]
+    assert list(REGION["nodes"]) == ["query", "select", "rerank", "capacity", "targets", "sub"]
     assert "build" in REGION["defaults"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import resource
 import time
@@ -222,19 +223,26 @@ def _raise_failure(run: RunResult, error: BaseException) -> NoReturn:
 
 
 def precheck(graph: Graph) -> tuple[str, BaseException] | None:
-    """Each stage's ``precheck`` of the graph inputs wired to it, in graph order: the first (node, error)."""
+    """Each stage's ``precheck`` of the graph inputs wired to it, in graph order: the first (node, error). A precheck
+    that needs no input (its settings alone) runs also when no graph input is wired to the node."""
     for name in graph.order:
         node = graph.nodes.get(name)
         if node is None or type(node.instance).precheck is Stage.precheck:
             continue
         given = {port: graph.inputs[src_port] for port, (src, src_port) in node.wires.items() if src == INPUTS}
-        if not given:
+        if not given and _needs_inputs(type(node.instance).precheck):
             continue
         try:
             node.instance.precheck(**given)
         except Exception as err:  # noqa: BLE001 - reported like a failure of the node itself, then raised
             return name, err
     return None
+
+
+def _needs_inputs(check: Callable[..., Any]) -> bool:
+    """Whether a precheck has a parameter without a default (beyond ``self``)."""
+    params = list(inspect.signature(check).parameters.values())[1:]
+    return any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
 def _first_line(err: BaseException) -> str:
