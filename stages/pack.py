@@ -14,7 +14,7 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Range, Stage
 from stages.common.adapters.lock import exclusive
 from stages.common.program.lines import split_lines
-from stages.common.retrieval.aligned import aligned_window, arrange, question_terms
+from stages.common.retrieval.aligned import FOLLOW_AT, aligned_window, arrange, cap_head, question_terms
 from stages.common.retrieval.scoring import RelevanceConfig, score_windows, window_fields
 from stages.common.tokens import encode_chat, encode_text, encode_texts
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
@@ -100,8 +100,9 @@ def _disjoint(chosen: list[Window], window: Window) -> bool:
 class PackWindows(Stage):
     """Up to `windows_per_file` windows per selected file from the windows index, best-scoring first.
 
-    `pack=windows` shows 1-2 windows per file (the default, 2); a larger `windows_per_file` lets a long file
-    show its third or fourth best window before another file's weaker one."""
+    A long file shows up to `windows_per_file` windows (default 4: a how/why answer is often a file's third best
+    window); among the first FOLLOW_AT packed windows at most `head_windows_per_file` are of one file, so the top of
+    the evidence still spans the selected files."""
 
     outputs = {"evidence": Evidence}
 
@@ -109,7 +110,8 @@ class PackWindows(Stage):
     class Config(RelevanceConfig):
         owner: ClassVar[str] = "pack"
         context_tokens: Annotated[int, Range(ge=1)] = 2000
-        windows_per_file: Annotated[int, Range(ge=1)] = 2
+        windows_per_file: Annotated[int, Range(ge=1)] = 4
+        head_windows_per_file: Annotated[int, Range(ge=1)] = 2
         second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0
         align: Literal["definitions", "lines"] = "definitions"
         follow_calls: Annotated[int, Range(ge=0)] = 400
@@ -140,7 +142,7 @@ class PackWindows(Stage):
                 if _disjoint(chosen, window):
                     chosen.append(window)
                     extras.append(shown(window, score))
-        candidates = interleave(firsts, extras, c.second_window_weight)
+        candidates = cap_head(interleave(firsts, extras, c.second_window_weight), c.head_windows_per_file, FOLLOW_AT)
         return {"evidence": fit(candidates, lm, c.context_tokens,
                                 lambda found, count: arrange(index, found, prompt, c.follow_calls, aligned, count))}
 

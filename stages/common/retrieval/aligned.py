@@ -30,7 +30,7 @@ def definitions_in(index: ProgramIndex, path: str) -> list[Symbol]:
                          lambda: [s for s in index.symbols_in(path) if s.kind in DEFINITION_KINDS])
 
 
-def _line_terms(index: ProgramIndex, path: str) -> list[frozenset[str]]:
+def line_terms(index: ProgramIndex, path: str) -> list[frozenset[str]]:
     return index.derived(f"line_terms:{path}", lambda: [frozenset(terms(line)) for line in index.lines(path)])
 
 
@@ -91,7 +91,7 @@ def best_part(index: ProgramIndex, path: str, start: int, end: int, wanted: dict
         return start, end
     sym = max(own, key=lambda s: s.end)
     length = end - start + 1
-    found = [f & wanted.keys() for f in _line_terms(index, path)[sym.start - 1 : sym.end]]
+    found = [f & wanted.keys() for f in line_terms(index, path)[sym.start - 1 : sym.end]]
     starts = _statement_starts(index, path) or frozenset(range(sym.start, sym.end + 1))
     # slide a window of ``length`` lines over the definition, keeping each term's count of lines in it
     counts: dict[str, int] = {}
@@ -209,6 +209,24 @@ def follow_calls(index: ProgramIndex, windows: list[PackedWindow], prompt: str, 
                 followed.append(window)
                 used += cost
     return ranked + followed + windows[FOLLOW_AT:]
+
+
+def cap_head(order: list[PackedWindow], per_file: int, head: int) -> list[PackedWindow]:
+    """``order`` with at most ``per_file`` windows of one file among its first ``head``: the others wait, in their
+    order, right after the first ``head`` (a file's third window never pushes another file out of the top)."""
+    front: list[PackedWindow] = []
+    waiting: list[PackedWindow] = []
+    taken: dict[str, int] = {}
+    for window in order:
+        if len(front) < head and taken.get(window.path, 0) >= per_file:
+            waiting.append(window)
+            continue
+        if len(front) < head:
+            taken[window.path] = taken.get(window.path, 0) + 1
+            front.append(window)
+        else:
+            waiting.append(window)
+    return front + waiting
 
 
 def window_lines(index: ProgramIndex) -> int:
