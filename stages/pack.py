@@ -14,7 +14,7 @@ from pipeline.engine.errors import ConfigError
 from pipeline.engine.stage import Range, Stage
 from stages.common.adapters.lock import exclusive
 from stages.common.program.lines import split_lines
-from stages.common.retrieval.aligned import FOLLOW_AT, aligned_window, arrange, cap_head, question_terms
+from stages.common.retrieval.aligned import aligned_window, arrange, question_terms
 from stages.common.retrieval.scoring import RelevanceConfig, score_windows, window_fields
 from stages.common.tokens import encode_chat, encode_text, encode_texts
 from stages.common.types import Evidence, LanguageModel, PackedWindow, ProgramIndex, Selection, Window
@@ -100,9 +100,8 @@ def _disjoint(chosen: list[Window], window: Window) -> bool:
 class PackWindows(Stage):
     """Up to `windows_per_file` windows per selected file from the windows index, best-scoring first.
 
-    A long file shows up to `windows_per_file` windows (default 4: a how/why answer is often a file's third best
-    window); among the first FOLLOW_AT packed windows at most `head_windows_per_file` are of one file, so the top of
-    the evidence still spans the selected files."""
+    A long file shows up to `windows_per_file` windows (default 4: the code that answers a how/why question is often
+    a file's third best window), a further one before another file's weaker window."""
 
     outputs = {"evidence": Evidence}
 
@@ -111,7 +110,6 @@ class PackWindows(Stage):
         owner: ClassVar[str] = "pack"
         context_tokens: Annotated[int, Range(ge=1)] = 2000
         windows_per_file: Annotated[int, Range(ge=1)] = 4
-        head_windows_per_file: Annotated[int, Range(ge=1)] = 2
         second_window_weight: Annotated[float, Range(ge=0, le=1)] = 1.0
         align: Literal["definitions", "lines"] = "definitions"
         follow_calls: Annotated[int, Range(ge=0)] = 400
@@ -142,7 +140,7 @@ class PackWindows(Stage):
                 if _disjoint(chosen, window):
                     chosen.append(window)
                     extras.append(shown(window, score))
-        candidates = cap_head(interleave(firsts, extras, c.second_window_weight), c.head_windows_per_file, FOLLOW_AT)
+        candidates = interleave(firsts, extras, c.second_window_weight)
         return {"evidence": fit(candidates, lm, c.context_tokens,
                                 lambda found, count: arrange(index, found, prompt, c.follow_calls, aligned, count))}
 

@@ -211,24 +211,6 @@ def follow_calls(index: ProgramIndex, windows: list[PackedWindow], prompt: str, 
     return ranked + followed + windows[FOLLOW_AT:]
 
 
-def cap_head(order: list[PackedWindow], per_file: int, head: int) -> list[PackedWindow]:
-    """``order`` with at most ``per_file`` windows of one file among its first ``head``: the others wait, in their
-    order, right after the first ``head`` (a file's third window never pushes another file out of the top)."""
-    front: list[PackedWindow] = []
-    waiting: list[PackedWindow] = []
-    taken: dict[str, int] = {}
-    for window in order:
-        if len(front) < head and taken.get(window.path, 0) >= per_file:
-            waiting.append(window)
-            continue
-        if len(front) < head:
-            taken[window.path] = taken.get(window.path, 0) + 1
-            front.append(window)
-        else:
-            waiting.append(window)
-    return front + waiting
-
-
 def window_lines(index: ProgramIndex) -> int:
     """The longest window of the index: the `index.window_lines` it was cut with (a short program's may be less)."""
     return index.derived("window_lines", lambda: max((w.end - w.start + 1 for w in index.windows), default=1))
