@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import os
 import subprocess
@@ -54,9 +56,15 @@ def _slow_tests_use_every_core(request, monkeypatch):
         torch.set_num_threads(pinned)
 
 
-def compose_config(*overrides: str):
+@functools.cache
+def _composed_config(overrides: tuple[str, ...]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def compose_config(*overrides: str):
+    """Composed once per set of overrides (~0.2 s each), a fresh copy for each caller: a test may change its own."""
+    return copy.deepcopy(_composed_config(overrides))
 
 
 @pytest.fixture
@@ -123,9 +131,29 @@ def fresh_index_memory():
     resources.clear("program-index")
 
 
+# Hydra composes the whole config twice a command, once only to read hydra.mode (Hydra.get_mode swallows its errors),
+# which only the primary config, hydra.* keys or an experiment set: composed for real once per such set of overrides
+_MODES: dict = {}
+
+
+def _mode_composed_once(real_get_mode):
+    def get_mode(self, config_name, overrides):
+        keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+        key = (config_name, tuple(o for o, k in zip(overrides, keys) if ("hydra" in k or "experiment" in k)
+                                  and k not in ("hydra.run.dir", "hydra.sweep.dir")))
+        if key not in _MODES:
+            _MODES[key] = real_get_mode(self, config_name=config_name, overrides=overrides)
+        return _MODES[key]
+
+    return get_mode
+
+
 def call_main(main, args: list[str], prog: str = "pipeline.run") -> tuple[int, str, str]:
     """`python -m <prog> <args>` in this process (a loaded model stays loaded): exit code, stdout, stderr."""
+    from hydra._internal.hydra import Hydra
+
     argv, sys.argv = sys.argv, [prog, *args]
+    real_get_mode, Hydra.get_mode = Hydra.get_mode, _mode_composed_once(Hydra.get_mode)
     out, err = io.StringIO(), io.StringIO()
     code = 0
     try:
@@ -135,6 +163,7 @@ def call_main(main, args: list[str], prog: str = "pipeline.run") -> tuple[int, s
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = argv
+        Hydra.get_mode = real_get_mode
     return code, out.getvalue(), err.getvalue()
 
 

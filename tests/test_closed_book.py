@@ -135,25 +135,26 @@ def test_plain_ranking_is_computed_once_for_a_sweep_over_adapters(tmp_path, make
     assert first["plain"] == second["plain"]
 
 
-def test_closed_book_multirun_over_synthesizers_and_summary(tmp_path, make_tree, cli):
-    import subprocess
-    import sys
+def test_closed_book_multirun_over_synthesizers_and_summary(tmp_path, make_tree, capsys):
+    """`python -m pipeline.run -m ...` and `python -m pipeline.summary` through their mains in this process (the tiny
+    model stays loaded); tests/test_cli.py and tests/test_summary.py run them as real processes."""
+    from conftest import call_main
 
-    from pipeline import PROJECT_ROOT
+    import pipeline.run as run_app
+    from pipeline.summary import main as summary_main
 
     program = make_tree(tmp_path / "prog", PROGRAM)
     questions, _ = questions_for(program, tmp_path, ["area_3", "blend", "Shape"])
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "pipeline=closed_book", "synth=none,hashed,fitted", "model=tiny_random", f"program_root={program}",
-                f"questions={questions}", "closed_book.progress=false",
-                f"paths.outputs={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = call_main(run_app.main, [
+        "-m", "pipeline=closed_book", "synth=none,hashed,fitted", "model=tiny_random", f"program_root={program}",
+        f"questions={questions}", "closed_book.progress=false", f"paths.outputs={tmp_path / 'out'}",
+        f"hydra.sweep.dir={sweep}"])
+    assert code == 0, err[-2000:]
     reports = [json.loads((sweep / str(n) / "closed_book.json").read_text()) for n in range(3)]
     assert [r["synth"] for r in reports] == ["none", "hashed", "fitted"]
     assert reports[0]["plain"] == reports[1]["plain"] == reports[2]["plain"]
-    summary = subprocess.run([sys.executable, "-m", "pipeline.summary", str(sweep), "--metric", "cb.mixed.mrr"],
-                             cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert summary.returncode == 0, summary.stderr
+    assert summary_main([str(sweep), "--metric", "cb.mixed.mrr"]) == 0, capsys.readouterr().err
     header = (sweep / "summary.csv").read_text().splitlines()[0]
     assert "cb.mixed.top5" in header and "cb.plain.mrr" in header and (sweep / "summary_cb.mixed.mrr.png").is_file()
 

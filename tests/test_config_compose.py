@@ -1,6 +1,7 @@
 """Every config in conf/ composes, validates and instantiates (docs/behaviour.md §0; groups discovered from the folders)."""
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -54,9 +55,15 @@ def primary_for(group: str, option: str) -> str:
     return "config"
 
 
-def compose_primary(primary: str, *overrides: str):
+@functools.cache
+def _composed(primary: str, overrides: tuple[str, ...]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(primary, overrides=list(overrides))
+
+
+def compose_primary(primary: str, *overrides: str):
+    """Composed once per parameter set (several tests compose the same option), a fresh copy for each caller."""
+    return copy.deepcopy(_composed(primary, overrides))
 
 
 def missing_keys(node, prefix: str) -> list[str]:

@@ -145,25 +145,30 @@ def test_stored_fold_makes_the_mix_equal_the_trained_model(tmp_path, program, ti
     assert report["mixed"] == pytest.approx(manifest["val_perplexity_fitted"], rel=1e-3)
 
 
-def test_fitted_artifacts_export_to_peft(tmp_path, program, tiny_lm):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # the hashed synth's export on Qwen2: tests/test_model_qwen.py
+def test_fitted_artifacts_export_to_peft(tmp_path, program, arch):
     from peft import PeftModel
 
     import stages.mix
 
     out = tmp_path / "peft"
-    _, result = run(tmp_path, f"program_root={program}", *FAST, f"out={out}", "prompt=function",
+    _, result = run(tmp_path, f"program_root={program}", f"model.arch={arch}", *FAST, f"out={out}", "prompt=function",
                     "mix.delta_cap=null", config_name="export")
-    ids = torch.randint(0, 250, (1, 20))
+    lm = result.output("model", "lm")  # the shared tiny model of that shape (conftest's `tiny_lm` for llama)
+    assert lm.model.config.model_type == arch
+    ids = torch.randint(0, 250, (2, 20))
     mixed = stages.mix.MixAdapters(delta_cap=None).run(
-        tiny_lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
+        lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
         result.output("targets", "plan"), result.output("sub", "sub"))
     try:
         with torch.no_grad():
-            ours = tiny_lm.model(ids).logits
+            ours = lm.model(ids).logits
     finally:
         mixed["adapter_mix"].restore()
     with torch.no_grad():
-        theirs = PeftModel.from_pretrained(copy.deepcopy(tiny_lm.model), str(out))(ids).logits
+        theirs = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(out))(ids).logits
+        plain = lm.model(ids).logits
+    assert (ours - plain).abs().max() > 1e-4  # the adapter does something
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
@@ -174,27 +179,28 @@ def test_synth_none_mixes_nothing(tmp_path, program):
 
 
 @pytest.mark.slow
-def test_adapter_ablation_multirun_summarises_perplexity_and_answers(tmp_path, make_tree, cli):
-    """experiment=adapter_ablation: 9 jobs, each with perplexity.json and eval.json, one summary table."""
-    import subprocess
-    import sys
+def test_adapter_ablation_multirun_summarises_perplexity_and_answers(tmp_path, make_tree, capsys):
+    """experiment=adapter_ablation: 9 jobs, each with perplexity.json and eval.json, one summary table. The sweep and
+    the summary run through their mains in this process (the tiny model stays loaded); tests/test_cli.py and
+    tests/test_summary.py run them as real processes."""
+    from conftest import call_main
 
-    from pipeline import PROJECT_ROOT
+    import pipeline.run as run_app
+    from pipeline.summary import main as summary_main
 
     program = make_tree(tmp_path / "prog", {"numbers.py": SOURCE})
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "Return value plus 3.", "path": "numbers.py", "start": 19,
                                      "end": 22}) + "\n")
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "experiment=adapter_ablation", "model=tiny_random", f"program_root={program}",
-                f"questions={questions}", "eval.limit=1", "decode.max_new_tokens=2", "decode.min_new_tokens=0",
-                "fallback.max_new_tokens_floor=2", f"paths.outputs={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = call_main(run_app.main, [
+        "-m", "experiment=adapter_ablation", "model=tiny_random", f"program_root={program}", f"questions={questions}",
+        "eval.limit=1", "decode.max_new_tokens=2", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=2",
+        f"paths.outputs={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}"])
+    assert code == 0, err[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
     assert len(jobs) == 9 and all((j / "perplexity.json").is_file() and (j / "eval.json").is_file() for j in jobs)
-    summary = subprocess.run([sys.executable, "-m", "pipeline.summary", str(sweep), "--metric", "ppl.mixed"],
-                             cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert summary.returncode == 0, summary.stderr
+    assert summary_main([str(sweep), "--metric", "ppl.mixed"]) == 0, capsys.readouterr().err
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 10 and "ppl.mixed" in rows[0] and "ours.citation_hit" in rows[0]
     by_synth = {json.loads((j / "perplexity.json").read_text())["synth"] for j in jobs}

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import call_main
 
+import pipeline.run as run_app
 from pipeline import PROJECT_ROOT
 from pipeline.cli import shorthands
 from pipeline.engine.errors import ConfigError
@@ -25,14 +27,21 @@ PROGRAM = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add two
 INFO = re.compile(r"\]\[INFO\] - ")
 
 
-def run(tmp_path: Path, make_tree, *extra: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
+def run(tmp_path: Path, make_tree, *extra: str, name: str = "run",
+        here: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m pipeline.run` in a subprocess, or with ``here`` through the same main in this process (the tiny
+    model stays loaded; the plain run and the JSON sweep below keep a real process's stdout and stderr)."""
     program = make_tree(tmp_path / "prog", PROGRAM)
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", *TINY, f"program_root={program}",
-                           "prompt=how does add work", f"hydra.run.dir={tmp_path / name}",
-                           f"paths.outputs={tmp_path / 'out'}", *extra],
-                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    args = [*TINY, f"program_root={program}", "prompt=how does add work", f"hydra.run.dir={tmp_path / name}",
+            f"paths.outputs={tmp_path / 'out'}", *extra]
+    if here:
+        code, out, err = call_main(run_app.main, args)
+        proc = subprocess.CompletedProcess(args, code, out, err)
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args],
+                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     match = re.search(r"^run folder: (.+)$", proc.stderr, re.MULTILINE)
     assert match, proc.stderr[-2000:]
@@ -49,7 +58,7 @@ def test_stdout_is_the_answer_alone_and_the_logs_go_to_the_run_folder(tmp_path, 
 
 
 def test_verbose_shows_the_node_timings_on_stderr_never_on_stdout(tmp_path, make_tree):
-    proc, folder = run(tmp_path, make_tree, "hydra.verbose=true")
+    proc, folder = run(tmp_path, make_tree, "hydra.verbose=true")  # a real process: logging set up from scratch
     assert re.search(r"\[INFO\] - node decode +\d+\.\d+s", proc.stderr)
     telemetry = json.loads((folder / "telemetry.json").read_text())
     assert proc.stdout == telemetry["answer"] + "\n"
@@ -57,7 +66,7 @@ def test_verbose_shows_the_node_timings_on_stderr_never_on_stdout(tmp_path, make
 
 @pytest.mark.parametrize("flag", ["--json", "output=json"])
 def test_json_is_one_object_on_stdout_that_matches_the_telemetry(tmp_path, make_tree, flag):
-    proc, folder = run(tmp_path, make_tree, flag)
+    proc, folder = run(tmp_path, make_tree, flag, here=True)
     obj = json.loads(proc.stdout)  # nothing else on stdout
     assert proc.stdout.count("\n") == 1
     telemetry = json.loads((folder / "telemetry.json").read_text())

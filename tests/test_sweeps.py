@@ -19,14 +19,17 @@ def compose(overrides, hydra=False):
         return hydra_compose("config", overrides=overrides, return_hydra_config=hydra)
 
 
-def test_jobs_of_a_sweep_share_one_loaded_model(tmp_path):
+def test_jobs_of_a_sweep_share_one_loaded_model(tmp_path, make_tree):
+    # a small program: select=hybrid embeds every window cold (~10 s on one thread for this project's pipeline/)
+    program = make_tree(tmp_path / "prog", {f"pkg/m{i}.py": f"def add_{i}(a, b):\n    return a + b + {i}\n"
+                                            for i in range(10)})
     jobs = [["rerank=heuristic", "select.top_k=4"], ["rerank=none", "select.top_k=4"],
             ["rerank=heuristic", "select.top_k=8"], ["rerank=none", "pack=heads"]]
     before = resources.stats("model")
     models = []
     for number, job in enumerate(jobs):
-        overrides = ["pipeline=retrieve", "model=tiny_random", f"program_root={PROJECT_ROOT / 'pipeline'}",
-                     f"paths.outputs={tmp_path}", *job]
+        overrides = ["pipeline=retrieve", "model=tiny_random", f"program_root={program}", "prompt=how does add work",
+                     f"paths.outputs={tmp_path / 'out'}", *job]
         result = run_config(compose(overrides), tmp_path / str(number), overrides)
         models.append(result.output("model", "lm"))
         assert (tmp_path / str(number) / "trace.json").is_file()
