@@ -147,29 +147,12 @@ def test_stored_fold_makes_the_mix_equal_the_trained_model(tmp_path, program, ti
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # the hashed synth's export on Qwen2: tests/test_model_qwen.py
 def test_fitted_artifacts_export_to_peft(tmp_path, program, arch):
-    from peft import PeftModel
-
-    import stages.mix
-
     out = tmp_path / "peft"
     _, result = run(tmp_path, f"program_root={program}", f"model.arch={arch}", *FAST, f"out={out}", "prompt=function",
                     "mix.delta_cap=null", config_name="export")
     lm = result.output("model", "lm")  # the shared tiny model of that shape (conftest's `tiny_lm` for llama)
     assert lm.model.config.model_type == arch
-    ids = torch.randint(0, 250, (2, 20))
-    mixed = stages.mix.MixAdapters(delta_cap=None).run(
-        lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
-        result.output("targets", "plan"), result.output("sub", "sub"))
-    try:
-        with torch.no_grad():
-            ours = lm.model(ids).logits
-    finally:
-        mixed["adapter_mix"].restore()
-    with torch.no_grad():
-        theirs = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(out))(ids).logits
-        plain = lm.model(ids).logits
-    assert (ours - plain).abs().max() > 1e-4  # the adapter does something
-    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert_peft_export_matches_our_mix(lm, result, out)
 
 
 def test_synth_none_mixes_nothing(tmp_path, program):
@@ -400,3 +383,25 @@ def test_perplexity_split_and_batch_size(index, tiny_lm):
     held_out = ppl()
     assert ppl(split="train") != held_out
     assert ppl(batch_size=1) == pytest.approx(held_out, rel=1e-4)  # padding never changes a piece's loss
+
+
+def assert_peft_export_matches_our_mix(lm, result, out: Path) -> None:
+    """The export run's adapters mixed by us (then restored) and its PEFT folder read by PEFT give the same logits."""
+    from peft import PeftModel
+
+    import stages.mix
+
+    ids = torch.randint(0, 250, (2, 20))
+    mixed = stages.mix.MixAdapters(delta_cap=None).run(
+        lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
+        result.output("targets", "plan"), result.output("sub", "sub"))
+    try:
+        with torch.no_grad():
+            ours = lm.model(ids).logits
+    finally:
+        mixed["adapter_mix"].restore()
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(out))(ids).logits
+        plain = lm.model(ids).logits
+    assert (ours - plain).abs().max() > 1e-4  # the adapter does something
+    assert torch.allclose(ours, theirs, atol=1e-4)

@@ -8,17 +8,14 @@ synth's PEFT export is tests/test_fitted.py's, parametrized by shape).
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
 from conftest import compose_config
 from test_adapters import PROGRAM, same_weights, snapshot
 from test_adapters import (
     test_merge_mode_reuses_its_workspace_and_a_nested_merge_restores_exactly as test_qwen_nested_merge_restores,  # noqa: F401
 )
 from test_adapters import test_mix_handle_restores_bit_for_bit_after_random_mixes_and_failures as test_qwen_mix_restores  # noqa: F401
-from test_fitted import FAST
+from test_fitted import FAST, assert_peft_export_matches_our_mix
 from test_fitted import SOURCE as FITTED_SOURCE
 from test_quoteguard import test_decode_with_quotes_and_labels_on_the_tiny_model as test_qwen_decode_quote_guard  # noqa: F401
 from test_special_tokens import FORGED, counts, forwards, hostile, specials  # noqa: F401
@@ -88,25 +85,8 @@ def test_answers_mix_and_restore_the_weights_exactly(tmp_path, make_tree, tiny_l
 
 def test_peft_export_gives_the_same_logits_as_our_mix(tmp_path, make_tree, tiny_lm):
     """The hashed synth's export; the fitted one's on Qwen2 is tests/test_fitted.py's, parametrized by shape."""
-    from peft import PeftModel
-
-    import stages.mix
-
     program = make_tree(tmp_path / "prog", {"numbers.py": FITTED_SOURCE})
     out = tmp_path / "peft"
     _, result = api.run([*QWEN, f"paths.outputs={tmp_path / 'out'}", f"program_root={program}", "prompt=function",
                          f"out={out}", "mix.delta_cap=null"], run_dir=tmp_path / "run", config_name="export")
-    ids = torch.randint(0, 250, (2, 20))
-    mixed = stages.mix.MixAdapters(delta_cap=None).run(
-        tiny_lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
-        result.output("targets", "plan"), result.output("sub", "sub"))
-    try:
-        with torch.no_grad():
-            ours = tiny_lm.model(ids).logits
-    finally:
-        mixed["adapter_mix"].restore()
-    with torch.no_grad():
-        theirs = PeftModel.from_pretrained(copy.deepcopy(tiny_lm.model), str(out))(ids).logits
-        plain = tiny_lm.model(ids).logits
-    assert (ours - plain).abs().max() > 1e-4  # the adapter does something
-    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert_peft_export_matches_our_mix(tiny_lm, result, out)
