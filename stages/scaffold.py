@@ -111,11 +111,14 @@ class BuildPrompt(Stage):
         max_question_tokens: Annotated[int, Range(ge=1)] = 512  # the top-level key's limit, counted in tokens here
         history_tokens: Annotated[int, Range(ge=0)] = 768  # a chat follow-up's earlier turn, at most; 0: none
         map_tokens: Annotated[int, Range(ge=0)] = 0  # the program's map (most central first) before the evidence; 0: none
+        instruction: str | None = None  # the rules after the question ({example}: a packed span); None: built below
 
     config: Config
 
     def rules(self, example: str) -> list[str]:
         c = self.config
+        if c.instruction is not None:
+            return [c.instruction.replace("{example}", example)]
         rules: list[str] = []
         if c.form == "lead":
             rules.append(f"Start with the definition that answers the question, written as `name` [{example}], "

@@ -169,6 +169,17 @@ def test_prompt_system_message(evidence, tiny_lm):
     assert BuildPrompt().run(QUESTION, evidence, tiny_lm)["prompt"].messages[0]["content"].startswith("You answer")
 
 
+def test_prompt_instruction_replaces_the_built_rules(evidence, tiny_lm):
+    said = "Start with `name` [{example}], then answer in two sentences."
+    prompt = BuildPrompt(instruction=said, min_citations=3).run(QUESTION, evidence, tiny_lm)["prompt"]
+    first = evidence.windows[0]
+    user = prompt.messages[-1]["content"]
+    assert user.endswith(f"Question: {QUESTION}\n\nStart with `name` [{first.path}:{first.start}-{first.end}], then "
+                         "answer in two sentences.")
+    assert "at least 3" not in user and "Cite the lines" not in user
+    assert prompt.citations  # the citable spans are the packed windows, as without it
+
+
 def test_prompt_adapter_aware(evidence, tiny_lm):
     prompt = BuildPrompt(adapter_aware_decoding=True, prefill_pointer=True).run(QUESTION, evidence, tiny_lm)["prompt"]
     first = evidence.windows[0]

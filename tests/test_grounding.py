@@ -347,6 +347,52 @@ def test_a_reply_that_loops_on_a_line_stops_there_and_drops_the_repeats(default_
     assert later is not None and later > ended_at
     assert _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, False, lead), prompt, reply) is None
 
+
+def test_a_reply_that_repeats_a_sequence_of_words_stops_and_ends_at_the_sentence_before_it(default_tokenizer):
+    """Qwen 0.5B's loops on omegaconf and jinja2 (one long paragraph, no line repeated): the second writing of 8 words
+    (citations left out) ends the reply, which keeps the full sentences before the first repeat."""
+    from stages.common.generation.stops import ReplyStop, drop_repeated_words
+    from stages.common.grounding.constraints import token_texts
+
+    tok = default_tokenizer
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    lead = "`OmegaConf.register_new_resolver` [omegaconf.py:372-451]"
+    said = " registers a new resolver. The `OmegaConf.get_cache` method retrieves the cache for the config object."
+    body = said + " The `OmegaConf.get_cache` method retrieves the cache for the config object." * 3
+
+    def stopped(text: str) -> int | None:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, False, lead, 8), prompt, ids)
+
+    ended_at = stopped(body)
+    assert ended_at is not None and ended_at < len(tok(body, add_special_tokens=False)["input_ids"])
+    assert drop_repeated_words(lead + body, 8) == lead + said
+    # a run of citations between repeated words is the same loop; what came before any sentence ended stays whole
+    runs = " [bccache.py:84-90] [utils.py:127-137] Cited lines:" * 6
+    assert stopped(runs) is not None
+    assert drop_repeated_words(lead + runs, 8) == lead + " [bccache.py:84-90] [utils.py:127-137] Cited lines:" \
+        + " [bccache.py:84-90] [utils.py:127-137]"
+    # an answer that restates its lead with its citation, and never loops, goes on to its end
+    plain = (" is where resolvers are kept; `OmegaConf.register_new_resolver` [omegaconf.py:372-451] adds one, and"
+             " `OmegaConf.register_new_resolver` [omegaconf.py:372-451] refuses a name twice.")
+    assert stopped(plain) is None and drop_repeated_words(lead + plain, 8) == lead + plain
+
+
+def test_a_reply_ends_after_max_sentences(default_tokenizer):
+    """Sentences end at . ! ? before a space; `os.path`, `e.g.` and a version number end none."""
+    from stages.common.generation.stops import ReplyStop, keep_sentences
+    from stages.common.grounding.constraints import token_texts
+
+    tok = default_tokenizer
+    prompt = tok("Q?\n", add_special_tokens=False)["input_ids"]
+    body = (" joins paths with `os.path.join`, e.g. for 1.5 cases. It returns a str [a.py:3-4]. Then it"
+            " logs! Is that all? More.")
+    reply = tok(body, add_special_tokens=False)["input_ids"]
+    ended_at = _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, False, "`f` [a.py:1-9]", None, 3), prompt,
+                           reply)
+    assert ended_at is not None and keep_sentences(tok.decode(reply[:ended_at]), 3).endswith("Then it logs!")
+    assert _stopped_at(ReplyStop(token_texts(tok), len(prompt), None, False, "", None, 9), prompt, reply) is None
+
 def test_a_run_of_citations_stops_at_max_citation_run(default_tokenizer):
     """A stand-in model that always wants to open a citation: with max_citation_run=2, two citations follow one
     another, then no citation opens until other text is written; after it, two more may."""

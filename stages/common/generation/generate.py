@@ -14,7 +14,7 @@ from stages.common.generation.kvcache import reserved_cache
 from stages.common.generation.lead import choose_lead
 from stages.common.generation.processors import processors
 from stages.common.generation.settings import DecodeSettings
-from stages.common.generation.stops import ReplyStop, drop_repeated_lines
+from stages.common.generation.stops import ReplyStop, drop_repeated_lines, drop_repeated_words, keep_sentences
 from stages.common.generation.streaming import console_streamer
 from stages.common.grounding.constraints import CITATION_OPENER, CODE_OPENER, token_texts
 from stages.common.tokens import encode_text
@@ -65,9 +65,10 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
         torch.manual_seed(settings.seed)
     stops = StoppingCriteriaList()
     reply_stop = None
-    if settings.max_paragraphs or settings.stop_at_repeated_line:
+    if (settings.max_paragraphs or settings.max_sentences or settings.stop_at_repeated_line
+            or settings.stop_at_repeated_words):
         reply_stop = ReplyStop(token_texts(tok), len(ids), settings.max_paragraphs, settings.stop_at_repeated_line,
-                               prompt.prefill + lead)
+                               prompt.prefill + lead, settings.stop_at_repeated_words, settings.max_sentences)
         stops.append(reply_stop)
     try:
         with torch.no_grad():
@@ -92,6 +93,10 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
     if settings.stop_at_repeated_line:
         text = drop_repeated_lines(text)
+    if settings.stop_at_repeated_words:
+        text = drop_repeated_words(text, settings.stop_at_repeated_words)
+    if settings.max_sentences:  # the token that ended the last sentence may have begun the next one
+        text = keep_sentences(text, settings.max_sentences)
     ended = (reply_stop is not None and reply_stop.done) or (len(new) > 0 and int(new[-1]) in _ids(tok.eos_token_id))
     return Draft(text.strip(), int(input_ids.shape[1]), int(new.shape[0]), seconds, lm.device, attempt=prompt.attempt,
                  prefill_seconds=(clock.first - started) if clock.first else seconds, lead=record,

@@ -152,17 +152,22 @@ def _inside_fences(text: str) -> list[tuple[int, int]]:
     return spans + ([(marks[-1], len(text))] if len(marks) % 2 else [])
 
 
+def sentence_ends(text: str, fences: list[tuple[int, int]] | None = None) -> list[int]:
+    """Where each full sentence of ``text`` ends (after its terminator), outside code fences; `1.`, `A.`, `e.g.`
+    and `i.e.` end nothing."""
+    fences = _inside_fences(text) if fences is None else fences
+    return [match.end() for match in _SENTENCE_END.finditer(text)
+            if not any(a <= match.start() < b for a, b in fences) and not _NOT_AN_END.search(text[:match.start() + 1])]
+
+
 def last_sentence_end(text: str) -> int | None:
     """Where the last full sentence of ``text`` ends (after its terminator and any citations right after it), or
     the last paragraph a blank line ends (unless it ends in `:`, `,` or `;`: it leads into what was cut); None when
     neither is in it. Ends inside code fences, after a list number (`1.`), a capital (`A.`) or `e.g.`/`i.e.` do not
     count."""
     fences = _inside_fences(text)
-    best = None
-    for match in _SENTENCE_END.finditer(text):
-        if any(a <= match.start() < b for a, b in fences) or _NOT_AN_END.search(text[:match.start() + 1]):
-            continue
-        best = match.end()
+    ends = sentence_ends(text, fences)
+    best = ends[-1] if ends else None
     for match in re.finditer(r"[^\s:,;](?=[ \t]*\n[ \t]*\n)", text):  # a paragraph a blank line ends (not `…:`)
         if not any(a <= match.start() < b for a, b in fences) and (best is None or match.end() > best):
             best = match.end()
