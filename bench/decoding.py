@@ -77,7 +77,8 @@ def _answer_args(extra: Sequence[str] = ()) -> list[str]:
     # exactly n tokens on both sides: the reply stops (paragraphs, repeated line) would end ours early
     return [f"program_root={PROGRAM_80}", f"prompt={DECODE_PROMPT}", f"decode.max_new_tokens={n}",
             f"decode.min_new_tokens={n}", f"fallback.max_new_tokens_floor={n}", "decode.max_paragraphs=null",
-            "decode.stop_at_repeated_line=false", *extra]
+            "decode.max_sentences=null", "decode.stop_at_repeated_line=false", "decode.stop_at_repeated_words=null",
+            *extra]
 
 
 def _multirun(overrides: list[str]) -> tuple[float, list[dict]]:

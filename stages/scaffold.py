@@ -121,20 +121,20 @@ class BuildPrompt(Stage):
             return [c.instruction.replace("{example}", example)]
         rules: list[str] = []
         if c.form == "lead":
-            rules.append(f"Start with the definition that answers the question, written as `name` [{example}], "
-                         "then explain in a few sentences what it does.")
+            rules.append(f"Start with the definition that answers the question, written as `name` [{example}]. "
+                         "Then explain in two to four sentences how that code answers the question.")
         if c.require_citations:
             if c.scaffold == "strong":
                 rules.append(f"End each paragraph with the lines it relies on in brackets, like [{example}].")
                 rules.append("Use only paths and line ranges from the [ctx] headers above.")
-            else:
+            elif c.form != "lead":  # the lead carries its citation: a second rule about brackets invites runs of them
                 rules.append(f"Cite the lines you rely on in brackets, like [{example}], "
                              "using only the files shown in the [ctx] blocks.")
             if c.citations_per_paragraph:
                 rules.append("Every paragraph must carry at least one citation.")
             elif c.min_citations > 1:
                 rules.append(f"Give at least {c.min_citations} citations overall.")
-        rules.append("Name only functions, classes and variables that appear in the code above.")
+        rules.append("Use only names that appear in the code above.")
         return rules
 
     def run(self, prompt: str, evidence: Evidence, lm: LanguageModel, index: ProgramIndex | None = None,

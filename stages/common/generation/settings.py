@@ -38,10 +38,10 @@ class DecodeSettings:
     # context-aware decoding: log p(x|evidence) + alpha (log p(x|evidence) - log p(x|no evidence)); one more forward
     cad_alpha: Annotated[float, Range(ge=0)] = 0.0
     max_paragraphs: Annotated[int, Range(ge=1)] | None = 2  # the reply ends after this many (the lead's included)
-    max_sentences: Annotated[int, Range(ge=1)] | None = None  # the reply ends after this many (the lead's included)
+    max_sentences: Annotated[int, Range(ge=1)] | None = 6  # the reply ends after this many (the lead's included)
     stop_at_repeated_line: bool = True  # a line written a third time ends the reply; every repeat is dropped
     # a sequence of this many words (citations left out) written a second time ends the reply at the sentence before it
-    stop_at_repeated_words: Annotated[int, Range(ge=3)] | None = None
-    max_citation_run: Annotated[int, Range(ge=1)] | None = 3  # citations in a row, only whitespace between
+    stop_at_repeated_words: Annotated[int, Range(ge=3)] | None = 8
+    max_citation_run: Annotated[int, Range(ge=1)] | None = 1  # citations in a row, only whitespace between
     seed: int = 0
     prefill_chunk: Annotated[int, Range(ge=1)] | None = None  # prompt tokens per forward (None: all at once)

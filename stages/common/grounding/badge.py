@@ -40,6 +40,7 @@ _TRAILING_CITATION = re.compile(r"[ \t]*\[[^\[\]\n]+?:[0-9]+(?:-[0-9]+)?\]")
 _FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
 # the prompt's own lines and rules (stages/scaffold.py) written back
 _ECHO = re.compile(r"^\s*(?:Question:|\[ctx\] path:)|Cite the lines you rely on|Start with the definition that answers"
+                   r"|Then explain in two to four sentences|Use only names that appear in the code above"
                    r"|Name only functions, classes and variables")
 
 
