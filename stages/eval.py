@@ -229,9 +229,9 @@ class EvalReport(Stage):
         other = [t for t in ours.tokenizers if reference and t != reference]
         if other:
             # packing counts tokens: a byte-level tokenizer fits far fewer windows in the same budget
-            warning = (f"warning: windows were packed with the {', '.join(other)} tokenizer, not the default model's "
+            warning = (f"warning: windows were packed with the {', '.join(other)} tokenizer, not the reference one "
                        f"({reference}, eval.reference_tokenizer): {metrics['ours']['windows_shown']} "
-                       "windows shown per question, so recall is not comparable with results packed by the default model")
+                       "windows shown per question, so recall is not comparable with the results tables packed with it")
             log.warning(warning)
             header += "\n" + warning
         value = metrics["ours"].get(self.metric)

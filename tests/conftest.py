@@ -4,6 +4,10 @@
 - ``make_tree(root, {path: text|bytes})``: write a small program tree.
 - ``tiny_lm``: the in-process 2-layer random Llama (``model=tiny_random``), loaded once per session.
 - ``project_index``: this project's own source indexed with the ``conf/index/default.yaml`` ignore list.
+
+Tests that name no model run SmolLM2-135M (``TEST_MODEL``), not the default Qwen2.5-Coder-0.5B: `compose`,
+`call_main` and `run_cli` add ``model=smollm2`` when the overrides name no model (four times fewer weights: the suite
+stays near ten minutes). A test of the default model itself names it.
 """
 from __future__ import annotations
 
@@ -56,10 +60,19 @@ def _slow_tests_use_every_core(request, monkeypatch):
         torch.set_num_threads(pinned)
 
 
+TEST_MODEL = "model=smollm2"
+
+
+def with_test_model(args: list[str] | tuple[str, ...]) -> list[str]:
+    """``args`` with `TEST_MODEL` first when no argument chooses a model (`model=...`, `~model`, `+model=...`)."""
+    chosen = any(a.lstrip("+~").split("=", 1)[0] == "model" for a in args if isinstance(a, str))
+    return list(args) if chosen or "--help" in args or "-h" in args else [TEST_MODEL, *args]
+
+
 @functools.cache
 def _composed_config(overrides: tuple[str, ...]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=with_test_model(overrides))
 
 
 def compose_config(*overrides: str):
@@ -152,7 +165,7 @@ def call_main(main, args: list[str], prog: str = "pipeline.run") -> tuple[int, s
     """`python -m <prog> <args>` in this process (a loaded model stays loaded): exit code, stdout, stderr."""
     from hydra._internal.hydra import Hydra
 
-    argv, sys.argv = sys.argv, [prog, *args]
+    argv, sys.argv = sys.argv, [prog, *(with_test_model(args) if prog.startswith("pipeline.") else args)]
     real_get_mode, Hydra.get_mode = Hydra.get_mode, _mode_composed_once(Hydra.get_mode)
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -173,7 +186,7 @@ def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProces
     env.pop("HYDRA_FULL_ERROR", None)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=PROJECT_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "pipeline.run", *with_test_model(args)], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -479,7 +479,7 @@ def test_generate_answer_inside_the_users_own_hydra_app(tmp_path, make_tree):
 
 
 @pytest.mark.parametrize("args, message", [
-    ((["smollm2"], None, ".", "q"), "model_id must be a short name (smollm2, tiny_random), a local folder or a .gguf path, got list ['smollm2']"),
+    ((["smollm2"], None, ".", "q"), "model_id must be a short name (qwen_coder_0_5b, smollm2, tiny_random), a local folder or a .gguf path, got list ['smollm2']"),
     (("tiny_random", None, ".", None), "prompt must be the question, a string, got NoneType None"),
     (("tiny_random", None, ".", 42), "prompt must be the question, a string, got int 42"),
     (("tiny_random", 3, ".", "q"), "adapters_npz must be an artifact folder or an .npz path, got int 3"),
