@@ -54,7 +54,7 @@ class ReplyStop:
 
     @property
     def done(self) -> bool:
-        """The reply has ended: its paragraphs are written, or it loops."""
+        """The reply has ended: its paragraphs or sentences are written, or it loops."""
         return (self.repeated or (self.paragraphs is not None and self.ended >= self.paragraphs)
                 or (self.sentences is not None and self.sentences_written() >= self.sentences))
 
