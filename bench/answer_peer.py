@@ -22,8 +22,9 @@ QUESTIONS = ["How does Hydra compose the config from the defaults list?",
 
 
 def _answer(checkout: Path, outputs: Path, run_dir: Path, program: Path, question: str, env: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "pipeline.run", f"program_root={program}", f"prompt={question}",
-                           "decode.max_new_tokens=256", f"paths.outputs={outputs}", f"hydra.run.dir={run_dir}"],
+    # the peer's only model: the same weights on both sides (our default is Qwen 0.5B since 2026-12-07)
+    done = subprocess.run([sys.executable, "-m", "pipeline.run", "model=smollm2", f"program_root={program}",
+                           f"prompt={question}", "decode.max_new_tokens=256", f"paths.outputs={outputs}", f"hydra.run.dir={run_dir}"],
                           cwd=checkout, env={**env, "PYTHONPATH": str(checkout)}, capture_output=True, text=True,
                           timeout=1800)
     if done.returncode != 0:
