@@ -127,16 +127,7 @@ def test_stored_fold_makes_the_mix_equal_the_trained_model(tmp_path, program, ti
         for key, (a, b) in captured["factors"].items():
             tmap.modules[key][1].weight += torch.from_numpy(a) @ torch.from_numpy(b)
     ids = torch.randint(0, 250, (2, 32))
-    import stages.mix
-
-    mixed = stages.mix.MixAdapters(delta_cap=None).run(
-        tiny_lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
-        result.output("targets", "plan"), None)
-    try:
-        with torch.no_grad():
-            ours = tiny_lm.model(ids).logits
-    finally:
-        mixed["adapter_mix"].restore()
+    ours = logits_with_our_mix(tiny_lm, result, ids, sub=None)
     with torch.no_grad():
         reference = trained(ids).logits
     assert torch.allclose(ours, reference, atol=1e-5)
@@ -385,21 +376,26 @@ def test_perplexity_split_and_batch_size(index, tiny_lm):
     assert ppl(batch_size=1) == pytest.approx(held_out, rel=1e-4)  # padding never changes a piece's loss
 
 
+def logits_with_our_mix(lm, result, ids, sub):
+    """``lm``'s logits on ``ids`` with the run's adapters mixed by us (uncapped), the weights restored after."""
+    import stages.mix
+
+    mixed = stages.mix.MixAdapters(delta_cap=None).run(
+        lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
+        result.output("targets", "plan"), sub)
+    try:
+        with torch.no_grad():
+            return lm.model(ids).logits
+    finally:
+        mixed["adapter_mix"].restore()
+
+
 def assert_peft_export_matches_our_mix(lm, result, out: Path) -> None:
     """The export run's adapters mixed by us (then restored) and its PEFT folder read by PEFT give the same logits."""
     from peft import PeftModel
 
-    import stages.mix
-
     ids = torch.randint(0, 250, (2, 20))
-    mixed = stages.mix.MixAdapters(delta_cap=None).run(
-        lm, result.output("load_artifacts", "artifacts"), result.output("capacity", "capacity"),
-        result.output("targets", "plan"), result.output("sub", "sub"))
-    try:
-        with torch.no_grad():
-            ours = lm.model(ids).logits
-    finally:
-        mixed["adapter_mix"].restore()
+    ours = logits_with_our_mix(lm, result, ids, result.output("sub", "sub"))
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(copy.deepcopy(lm.model), str(out))(ids).logits
         plain = lm.model(ids).logits
