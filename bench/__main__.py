@@ -12,6 +12,7 @@ import json
 import sys
 
 from bench.decoding import decode_floor, decode_sweep, precision, qwen_decode
+from bench.engines import engines
 from bench.harness import OUT
 from bench.indexing import index_big, indexing, retrieval
 from bench.memory import peak_rss_rows
@@ -20,7 +21,8 @@ from bench.runs import answer_speed, model_load, multirun, overhead
 
 BENCHES = {"overhead": overhead, "model_load": model_load, "multirun": multirun, "decode_sweep": decode_sweep,
            "indexing": indexing, "index_big": index_big, "mix": mix_vs_peft, "retrieval": retrieval, "rss": peak_rss_rows,
-           "decode": decode_floor, "precision": precision, "answer": answer_speed, "qwen_decode": qwen_decode}
+           "decode": decode_floor, "precision": precision, "answer": answer_speed, "qwen_decode": qwen_decode,
+           "engines": engines}
 
 
 FIELDS = ["name", "value", "peer", "ratio", "target", "met", "unit", "detail", "bench"]

@@ -1,0 +1,127 @@
+"""Bench rows of decoding engines (issue 38, item 1): one GGUF file, one ~2,000-token prompt, greedy decoding, read by
+transformers (bfloat16, the model stage's converted copy) and by llama.cpp (`llama-cpp-python`, an optional extra):
+prefill and decode tokens/s, each engine beside the memory-bandwidth floor of the weights it reads per token."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.decoding import DECODE_TOKENS, _bytes_per_token, _copy_bandwidth, _not_fetched, _plain_generate
+from bench.harness import row
+from pipeline import PROJECT_ROOT
+
+ENGINE_MODELS = ("smollm2", "qwen_coder_0_5b", "qwen_coder_1_5b")
+PREFILL_TOKENS = 2000
+# llama.cpp's batch sizes: the prompt is evaluated n_batch tokens a call, in micro-batches of n_ubatch
+LLAMA_BATCH = 2048
+LLAMA_UBATCH = 512
+
+
+def engines(names: Sequence[str] = ENGINE_MODELS) -> list[dict]:
+    """Per model: prefill and decode tokens/s of llama.cpp against transformers bfloat16 on the same token ids."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return [row("engines: skipped, llama-cpp-python is not installed", 0.0, 0.0, 0.0, "report", True, "tokens/s",
+                    "skipped: pip install -e '.[engines]' (builds llama.cpp from its sdist; docs/howto/engines.md)")]
+    rows: list[dict] = []
+    bandwidth = max(_copy_bandwidth() for _ in range(3))  # once for all rows: a single copy run varies by 1.5x here
+    for name in names:
+        missing = _not_fetched(name) if name != "smollm2" else ""
+        if missing:
+            rows.append(row(f"engines ({name}): skipped, not fetched", 0.0, 0.0, 0.0, "report", True, "tokens/s",
+                            f"skipped: {missing}"))
+            continue
+        rows += _engine_rows(name, bandwidth)
+    return rows
+
+
+def gguf_of(name: str) -> Path:
+    """The GGUF file a model option reads: a fetched model's verified file, SmolLM2's file in its wheel."""
+    from pipeline import api
+    from pipeline.models import spec_and_dest
+
+    if name == "smollm2":
+        import importlib.util
+
+        cfg = api.compose(["model=smollm2"]).model
+        found = importlib.util.find_spec(cfg.package)  # found, not imported (the wheel's module imports a missing package)
+        if found is None or found.origin is None:
+            raise RuntimeError(f"package '{cfg.package}' is not installed")
+        return Path(found.origin).parent / cfg.gguf_file
+    parts, dest = spec_and_dest(name)
+    return dest / parts.file
+
+
+def prompt_ids(tokenizer, tokens: int = PREFILL_TOKENS) -> list[int]:
+    """``tokens`` ids of this project's own source text (the same ids go to both engines)."""
+    text = "\n".join(p.read_text() for p in sorted((PROJECT_ROOT / "pipeline").rglob("*.py")))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < tokens:
+        raise RuntimeError(f"the prompt text has {len(ids)} tokens, fewer than {tokens}")
+    return ids[:tokens]
+
+
+def _llama_run(gguf: Path, ids: list[int], threads: int, tokens: int = DECODE_TOKENS) -> dict:
+    """llama.cpp: the prompt evaluated (prefill seconds), then ``tokens`` greedy tokens one at a time (tokens/s)."""
+    import numpy as np
+    from llama_cpp import Llama, llama_get_logits_ith
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + tokens + 16, n_threads=threads, n_threads_batch=threads,
+                n_batch=LLAMA_BATCH, n_ubatch=LLAMA_UBATCH, verbose=False)
+    try:
+        started = time.perf_counter()
+        llm.eval(ids)
+        prefilled = time.perf_counter()
+        out = []
+        vocab = llm.n_vocab()
+        for _ in range(tokens):
+            # the last position's logits from the context itself: Llama.scores is only written with logits_all=True
+            token = int(np.argmax(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+            out.append(token)
+            llm.eval([token])
+        end = time.perf_counter()
+    finally:
+        llm.close()
+    return {"prefill": prefilled - started, "tps": tokens / (end - prefilled), "ids": out}
+
+
+def _engine_rows(name: str, bandwidth: float) -> list[dict]:
+    import torch
+
+    from pipeline import api
+    from pipeline.engine import resources
+    from pipeline.engine.graph import build_graph
+
+    resources.clear("model")
+    cfg = api.compose([f"model={name}", "model.dtype=bfloat16"])
+    stage = build_graph(cfg).instantiate().nodes["model"].stage
+    assert stage is not None  # the model node always has a stage
+    lm = stage.run()["lm"]
+    ids = prompt_ids(lm.tokenizer)
+    threads = torch.get_num_threads()
+    gguf = gguf_of(name)
+    ours = _plain_generate(lm, ids)
+    weights, kv = _bytes_per_token(lm, len(ids) + DECODE_TOKENS // 2)
+    del lm
+    resources.clear("model")
+    llama = _llama_run(gguf, ids, threads)
+    # llama.cpp reads the quantised file's bytes per token (every tensor once) plus its KV cache (float16: as bfloat16's)
+    llama_floor = bandwidth / (gguf.stat().st_size + kv)
+    tf_floor = bandwidth / (weights + kv)
+    same = sum(a == b for a, b in zip(ours["ids"], llama["ids"]))
+    prefill_tf, prefill_llama = len(ids) / ours["prefill"], len(ids) / llama["prefill"]
+    common = (f"{len(ids)}-token prompt, {DECODE_TOKENS} greedy tokens, {threads} threads each, one run each; "
+              f"llama.cpp n_batch {LLAMA_BATCH}, n_ubatch {LLAMA_UBATCH}")
+    return [
+        row(f"prefill tokens/s ({name}): llama.cpp Q4 vs transformers bfloat16", prefill_llama, prefill_tf,
+            prefill_llama / prefill_tf, "report", True, "tokens/s",
+            f"{common}; {ours['prefill']:.1f} s vs {llama['prefill']:.1f} s"),
+        row(f"decode tokens/s ({name}): llama.cpp Q4 vs transformers bfloat16", llama["tps"], ours["tps"],
+            llama["tps"] / ours["tps"], ">= 0.5 of its floor", llama["tps"] >= 0.5 * llama_floor, "tokens/s",
+            f"{common}; floors {llama_floor:.0f} tokens/s (GGUF {gguf.stat().st_size / 2**20:.0f} MiB) and "
+            f"{tf_floor:.0f} (bfloat16 {weights / 2**20:.0f} MiB), copy bandwidth {bandwidth / 1e9:.1f} GB/s: llama.cpp "
+            f"at {llama['tps'] / llama_floor:.0%}, transformers at {ours['tps'] / tf_floor:.0%}; the first "
+            f"{DECODE_TOKENS} greedy tokens agree on {same} (Q4 weights vs their bfloat16 conversion)"),
+    ]
