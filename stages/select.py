@@ -22,7 +22,7 @@ from stages.common.retrieval import encoder_lora
 from stages.common.retrieval.dense import MAX_TOKENS, PACKAGE, encoder, window_vectors
 from stages.common.retrieval.focus import focus_windows, parse
 from stages.common.retrieval.names import boost, find_names
-from stages.common.retrieval.scoring import RELEVANCE, score_windows, standardise
+from stages.common.retrieval.scoring import RELEVANCE, dense_rows, fuse_rows, score_windows
 from stages.common.types import ProgramIndex, Selection, Symbol, Window
 
 
@@ -123,6 +123,10 @@ class HybridSelect(QuestionSelect):
         encoder_adapter: str | None = "minilm_code_search_lora"
         # a milder penalty than select=question's 0.5, which on the fused scale hid the tests that questions were about
         test_weight: Annotated[float, Range(ge=0)] = 0.9
+        # a program with more windows than dense_all_windows: only the dense_candidates best by BM25F are embedded and
+        # fused (a 10,000-file tree's ~150,000 windows would take an hour); null: every window, whatever the size
+        dense_all_windows: Annotated[int, Range(ge=1)] | None = 5000
+        dense_candidates: Annotated[int, Range(ge=1)] = 1000
 
     config: Config
 
@@ -135,14 +139,15 @@ class HybridSelect(QuestionSelect):
     def run(self, index: ProgramIndex, prompt: str) -> dict:
         c = self.config
         enc = encoder(c.package, c.batch_size, c.encoder_adapter)
-        vectors = window_vectors(index, enc, MAX_TOKENS, Path(c.cache_dir) if c.cache_dir else None, c.progress)
-        dense = vectors @ enc.encode([prompt], MAX_TOKENS)[0]
         sparse = score_windows(index, prompt, c.relevance)
+        rows = dense_rows(len(index.windows), sparse, c.dense_all_windows, c.dense_candidates)
+        vectors = window_vectors(index, enc, MAX_TOKENS, Path(c.cache_dir) if c.cache_dir else None, c.progress, rows)
+        dense = vectors @ enc.encode([prompt], MAX_TOKENS)[0]
         # tests weigh less on the fused scale itself (z-scores: a share of their lead over the average window), before
         # the shift to >= 0 that would turn test_weight into a much larger penalty
         tests = index.derived("select.test_windows",
                               lambda: np.array([is_test_path(w.path) for w in index.windows], dtype=bool))
-        fused = fuse(sparse, dense, c.dense_weight, shift=False)
+        fused = fuse_rows(sparse, dense, rows, len(index.windows), c.dense_weight)
         fused = np.where(tests & (fused > 0), fused * c.test_weight, fused)
         fused = fused - fused.min() if len(fused) else fused
         fused = boost(fused, find_names(index, prompt), c.name_boost)
@@ -158,16 +163,6 @@ def _ranking(index: ProgramIndex, scores: np.ndarray) -> dict[str, list[tuple[fl
     for ranked in ranking.values():
         ranked.sort(key=lambda item: (-item[0], item[1].start))
     return ranking
-
-
-def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, shift: bool = True) -> np.ndarray:
-    """``weight·z(dense) + (1 − weight)·z(sparse)`` per window; with ``shift`` moved so that the lowest is 0 (select and
-    pack treat 0 as "no match")."""
-    bm: np.ndarray = np.zeros(len(dense), dtype=np.float64)
-    for i, value in sparse.items():
-        bm[i] = value
-    fused = weight * standardise(dense.astype(np.float64)) + (1 - weight) * standardise(bm)
-    return fused - fused.min() if shift and len(fused) else fused
 
 
 def _module_centrality(index: ProgramIndex, path: str, central: dict) -> float:

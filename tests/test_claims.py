@@ -333,3 +333,24 @@ def test_claims_none_and_the_old_telemetry_still_read(monkeypatch, tmp_path, tre
     old = {k: v for k, v in record.items() if not k.startswith("claims")}
     assert Telemetry.from_json(old).claims_checked == 0
     assert Telemetry.from_json(record).claims == ()
+
+
+def test_a_big_program_reads_only_the_files_that_define_the_names_asked_for(tmp_path, monkeypatch):
+    from conftest import index_tree
+
+    import stages.common.grounding.claims as claims
+    import stages.common.program.definitions as definitions
+
+    eager = index_tree(tmp_path / "eager", PROGRAM)
+    assert claims.catalog(eager).paths == {}  # built now: every file read up front
+    monkeypatch.setattr(claims, "EAGER_FILES", 0)  # every program is "big" now
+    lazy = index_tree(tmp_path / "lazy", {**PROGRAM, "other.py": "def elsewhere():\n    return 1\n"})
+    read: list[str] = []
+    real = definitions.read_definitions
+    monkeypatch.setattr(definitions, "read_definitions", lambda text, path: read.append(path) or real(text, path))
+    # the same verdicts as when every file is read up front, reading only the file that defines the names
+    for text in ("`link_nodes` takes three arguments.", "`Stamper.verify` calls `unstamp` first.",
+                 "`Stamper.check_age` raises `BadStamp` through the call it makes."):
+        assert verdicts(text, lazy) == verdicts(text, eager)
+    assert read and "other.py" not in read
+    assert "elsewhere" in claims.catalog(lazy) and "other.py" in read

@@ -17,8 +17,9 @@ from pipeline.engine.errors import ConfigError, InputError, PipelineError
 from pipeline.engine.graph import build_graph
 from pipeline.engine.stage import RunContext
 from stages.common.retrieval.evaluation import keywords, phrase
+from stages.common.retrieval.scoring import fuse
 from stages.qgen import DocstringQuestions
-from stages.select import HybridSelect, QuestionSelect, fuse
+from stages.select import HybridSelect, QuestionSelect
 
 PROGRAM = KETTLE_PROGRAM
 TEMPLATES = ["Which part of the code does this: {question}? Cite the file and lines.",
@@ -398,3 +399,47 @@ def test_the_encoder_loads_its_weights_under_the_resources_lock(monkeypatch):
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", spy)
     dense.SentenceEncoder(dense.model_dir()).encode(["a cup of tea"], 32)
     assert held == [True]
+
+
+def test_dense_rows_are_all_windows_up_to_the_size_then_the_best_bm25f_candidates():
+    from stages.common.retrieval.scoring import dense_rows
+
+    sparse = {0: 0.0, 1: 2.0, 2: 5.0, 3: 2.0, 4: 0.0, 5: 1.0}
+    assert dense_rows(6, sparse, 6, 2) is None and dense_rows(6, sparse, None, 2) is None
+    assert dense_rows(6, sparse, 5, 2) == [1, 2]  # 5.0 and the first of the tied 2.0s, in window order
+    assert dense_rows(6, sparse, 5, 100) == [1, 2, 3, 5]  # never a window BM25F does not score
+    assert dense_rows(6, {}, 5, 100) == []
+
+
+def test_a_big_program_embeds_only_its_bm25f_candidates_and_keeps_them(tmp_path, make_tree, monkeypatch):
+    from stages.common.program.indexing import build_index
+    from stages.common.retrieval import dense
+
+    root = make_tree(tmp_path / "prog", PROGRAM)
+    calls: list[int] = []
+    real = dense.SentenceEncoder.encode
+
+    def counting(self, texts, max_tokens, progress=False):
+        calls.append(len(texts))
+        return real(self, texts, max_tokens, progress)
+
+    monkeypatch.setattr(dense.SentenceEncoder, "encode", counting)
+    resources.clear("program-index")
+    index = build_index(str(root), [], 1_000_000, 80, None)
+    assert len(index.windows) > 3
+    overrides = ["select=hybrid", f"paths.cache={tmp_path / 'cache'}", "select.progress=false",
+                 "select.dense_all_windows=1", "select.dense_candidates=2"]
+    stage = build_graph(compose(overrides)).instantiate().nodes["select"].stage
+    asked = "Where is the water boiled in the kettle?"
+    got = stage.run(index, asked)["selection"]
+    windows = [c for c in calls if c > 1]  # the question itself is one text
+    assert windows == [2], calls
+    assert got.files[0] == "kettle.py"
+    # the windows outside the candidates rank last, at 0
+    scores = [s for ranked in got.window_ranking.values() for s, _ in ranked]
+    assert sum(s > 0 for s in scores) <= 2 + 1 and min(scores) == 0.0
+    # asked again: nothing embedded again; a new process reads the two from the disk cache
+    stage.run(index, asked)
+    resources.clear("program-index")
+    stage.run(build_index(str(root), [], 1_000_000, 80, None), asked)
+    assert [c for c in calls if c > 1] == [2], calls

@@ -18,6 +18,8 @@ import importlib.util
 import io
 import logging
 import re
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,36 +132,53 @@ def window_text(index: ProgramIndex, window: Window) -> str:
 
 
 def window_vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None,
-                   progress: bool = True) -> np.ndarray:
-    """One vector per window of ``index`` (rows in window order): from memory, the disk cache, or the encoder."""
+                   progress: bool = True, rows: Sequence[int] | None = None) -> np.ndarray:
+    """One vector per window of ``index`` (rows in window order), or per window of ``rows`` (in that order): from
+    memory, the disk cache, or the encoder. Only the windows asked for are embedded; what was embedded is kept in
+    memory for the index and in the disk cache for the next process."""
     # vectors of an adapted encoder are other vectors: the adapter's contents are part of the key (none: as before)
     tag = fingerprint([str(enc.folder), enc.dim, max_tokens] + ([enc.adapter.key] if enc.adapter else []), 12)
-    return index.derived(f"dense.vectors:{tag}", lambda: _vectors(index, enc, max_tokens, cache_dir, tag, progress))
+    store = index.derived(f"dense.store:{tag}", lambda: _Store(index, enc, max_tokens, cache_dir, tag))
+    wanted = range(len(index.windows)) if rows is None else rows
+    return store.vectors(list(wanted), progress)
 
 
-def _vectors(index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None, tag: str,
-             progress: bool) -> np.ndarray:
-    texts = [window_text(index, w) for w in index.windows]
-    keys = np.array([hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() for t in texts],
-                    dtype="S32")
-    path = cache_dir / "dense" / f"{fingerprint([str(index.location), tag], 24)}.npz" if cache_dir else None
-    code = source_fingerprint(__name__)
-    known = _load(path, enc.dim, code)
-    vectors: np.ndarray = np.zeros((len(texts), enc.dim), dtype=np.float32)
-    missing = []
-    for row, key in enumerate(keys):
-        if key in known:
-            vectors[row] = known[key]
-        else:
-            missing.append(row)
-    if missing:
-        log.info("embedding %d of %d windows (%d cached)", len(missing), len(texts), len(texts) - len(missing))
-        vectors[missing] = enc.encode([texts[i] for i in missing], max_tokens, progress and len(missing) > 200)
-        if path is not None:
-            buffer = io.BytesIO()
-            np.savez(buffer, keys=keys, vectors=vectors, code=np.array(code))
-            write_atomic(path, buffer.getvalue())
-    return vectors
+class _Store:
+    """One index's window vectors by window-text hash: loaded from the disk cache once, filled as windows are asked
+    for, written back (the current index's windows only) whenever new ones were embedded."""
+
+    def __init__(self, index: ProgramIndex, enc: SentenceEncoder, max_tokens: int, cache_dir: Path | None, tag: str):
+        self.index, self.enc, self.max_tokens = index, enc, max_tokens
+        self.path = cache_dir / "dense" / f"{fingerprint([str(index.location), tag], 24)}.npz" if cache_dir else None
+        self.code = source_fingerprint(__name__)
+        self.keys = [hashlib.blake2b(window_text(index, w).encode("utf-8", "surrogatepass"), digest_size=16)
+                     .hexdigest().encode() for w in index.windows]
+        current = set(self.keys)
+        self.known = {k: v for k, v in _load(self.path, enc.dim, self.code).items() if k in current}
+        self.lock = threading.Lock()
+
+    def vectors(self, rows: list[int], progress: bool) -> np.ndarray:
+        with self.lock:  # two threads asking for the same windows embed them once
+            missing = sorted({r for r in rows if self.keys[r] not in self.known})
+            if missing:
+                log.info("embedding %d of %d windows (%d cached)", len(missing), len(self.keys), len(self.known))
+                texts = [window_text(self.index, self.index.windows[r]) for r in missing]
+                for r, vector in zip(missing, self.enc.encode(texts, self.max_tokens, progress and len(missing) > 200)):
+                    self.known[self.keys[r]] = vector
+                self._save()
+            out: np.ndarray = np.zeros((len(rows), self.enc.dim), dtype=np.float32)
+            for i, r in enumerate(rows):
+                out[i] = self.known[self.keys[r]]
+            return out
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        keys = [k for k in dict.fromkeys(self.keys) if k in self.known]
+        buffer = io.BytesIO()
+        vectors = np.stack([self.known[k] for k in keys]) if keys else np.zeros((0, self.enc.dim), dtype=np.float32)
+        np.savez(buffer, keys=np.array(keys, dtype="S32"), vectors=vectors.astype(np.float32), code=np.array(self.code))
+        write_atomic(self.path, buffer.getvalue())
 
 
 def _load(path: Path | None, dim: int, code: str) -> dict[bytes, np.ndarray]:

@@ -9,12 +9,15 @@ an eval or a sweep only pays for the lookup.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter, defaultdict
 from typing import ClassVar
 
+import numpy as np
+
 from pipeline.engine.errors import ConfigError
-from stages.common.program.text import tokens
+from stages.common.program.text import _WORD, tokens
 from stages.common.types import ProgramIndex, Window
 
 FIELDS = ("name", "signature", "doc", "path", "text")
@@ -71,7 +74,14 @@ def stem(word: str) -> str:
 
 def terms(text: str) -> list[str]:
     # a compound is joined without underscores so that render_table and renderTable are one term
-    return [stem(t.replace("_", "")) for t in tokens(text)]
+    return [t for word in _WORD.findall(text) for t in _word_terms(word)]
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _word_terms(word: str) -> tuple[str, ...]:
+    """One word's terms (tokens() of the word alone, stemmed): words repeat, a 10,000-file tree's windows split the
+    same identifiers millions of times."""
+    return tuple(stem(t.replace("_", "")) for t in tokens(word))
 
 
 @dataclasses.dataclass
@@ -149,3 +159,34 @@ def standardise(values):
     scale."""
     spread = values.std() if values.size else 0.0
     return (values - values.mean()) / spread if spread > 0 else values * 0.0
+
+
+def fuse(sparse: dict[int, float], dense: np.ndarray, weight: float, shift: bool = True) -> np.ndarray:
+    """``weight·z(dense) + (1 − weight)·z(sparse)`` per window; with ``shift`` moved so that the lowest is 0 (select and
+    pack treat 0 as "no match")."""
+    bm: np.ndarray = np.zeros(len(dense), dtype=np.float64)
+    for i, value in sparse.items():
+        bm[i] = value
+    fused = weight * standardise(dense.astype(np.float64)) + (1 - weight) * standardise(bm)
+    return fused - fused.min() if shift and len(fused) else fused
+
+
+def dense_rows(windows: int, sparse: dict[int, float], all_below: int | None, candidates: int) -> list[int] | None:
+    """The windows to embed: None (all) for a program of at most ``all_below`` windows, else the ``candidates`` best
+    by BM25F among those it scores above 0 (ties: earlier first), in window order."""
+    if all_below is None or windows <= all_below:
+        return None
+    best = sorted((i for i, v in sparse.items() if v > 0), key=lambda i: (-sparse[i], i))[:candidates]
+    return sorted(best)
+
+
+def fuse_rows(sparse: dict[int, float], dense: np.ndarray, rows: list[int] | None, windows: int, weight: float
+              ) -> np.ndarray:
+    """`fuse` (unshifted) over every window (``rows`` None) or over the candidate ``rows`` that ``dense`` holds, every
+    other window below them all (0, "no match", once shifted)."""
+    if rows is None:
+        return fuse(sparse, dense, weight, shift=False)
+    among = fuse({j: sparse[r] for j, r in enumerate(rows)}, dense, weight, shift=False)
+    fused: np.ndarray = np.full(windows, (among.min() if len(among) else 0.0) - 1.0)
+    fused[rows] = among
+    return fused
