@@ -37,21 +37,14 @@ def engines(names: Sequence[str] = ENGINE_MODELS) -> list[dict]:
     return rows
 
 
-def gguf_of(name: str) -> Path:
-    """The GGUF file a model option reads: a fetched model's verified file, SmolLM2's file in its wheel."""
+def model_stage(name: str):
+    """The `model` node's stage of ``model=<name>`` in bfloat16 (its `gguf_path()` is the file llama.cpp reads)."""
     from pipeline import api
-    from pipeline.models import spec_and_dest
+    from pipeline.engine.graph import build_graph
 
-    if name == "smollm2":
-        import importlib.util
-
-        cfg = api.compose(["model=smollm2"]).model
-        found = importlib.util.find_spec(cfg.package)  # found, not imported (the wheel's module imports a missing package)
-        if found is None or found.origin is None:
-            raise RuntimeError(f"package '{cfg.package}' is not installed")
-        return Path(found.origin).parent / cfg.gguf_file
-    parts, dest = spec_and_dest(name)
-    return dest / parts.file
+    stage = build_graph(api.compose([f"model={name}", "model.dtype=bfloat16"])).instantiate().nodes["model"].stage
+    assert stage is not None  # the model node always has a stage
+    return stage
 
 
 def prompt_ids(tokenizer, tokens: int = PREFILL_TOKENS) -> list[int]:
@@ -90,18 +83,14 @@ def _llama_run(gguf: Path, ids: list[int], threads: int, tokens: int = DECODE_TO
 def _engine_rows(name: str, bandwidth: float) -> list[dict]:
     import torch
 
-    from pipeline import api
     from pipeline.engine import resources
-    from pipeline.engine.graph import build_graph
 
     resources.clear("model")
-    cfg = api.compose([f"model={name}", "model.dtype=bfloat16"])
-    stage = build_graph(cfg).instantiate().nodes["model"].stage
-    assert stage is not None  # the model node always has a stage
+    stage = model_stage(name)
     lm = stage.run()["lm"]
     ids = prompt_ids(lm.tokenizer)
     threads = torch.get_num_threads()
-    gguf = gguf_of(name)
+    gguf = stage.gguf_path()
     ours = _plain_generate(lm, ids)
     weights, kv = _bytes_per_token(lm, len(ids) + DECODE_TOKENS // 2)
     del lm

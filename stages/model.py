@@ -117,10 +117,14 @@ class FetchedGGUF(Stage):
 
     config: Config
 
+    def gguf_path(self) -> Path:
+        c = self.config
+        return verified_file(Path(c.cache_dir).expanduser(), c.file, c.size, c.sha256, c.name)
+
     def run(self) -> dict:
         c = self.config
         cache_dir = Path(c.cache_dir).expanduser()
-        path = verified_file(cache_dir, c.file, c.size, c.sha256, c.name)
+        path = self.gguf_path()
         set_threads(c.threads)
         quiet_torchao_import()
         device = pick_device(c.device)

@@ -10,9 +10,9 @@ NO_LLAMA_CPP = "llama-cpp-python is an optional extra (pip install -e '.[engines
 
 
 def test_smollm2_gguf_is_the_file_its_model_node_reads():
-    from bench.engines import gguf_of
+    from bench.engines import model_stage
 
-    path = gguf_of("smollm2")
+    path = model_stage("smollm2").gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.is_file() and path.read_bytes()[:4] == b"GGUF"
 
@@ -37,14 +37,13 @@ def test_without_llama_cpp_the_bench_is_one_row_that_says_how_to_install_it(monk
 def test_llama_cpp_greedy_tokens_follow_transformers_on_smollm2():
     pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
     from bench.decoding import _plain_generate
-    from bench.engines import _llama_run, gguf_of, prompt_ids
-    from pipeline import api
-    from pipeline.engine.graph import build_graph
+    from bench.engines import _llama_run, model_stage, prompt_ids
 
-    lm = build_graph(api.compose(["model=smollm2"])).instantiate().nodes["model"].stage.run()["lm"]
+    stage = model_stage("smollm2")
+    lm = stage.run()["lm"]
     ids = prompt_ids(lm.tokenizer, 200)
     ours = _plain_generate(lm, ids, tokens=8)
-    llama = _llama_run(gguf_of("smollm2"), ids, threads=2, tokens=8)
+    llama = _llama_run(stage.gguf_path(), ids, threads=2, tokens=8)
     # the same greedy start from the Q4 file and its bfloat16 conversion (the logits read are the last position's)
     assert llama["ids"][:4] == ours["ids"][:4]
     assert llama["prefill"] > 0 and llama["tps"] > 0

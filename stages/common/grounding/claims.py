@@ -92,14 +92,27 @@ def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ names
 
 
+# a program of more files reads its definitions as names are asked for (module values the index does not list as
+# symbols, such as `log = logging.getLogger(...)`, are then not found); up to it, every file once, up front
+EAGER_FILES = 2000
+
+
 class Catalog:
-    """The program's definitions by qualname and by last part (``get``, ``in``), read file by file on demand: only the
-    files whose index symbols carry the name are parsed (a 10,000-file tree's every file took minutes)."""
+    """The program's definitions by qualname and by last part (``get``, ``in``): every file read up front, or for a
+    program of more than EAGER_FILES files, only the files whose index symbols carry a name asked for (a 10,000-file
+    tree's every file took minutes)."""
 
     def __init__(self, index: ProgramIndex) -> None:
         self.index = index
-        self.paths: dict[str, list[str]] = index.derived("claims.symbol_paths", lambda: _symbol_paths(index))
         self.found: dict[str, list[DefinitionFacts]] = {}
+        self.paths: dict[str, list[str]] = {}  # name -> the files to read for it (lazy reading only)
+        if len(index.files) > EAGER_FILES:
+            self.paths = _symbol_paths(index)
+            return
+        for path in sorted(index.files):
+            for qualname, facts in definitions(index, path).items():
+                for key in {qualname, facts.name}:
+                    self.found.setdefault(key, []).append(facts)
 
     def get(self, name: str, default: list[DefinitionFacts] | None = None) -> list[DefinitionFacts]:
         if name not in self.found:
@@ -121,23 +134,9 @@ def _symbol_paths(index: ProgramIndex) -> dict[str, list[str]]:
     return {key: sorted(paths) for key, paths in out.items()}
 
 
-# a program of more files reads its definitions as names are asked for (module values the index does not list as
-# symbols, such as `log = logging.getLogger(...)`, are then not found); up to it, every file once, up front
-EAGER_FILES = 2000
-
-
 def catalog(index: ProgramIndex) -> Catalog:
     """Every definition of the program by qualname and by its last part, once per index."""
-    def build() -> Catalog:
-        found = Catalog(index)
-        if len(index.files) <= EAGER_FILES:
-            found.paths = {}
-            for path in sorted(index.files):
-                for qualname, facts in definitions(index, path).items():
-                    for key in {qualname, facts.name}:
-                        found.found.setdefault(key, []).append(facts)
-        return found
-    return index.derived("claims.catalog", build)
+    return index.derived("claims.catalog", lambda: Catalog(index))
 
 
 def _inside(facts: DefinitionFacts, spans: list[tuple[str, int, int]]) -> bool:

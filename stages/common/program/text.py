@@ -21,10 +21,15 @@ def split_identifier(word: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def words(text: str) -> list[str]:
+    """The identifiers and numbers of ``text``, as written: what `tokens` splits, one word at a time."""
+    return _WORD.findall(text)
+
+
 def tokens(text: str, keep_stop_words: bool = False) -> list[str]:
     """Lower-cased sub-tokens of every identifier/word in ``text`` (plus the whole identifier when split)."""
     out: list[str] = []
-    for word in _WORD.findall(text):
+    for word in words(text):
         parts = split_identifier(word)
         low = word.lower()
         if len(parts) > 1 and low.strip("_"):

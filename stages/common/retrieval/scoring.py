@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.engine.errors import ConfigError
-from stages.common.program.text import _WORD, tokens
+from stages.common.program.text import tokens, words
 from stages.common.types import ProgramIndex, Window
 
 FIELDS = ("name", "signature", "doc", "path", "text")
@@ -74,7 +74,7 @@ def stem(word: str) -> str:
 
 def terms(text: str) -> list[str]:
     # a compound is joined without underscores so that render_table and renderTable are one term
-    return [t for word in _WORD.findall(text) for t in _word_terms(word)]
+    return [t for word in words(text) for t in _word_terms(word)]
 
 
 @functools.lru_cache(maxsize=1 << 18)
