@@ -17,6 +17,7 @@ from pipeline.engine.stage import Range, RunContext, Stage
 from stages.common.adapters.lock import exclusive
 from stages.common.adapters.mixing import AdapterMix
 from stages.common.generation.generate import generate
+from stages.common.generation.llamacpp_generate import generate_llamacpp
 from stages.common.generation.settings import DecodeSettings
 from stages.common.types import Draft, LanguageModel, Prompt
 
@@ -48,6 +49,9 @@ class Decode(Stage):
     def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None,
             context: RunContext | None = None) -> dict:
         settings = self.for_prompt(prompt)
+        if settings.engine == "llamacpp":
+            draft = generate_llamacpp(lm, prompt, settings, adapter_mix is not None and adapter_mix.deltas > 0)
+            return {"draft": self._finished(draft, lm, prompt, [])}
         notes: list[str] = []
         reuse = self.config.reuse_prefill and context is not None and context.sweep
         try:
@@ -57,10 +61,13 @@ class Decode(Stage):
             log.warning(notes[-1])
             move_to_cpu(lm, adapter_mix)
             draft = generate(lm, prompt, settings, weights_key(lm, adapter_mix) if reuse else None)
+        return {"draft": self._finished(draft, lm, prompt, notes)}
+
+    @staticmethod
+    def _finished(draft: Draft, lm: LanguageModel, prompt: Prompt, notes: list[str]) -> Draft:
         prefill = prompt.prefill.strip()
-        return {"draft": dataclasses.replace(
-            draft, device=lm.device, attempt=prompt.attempt, notes=notes + draft.notes,
-            prefill_chars=len(prefill) if draft.text.startswith(prefill) else 0)}
+        return dataclasses.replace(draft, device=lm.device, attempt=prompt.attempt, notes=notes + draft.notes,
+                                   prefill_chars=len(prefill) if draft.text.startswith(prefill) else 0)
 
 
 class RetryDecode(Decode):

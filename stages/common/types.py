@@ -305,11 +305,12 @@ class LanguageModel:
     ``.model`` (graphs that only count tokens, such as retrieval, never read it)."""
 
     def __init__(self, model: Any, tokenizer: Any, model_id: str, device: str,
-                 loader: Callable[[], tuple[Any, str]] | None = None):
+                 loader: Callable[[], tuple[Any, str]] | None = None, gguf: Path | None = None):
         if model is None and loader is None:
             raise ValueError("LanguageModel needs a model or a loader")
         self._model, self._loader, self._lock = model, loader, threading.Lock()
         self.tokenizer, self.model_id, self.device = tokenizer, model_id, device
+        self.gguf = gguf  # the GGUF file the weights came from (decode.engine=llamacpp reads it); None: not one
 
     @property
     def model(self) -> Any:

@@ -187,6 +187,7 @@ class AdapterMix:
         self.norms: dict[tuple[int, str], float] | None = None  # of the unmixed weights, read under the lock
         self.settings: MixSettings | None = None
         self.weights_key: str | None = None  # digest of the deltas in the model (None while nothing is mixed)
+        self.deltas = 0  # how many deltas the model holds (0 while nothing is mixed, or an empty adapter is)
         # never forgotten: a mix dropped without restore() puts the weights back and frees the model when collected
         weakref.finalize(self, _abandon, self.handle, self.lease)
 
@@ -200,9 +201,9 @@ class AdapterMix:
             if self.norms is None:
                 self.norms = weight_norms(self.tmap)
             deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
-            self.weights_key = None
+            self.weights_key, self.deltas = None, 0
             self.handle.apply(deltas)
-            self.weights_key = deltas_digest(deltas, self.handle.mode)
+            self.weights_key, self.deltas = deltas_digest(deltas, self.handle.mode), len(deltas)
         finally:
             if not self.handle.active:  # nothing of ours is in the model: let the next answer in
                 self.lease.give_back()
@@ -218,7 +219,7 @@ class AdapterMix:
 
     def restore(self) -> None:
         """Put every weight back bit for bit, then release the model to the next answer."""
-        self.weights_key = None
+        self.weights_key, self.deltas = None, 0
         try:
             self.handle.restore()
         finally:

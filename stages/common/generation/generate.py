@@ -64,11 +64,8 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     stops = StoppingCriteriaList()
-    reply_stop = None
-    if (settings.max_paragraphs or settings.max_sentences or settings.stop_at_repeated_line
-            or settings.stop_at_repeated_words):
-        reply_stop = ReplyStop(token_texts(tok), len(ids), settings.max_paragraphs, settings.stop_at_repeated_line,
-                               prompt.prefill + lead, settings.stop_at_repeated_words, settings.max_sentences)
+    reply_stop = make_reply_stop(tok, ids, settings, prompt.prefill + lead)
+    if reply_stop is not None:
         stops.append(reply_stop)
     try:
         with torch.no_grad():
@@ -89,21 +86,44 @@ def generate(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, reuse:
     seconds = time.perf_counter() - started
     if grounding is not None:
         grounding.update(output)
-    new = output[0, input_ids.shape[1]:]
-    text = prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)
+    return finish(lm, prompt, settings, len(ids), output[0, input_ids.shape[1]:].tolist(), prompt.prefill + lead,
+                  seconds, (clock.first - started) if clock.first else seconds, record, grounding, reply_stop)
+
+
+def make_reply_stop(tok: Any, ids: list[int], settings: DecodeSettings, before: str) -> ReplyStop | None:
+    """Where the reply ends (stops.py), or None when no stop is set; ``before`` is the reply the prompt holds."""
+    if not (settings.max_paragraphs or settings.max_sentences or settings.stop_at_repeated_line
+            or settings.stop_at_repeated_words):
+        return None
+    return ReplyStop(token_texts(tok), len(ids), settings.max_paragraphs, settings.stop_at_repeated_line, before,
+                     settings.stop_at_repeated_words, settings.max_sentences)
+
+
+def finish(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, prompt_tokens: int, new: list[int],
+           before: str, seconds: float, prefill_seconds: float, record: dict[str, Any], grounding: Any,
+           reply_stop: ReplyStop | None) -> Draft:
+    """The draft of a finished decode: ``before`` (prefill and lead) and the new tokens' text, loops and sentences
+    past the limit dropped, whether it ran into max_new_tokens, and what the constraints did."""
+    tok = lm.tokenizer
+    text = before + tok.decode(new, skip_special_tokens=True)
     if settings.stop_at_repeated_line:
         text = drop_repeated_lines(text)
     if settings.stop_at_repeated_words:
         text = drop_repeated_words(text, settings.stop_at_repeated_words)
     if settings.max_sentences:  # the token that ended the last sentence may have begun the next one
         text = keep_sentences(text, settings.max_sentences)
-    ended = (reply_stop is not None and reply_stop.done) or (len(new) > 0 and int(new[-1]) in _ids(tok.eos_token_id))
-    return Draft(text.strip(), int(input_ids.shape[1]), int(new.shape[0]), seconds, lm.device, attempt=prompt.attempt,
-                 prefill_seconds=(clock.first - started) if clock.first else seconds, lead=record,
+    ended = (reply_stop is not None and reply_stop.done) or (len(new) > 0 and new[-1] in eos_ids(tok))
+    return Draft(text.strip(), prompt_tokens, len(new), seconds, lm.device, attempt=prompt.attempt,
+                 prefill_seconds=prefill_seconds, lead=record,
                  constrained_citations=grounding.completed(CITATION_OPENER) if grounding else 0,
                  constrained_names=grounding.completed(CODE_OPENER) if grounding else 0,
                  steered_quotes=grounding.quotes.steered if grounding and grounding.quotes else 0,
                  cut_at=settings.max_new_tokens if len(new) >= settings.max_new_tokens and not ended else None)
+
+
+def eos_ids(tok: Any) -> set[int]:
+    """The tokenizer's end-of-text ids (one, several or none)."""
+    return _ids(tok.eos_token_id)
 
 
 def _ids(token: int | list[int] | None) -> set[int]:

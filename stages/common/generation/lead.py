@@ -25,9 +25,8 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: Dec
     scores are kept for the next job of a sweep that asks the same model, mixed the same way, with the same prompt
     (jobs that differ only in how they decode): it gets a copy of the cache and pays no prefill."""
     tok = lm.tokenizer
-    names = [LeadChoice.parse(choice).label for choice in prompt.lead]  # "`qualname`"
-    name_ids = encode_texts(tok, names)
-    neutral_ids = prompt.neutral_ids + ids[len(prompt.ids):] if settings.lead_calibrate and prompt.neutral_ids else []
+    name_ids = lead_names(prompt, tok)
+    neutral_ids = neutral_prompt(prompt, ids, settings)
     computed = []
 
     def encode_and_score():
@@ -41,17 +40,33 @@ def choose_lead(lm: LanguageModel, prompt: Prompt, ids: list[int], settings: Dec
         # two entries: a job whose retry runs (other weights, another prompt) must not evict its first attempt's
         kept, scores = resources.shared("prompt-prefill", key, encode_and_score, keep=2)
         cache = copy.deepcopy(kept)  # decoding extends the cache it is given
+    chosen, record = pick_lead(prompt, scores, settings)
+    record["prefill_reused"] = not computed
+    return chosen, encode_text(tok, chosen), cache, record
+
+
+def pick_lead(prompt: Prompt, scores: list[float], settings: DecodeSettings) -> tuple[str, dict[str, Any]]:
+    """The lead choice with the best total (its model score, the window prior, the `leadsim` bonus) and a record."""
     ranks = prompt.lead_rank or [0] * len(prompt.lead)
     bonus = prompt.lead_bonus or [0.0] * len(prompt.lead)
     total = [score - settings.lead_prior * rank + extra for score, rank, extra in zip(scores, ranks, bonus)]
     best = max(range(len(total)), key=lambda i: (total[i], -i))
     chosen = prompt.lead[best]
     runner_up = max((t for i, t in enumerate(total) if i != best), default=None)
-    record = {"lead": chosen, "lead_score": round(total[best], 4), "lead_choices": len(prompt.lead),
-              "lead_window": ranks[best], "prefill_reused": not computed,
-              # the chosen score over the runner-up's (the badge's confidence); None: one choice only
-              "lead_margin": round(total[best] - runner_up, 4) if runner_up is not None else None}
-    return chosen, encode_text(tok, chosen), cache, record
+    return chosen, {"lead": chosen, "lead_score": round(total[best], 4), "lead_choices": len(prompt.lead),
+                    "lead_window": ranks[best],
+                    # the chosen score over the runner-up's (the badge's confidence); None: one choice only
+                    "lead_margin": round(total[best] - runner_up, 4) if runner_up is not None else None}
+
+
+def lead_names(prompt: Prompt, tok: Any) -> list[list[int]]:
+    """Each lead choice's name (`` `qualname` ``) in token ids: what the likelihood scores."""
+    return encode_texts(tok, [LeadChoice.parse(choice).label for choice in prompt.lead])
+
+
+def neutral_prompt(prompt: Prompt, ids: list[int], settings: DecodeSettings) -> list[int]:
+    """The prompt with the neutral question and the same reply prefix (`lead_calibrate`); [] when not calibrating."""
+    return prompt.neutral_ids + ids[len(prompt.ids):] if settings.lead_calibrate and prompt.neutral_ids else []
 
 
 def _encode_and_score(model, ids: list[int], neutral_ids: list[int], name_ids: list[list[int]],

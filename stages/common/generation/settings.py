@@ -13,6 +13,7 @@ import dataclasses
 from typing import Annotated, Literal
 
 from pipeline.engine.stage import Range
+from stages.common.models.requantize import EngineWeights
 
 Constraint = Literal["lead", "citations", "code", "prose", "quotes", "labels"]
 
@@ -45,3 +46,9 @@ class DecodeSettings:
     max_citation_run: Annotated[int, Range(ge=1)] | None = 1  # citations in a row, only whitespace between
     seed: int = 0
     prefill_chunk: Annotated[int, Range(ge=1)] | None = None  # prompt tokens per forward (None: all at once)
+    # who computes the logits: transformers (the loaded model, adapter mixed in) or llama.cpp (the model's GGUF, no
+    # adapter; generation/llamacpp_generate.py); our processors, lead choice and stops run on both
+    engine: Literal["transformers", "llamacpp"] = "transformers"
+    # the file llama.cpp reads: the GGUF as fetched, or a copy in one type (models/requantize.py says why)
+    engine_weights: EngineWeights = "gguf"
+    engine_cache: str | None = None  # where such copies are kept (conf: the model cache)

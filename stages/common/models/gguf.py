@@ -48,7 +48,7 @@ def gguf_on_demand(gguf_path: Path, cache_dir: Path | None, dtype: str, device: 
         lm = load_gguf_converted(gguf_path, cache_dir, dtype, device, device_map, model_id, quantize, attention)
         return lm.model, lm.device
 
-    return on_demand(gguf_tokenizer(gguf_path, cache_dir), model_id, device, load)
+    return on_demand(gguf_tokenizer(gguf_path, cache_dir), model_id, device, load, gguf_path)
 
 
 def load_gguf_converted(gguf_path: Path, cache_dir: Path | None, dtype: str, device: str, device_map: str | None,

@@ -58,9 +58,10 @@ def finish(model, tokenizer, model_id: str, device: str, device_map: str | None,
     return LanguageModel(model, padded(tokenizer), model_id, where)
 
 
-def on_demand(tokenizer, model_id: str, device: str, load_model: Callable[[], tuple[Any, str]]) -> LanguageModel:
+def on_demand(tokenizer, model_id: str, device: str, load_model: Callable[[], tuple[Any, str]],
+              gguf: Path | None = None) -> LanguageModel:
     """A LanguageModel with its tokenizer now and its weights at the first read of ``.model``."""
-    return LanguageModel(None, padded(tokenizer), model_id, device, loader=load_model)
+    return LanguageModel(None, padded(tokenizer), model_id, device, loader=load_model, gguf=gguf)
 
 
 def shared_lm(key: tuple, factory: Callable[[], LanguageModel], weights: str) -> LanguageModel:
