@@ -174,13 +174,20 @@ def test_answers_through_llama_cpp_keep_every_constraint_and_the_lead_transforme
 
 
 def test_the_streamed_text_is_the_draft(smollm2_gguf):
-    """The console gets the prefill, the lead and every new token: what the draft holds before its checks."""
+    """The console gets the prefill, the lead and every new token: what the draft holds before its checks; the
+    transformers weights are never read."""
     import io
 
     from pipeline.engine import resources
     from stages.common.generation import llamacpp_generate
+    from stages.common.types import LanguageModel
 
-    lm = _smollm2_on_demand().run()["lm"]
+    loaded = _smollm2_on_demand().run()["lm"]
+
+    def never():
+        raise AssertionError("llama.cpp decodes: the transformers weights must not be read")
+
+    lm = LanguageModel(None, loaded.tokenizer, loaded.model_id, "cpu", loader=never, gguf=loaded.gguf)
     sink = io.StringIO()
     resources.put("console", "stream", sink)
     try:
@@ -194,4 +201,3 @@ def test_the_streamed_text_is_the_draft(smollm2_gguf):
         resources.clear("console")
     streamed = sink.getvalue().split("──\n", 1)[1]
     assert draft.generated_tokens == 12 and streamed.strip() == draft.text
-    assert not lm.weights_loaded  # llama.cpp decoded: the transformers weights were never read

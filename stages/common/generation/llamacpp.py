@@ -40,11 +40,10 @@ class LlamaCppEngine:
         import numpy as np
 
         llama_cpp = require_llama_cpp()
-        import llama_cpp._logger
-        from llama_cpp import _internals
+        from llama_cpp import _internals, _logger
 
         llama_cpp.llama_backend_init()  # idempotent; the Llama class does the same once per process
-        llama_cpp._logger.set_verbose(False)  # llama.cpp logs every context it makes to stderr otherwise
+        _logger.set_verbose(False)  # llama.cpp logs every context it makes to stderr otherwise
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
         self.model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)

@@ -57,7 +57,7 @@ def _decode(engine: LlamaCppEngine, lm: LanguageModel, prompt: Prompt, settings:
 
     tok = lm.tokenizer
     started, ran = time.perf_counter(), engine.ran
-    lead, record = "", {}
+    lead, record = "", dict[str, Any]()
     if names:
         neutral = neutral_prompt(prompt, ids, settings)
         calibration = [0.0] * len(names)

@@ -50,9 +50,9 @@ def _is_gguf(path: Path) -> bool:
 def _quantize(gguf: Path, out: Path, ftype: int) -> None:
     """llama.cpp writes the copy beside its final name; only a complete file is renamed into place."""
     import llama_cpp
-    import llama_cpp._logger
+    from llama_cpp import _logger
 
-    llama_cpp._logger.set_verbose(False)  # its per-tensor log lines would bury the CLI's output
+    _logger.set_verbose(False)  # its per-tensor log lines would bury the CLI's output
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     log.info("writing %s once (llama.cpp's weights for decode.engine=llamacpp; seconds to a minute)", out.name)
