@@ -10,12 +10,14 @@ from pathlib import Path
 from bench.decoding import DECODE_TOKENS, _bytes_per_token, _copy_bandwidth, _not_fetched, _plain_generate
 from bench.harness import row
 from pipeline import PROJECT_ROOT
+from stages.common.models.requantize import engine_file
 
 ENGINE_MODELS = ("smollm2", "qwen_coder_0_5b", "qwen_coder_1_5b")
 PREFILL_TOKENS = 2000
 # llama.cpp's batch sizes: the prompt is evaluated n_batch tokens a call, in micro-batches of n_ubatch
 LLAMA_BATCH = 2048
 LLAMA_UBATCH = 512
+ENGINE_WEIGHTS = ("gguf", "bf16", "q8_0", "q4_0")  # decode.engine_weights
 
 
 def engines(names: Sequence[str] = ENGINE_MODELS) -> list[dict]:
@@ -95,22 +97,27 @@ def _engine_rows(name: str, bandwidth: float) -> list[dict]:
     weights, kv = _bytes_per_token(lm, len(ids) + DECODE_TOKENS // 2)
     del lm
     resources.clear("model")
-    llama = _llama_run(gguf, ids, threads)
-    # llama.cpp reads the quantised file's bytes per token (every tensor once) plus its KV cache (float16: as bfloat16's)
-    llama_floor = bandwidth / (gguf.stat().st_size + kv)
     tf_floor = bandwidth / (weights + kv)
-    same = sum(a == b for a, b in zip(ours["ids"], llama["ids"]))
-    prefill_tf, prefill_llama = len(ids) / ours["prefill"], len(ids) / llama["prefill"]
     common = (f"{len(ids)}-token prompt, {DECODE_TOKENS} greedy tokens, {threads} threads each, one run each; "
               f"llama.cpp n_batch {LLAMA_BATCH}, n_ubatch {LLAMA_UBATCH}")
-    return [
-        row(f"prefill tokens/s ({name}): llama.cpp Q4 vs transformers bfloat16", prefill_llama, prefill_tf,
-            prefill_llama / prefill_tf, "report", True, "tokens/s",
-            f"{common}; {ours['prefill']:.1f} s vs {llama['prefill']:.1f} s"),
-        row(f"decode tokens/s ({name}): llama.cpp Q4 vs transformers bfloat16", llama["tps"], ours["tps"],
-            llama["tps"] / ours["tps"], ">= 0.5 of its floor", llama["tps"] >= 0.5 * llama_floor, "tokens/s",
-            f"{common}; floors {llama_floor:.0f} tokens/s (GGUF {gguf.stat().st_size / 2**20:.0f} MiB) and "
-            f"{tf_floor:.0f} (bfloat16 {weights / 2**20:.0f} MiB), copy bandwidth {bandwidth / 1e9:.1f} GB/s: llama.cpp "
-            f"at {llama['tps'] / llama_floor:.0%}, transformers at {ours['tps'] / tf_floor:.0%}; the first "
-            f"{DECODE_TOKENS} greedy tokens agree on {same} (Q4 weights vs their bfloat16 conversion)"),
-    ]
+    rows = []
+    for kind in ENGINE_WEIGHTS:  # the file as fetched, then the copies decode.engine_weights can make
+        path = engine_file(gguf, kind, Path(stage.config.cache_dir).expanduser()) if stage.config.cache_dir else gguf
+        label = "Q4" if kind == "gguf" else f"{kind} copy"
+        llama = _llama_run(path, ids, threads)
+        # llama.cpp reads the file's bytes per token (every tensor once) plus its KV cache (float16: as bfloat16's)
+        llama_floor = bandwidth / (path.stat().st_size + kv)
+        same = sum(a == b for a, b in zip(ours["ids"], llama["ids"]))
+        prefill_tf, prefill_llama = len(ids) / ours["prefill"], len(ids) / llama["prefill"]
+        rows += [
+            row(f"prefill tokens/s ({name}): llama.cpp {label} vs transformers bfloat16", prefill_llama, prefill_tf,
+                prefill_llama / prefill_tf, "report", True, "tokens/s",
+                f"{common}; {ours['prefill']:.1f} s vs {llama['prefill']:.1f} s"),
+            row(f"decode tokens/s ({name}): llama.cpp {label} vs transformers bfloat16", llama["tps"], ours["tps"],
+                llama["tps"] / ours["tps"], ">= 0.5 of its floor", llama["tps"] >= 0.5 * llama_floor, "tokens/s",
+                f"{common}; floors {llama_floor:.0f} tokens/s ({path.name}, {path.stat().st_size / 2**20:.0f} MiB) "
+                f"and {tf_floor:.0f} (bfloat16 {weights / 2**20:.0f} MiB), copy bandwidth {bandwidth / 1e9:.1f} GB/s: "
+                f"llama.cpp at {llama['tps'] / llama_floor:.0%}, transformers at {ours['tps'] / tf_floor:.0%}; the "
+                f"first {DECODE_TOKENS} greedy tokens agree on {same} (llama.cpp's weights vs the bfloat16 conversion)"),
+        ]
+    return rows

@@ -263,6 +263,7 @@ KNOBS = (
     ('prompt="<question>"', "the question as you would say it; required unless program_root is this project"),
     ("decode.max_new_tokens=<n>", "the longest answer in tokens (default {default}); lower it on a slow machine"),
     ("model={options}", "the model; hf model.id=<folder or .gguf> for your own"),
+    ("decode.engine=llamacpp", "llama.cpp decodes (faster; with synth=none; ./setup.sh --engines builds it)"),
     ("select={options}", "how evidence is chosen (zoom: select.zoom_symbol=<name>)"),
     ("pack.context_tokens=<n>", "tokens of evidence shown to the model (default {default})"),
     ("synth={options}", "the adapter made from the program's text (fitted: trained, slower)"),

@@ -201,3 +201,15 @@ def test_the_streamed_text_is_the_draft(smollm2_gguf):
         resources.clear("console")
     streamed = sink.getvalue().split("──\n", 1)[1]
     assert draft.generated_tokens == 12 and streamed.strip() == draft.text
+
+
+def test_a_file_that_is_not_a_gguf_is_one_line(smollm2_gguf, tmp_path, capfd):
+    from stages.common.generation.llamacpp import LlamaCppEngine
+
+    broken = tmp_path / "model.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)  # the magic, then nothing llama.cpp can read
+    for path, message in ((tmp_path / "notes.txt", "is not a GGUF file"), (broken, "llama.cpp could not load")):
+        path.touch()
+        with pytest.raises(InputError, match=message):
+            LlamaCppEngine(path, 512, 1)
+    assert capfd.readouterr().err == ""  # llama.cpp's log lines go to our debug log, not to stderr

@@ -9,18 +9,23 @@ log-probabilities of candidate continuations, then removes them from the cache a
 """
 from __future__ import annotations
 
+import functools
+import logging
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 from pipeline.engine import resources
 from pipeline.engine.errors import ConfigError, InputError
+from stages.common.models.requantize import is_gguf
 
 BATCH = 2048  # prompt tokens per llama_decode call (the bench measured no gain from larger micro-batches)
 UBATCH = 512
 SEQUENCES = 32  # the prompt's sequence and up to 31 candidates scored in one llama_decode
 MIN_CONTEXT = 4096  # a default answer fits: evidence, question and reply (conf/config.yaml max_question_tokens)
 _LOADING = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def require_llama_cpp() -> Any:
@@ -40,13 +45,15 @@ class LlamaCppEngine:
         import numpy as np
 
         llama_cpp = require_llama_cpp()
-        from llama_cpp import _internals, _logger
+        from llama_cpp import _internals
 
         llama_cpp.llama_backend_init()  # idempotent; the Llama class does the same once per process
-        _logger.set_verbose(False)  # llama.cpp logs every context it makes to stderr otherwise
+        quiet_logs()
+        if not is_gguf(path):
+            raise InputError(f"'{path}' is not a GGUF file")
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
-        self.model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        self.model = _LoadedModel(llama_cpp, path, model_params)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, BATCH, UBATCH
         params.n_threads = params.n_threads_batch = threads
@@ -55,7 +62,7 @@ class LlamaCppEngine:
         params.n_seq_max, params.kv_unified = SEQUENCES, True
         self.context = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         self.batch = _internals.LlamaBatch(n_tokens=BATCH, embd=0, n_seq_max=1, verbose=False)
-        self.path, self.n_ctx, self.vocab = path, n_ctx, self.model.n_vocab()
+        self.path, self.n_ctx, self.vocab = path, n_ctx, self.model.vocab_size
         self.tokens: list[int] = []  # the ids the KV cache holds, in order
         self.next_logits: Any = None  # float32 logits after ``tokens`` (a copy)
         self.lock = threading.Lock()
@@ -137,6 +144,35 @@ class LlamaCppEngine:
             for seq in range(1, len(fed) + 1):
                 self.context.kv_cache_seq_rm(seq, -1, -1)
         return starts
+
+
+class _LoadedModel:
+    """A llama_model, freed when collected (llama-cpp-python's LlamaModel prints a traceback when its load fails);
+    `LlamaContext` reads only its ``model`` pointer and keeps it alive."""
+
+    def __init__(self, llama_cpp: Any, path: Path, params: Any):
+        pointer = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if pointer is None:
+            raise InputError(f"llama.cpp could not load '{path}' (not a model it can read)")
+        self.model = pointer
+        weakref.finalize(self, llama_cpp.llama_model_free, pointer)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(pointer)))
+
+
+@functools.cache
+def quiet_logs() -> Any:
+    """llama.cpp's log lines go to our logger at debug level (`-v` shows them), not to stderr: llama-cpp-python's own
+    callback maps ggml's log levels of an older release and prints warnings as errors. Failures still raise."""
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def to_debug_log(level: int, text: bytes, user_data: Any) -> None:
+        log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+    llama_cpp.llama_log_set(to_debug_log, ctypes.c_void_p(0))
+    return to_debug_log  # cached: llama.cpp calls it for the life of the process
 
 
 def _log_softmax(np: Any, logits: Any) -> Any:

@@ -38,8 +38,10 @@ def generate_llamacpp(lm: LanguageModel, prompt: Prompt, settings: DecodeSetting
     ids = (prompt.ids or encode_text(tok, prompt.text)) + encode_text(tok, prompt.prefill)
     use_lead = "lead" in settings.constrain and bool(prompt.lead)
     names = lead_names(prompt, tok) if use_lead and settings.lead == "likelihood" else []
-    needed = max(len(ids), len(neutral_prompt(prompt, ids, settings))) + max(map(len, names), default=0) \
-        + settings.max_new_tokens + 1
+    leads = [len(encode_text(tok, choice)) for choice in prompt.lead] if use_lead else []
+    # the positions the longest of: the neutral prompt and a name, the prompt and a name, the prompt, lead and reply
+    needed = max(len(neutral_prompt(prompt, ids, settings)) + max(map(len, names), default=0),
+                 len(ids) + max(max(map(len, names), default=0), max(leads, default=0) + settings.max_new_tokens)) + 1
     if settings.engine_weights != "gguf" and not settings.engine_cache:
         raise ConfigError(f"decode.engine_weights={settings.engine_weights} needs decode.engine_cache (a folder)")
     path = engine_file(lm.gguf, settings.engine_weights, Path(settings.engine_cache or "."))

@@ -32,7 +32,7 @@ def engine_file(gguf: Path, weights: EngineWeights, cache_dir: Path) -> Path:
     st = gguf.stat()
     out = cache_dir / f"{gguf.stem}.{weights}-{fingerprint([gguf.name, st.st_size, st.st_mtime_ns], 12)}.gguf"
     with _WRITING:
-        if _is_gguf(out):
+        if is_gguf(out):
             return out
         if out.exists():
             log.warning("the %s copy '%s' is not a GGUF file; making it again", weights, out)
@@ -40,7 +40,8 @@ def engine_file(gguf: Path, weights: EngineWeights, cache_dir: Path) -> Path:
     return out
 
 
-def _is_gguf(path: Path) -> bool:
+def is_gguf(path: Path) -> bool:
+    """A file that starts as a GGUF does (a half-written or foreign file does not)."""
     if not path.is_file():
         return False
     with path.open("rb") as f:
@@ -50,9 +51,10 @@ def _is_gguf(path: Path) -> bool:
 def _quantize(gguf: Path, out: Path, ftype: int) -> None:
     """llama.cpp writes the copy beside its final name; only a complete file is renamed into place."""
     import llama_cpp
-    from llama_cpp import _logger
 
-    _logger.set_verbose(False)  # its per-tensor log lines would bury the CLI's output
+    from stages.common.generation.llamacpp import quiet_logs
+
+    quiet_logs()  # its per-tensor log lines would bury the CLI's output
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     log.info("writing %s once (llama.cpp's weights for decode.engine=llamacpp; seconds to a minute)", out.name)
@@ -60,7 +62,7 @@ def _quantize(gguf: Path, out: Path, ftype: int) -> None:
     params.ftype, params.allow_requantize, params.nthread = ftype, True, os.cpu_count() or 1
     try:
         code = llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), params)
-        if code != 0 or not _is_gguf(partial):
+        if code != 0 or not is_gguf(partial):
             raise InputError(f"llama.cpp could not write '{out.name}' from '{gguf.name}' (llama_model_quantize "
                              f"returned {code})")
         os.replace(partial, out)
