@@ -63,6 +63,9 @@ def _llama_run(gguf: Path, ids: list[int], threads: int, tokens: int = DECODE_TO
     import numpy as np
     from llama_cpp import Llama, llama_get_logits_ith
 
+    from stages.common.generation.llamacpp import quiet_logs
+
+    quiet_logs()  # llama.cpp's context lines to the debug log, as in an answer
     llm = Llama(model_path=str(gguf), n_ctx=len(ids) + tokens + 16, n_threads=threads, n_threads_batch=threads,
                 n_batch=LLAMA_BATCH, n_ubatch=LLAMA_UBATCH, verbose=False)
     try:
