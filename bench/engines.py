@@ -10,14 +10,14 @@ from pathlib import Path
 from bench.decoding import DECODE_TOKENS, _bytes_per_token, _copy_bandwidth, _not_fetched, _plain_generate
 from bench.harness import row
 from pipeline import PROJECT_ROOT
-from stages.common.models.requantize import engine_file
+from stages.common.models.requantize import EngineWeights, engine_file
 
 ENGINE_MODELS = ("smollm2", "qwen_coder_0_5b", "qwen_coder_1_5b")
 PREFILL_TOKENS = 2000
 # llama.cpp's batch sizes: the prompt is evaluated n_batch tokens a call, in micro-batches of n_ubatch
 LLAMA_BATCH = 2048
 LLAMA_UBATCH = 512
-ENGINE_WEIGHTS = ("gguf", "bf16", "q8_0", "q4_0")  # decode.engine_weights
+ENGINE_WEIGHTS: tuple[EngineWeights, ...] = ("gguf", "bf16", "q8_0", "q4_0")  # decode.engine_weights
 
 
 def engines(names: Sequence[str] = ENGINE_MODELS) -> list[dict]:

@@ -14,7 +14,7 @@ import logging
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline.engine import resources
 from pipeline.engine.errors import ConfigError, InputError
@@ -60,7 +60,8 @@ class LlamaCppEngine:
         params.no_perf = True
         # candidates are scored side by side as sequences sharing the prompt's cells (one cache: kv_unified)
         params.n_seq_max, params.kv_unified = SEQUENCES, True
-        self.context = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        # LlamaContext reads only the model's pointer: our holder stands in for llama-cpp-python's LlamaModel
+        self.context = _internals.LlamaContext(model=cast(Any, self.model), params=params, verbose=False)
         self.batch = _internals.LlamaBatch(n_tokens=BATCH, embd=0, n_seq_max=1, verbose=False)
         self.path, self.n_ctx, self.vocab = path, n_ctx, self.model.vocab_size
         self.tokens: list[int] = []  # the ids the KV cache holds, in order
