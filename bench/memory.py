@@ -71,5 +71,11 @@ def peak_rss(extra: Sequence[str] = ()) -> list[dict]:
 
 
 def peak_rss_rows() -> list[dict]:
-    # the default (bfloat16, merge in place), the float32 + hooks default before it, and bfloat16 with hooks
-    return [*peak_rss(), *peak_rss(["model.dtype=float32", "mix.mode=hooks"]), *peak_rss(["mix.mode=hooks"])]
+    # the default (bfloat16, merge in place), the float32 + hooks default before it, bfloat16 with hooks, and llama.cpp
+    # decoding (its mapped GGUF comes on top of the transformers weights, which are still loaded: not in the floor)
+    rows = [*peak_rss(), *peak_rss(["model.dtype=float32", "mix.mode=hooks"]), *peak_rss(["mix.mode=hooks"])]
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return rows  # without the engines extra there is no llama.cpp row to measure
+    return rows + peak_rss(["synth=none", "decode.engine=llamacpp"])
