@@ -4,6 +4,9 @@
 tokens. How a reply is decoded (sampling, the grounding constraints, the lead choice, where the reply ends) is
 `DecodeSettings` in stages/common/generation/settings.py, and the loop is stages/common/generation/generate.py.
 
+With `engine=llamacpp` llama.cpp computes the logits from the model's GGUF and the rest of the loop is the same
+(stages/common/generation/llamacpp_generate.py); it refuses an adapter in the model in one line.
+
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
 """
@@ -51,7 +54,7 @@ class Decode(Stage):
         settings = self.for_prompt(prompt)
         if settings.engine == "llamacpp":
             draft = generate_llamacpp(lm, prompt, settings, adapter_mix is not None and adapter_mix.deltas > 0)
-            return {"draft": self._finished(draft, lm, prompt, [])}
+            return {"draft": self._finished(draft, "cpu", prompt, [])}  # llama.cpp runs on the CPU here
         notes: list[str] = []
         reuse = self.config.reuse_prefill and context is not None and context.sweep
         try:
@@ -61,12 +64,12 @@ class Decode(Stage):
             log.warning(notes[-1])
             move_to_cpu(lm, adapter_mix)
             draft = generate(lm, prompt, settings, weights_key(lm, adapter_mix) if reuse else None)
-        return {"draft": self._finished(draft, lm, prompt, notes)}
+        return {"draft": self._finished(draft, lm.device, prompt, notes)}
 
     @staticmethod
-    def _finished(draft: Draft, lm: LanguageModel, prompt: Prompt, notes: list[str]) -> Draft:
+    def _finished(draft: Draft, device: str, prompt: Prompt, notes: list[str]) -> Draft:
         prefill = prompt.prefill.strip()
-        return dataclasses.replace(draft, device=lm.device, attempt=prompt.attempt, notes=notes + draft.notes,
+        return dataclasses.replace(draft, device=device, attempt=prompt.attempt, notes=notes + draft.notes,
                                    prefill_chars=len(prefill) if draft.text.startswith(prefill) else 0)
 
 

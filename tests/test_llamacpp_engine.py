@@ -213,3 +213,29 @@ def test_a_file_that_is_not_a_gguf_is_one_line(smollm2_gguf, tmp_path, capfd):
         with pytest.raises(InputError, match=message):
             LlamaCppEngine(path, 512, 1)
     assert capfd.readouterr().err == ""  # llama.cpp's log lines go to our debug log, not to stderr
+
+
+def test_ctrl_c_while_decoding_keeps_the_partial_draft(smollm2_gguf, monkeypatch):
+    from stages.common.generation import llamacpp_generate
+    from stages.common.generation.generate import DecodeInterrupted
+    from stages.common.generation.llamacpp import LlamaCppEngine
+
+    lm = _smollm2_on_demand().run()["lm"]
+    ids = lm.tokenizer("def add(a, b):\n    return a + b\n\nThe function add", add_special_tokens=False)["input_ids"]
+    real, calls = LlamaCppEngine.advance, []
+
+    def advance(self, tokens):
+        calls.append(len(tokens))
+        if len(calls) == 5:  # the prompt, then one call after each new token: Ctrl-C after the fourth
+            raise KeyboardInterrupt
+        return real(self, tokens)
+
+    monkeypatch.setattr(LlamaCppEngine, "advance", advance)
+    settings = dataclasses.replace(SETTINGS, max_new_tokens=12, min_new_tokens=12, constrain=())
+    with pytest.raises(DecodeInterrupted) as caught:
+        llamacpp_generate.generate_llamacpp(lm, Prompt(messages=[], text="", ids=ids), settings)
+    draft = caught.value.draft
+    assert draft.generated_tokens == 4 and draft.text and "interrupted (Ctrl-C)" in draft.notes[0]
+    monkeypatch.undo()
+    engine = llamacpp_generate.shared_engine(lm.gguf, 1024)
+    assert engine.advance(ids) is not None and engine.tokens == ids  # the cache is usable again

@@ -102,7 +102,7 @@ def _decode(engine: LlamaCppEngine, lm: LanguageModel, prompt: Prompt, settings:
         traceback.clear_frames(err.__traceback__)
         raise DecodeInterrupted(Draft(
             (prompt.prefill + lead + tok.decode(new, skip_special_tokens=True)).strip(), len(ids), len(new),
-            time.perf_counter() - started, lm.device, attempt=prompt.attempt, prefill_seconds=prefill_seconds,
+            time.perf_counter() - started, "cpu", attempt=prompt.attempt, prefill_seconds=prefill_seconds,
             lead=record, notes=[f"interrupted (Ctrl-C) after {len(new)} new tokens: the draft is partial and unchecked"],
         )) from err
     finally:
