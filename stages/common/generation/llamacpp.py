@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from pipeline.engine import resources
 from pipeline.engine.errors import ConfigError, InputError
+from stages.common.generation.continuations import common_prefix
 from stages.common.models.requantize import is_gguf
 
 BATCH = 2048  # prompt tokens per llama_decode call (the bench measured no gain from larger micro-batches)
@@ -92,7 +93,7 @@ class LlamaCppEngine:
             raise ValueError("advance: no tokens")
         if ids == self.tokens and self.next_logits is not None:
             return self.next_logits
-        keep = min(_common_prefix(self.tokens, ids), len(ids) - 1)  # the last token runs again for its logits
+        keep = min(common_prefix(self.tokens, ids), len(ids) - 1)  # the last token runs again for its logits
         self.context.kv_cache_seq_rm(0, keep, -1)
         self.tokens, self.next_logits = list(ids[:keep]), None
         for at in range(keep, len(ids), BATCH):
@@ -179,15 +180,6 @@ def quiet_logs() -> Any:
 def _log_softmax(np: Any, logits: Any) -> Any:
     top = logits.max()
     return logits - (top + np.log(np.exp(logits - top).sum()))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def shared_engine(path: Path, needed: int, threads: int = 0) -> LlamaCppEngine:

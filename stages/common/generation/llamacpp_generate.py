@@ -50,11 +50,11 @@ def generate_llamacpp(lm: LanguageModel, prompt: Prompt, settings: DecodeSetting
         raise InputError(f"the tokenizer of '{lm.model_id}' has {len(tok)} tokens, the GGUF '{lm.gguf.name}' "
                          f"{engine.vocab}: not the same vocabulary")
     with engine.lock:  # one KV cache: another thread's answer waits for this decode
-        return _decode(engine, lm, prompt, settings, ids, names)
+        return _decode(engine, lm, prompt, settings, ids, names, use_lead and settings.lead == "greedy")
 
 
 def _decode(engine: LlamaCppEngine, lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, ids: list[int],
-            names: list[list[int]]) -> Draft:
+            names: list[list[int]], greedy_lead: bool) -> Draft:
     import torch
 
     tok = lm.tokenizer
@@ -73,9 +73,7 @@ def _decode(engine: LlamaCppEngine, lm: LanguageModel, prompt: Prompt, settings:
         ids = ids + encode_text(tok, lead)
     logits = engine.advance(ids)
     prefill_seconds, prefill_ran = time.perf_counter() - started, engine.ran - ran
-    use_lead = "lead" in settings.constrain and bool(prompt.lead)
-    chain, _, grounding = processors(lm, prompt, ids, settings, use_lead and settings.lead == "greedy",
-                                     prompt.prefill + lead)
+    chain, _, grounding = processors(lm, prompt, ids, settings, greedy_lead, prompt.prefill + lead)
     stop = make_reply_stop(tok, ids, settings, prompt.prefill + lead)
     streamer = console_streamer(tok, prompt.attempt, prompt.prefill + lead)
     ends = eos_ids(tok)
