@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def _model_key(lm: LanguageModel) -> dict[str, Any]:
-    tmap = infer_targets(lm.model)
+    tmap = infer_targets(lm.skeleton)  # the model's shapes: its weights need not be loaded
     return {"model": lm.model_id, "num_layers": tmap.num_layers, "shapes": {t: list(s) for t, s in tmap.shapes.items()}}
 
 
@@ -108,7 +108,7 @@ class StoreArtifacts(Stage):
         model = _model_key(lm)
         manifest = {
             "schema_version": SCHEMA_VERSION, "key": location.key, "model_id": lm.model_id,
-            "num_layers": model["num_layers"], "d_model": int(lm.model.config.hidden_size),
+            "num_layers": model["num_layers"], "d_model": int(lm.skeleton.config.hidden_size),
             "target_shapes": model["shapes"], "targets": adapters.targets, "rank": adapters.rank,
             "embed_dim": embedding.dim, "seed": embedding.seed, "channel_weights": embedding.weights,
             "synth": {"name": adapters.meta.get("synth"),

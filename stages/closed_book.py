@@ -82,13 +82,13 @@ class ClosedBookRanking(Stage):
 
     def run(self, index: ProgramIndex, questions: QuestionSet, lm: LanguageModel) -> dict:
         if not self.config.reuse_plain:
-            with exclusive(lm.model):  # the model as this graph mixed it (or plain), never another thread's mix
+            with exclusive(lm):  # the model as this graph mixed it (or plain), never another thread's mix
                 return {"ranking": self._rank(index, questions, lm)}
         # the plain model's ranking is the same in every job of a sweep over adapters: compute it once per process
         c = self.config
         key = (id(lm.model), lm.model_id, index.fingerprint, index.root.name, c.prompt, c.chat, c.prefix, c.candidate,
                c.score, c.top, tuple((q.question, q.path, q.start, q.symbol) for q in questions.questions))
-        with exclusive(lm.model):
+        with exclusive(lm):
             return {"ranking": resources.shared("closed-book-plain", key, lambda: self._rank(index, questions, lm), keep=4)}
 
     def _rank(self, index: ProgramIndex, questions: QuestionSet, lm: LanguageModel) -> dict:

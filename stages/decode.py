@@ -5,7 +5,8 @@ tokens. How a reply is decoded (sampling, the grounding constraints, the lead ch
 `DecodeSettings` in stages/common/generation/settings.py, and the loop is stages/common/generation/generate.py.
 
 With `engine=llamacpp` llama.cpp computes the logits from the model's GGUF and the rest of the loop is the same
-(stages/common/generation/llamacpp_generate.py); it refuses an adapter in the model in one line.
+(stages/common/generation/llamacpp_generate.py); it refuses an adapter in the model in one line. `engine=auto`
+(the default) takes llama.cpp when it can and transformers otherwise, with the reason in the draft's notes.
 
 On a CUDA out-of-memory error the adapter is unmixed, the model moves to the CPU in float32, the adapter is
 mixed again through its handle, and the decode runs once more (recorded in the draft's notes).
@@ -20,7 +21,7 @@ from pipeline.engine.stage import Range, RunContext, Stage
 from stages.common.adapters.lock import exclusive
 from stages.common.adapters.mixing import AdapterMix
 from stages.common.generation.generate import generate
-from stages.common.generation.llamacpp_generate import generate_llamacpp
+from stages.common.generation.llamacpp_generate import generate_llamacpp, pick_engine
 from stages.common.generation.settings import DecodeSettings
 from stages.common.types import Draft, LanguageModel, Prompt
 
@@ -52,10 +53,12 @@ class Decode(Stage):
     def run(self, lm: LanguageModel, prompt: Prompt, adapter_mix: AdapterMix | None = None,
             context: RunContext | None = None) -> dict:
         settings = self.for_prompt(prompt)
-        if settings.engine == "llamacpp":
-            draft = generate_llamacpp(lm, prompt, settings, adapter_mix is not None and adapter_mix.deltas > 0)
+        mixed = adapter_mix is not None and adapter_mix.deltas > 0
+        engine, why = pick_engine(lm, settings, mixed)
+        if engine == "llamacpp":
+            draft = generate_llamacpp(lm, prompt, settings, mixed)
             return {"draft": self._finished(draft, "cpu", prompt, [])}  # llama.cpp runs on the CPU here
-        notes: list[str] = []
+        notes: list[str] = [f"decode.engine=auto decoded with transformers: {why}"] if why else []
         reuse = self.config.reuse_prefill and context is not None and context.sweep
         try:
             draft = generate(lm, prompt, settings, weights_key(lm, adapter_mix) if reuse else None)
@@ -115,7 +118,7 @@ def move_to_cpu(lm: LanguageModel, handle: AdapterMix | None) -> None:
     import torch
 
     settings = handle.settings if handle is not None and handle.handle.active else None
-    with exclusive(lm.model):  # no other answer may take the model between unmix and re-mix
+    with exclusive(lm):  # no other answer may take the model between unmix and re-mix
         if handle is not None:
             handle.restore()
         lm.model.to("cpu", dtype=torch.float32)

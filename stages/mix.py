@@ -15,7 +15,7 @@ from pipeline.engine.stage import Range, Stage
 from stages.common.adapters.deltas import MixSettings, build_deltas, layer_third, weight_norms
 from stages.common.adapters.factors import ATTN, MLP, AdapterSet, infer_targets
 from stages.common.adapters.lock import exclusive
-from stages.common.adapters.mixing import AdapterMix
+from stages.common.adapters.mixing import AdapterMix, holds_factors
 from stages.common.adapters.peft_io import write_peft
 from stages.common.types import Artifacts, Capacity, LanguageModel, TargetPlan
 
@@ -44,7 +44,8 @@ class MixAdapters(Stage):
 
     def run(self, lm: LanguageModel, artifacts: Artifacts, capacity: Capacity, plan: TargetPlan,
             sub: AdapterSet | None = None) -> dict:
-        tmap = infer_targets(lm.model)
+        # the weights are read (and loaded) only when there is something to mix into them
+        tmap = infer_targets(lm.model if holds_factors(artifacts.adapters, sub) else lm.skeleton)
         # from here to unmix this answer holds the model's lock (stages/common/adapters/lock.py): another thread's answer
         # waits at its own mix, so neither sees the other's delta
         mix = AdapterMix(lm, tmap, self.config.mode, artifacts.adapters, sub, self.config.alpha)
@@ -121,7 +122,7 @@ class ExportPeft(MixAdapters):
         sub = sub if which in ("mixed", "sub") else None
         if base is None and sub is None:
             raise InputError(f"export.which={which} but there is no such adapter (sub=none?)")
-        with exclusive(lm.model):  # the norms of the unmixed weights, not of another thread's mix
+        with exclusive(lm):  # the norms of the unmixed weights, not of another thread's mix
             norms = weight_norms(tmap)
         deltas = build_deltas(base, sub, tmap, self.settings(capacity, plan, False), norms)
         return {"path": str(write_peft(deltas, tmap, Path(self.config.out), lm.model_id))}

@@ -191,7 +191,7 @@ class PackFunctionFirst(Stage):
         scored = []
         for window in candidates:
             packed = cut(index, window)
-            with exclusive(lm.model):  # the model as this graph mixed it, never another thread's mix
+            with exclusive(lm):  # the model as this graph mixed it, never another thread's mix
                 p_yes = yes_probability(lm, prompt, packed, c.ff_max_code_tokens)
             score = p_yes - c.ff_noise_penalty * noise(packed.text)
             scored.append(PackedWindow(packed.path, packed.start, packed.end, packed.text, round(score, 4)))

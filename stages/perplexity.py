@@ -49,7 +49,7 @@ class ProgramPerplexity(Stage):
                                   "set corpus.held_out_files (the synthesizer and this stage both read it) or rebuild")
         chosen = corpus.evaluation(c.max_pieces)["held_out"] if c.split == "held_out" else spread(corpus.train, c.max_pieces)
         files = corpus.evaluation(c.max_pieces)["held_out_files"]
-        with exclusive(lm.model):  # the model as this graph mixed it (or plain), never another thread's mix
+        with exclusive(lm):  # the model as this graph mixed it (or plain), never another thread's mix
             return {"perplexity": perplexity(lm.model, chosen, c.batch_size) if chosen else float("nan"),
                     "files_perplexity": perplexity(lm.model, files, c.batch_size) if files else float("nan")}
 

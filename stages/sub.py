@@ -52,7 +52,7 @@ class SubgraphAdapter(Stage):
     def run(self, index: ProgramIndex, selection: Selection, capacity: Capacity, lm: LanguageModel,
             artifacts: Artifacts) -> dict:
         c = self.config
-        tmap = infer_targets(lm.model)
+        tmap = infer_targets(lm.skeleton)  # shapes only: the weights are not read
         vectors = embed(index, set(selection.files), c.dim, c.embed_seed, c.weights, c.include_text)
         sub = synthesize(vectors["z"], tmap.num_layers, tmap.shapes, tmap.targets, capacity.rank, c.seed,
                          c.layer_gate, c.map_cap)

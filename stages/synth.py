@@ -42,7 +42,7 @@ class HashedSynth(Stage):
 
     def run(self, embedding: ProgramEmbedding, lm: LanguageModel, index: ProgramIndex) -> dict:
         c = self.config
-        tmap = infer_targets(lm.model)
+        tmap = infer_targets(lm.skeleton)  # shapes only: the weights are not read
         adapters = synthesize(embedding.z, tmap.num_layers, tmap.shapes, tmap.targets, c.rank, c.seed,
                               c.layer_gate, c.map_cap)
         bank = {}
@@ -115,7 +115,7 @@ class FittedSynth(Stage):
         evaluation = corpus.evaluation(c.eval_pieces)
         targets = [t for t in c.targets if t in tmap.shapes]
         torch.manual_seed(c.seed)
-        with exclusive(lm.model):  # training hooks in the shared model: no other thread's answer may see them
+        with exclusive(lm):  # training hooks in the shared model: no other thread's answer may see them
             plain = {name: perplexity(lm.model, chosen, c.batch_size) if chosen else float("nan")
                      for name, chosen in evaluation.items()}
             monitor = {name: spread(chosen, c.curve_pieces) for name, chosen in evaluation.items()}
@@ -168,5 +168,5 @@ class NoSynth(Stage):
     outputs = {"adapters": AdapterSet, "bank": dict}
 
     def run(self, embedding: ProgramEmbedding, lm: LanguageModel, index: ProgramIndex) -> dict:
-        tmap = infer_targets(lm.model)
+        tmap = infer_targets(lm.skeleton)
         return {"adapters": AdapterSet({}, tmap.num_layers, dict(tmap.shapes), {"synth": "none"}), "bank": {}}

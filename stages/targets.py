@@ -76,7 +76,7 @@ class PlanTargets(Stage):
 
     def run(self, lm: LanguageModel, capacity: Capacity, prompt: str) -> dict:
         c = self.config
-        tmap = infer_targets(lm.model)
+        tmap = infer_targets(lm.skeleton)
         targets, layers, rank = tmap.targets, tmap.num_layers, capacity.rank
         base = c.base_weights
         weights = {t: base.get(t, 1.0) for t in targets}

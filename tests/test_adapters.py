@@ -14,7 +14,7 @@ from conftest import generation
 
 from pipeline import api
 from stages.common.adapters.factors import infer_targets
-from stages.common.types import ProgramIndex, Selection
+from stages.common.types import LanguageModel, ProgramIndex, Selection
 
 PROGRAM = {
     "pkg/__init__.py": "from .core import add\n",
@@ -157,8 +157,6 @@ class _Llama30:
 
 @pytest.fixture(scope="module")
 def llama30():
-    from stages.common.types import LanguageModel
-
     return LanguageModel(_Llama30().model, None, "llama30", "cpu")
 
 
@@ -264,7 +262,7 @@ def test_mix_handle_restores_bit_for_bit_after_random_mixes_and_failures(mode, t
             mix.restore()
         assert same_weights(model, snap), f"mix {i} ({mode}, {fail}): weights changed"
         assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before, f"mix {i}: a hook was left"
-        assert not model_lock(model).held, f"mix {i}: the model's lock was left held"
+        assert not model_lock(tiny_lm).held, f"mix {i}: the model's lock was left held"
     assert failures > 50
 
 
@@ -364,7 +362,7 @@ def test_fused_gate_up_is_mixed_by_rows_and_merge_equals_hooks():
         plain = model(ids).logits
     logits = {}
     for mode in ("hooks", "merge"):
-        mix = AdapterMix(type("LM", (), {"model": model})(), tmap, mode, adapters, None, 4.0)
+        mix = AdapterMix(LanguageModel(model, None, "fused", "cpu"), tmap, mode, adapters, None, 4.0)
         mix.apply(settings)
         try:
             with torch.no_grad():

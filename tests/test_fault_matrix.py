@@ -496,7 +496,7 @@ def test_an_exception_in_any_stage(workspace, tiny_lm, monkeypatch, node):
     assert len(lines) == 1 or (node == "unmix" and len(lines) == 2 and "dropped without unmix" in lines[0]), err
     assert f'data-node="{node}" data-status="failed"' in report.read_text()
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
-    assert not model_lock(tiny_lm.model).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
+    assert not model_lock(tiny_lm).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
     telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
     assert telemetry["status"] == "failed" and f"node '{node}'" in telemetry["error"]
     assert not half_written(workspace["outputs"])
@@ -517,7 +517,7 @@ def test_keyboard_interrupt_during_decode(workspace, tiny_lm, monkeypatch, mode)
     assert code == 130 and err.strip() == f"error: interrupted (model weights restored) (report: {report})"
     assert report.is_file()
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
-    assert not model_lock(tiny_lm.model).held  # the next answer, in any thread, is not locked out
+    assert not model_lock(tiny_lm).held  # the next answer, in any thread, is not locked out
     telemetry = json.loads((workspace["tmp"] / "run" / "telemetry.json").read_text())
     assert telemetry["status"] == "failed" and "KeyboardInterrupt" in telemetry["error"]
 
@@ -567,7 +567,7 @@ def test_bad_closed_book_inputs(workspace, tiny_lm, name, make_questions, overri
     assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert err.startswith("error: ") and "Traceback" not in err + out
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
-    assert not model_lock(tiny_lm.model).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
+    assert not model_lock(tiny_lm).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
 
 
 # ---- evidence spoofing -------------------------------------------------------------------------------------

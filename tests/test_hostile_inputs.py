@@ -93,7 +93,8 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
             answer(f"ref_{name}", overrides)
         finally:
             threading.current_thread().name = old
-    model = the_model().model
+    lm = the_model()
+    model = lm.model
     snap = snapshot(model)
     reference = {name: seen.pop(f"ref_{name}") for name, _ in CONCURRENT}
 
@@ -130,7 +131,7 @@ def test_concurrent_answers_each_see_only_their_own_mix(tmp_path, make_tree, mon
     assert same_state(model, snap) and hook_count(model) == 0
     from stages.common.adapters.mixing import model_lock
 
-    assert not model_lock(model).held
+    assert not model_lock(lm).held
 
 
 def test_a_mix_dropped_without_unmix_gives_back_weights_and_lock(tiny_lm):
@@ -146,15 +147,15 @@ def test_a_mix_dropped_without_unmix_gives_back_weights_and_lock(tiny_lm):
     for mode in ("merge", "hooks"):
         mix = AdapterMix(tiny_lm, tmap, mode, adapters, None, 4.0)
         mix.apply(MixSettings(0.0, 4.0, 4, {}, [1.0] * tmap.num_layers, {}, None))
-        assert model_lock(tiny_lm.model).held and (hook_count(tiny_lm.model) or not same_state(tiny_lm.model, snap))
-        other = threading.Thread(target=lambda: model_lock(tiny_lm.model).acquire() or model_lock(tiny_lm.model).release())
+        assert model_lock(tiny_lm).held and (hook_count(tiny_lm.model) or not same_state(tiny_lm.model, snap))
+        other = threading.Thread(target=lambda: model_lock(tiny_lm).acquire() or model_lock(tiny_lm).release())
         other.start()
         other.join(timeout=0.3)
         assert other.is_alive()  # another thread waits while the mix is in
         del mix
         gc.collect()
         other.join(timeout=10)
-        assert not other.is_alive() and not model_lock(tiny_lm.model).held
+        assert not other.is_alive() and not model_lock(tiny_lm).held
         assert same_state(tiny_lm.model, snap) and hook_count(tiny_lm.model) == 0
 
 
@@ -169,7 +170,7 @@ def test_a_failed_mix_releases_the_model(tiny_lm):
     mix = AdapterMix(tiny_lm, tmap, "merge", adapters, None, 4.0)
     with pytest.raises(InputError, match="not finite"):
         mix.apply(MixSettings(0.0, 4.0, 4, {}, [1.0] * tmap.num_layers, {}, None))
-    assert not model_lock(tiny_lm.model).held
+    assert not model_lock(tiny_lm).held
 
 
 # ---- 3. pseudo filesystems, absurd roots, what is not a regular file ------------------------------------------

@@ -173,6 +173,6 @@ def test_a_ctrl_c_inside_the_generate_loop_keeps_the_draft_and_restores_the_weig
     said = f"error: interrupted (model weights restored, partial draft kept in telemetry) (report: {folder}/report.html)"
     assert code == 130 and err.strip() == said and not out.strip(), (out, err)
     assert all(torch.equal(v, snap[k]) for k, v in tiny_lm.model.state_dict().items())
-    assert not model_lock(tiny_lm.model).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
+    assert not model_lock(tiny_lm).held and not any(m._forward_hooks for m in tiny_lm.model.modules())
     record = check_partial(folder)
     assert record["tokens"]["generated"] == 6  # the 7 steps before the Ctrl-C saw 0 to 6 new tokens

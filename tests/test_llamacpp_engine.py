@@ -239,3 +239,86 @@ def test_ctrl_c_while_decoding_keeps_the_partial_draft(smollm2_gguf, monkeypatch
     monkeypatch.undo()
     engine = llamacpp_generate.shared_engine(lm.gguf, 1024)
     assert engine.advance(ids) is not None and engine.tokens == ids  # the cache is usable again
+
+
+# ---------------------------------------------------------------- answers that never load the transformers weights
+
+
+def test_the_skeleton_has_the_loaded_models_shapes_and_reads_no_weight(tmp_path):
+    """A Qwen-shaped checkpoint (biased q/k/v, untied output): the meta-device skeleton gives the adapter targets,
+    layers and shapes of the loaded model, and the weights stay unread until `.model`."""
+    import torch
+
+    from stages.common.adapters.factors import infer_targets
+    from stages.common.models.loading import folder_on_demand
+    from stages.common.models.tiny import byte_tokenizer, random_qwen2
+
+    tokenizer = byte_tokenizer("qwen2")
+    random_qwen2(tokenizer, layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, seed=0).save_pretrained(
+        tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    lm = folder_on_demand(tmp_path / "qwen", "float32", "cpu", None, "none", "sdpa")
+    skeleton = infer_targets(lm.skeleton)
+    assert not lm.weights_loaded and next(lm.skeleton.parameters()).device == torch.device("meta")
+    loaded = infer_targets(lm.model)
+    assert (skeleton.num_layers, skeleton.shapes, sorted(skeleton.modules)) == (
+        loaded.num_layers, loaded.shapes, sorted(loaded.modules))
+    assert lm.skeleton is lm.model  # once loaded, the model itself
+
+
+def test_a_ggufs_header_is_read_once_and_a_corrupt_copy_is_read_again(tmp_path, caplog):
+    from stages.common.models.gguf import gguf_architecture, gguf_header, gguf_tokenizer
+
+    gguf = _smollm2_on_demand().gguf_path()
+    header = gguf_header(gguf, tmp_path)
+    assert header.name.endswith("-header") and (header / "config.json").is_file()
+    made = (header / "config.json").stat().st_mtime_ns
+    assert gguf_header(gguf, tmp_path) == header and (header / "config.json").stat().st_mtime_ns == made
+    assert gguf_architecture(gguf, tmp_path).num_hidden_layers == 30 and len(gguf_tokenizer(gguf, tmp_path)) > 49000
+    (header / "config.json").write_text("{}")  # changed in place: its digest no longer matches
+    with caplog.at_level("WARNING"):
+        assert gguf_architecture(gguf, tmp_path).num_hidden_layers == 30
+    assert "is corrupt" in caplog.text and str(header) in caplog.text
+
+
+def test_auto_decodes_with_transformers_where_llama_cpp_cannot_and_says_why(tiny_lm, monkeypatch):
+    from pathlib import Path
+
+    from stages.common.generation import llamacpp_generate
+    from stages.common.generation.llamacpp_generate import pick_engine
+    from stages.common.types import LanguageModel
+
+    auto = DecodeSettings(engine="auto")
+    gguf = LanguageModel(tiny_lm.model, tiny_lm.tokenizer, "m", "cpu", gguf=Path("m.gguf"))
+    assert pick_engine(tiny_lm, SETTINGS, True) == ("llamacpp", None)  # named: its own refusals apply
+    assert pick_engine(tiny_lm, auto, False) == ("transformers", f"model '{tiny_lm.model_id}' is not a GGUF")
+    assert pick_engine(gguf, auto, True) == ("transformers", "an adapter is mixed into the model")
+    assert pick_engine(gguf, dataclasses.replace(auto, cad_alpha=0.5), False)[1] == "decode.cad_alpha is set"
+    monkeypatch.setattr(llamacpp_generate, "llama_cpp_installed", lambda: False)
+    assert pick_engine(gguf, auto, False)[1].startswith("llama-cpp-python is not installed")
+    monkeypatch.setattr(llamacpp_generate, "llama_cpp_installed", lambda: True)
+    assert pick_engine(gguf, auto, False) == ("llamacpp", None)
+    gguf.device = "cuda"
+    assert pick_engine(gguf, auto, False) == ("transformers", "the model is on cuda")
+
+
+def test_an_answer_without_an_adapter_never_loads_the_transformers_weights(smollm2_gguf, tmp_path, make_tree):
+    """synth=none + decode.engine=auto: the artifacts key, targets and mix read the weightless skeleton and llama.cpp
+    decodes; with an adapter the same config decodes with transformers and says why."""
+    from pipeline.api import run
+    from pipeline.engine import resources
+
+    program = make_tree(tmp_path / "prog", PROGRAM)
+    common = ["model=smollm2", "model.weights=on_demand", "decode.engine=auto", f"program_root={program}",
+              f"prompt={QUESTION}", f"paths.outputs={tmp_path / 'out'}", "decode.max_new_tokens=24"]
+    resources.clear("model")
+    _, result = run(["synth=none", *common])
+    lm = result.output("model", "lm")
+    assert not lm.weights_loaded
+    assert any("decoded by llama.cpp" in note for note in result.output("decode", "draft").notes)
+    assert result.output("badge", "answer").citations
+    _, result = run(["synth=hashed", *common])
+    assert result.output("model", "lm") is lm and lm.weights_loaded
+    assert "decode.engine=auto decoded with transformers: an adapter is mixed into the model" in \
+        result.output("decode", "draft").notes
+    resources.clear("model")

@@ -302,13 +302,17 @@ class LanguageModel:
     """A causal LM and its tokenizer (shared across the jobs of a multirun).
 
     With a ``loader`` and no ``model``, only the tokenizer is loaded: the weights load on the first read of
-    ``.model`` (graphs that only count tokens, such as retrieval, never read it)."""
+    ``.model`` (graphs that only count tokens, such as retrieval, never read it). ``architecture`` returns the
+    model's transformers config: nodes that need only its layers and shapes read ``.skeleton``, which never loads
+    the weights."""
 
     def __init__(self, model: Any, tokenizer: Any, model_id: str, device: str,
-                 loader: Callable[[], tuple[Any, str]] | None = None, gguf: Path | None = None):
+                 loader: Callable[[], tuple[Any, str]] | None = None, gguf: Path | None = None,
+                 architecture: Callable[[], Any] | None = None):
         if model is None and loader is None:
             raise ValueError("LanguageModel needs a model or a loader")
         self._model, self._loader, self._lock = model, loader, threading.Lock()
+        self._architecture, self._skeleton = architecture, None
         self.tokenizer, self.model_id, self.device = tokenizer, model_id, device
         self.gguf = gguf  # the GGUF file the weights came from (decode.engine=llamacpp reads it); None: not one
 
@@ -320,6 +324,21 @@ class LanguageModel:
                     assert self._loader is not None  # __init__: a model or a loader
                     self._model, self.device = self._loader()
         return self._model
+
+    @property
+    def skeleton(self) -> Any:
+        """The model's modules with their shapes: the model itself once its weights are loaded, else the same
+        architecture built on the meta device (no memory, no weights read; never computed with)."""
+        if self._model is not None or self._architecture is None:
+            return self.model
+        with self._lock:
+            if self._skeleton is None:
+                import torch
+                from transformers import AutoModelForCausalLM
+
+                with torch.device("meta"):
+                    self._skeleton = AutoModelForCausalLM.from_config(self._architecture())
+            return self._skeleton
 
     @property
     def weights_loaded(self) -> bool:

@@ -106,7 +106,7 @@ def load_artifacts(folder: Path, lm: LanguageModel, require_manifest: bool = Tru
 
     A named file other than the folder's own adapters.npz is read alone: the folder's manifest and embedding
     describe its adapters.npz, not that file."""
-    tmap = infer_targets(lm.model)
+    tmap = infer_targets(lm.skeleton)  # shapes only
     npz = Path(npz) if npz else folder / "adapters.npz"
     own = npz == folder / "adapters.npz"
     manifest_file = folder / "manifest.json"

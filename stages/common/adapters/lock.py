@@ -1,6 +1,7 @@
 """One loaded model, many answers: a per-model lock that serialises its users.
 
-One loaded model is shared by every answer of the process (a multirun, an application's threads), so its users
+The lock belongs to the ``LanguageModel`` (not its torch module), so an answer that never loads the weights
+(decode.engine=llamacpp) is serialised with the others all the same. One loaded model is shared by every answer of the process (a multirun, an application's threads), so its users
 are serialised by a per-model lock (``exclusive``): an ``AdapterMix`` (stages/common/adapters/mixing.py) holds it
 from its first ``apply`` (mix) to its ``restore`` (unmix, a node that runs even after a failure or Ctrl-C); a mix
 that is dropped without a restore (a custom graph without unmix) is restored and its lock released when it is
@@ -60,7 +61,7 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def model_lock(model: Any) -> ModelLock:
-    """The lock of one loaded model (created on first use, gone with the model)."""
+    """The lock of one model (its ``LanguageModel``; created on first use, gone with it)."""
     with _LOCKS_GUARD:
         lock = _LOCKS.get(model)
         if lock is None:

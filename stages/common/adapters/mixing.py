@@ -176,14 +176,21 @@ def lora_forward_hook(items: list, scale: float = 1.0, dropout: float = 0.0):
     return hook
 
 
+def holds_factors(base: AdapterSet | None, sub: AdapterSet | None) -> bool:
+    """Whether mixing these adapters would change a weight (synth=none and sub=none hold no factor)."""
+    return any(s is not None and bool(s.factors) for s in (base, sub))
+
+
 class AdapterMix:
     """What was mixed into a model (adapters, settings) and the handle that undoes it; remix re-applies."""
 
     def __init__(self, lm: Any, tmap: TargetMap, mode: Mode, base: AdapterSet | None, sub: AdapterSet | None,
                  full_alpha: float):
         self.lm, self.tmap, self.base, self.sub, self.full_alpha = lm, tmap, base, sub, full_alpha
-        self.handle = MixHandle(tmap, mode, weight_file(lm.model))
-        self.lease = Lease(model_lock(lm.model))
+        # nothing to mix (synth=none, sub=none): the weights are never read, so they need not be loaded
+        self.empty = not holds_factors(base, sub)
+        self.handle = MixHandle(tmap, mode, None if self.empty and not lm.weights_loaded else weight_file(lm.model))
+        self.lease = Lease(model_lock(lm))
         self.norms: dict[tuple[int, str], float] | None = None  # of the unmixed weights, read under the lock
         self.settings: MixSettings | None = None
         self.weights_key: str | None = None  # digest of the deltas in the model (None while nothing is mixed)
@@ -199,7 +206,7 @@ class AdapterMix:
             if source is not None and source.lost:
                 raise InputError(f"the model's weights are not exact since a restore failed: {source.lost}; load it again")
             if self.norms is None:
-                self.norms = weight_norms(self.tmap)
+                self.norms = {} if self.empty else weight_norms(self.tmap)
             deltas = build_deltas(self.base, self.sub, self.tmap, settings, self.norms)
             self.weights_key, self.deltas = None, 0
             self.handle.apply(deltas)
@@ -214,7 +221,7 @@ class AdapterMix:
             "delta_norms": delta_norms(deltas, self.tmap, self.tmap.num_layers),
             "deltas_capped": sum(d.capped for d in deltas.values()), "deltas_applied": len(deltas),
             # forward hooks in the model while this mix is in (under its lock: this answer's own, no other's)
-            "hooks_active": sum(len(m._forward_hooks) for m in self.lm.model.modules()),
+            "hooks_active": sum(len(m._forward_hooks) for m in self.lm.model.modules()) if self.lm.weights_loaded else 0,
         }
 
     def restore(self) -> None:

@@ -10,6 +10,7 @@ log-probabilities of candidate continuations, then removes them from the cache a
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import threading
 import weakref
@@ -37,6 +38,10 @@ def require_llama_cpp() -> Any:
         raise ConfigError("decode.engine=llamacpp needs llama-cpp-python: pip install -e '.[engines]' "
                           f"(builds llama.cpp from its sdist; docs/howto/engines.md) [{err}]") from None
     return llama_cpp
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 class LlamaCppEngine:

@@ -2,7 +2,8 @@
 everything else is the transformers path's own: the lead chosen by likelihood (each choice scored after the prompt and
 after the neutral prompt), our logits processors (checks, penalty, grounding constraints, warpers), the reply stops,
 the console streamer and the draft's post-processing. What it cannot carry is refused in one line: an adapter mixed
-into the model (llama.cpp reads the GGUF's base weights) and context-aware decoding (a second, evidence-free forward).
+into the model (llama.cpp reads the GGUF's base weights) and context-aware decoding (a second, evidence-free forward);
+`decode.engine=auto` decodes such answers with transformers instead (``pick_engine``).
 """
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ from typing import Any
 from pipeline.engine.errors import ConfigError, InputError
 from stages.common.generation.generate import DecodeInterrupted, eos_ids, finish, make_reply_stop
 from stages.common.generation.lead import lead_names, neutral_prompt, pick_lead
-from stages.common.generation.llamacpp import LlamaCppEngine, shared_engine
+from stages.common.generation.llamacpp import LlamaCppEngine, llama_cpp_installed, shared_engine
 from stages.common.generation.processors import processors
 from stages.common.generation.settings import DecodeSettings
 from stages.common.generation.streaming import console_streamer
 from stages.common.models.requantize import engine_file
 from stages.common.tokens import encode_text
 from stages.common.types import Draft, LanguageModel, Prompt
+
+
+def pick_engine(lm: LanguageModel, settings: DecodeSettings, mixed: bool) -> tuple[str, str | None]:
+    """The engine that decodes this answer and, when `decode.engine=auto` falls back to transformers, why."""
+    if settings.engine != "auto":
+        return settings.engine, None
+    why = ("an adapter is mixed into the model" if mixed else "decode.cad_alpha is set" if settings.cad_alpha
+           else f"model '{lm.model_id}' is not a GGUF" if lm.gguf is None
+           else f"the model is on {lm.device}" if lm.device != "cpu"
+           else None if llama_cpp_installed() else "llama-cpp-python is not installed: ./setup.sh builds it")
+    return ("transformers", why) if why else ("llamacpp", None)
 
 
 def generate_llamacpp(lm: LanguageModel, prompt: Prompt, settings: DecodeSettings, mixed: bool = False) -> Draft:

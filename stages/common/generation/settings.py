@@ -47,8 +47,9 @@ class DecodeSettings:
     seed: int = 0
     prefill_chunk: Annotated[int, Range(ge=1)] | None = None  # prompt tokens per forward (None: all at once)
     # who computes the logits: transformers (the loaded model, adapter mixed in) or llama.cpp (the model's GGUF, no
-    # adapter; generation/llamacpp_generate.py); our processors, lead choice and stops run on both
-    engine: Literal["transformers", "llamacpp"] = "transformers"
+    # adapter; generation/llamacpp_generate.py); auto: llama.cpp where it can, else transformers (pick_engine says
+    # why); our processors, lead choice and stops run on both
+    engine: Literal["auto", "transformers", "llamacpp"] = "transformers"
     # the file llama.cpp reads: the GGUF as fetched, or a copy in one type (models/requantize.py says why)
     engine_weights: EngineWeights = "gguf"
     engine_cache: str | None = None  # where such copies are kept (conf: the model cache)

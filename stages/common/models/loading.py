@@ -59,9 +59,11 @@ def finish(model, tokenizer, model_id: str, device: str, device_map: str | None,
 
 
 def on_demand(tokenizer, model_id: str, device: str, load_model: Callable[[], tuple[Any, str]],
-              gguf: Path | None = None) -> LanguageModel:
-    """A LanguageModel with its tokenizer now and its weights at the first read of ``.model``."""
-    return LanguageModel(None, padded(tokenizer), model_id, device, loader=load_model, gguf=gguf)
+              gguf: Path | None = None, architecture: Callable[[], Any] | None = None) -> LanguageModel:
+    """A LanguageModel with its tokenizer now and its weights at the first read of ``.model`` (``architecture``:
+    its config, for the weightless ``.skeleton``)."""
+    return LanguageModel(None, padded(tokenizer), model_id, device, loader=load_model, gguf=gguf,
+                         architecture=architecture)
 
 
 def shared_lm(key: tuple, factory: Callable[[], LanguageModel], weights: str) -> LanguageModel:
@@ -78,7 +80,7 @@ def shared_lm(key: tuple, factory: Callable[[], LanguageModel], weights: str) ->
 def folder_on_demand(path: Path, dtype: str, device: str, device_map: str | None, quantize: Quantize,
                      attention: Attention) -> LanguageModel:
     """A local transformers checkpoint folder: its tokenizer now, its weights at their first read."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,4 +90,5 @@ def folder_on_demand(path: Path, dtype: str, device: str, device_map: str | None
         remember(model, path)  # copied privately: merge mode reads written weights back from the copy
         return ready(model, device, device_map, quantize, attention)
 
-    return on_demand(AutoTokenizer.from_pretrained(path), path.name, device, load)
+    return on_demand(AutoTokenizer.from_pretrained(path), path.name, device, load,
+                     architecture=lambda: AutoConfig.from_pretrained(path))
