@@ -153,7 +153,7 @@ def generate_answer(model_id: str | None = None, adapters_npz: str | None = None
     ``adapters_npz``: an artifact folder (or its adapters.npz); None builds or reuses the cached one.
     ``overrides``: any further Hydra overrides, e.g. ["synth=fitted"].
     """
-    _check_arg("model_id", model_id, "a short name (qwen_coder_0_5b, smollm2, tiny_random), a local folder or a .gguf path")
+    _check_arg("model_id", model_id, "a short name (qwen_coder_1_5b, qwen_coder_0_5b, smollm2, tiny_random), a local folder or a .gguf path")
     _check_arg("adapters_npz", adapters_npz, "an artifact folder or an .npz path")
     _check_arg("program_root", program_root, "a folder path")
     _check_arg("prompt", prompt, "the question, a string", required=True)
@@ -175,7 +175,7 @@ def retrieve(program_root: str, prompt: str, *, model_id: str | None = None, ove
     """The retrieval graph only (selection and packing, no decoding): files, packed windows and per-node timings."""
     _check_arg("program_root", program_root, "a folder path", required=True)
     _check_arg("prompt", prompt, "the question, a string", required=True)
-    _check_arg("model_id", model_id, "a short name (qwen_coder_0_5b, smollm2, tiny_random), a local folder or a .gguf path")
+    _check_arg("model_id", model_id, "a short name (qwen_coder_1_5b, qwen_coder_0_5b, smollm2, tiny_random), a local folder or a .gguf path")
     model_id = None if model_id is None else str(model_id)
     table = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "api.yaml"), resolve=False)
     graph = table["retrieve"]

@@ -65,6 +65,7 @@ class SmolLM2(Stage):
         cache_dir: str | None = None  # where the converted copies live; None converts at every load
         dtype: Dtype = "bfloat16"
         device_map: str | None = None
+        weights: Weights = "on_demand"  # a GGUF: llama.cpp may decode it, and then the weights are never read
 
     config: Config
 
@@ -109,6 +110,7 @@ class FetchedGGUF(Stage):
         cache_dir: str  # where the assembled file and its converted copies live
         dtype: Dtype = "bfloat16"
         device_map: str | None = None
+        weights: Weights = "on_demand"  # a GGUF: llama.cpp may decode it, and then the weights are never read
 
         def __post_init__(self) -> None:
             super().__post_init__()

@@ -27,7 +27,8 @@ PROGRAM = {
 
 
 def run(tmp_path: Path, *overrides: str, pipeline: str = "answer", tag: str = "run"):
-    args = [f"pipeline={pipeline}", "model=tiny_random", f"paths.outputs={tmp_path / 'out'}",
+    # synth=hashed first (the default mixes no adapter; a test's own synth= comes later and wins)
+    args = [f"pipeline={pipeline}", "model=tiny_random", "synth=hashed", f"paths.outputs={tmp_path / 'out'}",
             "decode.max_new_tokens=6", "decode.min_new_tokens=0", *overrides]
     if pipeline == "answer":  # the stage-2 retry would otherwise decode 256 tokens
         args.append("fallback.max_new_tokens_floor=4")

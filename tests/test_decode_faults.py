@@ -45,7 +45,7 @@ def test_out_of_memory_fallback_unmixes_moves_and_remixes(tiny_lm, monkeypatch, 
     monkeypatch.setattr(stages.decode, "generate", out_of_memory_once)
     prompt = Prompt([], "hello", ids=lm.tokenizer("hello", add_special_tokens=False)["input_ids"])
     draft = Decode(max_new_tokens=4, min_new_tokens=0, constrain=[]).run(lm, prompt, mix)["draft"]
-    assert calls["n"] == 2 and "retried on cpu in float32" in draft.notes[0]
+    assert calls["n"] == 2 and any("retried on cpu in float32" in note for note in draft.notes)
     mix.restore()
     state = lm.model.state_dict()
     assert {v.dtype for v in state.values()} == {torch.float32}  # one dtype, not a mix of bf16 and fp32

@@ -60,7 +60,8 @@ def workspace(tmp_path, make_tree):
 
 
 def base_args(ws, program=None) -> list[str]:
-    return ["model=tiny_random", f"paths.outputs={ws['outputs']}", f"hydra.run.dir={ws['tmp'] / 'run'}",
+    # synth=hashed: every node of the adapter path runs (the default mixes none); a row's own synth= comes later and wins
+    return ["model=tiny_random", "synth=hashed", f"paths.outputs={ws['outputs']}", f"hydra.run.dir={ws['tmp'] / 'run'}",
             f"program_root={program if program is not None else ws['program']}", "prompt=how does add work",
             "decode.max_new_tokens=4", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=4"]
 
@@ -238,7 +239,7 @@ def test_program_contents_are_skipped_or_read_safely(workspace, name, setup, mon
 # ---- adapter inputs -------------------------------------------------------------------------------------------
 
 def _valid_folder(ws) -> Path:
-    code, out, err = call(["model=tiny_random", f"paths.outputs={ws['outputs']}", f"hydra.run.dir={ws['tmp'] / 'b'}",
+    code, out, err = call(["model=tiny_random", "synth=hashed", f"paths.outputs={ws['outputs']}", f"hydra.run.dir={ws['tmp'] / 'b'}",
                            f"program_root={ws['program']}", "pipeline=build"])
     assert code == 0, err
     return Path(out.strip().splitlines()[-1])
@@ -470,7 +471,7 @@ def test_an_exception_in_any_stage(workspace, tiny_lm, monkeypatch, node):
     from pipeline.api import compose
     from pipeline.engine.graph import build_graph
 
-    graph = build_graph(compose(["model=tiny_random"]))
+    graph = build_graph(compose(["model=tiny_random", "synth=hashed"]))
     stage_cls = graph.nodes[node].stage_cls
     original = stage_cls.run
     # nodes sharing a stage class (scaffold/scaffold_retry, cite/cite_retry) run in order: fail the k-th call
@@ -524,7 +525,7 @@ def test_keyboard_interrupt_during_decode(workspace, tiny_lm, monkeypatch, mode)
 
 def test_two_builds_of_the_same_program_at_once(workspace):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "pipeline.build", "model=tiny_random", f"program_root={workspace['program']}",
+    args = [sys.executable, "-m", "pipeline.build", "model=tiny_random", "synth=hashed", f"program_root={workspace['program']}",
             f"paths.outputs={workspace['outputs']}"]
     procs = [subprocess.Popen(args + [f"hydra.run.dir={workspace['tmp'] / f'b{i}'}"], cwd=PROJECT_ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

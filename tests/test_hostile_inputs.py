@@ -25,7 +25,7 @@ from pipeline.engine import resources
 from pipeline.engine.errors import ConfigError, InputError, PipelineError
 
 GOOD = {"pkg/__init__.py": "", "pkg/core.py": 'def add(a, b):\n    """Add."""\n    return a + b\n'}
-QUICK = ["decode.max_new_tokens=4", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=4"]
+QUICK = ["synth=hashed", "decode.max_new_tokens=4", "decode.min_new_tokens=0", "fallback.max_new_tokens_floor=4"]
 
 
 def the_model():
@@ -223,7 +223,7 @@ def test_a_fifo_or_a_pseudo_filesystem_folder_inside_the_program_is_never_opened
 def _build(tmp_path, program) -> Path:
     import pipeline.api
 
-    value, _ = pipeline.api.run(["pipeline=build", "model=tiny_random", f"program_root={program}",
+    value, _ = pipeline.api.run(["pipeline=build", "model=tiny_random", "synth=hashed", f"program_root={program}",
                                  f"paths.outputs={tmp_path / 'out'}"], run_dir=tmp_path / "build-run")
     return Path(str(value))
 
@@ -480,7 +480,7 @@ def test_generate_answer_inside_the_users_own_hydra_app(tmp_path, make_tree):
 
 
 @pytest.mark.parametrize("args, message", [
-    ((["smollm2"], None, ".", "q"), "model_id must be a short name (qwen_coder_0_5b, smollm2, tiny_random), a local folder or a .gguf path, got list ['smollm2']"),
+    ((["smollm2"], None, ".", "q"), "model_id must be a short name (qwen_coder_1_5b, qwen_coder_0_5b, smollm2, tiny_random), a local folder or a .gguf path, got list ['smollm2']"),
     (("tiny_random", None, ".", None), "prompt must be the question, a string, got NoneType None"),
     (("tiny_random", None, ".", 42), "prompt must be the question, a string, got int 42"),
     (("tiny_random", 3, ".", "q"), "adapters_npz must be an artifact folder or an .npz path, got int 3"),

@@ -203,9 +203,9 @@ def test_setup_fetches_the_default_model_and_the_tests_pin_smollm2():
 
     with initialize_config_dir(config_dir=str(pipeline.CONF_DIR), version_base="1.3"):
         default = compose("config", overrides=[], return_hydra_config=True).hydra.runtime.choices["model"]
-    assert default == "qwen_coder_0_5b"
+    assert default == "qwen_coder_1_5b"
     setup = (pipeline.PROJECT_ROOT / "setup.sh").read_text()
     fetched = re.search(r"^for model in (\S+) ", setup, re.MULTILINE)
     assert fetched is not None and fetched.group(1) == default
     assert compose_config().model._target_ == "stages.model.SmolLM2"
-    assert compose_config("model=qwen_coder_0_5b").model.name == default
+    assert compose_config("model=qwen_coder_1_5b").model.name == default

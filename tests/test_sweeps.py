@@ -81,7 +81,7 @@ def test_optuna_preset_returns_a_float_metric():
 
 
 def _answer(tmp_path, name: str, *job: str, sweep: bool = True):
-    overrides = ["model=tiny_random", "select=question", f"program_root={PROJECT_ROOT / 'pipeline'}",
+    overrides = ["model=tiny_random", "synth=hashed", "select=question", f"program_root={PROJECT_ROOT / 'pipeline'}",
                  f"paths.outputs={tmp_path}", "prompt=How is a stage run?", "decode.max_new_tokens=4",
                  "decode.min_new_tokens=4", "fallback.max_new_tokens_floor=4", *job]
     result = run_config(compose(overrides), tmp_path / name, overrides, sweep=sweep)

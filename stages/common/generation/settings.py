@@ -49,7 +49,7 @@ class DecodeSettings:
     # who computes the logits: transformers (the loaded model, adapter mixed in) or llama.cpp (the model's GGUF, no
     # adapter; generation/llamacpp_generate.py); auto: llama.cpp where it can, else transformers (pick_engine says
     # why); our processors, lead choice and stops run on both
-    engine: Literal["auto", "transformers", "llamacpp"] = "transformers"
+    engine: Literal["auto", "transformers", "llamacpp"] = "auto"
     # the file llama.cpp reads: the GGUF as fetched, or a copy in one type (models/requantize.py says why)
     engine_weights: EngineWeights = "gguf"
     engine_cache: str | None = None  # where such copies are kept (conf: the model cache)
