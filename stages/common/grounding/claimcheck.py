@@ -224,7 +224,8 @@ def verdict(statement: Statement, facts: DefinitionFacts, index: ProgramIndex) -
         wrong = {"class": ("function", "method", "property", "constant", "attribute"),
                  "function": ("class", "constant", "attribute"), "method": ("class", "constant", "attribute"),
                  "property": ("function", "method", "class"), "constant": ("function", "method", "class", "property")}
-        return ("contradicted", f"{name} is a {actual}") if actual in wrong[value] else ("unchecked", "")
+        article = "an" if actual[0] in "aeiou" else "a"
+        return ("contradicted", f"{name} is {article} {actual}") if actual in wrong[value] else ("unchecked", "")
     if kind == "decorated":
         if facts.kind not in CALLABLE and facts.kind != "class":
             return "unchecked", ""

@@ -208,7 +208,10 @@ PATTERNS: list[tuple[str, re.Pattern[str]]] = [
                              r"decorators?)")),
     ("decorated", re.compile(r"\b(?:uses|has|applies)\s+(?:an?|the)\s+(`@?[\w.]+(?:\([^`]*\))?`\s+)?decorators?\b")),
 ]
-APPOSITION = re.compile(r"\b(?:[Tt]he|[Aa]n?|[Tt]his|[Ii]ts)\s+`@?(?:self\.)?([\w.]+)(?:\(\))?`\s+(class|function|method|property|constant)\b")
+# "the `X` class variable": "class" there says where X lives, not what X is
+APPOSITION = re.compile(r"\b(?:[Tt]he|[Aa]n?|[Tt]his|[Ii]ts)\s+`@?(?:self\.)?([\w.]+)(?:\(\))?`\s+"
+                        r"(class|function|method|property|constant)\b(?!\s+(?:variable|attribute|member|level|method|"
+                        r"field|constant|instance|object)s?\b)")
 NOT_A_VALUE = ("early", "immediately", "when", "if", "to", "from", "back", "only", "without", "after", "once", "whether",
                "control", "either", "whatever", "unless")
 
